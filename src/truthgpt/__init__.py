@@ -1,0 +1,66 @@
+"""truthgpt: train, fine-tune and sample language models from one YAML file.
+
+    import truthgpt
+    config = truthgpt.load_config("configs/quickstart.yaml", ["training.max_steps=50"])
+    result = truthgpt.train(config)
+    print(truthgpt.generate(result.run_dir, "def ", max_new_tokens=64))
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from truthgpt.config import Config
+from truthgpt.config import load as load_config
+from truthgpt.errors import CheckpointError, ConfigError, DataError, RequestError, TruthGPTError
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CheckpointError",
+    "Config",
+    "ConfigError",
+    "DataError",
+    "RequestError",
+    "TruthGPTError",
+    "generate",
+    "load_config",
+    "load_model",
+    "train",
+]
+
+
+def train(config: Config | str | Path, overwrite: bool = False):
+    """Train from a Config (or a YAML path); returns a TrainResult with the run folder."""
+    from truthgpt.training.trainer import train as run_training
+
+    if not isinstance(config, Config):
+        config = load_config(config)
+    return run_training(config, overwrite=overwrite)
+
+
+def load_model(path: str | Path, device: str = "cpu"):
+    """(model, tokenizer) from a run folder, a checkpoint folder or any local HF model folder."""
+    from truthgpt.inference.generate import load_for_generation
+
+    return load_for_generation(path, device=device)
+
+
+def generate(
+    model: str | Path,
+    prompt: str,
+    max_new_tokens: int = 128,
+    temperature: float = 0.8,
+    top_k: int | None = 50,
+    top_p: float = 1.0,
+    seed: int | None = None,
+    device: str = "cpu",
+) -> str:
+    """Continue `prompt` with the model in a run or model folder; returns the new text."""
+    from truthgpt.inference.generate import generate as generate_text
+    from truthgpt.inference.generate import load_for_generation
+    from truthgpt.inference.sampling import SamplingParams
+
+    params = SamplingParams(temperature, top_k, top_p, max_new_tokens, seed)
+    loaded, tokenizer = load_for_generation(model, device=device)
+    return generate_text(loaded, tokenizer, prompt, params)

@@ -1,0 +1,369 @@
+"""The YAML schema: one pydantic tree that mirrors the file, its loading, overrides and errors.
+
+Every default lives here, next to its field. `load()` reads a YAML file or a run folder, applies
+`--set key.path=value` overrides and returns a validated, frozen `Config`; every error names the
+full key path, the bad value and what is allowed, with a "did you mean" for unknown keys.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from truthgpt.errors import ConfigError
+from truthgpt.registry import ARCHS, OPTIMIZERS, SCHEDULES, SOURCES, Registry
+
+CONFIG_FILE = "config.yaml"
+
+
+class Section(BaseModel):
+    """A config section: unknown keys are errors, values are read-only after validation."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+def _check_registered(registry: Registry, name: str) -> str:
+    if name not in registry.load():
+        hint = difflib.get_close_matches(name, list(registry), n=1)
+        did_you_mean = f"; did you mean {hint[0]!r}?" if hint else ""
+        raise ValueError(
+            f"unknown {registry.kind} {name!r}{did_you_mean} (allowed: {', '.join(sorted(registry))})"
+        )
+    return name
+
+
+class TokenizerConfig(Section):
+    path: str | None = Field(
+        None, description="local HF tokenizer folder; empty: train a byte-level BPE on the train split"
+    )
+    vocab_size: int = Field(8192, ge=260, description="size of the trained BPE vocabulary")
+    train_max_chars: int = Field(
+        50_000_000, ge=1, description="at most this many characters of text train the BPE"
+    )
+
+
+class DataConfig(Section):
+    source: str = Field("python-stdlib", description="python-stdlib | text | jsonl | hf")
+    paths: list[str] = Field(default_factory=list, description="text/jsonl/hf: files or globs")
+    val_paths: list[str] = Field(
+        default_factory=list, description="explicit validation files; empty: split off val_fraction"
+    )
+    field: str = Field("text", description="jsonl/hf: the field that holds the text")
+    hf_name: str | None = Field(
+        None, description="hf: dataset name or builder (json, text, parquet, csv)"
+    )
+    hf_config_name: str | None = Field(None, description="hf: dataset configuration name")
+    hf_split: str = Field("train", description="hf: the split to read")
+    streaming: bool = Field(False, description="hf: stream instead of downloading/caching it all")
+    val_fraction: float = Field(0.05, ge=0.0, lt=1.0, description="share of documents held out")
+    max_documents: int | None = Field(
+        None, ge=1, description="read at most this many documents (quick runs)"
+    )
+    max_seq_len: int = Field(256, ge=8, description="tokens per packed training block")
+    num_workers: int = Field(0, ge=0, description="DataLoader worker processes")
+    tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
+
+    @field_validator("source")
+    @classmethod
+    def _known_source(cls, value: str) -> str:
+        return _check_registered(SOURCES, value)
+
+
+class ModelConfig(Section):
+    arch: str = Field("llama", description="llama | gpt2 (native decoder) | hf (any AutoModel)")
+    init_from: str | None = Field(
+        None, description="local HF model folder to start from; its shape overrides the fields below"
+    )
+    hidden_size: int = Field(256, ge=8, description="width of the residual stream")
+    num_layers: int = Field(4, ge=1, description="transformer blocks")
+    num_heads: int = Field(4, ge=1, description="attention (query) heads")
+    num_kv_heads: int | None = Field(
+        None, ge=1, description="llama: grouped-query attention heads; empty: num_heads"
+    )
+    intermediate_size: int | None = Field(
+        None, ge=1, description="MLP width; empty: llama 8/3*hidden (multiple of 64), gpt2 4*hidden"
+    )
+    max_position_embeddings: int = Field(1024, ge=8, description="longest sequence the model takes")
+    rope_theta: float = Field(10000.0, gt=0, description="llama: RoPE base frequency")
+    norm_eps: float = Field(1e-5, gt=0, description="epsilon of RMSNorm/LayerNorm")
+    tie_embeddings: bool = Field(True, description="share input embedding and output head")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on attention and MLP outputs")
+    vocab_size: int | None = Field(
+        None, ge=1, description="empty: the tokenizer's size, rounded up to a multiple of 64"
+    )
+    hf_config: dict[str, Any] = Field(
+        default_factory=dict, description="arch hf: a transformers config dict with model_type"
+    )
+
+    @field_validator("arch")
+    @classmethod
+    def _known_arch(cls, value: str) -> str:
+        return _check_registered(ARCHS, value)
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> ModelConfig:
+        if self.arch == "hf" or self.init_from:
+            return self
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}"
+            )
+        kv = self.num_kv_heads or self.num_heads
+        if self.num_heads % kv:
+            raise ValueError(f"num_heads {self.num_heads} is not divisible by num_kv_heads {kv}")
+        return self
+
+
+class TrainingConfig(Section):
+    max_steps: int = Field(1000, ge=1, description="optimizer steps; caps the run")
+    batch_size: int = Field(8, ge=1, description="sequences per micro-batch")
+    grad_accum_steps: int = Field(1, ge=1, description="micro-batches per optimizer step")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="auto: bf16 on a GPU that has it, else fp32"
+    )
+    tf32: bool = Field(True, description="allow TF32 matmuls on Ampere+ GPUs")
+    grad_clip: float | None = Field(1.0, gt=0, description="max global grad norm; empty: off")
+    eval_every: int = Field(200, ge=1, description="optimizer steps between evaluations")
+    eval_batches: int = Field(20, ge=1, description="micro-batches per evaluation")
+    log_every: int = Field(10, ge=1, description="optimizer steps between log lines")
+    compile: bool = Field(False, description="torch.compile the model")
+
+
+class OptimConfig(Section):
+    name: str = Field("adamw", description="optimizer from the registry")
+    lr: float = Field(3e-4, gt=0, description="peak learning rate")
+    weight_decay: float = Field(0.1, ge=0, description="not applied to norms, biases, embeddings")
+    betas: tuple[float, float] = Field((0.9, 0.95), description="Adam beta1, beta2")
+    eps: float = Field(1e-8, gt=0, description="Adam epsilon")
+    schedule: str = Field("cosine", description="cosine | linear | constant (after warmup)")
+    warmup_steps: int = Field(100, ge=0, description="linear warmup from 0 to lr")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="final lr / peak lr")
+
+    @field_validator("name")
+    @classmethod
+    def _known_optimizer(cls, value: str) -> str:
+        return _check_registered(OPTIMIZERS, value)
+
+    @field_validator("schedule")
+    @classmethod
+    def _known_schedule(cls, value: str) -> str:
+        return _check_registered(SCHEDULES, value)
+
+
+class CheckpointConfig(Section):
+    save_every: int = Field(500, ge=1, description="optimizer steps between saves of last/")
+    select_best_by: Literal["val_loss", "val_ppl"] = Field(
+        "val_loss", description="metric that picks checkpoints/best"
+    )
+    best_mode: Literal["min", "max"] = Field("min", description="lower or higher is better")
+
+
+class LoggingConfig(Section):
+    progress: Literal["rich", "tqdm", "none"] = Field("rich", description="progress bar style")
+    tensorboard: bool = Field(True, description="write TensorBoard event files to tb/")
+    plot: bool = Field(True, description="write loss.png at the end")
+
+
+class HardwareConfig(Section):
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N | mps")
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, value: str) -> str:
+        base = value.split(":")[0]
+        if base not in ("auto", "cpu", "cuda", "mps") or (":" in value and base != "cuda"):
+            raise ValueError(f"device {value!r} is not one of auto, cpu, cuda, cuda:N, mps")
+        return value
+
+
+class InferenceConfig(Section):
+    max_new_tokens: int = Field(128, ge=1, description="generation: tokens to sample at most")
+    temperature: float = Field(0.8, ge=0, description="0: greedy")
+    top_k: int | None = Field(50, ge=1, description="sample among the k likeliest; empty: all")
+    top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling mass")
+
+
+class Config(Section):
+    run_name: str = Field("run", min_length=1, description="name of the run folder")
+    output_dir: str = Field("runs", description="the run folder is <output_dir>/<run_name>")
+    seed: int = Field(1337, description="seeds python, numpy, torch and the data order")
+    task: Literal["causal_lm"] = Field("causal_lm", description="what is trained")
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    hardware: HardwareConfig = Field(default_factory=HardwareConfig)
+    inference: InferenceConfig = Field(default_factory=InferenceConfig)
+
+    @field_validator("run_name")
+    @classmethod
+    def _plain_name(cls, value: str) -> str:
+        if "/" in value or "\\" in value or value in (".", ".."):
+            raise ValueError(f"run_name {value!r} must be a plain folder name")
+        return value
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.run_name
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def load(source: str | Path | dict[str, Any] | None = None, overrides: list[str] = ()) -> Config:
+    """Validate a YAML file, a run folder (its config.yaml) or a dict, with `a.b=c` overrides."""
+    if source is None:
+        raw: dict[str, Any] = {}
+    elif isinstance(source, dict):
+        raw = dict(source)
+    else:
+        raw = _read_yaml(Path(source))
+    for item in overrides:
+        key_path, value = parse_override(item)
+        _set_path(raw, key_path, value)
+    return validate(raw)
+
+
+def validate(raw: dict[str, Any]) -> Config:
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(format_errors(exc, raw)) from None
+
+
+def save(config: Config, path: Path) -> None:
+    path.write_text(config.to_yaml())
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if path.is_dir():
+        path = path / CONFIG_FILE
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys, not {type(raw).__name__}")
+    return raw
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """`training.max_steps=50` -> (["training", "max_steps"], 50); the value is read as YAML."""
+    key, sep, text = item.partition("=")
+    key = key.strip()
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {item!r} must look like key.path=value")
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError:
+        value = text
+    return key.split("."), value
+
+
+def _set_path(raw: dict[str, Any], key_path: list[str], value: Any) -> None:
+    node = raw
+    for depth, part in enumerate(key_path[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        elif not isinstance(child, dict):
+            where = ".".join(key_path[: depth + 1])
+            raise ConfigError(f"override {'.'.join(key_path)}: {where} is a value, not a section")
+        else:
+            child = node[part] = dict(child)
+        node = child
+    node[key_path[-1]] = value
+
+
+# ---------------------------------------------------------------------------------------------
+# Error messages
+
+
+def format_errors(exc: ValidationError, raw: dict[str, Any]) -> str:
+    lines = [f"{exc.error_count()} config error(s):"]
+    for error in exc.errors():
+        loc = [str(part) for part in error["loc"]]
+        key = ".".join(loc) or "<top>"
+        if error["type"] == "extra_forbidden":
+            allowed = _allowed_keys(loc[:-1])
+            hint = difflib.get_close_matches(loc[-1], allowed, n=1)
+            did_you_mean = f" Did you mean {'.'.join(loc[:-1] + [hint[0]])!r}?" if hint else ""
+            lines.append(
+                f"  {key}: unknown key.{did_you_mean} Allowed here: {', '.join(allowed)}"
+            )
+            continue
+        message = error["msg"].removeprefix("Value error, ")
+        got = f" (got {_lookup(raw, loc)!r})" if error["type"] != "missing" else ""
+        allowed_values = _allowed_values(loc)
+        suffix = f"; allowed: {allowed_values}" if allowed_values and "allowed" not in message else ""
+        lines.append(f"  {key}: {message}{got}{suffix}")
+    return "\n".join(lines)
+
+
+def _section_class(loc: list[str]) -> type[BaseModel] | None:
+    cls: Any = Config
+    for part in loc:
+        field = cls.model_fields.get(part) if isinstance(cls, type) else None
+        if field is None:
+            return None
+        cls = field.annotation
+        if not (isinstance(cls, type) and issubclass(cls, BaseModel)):
+            return None
+    return cls
+
+
+def _allowed_keys(loc: list[str]) -> list[str]:
+    cls = _section_class(loc)
+    return list(cls.model_fields) if cls else []
+
+
+def _allowed_values(loc: list[str]) -> str:
+    cls = _section_class(loc[:-1])
+    field = cls.model_fields.get(loc[-1]) if cls and loc else None
+    if field is None:
+        return ""
+    choices = get_args(field.annotation) if str(field.annotation).startswith("typing.Literal") else ()
+    return ", ".join(str(c) for c in choices)
+
+
+def _lookup(raw: Any, loc: list[str]) -> Any:
+    node = raw
+    for part in loc:
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        elif isinstance(node, (list, tuple)) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        else:
+            return None
+    return node
+
+
+def describe_fields() -> list[tuple[str, str, str]]:
+    """(key path, default, description) for every leaf, for the README's reference table."""
+    rows: list[tuple[str, str, str]] = []
+
+    def walk(cls: type[BaseModel], prefix: str) -> None:
+        for name, field in cls.model_fields.items():
+            ann = field.annotation
+            if isinstance(ann, type) and issubclass(ann, BaseModel):
+                walk(ann, f"{prefix}{name}.")
+                continue
+            default = field.get_default(call_default_factory=True)
+            rows.append((f"{prefix}{name}", repr(default), field.description or ""))
+
+    walk(Config, "")
+    return rows

@@ -1,0 +1,133 @@
+"""Batches: an endless, resumable shuffled stream for training and a fixed list for evaluation."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset, default_collate
+
+from truthgpt.errors import CheckpointError
+
+
+class EpochBatches:
+    """Endless training batches (dicts of stacked LongTensors) over a map-style dataset.
+
+    Epoch e visits the blocks in the order `torch.randperm(n, generator=manual_seed(seed + e))`,
+    so every batch is a pure function of (seed, epoch, batch index), and `state_dict()` /
+    `load_state_dict()` resume exactly at the next batch. The last incomplete batch of an epoch
+    is dropped; a dataset smaller than one batch instead repeats its shuffled blocks to fill a
+    single batch per epoch.
+
+    With `world_size` > 1 (DDP), rank r takes batches r, r + world_size, ... of each epoch, so
+    ranks see disjoint blocks and the same number of batches per epoch.
+    """
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        batch_size: int,
+        seed: int,
+        num_workers: int = 0,
+        pin_memory: bool | None = None,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        if len(dataset) == 0:
+            raise ValueError("EpochBatches needs a dataset with at least one block")
+        if batch_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"bad batch_size {batch_size} or rank {rank} of {world_size}")
+        self.dataset = dataset
+        self.batch_size = batch_size
+        self.seed = seed
+        self.num_workers = num_workers
+        self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
+        self.rank = rank
+        self.world_size = world_size
+        self.epoch = 0
+        self.batch_index = 0  # the next batch to yield within self.epoch
+        self._batches: Iterator[dict[str, torch.Tensor]] | None = None
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return max(1, self._global_batches_per_epoch() // self.world_size)
+
+    def _global_batches_per_epoch(self) -> int:
+        return max(1, len(self.dataset) // self.batch_size)
+
+    def epoch_batches(self, epoch: int) -> list[list[int]]:
+        """The block indices of every batch this rank takes in `epoch`."""
+        count = len(self.dataset)
+        generator = torch.Generator().manual_seed(self.seed + epoch)
+        order = torch.randperm(count, generator=generator).tolist()
+        if count < self.batch_size:
+            order = (order * -(-self.batch_size // count))[: self.batch_size]
+        size = self.batch_size
+        batches = [
+            order[i * size : (i + 1) * size] for i in range(self._global_batches_per_epoch())
+        ]
+        # Modulo: with fewer batches than ranks (a tiny dataset) ranks share batches.
+        return [
+            batches[(self.rank + k * self.world_size) % len(batches)]
+            for k in range(self.batches_per_epoch)
+        ]
+
+    def _batch_indices(self, epoch: int, batch_index: int) -> Iterator[list[int]]:
+        while True:
+            yield from self.epoch_batches(epoch)[batch_index:]
+            epoch, batch_index = epoch + 1, 0
+
+    def _start(self) -> Iterator[dict[str, torch.Tensor]]:
+        # One DataLoader over an endless batch sampler that starts at the current position:
+        # workers keep prefetching across epoch boundaries, and position is counted in
+        # __next__ from what was handed out, not from what the workers have already read.
+        loader = DataLoader(
+            self.dataset,
+            batch_sampler=self._batch_indices(self.epoch, self.batch_index),
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            collate_fn=default_collate,
+        )
+        return iter(loader)
+
+    def __iter__(self) -> EpochBatches:
+        return self
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        if self._batches is None:
+            self._batches = self._start()
+        batch = next(self._batches)
+        self.batch_index += 1
+        if self.batch_index == self.batches_per_epoch:
+            self.epoch, self.batch_index = self.epoch + 1, 0
+        return batch
+
+    def state_dict(self) -> dict[str, int]:
+        """The position of the next batch: {"epoch", "batch_index"}."""
+        return {"epoch": self.epoch, "batch_index": self.batch_index}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from a `state_dict()`: the next batch is the one that would have followed."""
+        epoch, batch_index = int(state["epoch"]), int(state["batch_index"])
+        if epoch < 0 or not 0 <= batch_index < self.batches_per_epoch:
+            raise CheckpointError(
+                f"data position epoch {epoch}, batch {batch_index} does not fit this dataset "
+                f"({self.batches_per_epoch} batches per epoch); was the data or batch size changed?"
+            )
+        self.epoch, self.batch_index = epoch, batch_index
+        self._batches = None  # drops the old DataLoader; the next __next__ starts a new one
+
+
+def val_batches(
+    dataset: Dataset, batch_size: int, max_batches: int | None = None
+) -> list[dict[str, torch.Tensor]]:
+    """The first `max_batches` batches of `dataset` in index order (the last may be smaller),
+    so every evaluation sees the same blocks."""
+    count = len(dataset)
+    if max_batches is not None:
+        count = min(count, max_batches * batch_size)
+    return [
+        default_collate([dataset[i] for i in range(start, min(start + batch_size, count))])
+        for start in range(0, count, batch_size)
+    ]

@@ -1,0 +1,23 @@
+"""The one small hierarchy of errors that users see: what was wrong, where, and what to do."""
+
+from __future__ import annotations
+
+
+class TruthGPTError(Exception):
+    """Base of every error truthgpt raises on purpose."""
+
+
+class ConfigError(TruthGPTError):
+    """A YAML file, an override or a value in it is wrong."""
+
+
+class CheckpointError(TruthGPTError):
+    """A checkpoint or model folder is missing, incomplete or unreadable."""
+
+
+class DataError(TruthGPTError):
+    """A data source gave nothing usable (no files, empty field, too little text)."""
+
+
+class RequestError(TruthGPTError):
+    """A generation request is invalid (bad sampling parameter, prompt too long)."""

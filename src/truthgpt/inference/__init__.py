@@ -1,0 +1,1 @@
+"""Generation: sampling, the plain KV-cached loop (and later the batched engine)."""

@@ -1,0 +1,167 @@
+"""Model builders behind `model.arch` (the ARCHS registry), and opening / saving any model folder.
+
+- `llama`, `gpt2`: the native Decoder, from the config fields or from a local HF folder
+  (`model.init_from`).
+- `hf`: any `transformers.AutoModelForCausalLM`, from `model.init_from` or a config dict
+  (`model.hf_config`, with its `model_type`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+from torch import nn
+
+from truthgpt.config import ModelConfig
+from truthgpt.errors import CheckpointError, ConfigError
+from truthgpt.models.decoder import Decoder, DecoderConfig
+from truthgpt.models.hf_io import is_native, load_hf, read_hf_config, save_hf
+from truthgpt.registry import ARCHS
+
+_TRANSFORMERS_MAJOR = int(transformers.__version__.split(".")[0])
+# transformers 5 renamed from_pretrained's torch_dtype to dtype and always saves safetensors.
+_DTYPE_KWARG = "dtype" if _TRANSFORMERS_MAJOR >= 5 else "torch_dtype"
+
+# Embedding tables padded to a multiple of 64 rows keep matmuls on fast tensor-core shapes
+# (nanoGPT's 50257 -> 50304); the extra ids are never produced by the tokenizer.
+VOCAB_MULTIPLE = 64
+
+
+def round_vocab(vocab_size: int) -> int:
+    """vocab_size rounded up to a multiple of VOCAB_MULTIPLE."""
+    return -(-vocab_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+
+
+def default_intermediate_size(arch: str, hidden_size: int) -> int:
+    """MLP width: gpt2 4*hidden; llama 8/3*hidden (SwiGLU's three matrices then cost what two
+    4*hidden ones do, Shazeer 2020), rounded up to a multiple of 64."""
+    if arch == "gpt2":
+        return 4 * hidden_size
+    return -(-8 * hidden_size // (3 * 64)) * 64
+
+
+def decoder_config(cfg: ModelConfig, vocab_size: int) -> DecoderConfig:
+    """The DecoderConfig that the `model:` section describes (without init_from)."""
+    return DecoderConfig(
+        family=cfg.arch,
+        vocab_size=cfg.vocab_size or round_vocab(vocab_size),
+        hidden_size=cfg.hidden_size,
+        num_layers=cfg.num_layers,
+        num_heads=cfg.num_heads,
+        num_kv_heads=cfg.num_kv_heads or cfg.num_heads,
+        intermediate_size=cfg.intermediate_size
+        or default_intermediate_size(cfg.arch, cfg.hidden_size),
+        max_position_embeddings=cfg.max_position_embeddings,
+        rope_theta=cfg.rope_theta,
+        norm_eps=cfg.norm_eps,
+        tie_embeddings=cfg.tie_embeddings,
+        dropout=cfg.dropout,
+    )
+
+
+def _check_vocab(model_vocab: int, vocab_size: int, init_from: str) -> None:
+    if vocab_size > model_vocab:
+        raise ConfigError(
+            f"model.init_from: {init_from!r} has {model_vocab} token embeddings but the tokenizer "
+            f"has {vocab_size} tokens; use the tokenizer that came with the model"
+        )
+
+
+def _build_native(cfg: ModelConfig, vocab_size: int) -> Decoder:
+    if not cfg.init_from:
+        return Decoder(decoder_config(cfg, vocab_size))
+    folder = Path(cfg.init_from).expanduser()
+    if not folder.is_dir():
+        raise ConfigError(
+            f"model.init_from: {cfg.init_from!r} is not a local folder; download the model first, "
+            "or use model.arch: hf to load a hub id through transformers"
+        )
+    model_type = read_hf_config(folder).get("model_type")
+    family = "gpt2" if model_type == "gpt2" else "llama"
+    if family != cfg.arch:
+        raise ConfigError(
+            f"model.arch is {cfg.arch!r} but model.init_from {cfg.init_from!r} holds a "
+            f"{model_type!r} model; set model.arch: {family}"
+        )
+    model = load_hf(folder, dtype=torch.float32, dropout=cfg.dropout)
+    _check_vocab(model.config.vocab_size, vocab_size, cfg.init_from)
+    return model
+
+
+def _build_hf(cfg: ModelConfig, vocab_size: int) -> nn.Module:
+    overrides = dict(cfg.hf_config)
+    if cfg.init_from:
+        overrides.pop("model_type", None)  # the folder's own config says what it is
+        try:
+            model = transformers.AutoModelForCausalLM.from_pretrained(
+                cfg.init_from, **{_DTYPE_KWARG: torch.float32}, **overrides
+            )
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(
+                f"model.init_from: cannot load {cfg.init_from!r}: {exc}"
+            ) from None
+        _check_vocab(model.config.vocab_size, vocab_size, cfg.init_from)
+        return model
+    if "model_type" not in overrides:
+        raise ConfigError(
+            "model.arch is 'hf' but neither model.init_from (a model folder) nor "
+            "model.hf_config.model_type (e.g. gpt_neox, opt) is set"
+        )
+    overrides.setdefault("vocab_size", round_vocab(vocab_size))
+    try:
+        hf_config = transformers.AutoConfig.for_model(**overrides)
+        return transformers.AutoModelForCausalLM.from_config(hf_config)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"model.hf_config: {exc}") from None
+
+
+def load_model(
+    path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+) -> nn.Module:
+    """Open a model folder: the native Decoder when its config maps onto it, else transformers'
+    AutoModelForCausalLM (local files only). dtype None keeps the checkpoint's dtype."""
+    folder = Path(path).expanduser()
+    hf_config = read_hf_config(folder)  # CheckpointError when the folder or config.json is missing
+    if is_native(hf_config):
+        return load_hf(folder, device=device, dtype=dtype)
+    try:
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            folder, local_files_only=True, **{_DTYPE_KWARG: dtype or "auto"}
+        )
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"cannot load the model in {str(folder)!r}: {exc}") from None
+    return model.to(device)
+
+
+def save_model(model: nn.Module, folder: Path) -> None:
+    """Write a model folder (config.json + safetensors) that load_model and transformers open."""
+    if isinstance(model, Decoder):
+        save_hf(model, folder)
+        return
+    kwargs: dict[str, Any] = {} if _TRANSFORMERS_MAJOR >= 5 else {"safe_serialization": True}
+    model.save_pretrained(folder, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Registry entries: `model.arch` names -> (ModelConfig, tokenizer vocab size) -> model
+
+
+@ARCHS.register("llama")
+def build_llama(cfg: ModelConfig, vocab_size: int) -> Decoder:
+    """Llama-family native decoder (RoPE, RMSNorm, SwiGLU, grouped-query attention)."""
+    return _build_native(cfg, vocab_size)
+
+
+@ARCHS.register("gpt2")
+def build_gpt2(cfg: ModelConfig, vocab_size: int) -> Decoder:
+    """GPT-2 native decoder (learned positions, LayerNorm, GELU)."""
+    return _build_native(cfg, vocab_size)
+
+
+@ARCHS.register("hf")
+def build_hf(cfg: ModelConfig, vocab_size: int) -> nn.Module:
+    """Any transformers AutoModelForCausalLM, from model.init_from or model.hf_config."""
+    return _build_hf(cfg, vocab_size)

@@ -1,0 +1,71 @@
+"""Name -> builder registries, filled by decorators and by the `truthgpt.plugins` entry points."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable
+from importlib import import_module
+from importlib.metadata import entry_points
+from typing import Any
+
+from truthgpt.errors import ConfigError
+
+
+class Registry(dict[str, Callable[..., Any]]):
+    """A dict from name to builder; `@REG.register("name")` adds one."""
+
+    def __init__(self, kind: str, builtin_module: str) -> None:
+        super().__init__()
+        self.kind = kind
+        # Imported on first lookup: it registers the built-in names. Keeps `import
+        # truthgpt.config` light and lets a lower layer name builders of an upper one.
+        self.builtin_module = builtin_module
+
+    def load(self) -> Registry:
+        """Import the built-in builders and the plugins once; returns self."""
+        import_module(self.builtin_module)
+        load_plugins()
+        return self
+
+    def register(self, name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+        def add(builder: Callable[..., Any]) -> Callable[..., Any]:
+            if name in self:
+                raise ValueError(f"{self.kind} {name!r} is registered twice")
+            self[name] = builder
+            return builder
+
+        return add
+
+    def get_builder(self, name: str, key_path: str = "") -> Callable[..., Any]:
+        """The builder for `name`, or a ConfigError naming the key and the known names."""
+        self.load()
+        if name not in self:
+            where = f"{key_path}: " if key_path else ""
+            hint = difflib.get_close_matches(name, list(self), n=1)
+            did_you_mean = f" Did you mean {hint[0]!r}?" if hint else ""
+            raise ConfigError(
+                f"{where}unknown {self.kind} {name!r}.{did_you_mean} "
+                f"Known: {', '.join(sorted(self))}."
+            )
+        return self[name]
+
+
+_plugins_loaded = False
+
+
+def load_plugins() -> None:
+    """Import every `truthgpt.plugins` entry point once; each registers its own names."""
+    global _plugins_loaded
+    if _plugins_loaded:
+        return
+    _plugins_loaded = True
+    for entry in entry_points(group="truthgpt.plugins"):
+        entry.load()
+
+
+# The registries. Upper layers fill them with `@NAME.register(...)`.
+SOURCES = Registry("data source", "truthgpt.data.sources")
+ARCHS = Registry("model arch", "truthgpt.models.build")
+OPTIMIZERS = Registry("optimizer", "truthgpt.training.optim")
+SCHEDULES = Registry("lr schedule", "truthgpt.training.optim")
+CALLBACKS = Registry("callback", "truthgpt.training.callbacks")

@@ -1,0 +1,56 @@
+"""Shared fixtures: tiny configs that train in seconds on a 2-core CPU."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+# Two cores in CI: more threads than cores only adds contention.
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+def tiny_raw_config(tmp_path: Path, **sections: dict) -> dict:
+    """A config dict for a tiny llama on a slice of the stdlib corpus; sections override."""
+    raw = {
+        "run_name": "tiny",
+        "output_dir": str(tmp_path / "runs"),
+        "seed": 0,
+        "model": {
+            "arch": "llama",
+            "hidden_size": 32,
+            "num_layers": 2,
+            "num_heads": 4,
+            "num_kv_heads": 2,
+            "max_position_embeddings": 64,
+        },
+        "data": {
+            "source": "python-stdlib",
+            "max_documents": 40,
+            "max_seq_len": 32,
+            "val_fraction": 0.1,
+            "tokenizer": {"vocab_size": 300, "train_max_chars": 300_000},
+        },
+        "training": {
+            "max_steps": 30,
+            "batch_size": 8,
+            "eval_every": 15,
+            "eval_batches": 4,
+            "log_every": 5,
+        },
+        "optim": {"lr": 3e-3, "warmup_steps": 3},
+        "checkpoint": {"save_every": 15},
+        "logging": {"progress": "none"},
+    }
+    for name, values in sections.items():
+        if isinstance(values, dict) and isinstance(raw.get(name), dict):
+            raw[name] = {**raw[name], **values}
+        else:
+            raw[name] = values
+    return raw
+
+
+@pytest.fixture
+def tiny_config(tmp_path: Path) -> dict:
+    return tiny_raw_config(tmp_path)

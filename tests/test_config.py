@@ -1,0 +1,149 @@
+"""Config schema: errors name the key path, the bad value and the allowed values; overrides."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from truthgpt.config import Config, describe_fields, load, parse_override
+from truthgpt.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def error_of(raw: dict, overrides: list[str] = ()) -> str:
+    with pytest.raises(ConfigError) as info:
+        load(raw, overrides)
+    return str(info.value)
+
+
+def test_defaults_validate() -> None:
+    config = load({})
+    assert isinstance(config, Config)
+    assert config.run_dir == Path("runs") / "run"
+
+
+def test_unknown_key_has_full_path_and_did_you_mean() -> None:
+    message = error_of({"training": {"max_step": 10}})
+    assert "training.max_step: unknown key" in message
+    assert "Did you mean 'training.max_steps'?" in message
+    assert "batch_size" in message  # the allowed keys of that section are listed
+
+
+def test_unknown_top_level_section() -> None:
+    message = error_of({"modle": {"arch": "llama"}})
+    assert "modle: unknown key" in message
+    assert "'model'" in message
+
+
+def test_wrong_type_names_key_and_value() -> None:
+    message = error_of({"training": {"batch_size": "eight"}})
+    assert "training.batch_size" in message
+    assert "'eight'" in message
+
+
+def test_bad_enum_lists_allowed_values() -> None:
+    message = error_of({"training": {"precision": "fp8"}})
+    assert "training.precision" in message and "'fp8'" in message
+    for allowed in ("fp32", "bf16", "fp16", "auto"):
+        assert allowed in message
+
+
+def test_registry_name_did_you_mean() -> None:
+    message = error_of({"optim": {"name": "adamm"}})
+    assert "optim.name" in message and "did you mean 'adamw'" in message
+    message = error_of({"data": {"source": "python_stdlib"}})
+    assert "data.source" in message and "python-stdlib" in message
+    message = error_of({"model": {"arch": "lama"}})
+    assert "model.arch" in message and "'llama'" in message
+
+
+def test_every_error_is_reported_at_once() -> None:
+    message = error_of({"training": {"max_steps": 0, "batch_size": "x"}, "seed": "s"})
+    assert message.startswith("3 config error(s)")
+
+
+def test_cross_field_check() -> None:
+    message = error_of({"model": {"hidden_size": 100, "num_heads": 3}})
+    assert "model" in message and "not divisible" in message
+
+
+def test_overrides_are_typed() -> None:
+    config = load(
+        {"training": {"max_steps": 5}},
+        [
+            "training.max_steps=50",
+            "optim.lr=1e-3",
+            "optim.betas=[0.8, 0.9]",
+            "logging.tensorboard=false",
+            "model.num_kv_heads=2",
+            "run_name=abc",
+        ],
+    )
+    assert config.training.max_steps == 50
+    assert config.optim.lr == pytest.approx(1e-3)
+    assert config.optim.betas == (0.8, 0.9)
+    assert config.logging.tensorboard is False
+    assert config.model.num_kv_heads == 2
+    assert config.run_name == "abc"
+
+
+def test_override_errors() -> None:
+    assert "key.path=value" in error_of({}, ["training.max_steps"])
+    assert "training.max_stepz" in error_of({}, ["training.max_stepz=3"])
+    assert "is a value, not a section" in error_of({"seed": 1}, ["seed.x=3"])
+    assert "seed" in error_of({}, ["seed.x=3"])
+    assert parse_override("a.b= hello ") == (["a", "b"], "hello")
+
+
+def test_config_is_frozen() -> None:
+    config = load({})
+    with pytest.raises(Exception):
+        config.training.max_steps = 3  # type: ignore[misc]
+
+
+def test_yaml_file_and_run_folder_round_trip(tmp_path: Path) -> None:
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump({"run_name": "x", "training": {"max_steps": 7}}))
+    config = load(path)
+    folder = tmp_path / "runfolder"
+    folder.mkdir()
+    (folder / "config.yaml").write_text(config.to_yaml())
+    assert load(folder) == config
+
+
+def test_bad_files(tmp_path: Path) -> None:
+    assert "does not exist" in error_of_path(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("training: [unclosed")
+    assert "not valid YAML" in error_of_path(bad)
+    listy = tmp_path / "list.yaml"
+    listy.write_text("- a\n- b\n")
+    assert "mapping" in error_of_path(listy)
+
+
+def error_of_path(path: Path) -> str:
+    with pytest.raises(ConfigError) as info:
+        load(path)
+    return str(info.value)
+
+
+def test_shipped_configs_validate() -> None:
+    for path in sorted((ROOT / "configs").glob("*.yaml")):
+        load(path)
+
+
+def test_describe_fields_covers_every_leaf() -> None:
+    keys = {row[0] for row in describe_fields()}
+    assert {"training.max_steps", "data.tokenizer.vocab_size", "optim.lr", "run_name"} <= keys
+
+
+def test_readme_documents_every_key_and_ci_runs_its_test_command() -> None:
+    readme = (ROOT / "README.md").read_text()
+    for key, _, _ in describe_fields():
+        assert f"`{key}`" in readme, f"README config table lacks {key}"
+    ci = (ROOT / ".ci" / "run").read_text()
+    command = next(line for line in ci.splitlines() if "pytest" in line and "pip install" in line)
+    assert command.strip() in readme

@@ -1,0 +1,163 @@
+"""The training loop end to end on tiny real models: loss falls, files land, checkpoints reload."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_raw_config
+
+from truthgpt.config import load
+from truthgpt.data import prepare_data
+from truthgpt.errors import ConfigError
+from truthgpt.models import load_model
+from truthgpt.training.checkpoint import verify_checkpoint
+from truthgpt.training.optim import build_scheduler, param_groups
+from truthgpt.training.trainer import Trainer, build_model, prepare_run_dir, train
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_thirty_steps_lower_the_loss_and_write_the_run_folder(tmp_path: Path) -> None:
+    config = load(tiny_raw_config(tmp_path))
+    result = train(config)
+    run_dir = result.run_dir
+    assert result.steps == 30
+    records = read_metrics(run_dir)
+    train_losses = [r["loss"] for r in records if r["kind"] == "train"]
+    assert len(train_losses) == 6
+    assert train_losses[-1] < train_losses[0] - 0.5
+    assert result.final_val_loss < result.initial_val_loss
+    assert result.final_val_ppl < result.initial_val_ppl
+    evals = [r for r in records if r["kind"] == "eval"]
+    assert [r["step"] for r in evals] == [0, 15, 30]
+    for record in records:
+        if record["kind"] == "train":
+            assert {"lr", "tokens_per_second", "grad_norm", "tokens_seen"} <= record.keys()
+    for name in ("config.yaml", "loss.png", "tokenizer/tokenizer.json"):
+        assert (run_dir / name).is_file(), name
+    assert any((run_dir / "tb").iterdir())
+    for name in ("last", "best"):
+        folder = run_dir / "checkpoints" / name
+        verify_checkpoint(folder)
+        assert (folder / "model.safetensors").is_file()
+        assert (folder / "tokenizer.json").is_file()
+    assert (run_dir / "checkpoints" / "last" / "train_state.pt").is_file()
+    # The resolved config in the run folder is itself loadable and equal.
+    assert load(run_dir) == config
+
+
+def build_trainer(config, tmp_path: Path) -> Trainer:
+    run_dir = prepare_run_dir(config, overwrite=False)
+    data = prepare_data(config, run_dir, log=lambda message: None)
+    model = build_model(config, vocab_size=len(data.tokenizer))
+    return Trainer(config, model, data, torch.device("cpu"), run_dir, callbacks=[])
+
+
+def test_checkpoint_reload_reproduces_logits(tmp_path: Path) -> None:
+    config = load(tiny_raw_config(tmp_path, training={"max_steps": 6, "eval_every": 100}))
+    trainer = build_trainer(config, tmp_path)
+    trainer.fit()
+    batch = next(iter(trainer.val_batches))["input_ids"]
+    trainer.model.eval()
+    with torch.no_grad():
+        expected = trainer.model(batch).logits
+        reloaded = load_model(trainer.run_dir / "checkpoints" / "last").eval()
+        got = reloaded(batch).logits
+    assert torch.equal(expected, got)
+
+
+def test_best_checkpoint_follows_the_metric(tmp_path: Path) -> None:
+    config = load(tiny_raw_config(tmp_path, training={"max_steps": 10, "eval_every": 5}))
+    trainer = build_trainer(config, tmp_path)
+    trainer.fit()
+    evals = [trainer.evaluate()]
+    assert trainer.best_metric is not None
+    assert trainer.best_metric <= evals[0]["val_loss"] + 1e-6
+
+
+def test_hf_arch_trains_through_the_same_loop(tmp_path: Path) -> None:
+    raw = tiny_raw_config(
+        tmp_path,
+        model={
+            "arch": "hf",
+            "hf_config": {
+                "model_type": "gpt_neox",
+                "hidden_size": 32,
+                "num_hidden_layers": 2,
+                "num_attention_heads": 4,
+                "intermediate_size": 64,
+                "max_position_embeddings": 64,
+            },
+        },
+        training={"max_steps": 20, "eval_every": 20},
+    )
+    result = train(load(raw))
+    assert result.final_val_loss < result.initial_val_loss
+    model = load_model(result.run_dir / "checkpoints" / "last")
+    assert type(model).__name__ == "GPTNeoXForCausalLM"
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_steps_stay_finite(tmp_path: Path, precision: str) -> None:
+    raw = tiny_raw_config(
+        tmp_path,
+        training={"max_steps": 4, "precision": precision, "eval_every": 4, "grad_accum_steps": 2},
+        logging={"progress": "none", "tensorboard": False, "plot": False},
+    )
+    result = train(load(raw))
+    assert math.isfinite(result.final_val_loss)
+
+
+def test_refuses_to_overwrite_a_finished_run(tmp_path: Path) -> None:
+    raw = tiny_raw_config(tmp_path, training={"max_steps": 2, "eval_every": 2})
+    train(load(raw))
+    with pytest.raises(ConfigError, match="already holds a run"):
+        train(load(raw))
+    result = train(load(raw), overwrite=True)
+    assert result.steps == 2
+
+
+def test_weight_decay_skips_norms_biases_and_embeddings(tmp_path: Path) -> None:
+    config = load(tiny_raw_config(tmp_path, model={"arch": "gpt2", "num_kv_heads": None}))
+    model = build_model(config, vocab_size=300)
+    decay, no_decay = param_groups(model, 0.1)
+    decayed = {id(p) for p in decay["params"]}
+    for name, param in model.named_parameters():
+        if param.ndim < 2:
+            assert id(param) not in decayed, name
+    embeddings = [m.weight for m in model.modules() if isinstance(m, torch.nn.Embedding)]
+    assert embeddings and all(id(e) not in decayed for e in embeddings)
+    linears = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    untied = [w for w in linears if all(w is not e for e in embeddings)]
+    assert untied and all(id(w) in decayed for w in untied)
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "linear", "constant"])
+def test_schedules_warm_up_then_decay_to_the_floor(tmp_path: Path, schedule: str) -> None:
+    config = load(
+        tiny_raw_config(
+            tmp_path,
+            optim={"lr": 1.0, "warmup_steps": 10, "schedule": schedule, "min_lr_ratio": 0.1},
+        )
+    )
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    scheduler = build_scheduler(optimizer, config.optim, max_steps=110)
+    lrs = []
+    for _ in range(110):
+        lrs.append(scheduler.get_last_lr()[0])
+        optimizer.step()
+        scheduler.step()
+    assert lrs[0] == pytest.approx(0.1)
+    assert lrs[9] == pytest.approx(1.0)
+    if schedule == "constant":
+        assert lrs[-1] == pytest.approx(1.0)
+    else:
+        assert lrs[-1] == pytest.approx(0.1, abs=0.02)
+        assert all(a >= b - 1e-12 for a, b in zip(lrs[10:], lrs[11:]))
