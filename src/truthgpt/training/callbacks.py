@@ -152,19 +152,21 @@ class PlainLog(Callback):
 
     def __init__(self, config: Config, run_dir: Path) -> None:
         self.max_steps = config.training.max_steps
-        self.start_step = 0
-        self.start_time = 0.0
+        self.window_step = 0
+        self.window_time = 0.0
 
     def on_train_start(self, step: int, max_steps: int) -> None:
-        self.start_step, self.max_steps, self.start_time = step, max_steps, time.perf_counter()
+        self.window_step, self.max_steps, self.window_time = step, max_steps, time.perf_counter()
 
     def on_step_end(self, step: int, metrics: Metrics) -> None:
-        done = step - self.start_step
-        elapsed = time.perf_counter() - self.start_time
-        eta = elapsed / max(done, 1) * (self.max_steps - step)
+        # ETA from the latest window, not the whole run: the first steps carry compilation
+        # and warm-up and would inflate it for the rest of the run.
+        now = time.perf_counter()
+        seconds_per_step = (now - self.window_time) / max(step - self.window_step, 1)
+        self.window_step, self.window_time = step, now
+        eta = seconds_per_step * (self.max_steps - step)
         print(
-            f"step {step:>6}/{self.max_steps}  {_format_metrics(metrics)}  "
-            f"ETA {_clock(eta)}",
+            f"step {step:>6}/{self.max_steps}  {_format_metrics(metrics)}  ETA {_clock(eta)}",
             flush=True,
         )
 
