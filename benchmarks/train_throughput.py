@@ -72,7 +72,8 @@ def run_ours(args, workdir: Path, dataset: RandomBlocks) -> dict:
         train = dataset
         val = None
 
-    run_dir = prepare_run_dir(config, overwrite=True)
+    prepare_run_dir(config, overwrite=True)
+    run_dir = config.run_dir
     trainer = Trainer(config, model, Data, device, run_dir, callbacks=[])
     times = []
     for step in range(args.steps):

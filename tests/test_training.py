@@ -53,7 +53,8 @@ def test_thirty_steps_lower_the_loss_and_write_the_run_folder(tmp_path: Path) ->
 
 
 def build_trainer(config, tmp_path: Path) -> Trainer:
-    run_dir = prepare_run_dir(config, overwrite=False)
+    prepare_run_dir(config, overwrite=False)
+    run_dir = config.run_dir
     data = prepare_data(config, run_dir, log=lambda message: None)
     model = build_model(config, vocab_size=len(data.tokenizer))
     return Trainer(config, model, data, torch.device("cpu"), run_dir, callbacks=[])

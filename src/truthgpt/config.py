@@ -15,7 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from truthgpt.errors import ConfigError
-from truthgpt.registry import ARCHS, OPTIMIZERS, SCHEDULES, SOURCES, Registry
+from truthgpt.registry import ARCHS, CALLBACKS, OPTIMIZERS, SCHEDULES, SOURCES, Registry
 
 CONFIG_FILE = "config.yaml"
 
@@ -66,11 +66,32 @@ class DataConfig(Section):
     max_seq_len: int = Field(256, ge=8, description="tokens per packed training block")
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes")
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
+    sft_format: Literal["auto", "messages", "prompt_completion"] = Field(
+        "auto", description="task sft: jsonl rows with `messages`, or `prompt`/`completion`"
+    )
+    batching: Literal["auto", "pack", "bucket"] = Field(
+        "auto",
+        description="auto: pack for causal_lm, bucket for sft; bucket = length-grouped batches, "
+        "dynamic padding; pack = fixed blocks (sft: attention kept inside each example)",
+    )
+    overlong: Literal["truncate", "drop"] = Field(
+        "truncate", description="sft examples longer than max_seq_len: cut or skip (counted)"
+    )
 
     @field_validator("source")
     @classmethod
     def _known_source(cls, value: str) -> str:
         return _check_registered(SOURCES, value)
+
+
+class LoraConfig(Section):
+    enabled: bool = Field(False, description="train low-rank adapters (peft) instead of all weights")
+    r: int = Field(8, ge=1, description="adapter rank")
+    alpha: float = Field(16.0, gt=0, description="scaling numerator: updates scale by alpha/r")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on the adapter input")
+    target_modules: list[str] | None = Field(
+        None, description="module names to adapt; empty: every attention and MLP projection"
+    )
 
 
 class ModelConfig(Section):
@@ -98,6 +119,7 @@ class ModelConfig(Section):
     hf_config: dict[str, Any] = Field(
         default_factory=dict, description="arch hf: a transformers config dict with model_type"
     )
+    lora: LoraConfig = Field(default_factory=LoraConfig)
 
     @field_validator("arch")
     @classmethod
@@ -118,6 +140,34 @@ class ModelConfig(Section):
         return self
 
 
+class NonFiniteConfig(Section):
+    max_consecutive: int = Field(
+        3, ge=1, description="skipped non-finite updates in a row before `action` is taken"
+    )
+    action: Literal["stop", "rollback"] = Field(
+        "stop", description="stop with a message, or reload the last good checkpoint"
+    )
+    rollback_lr_factor: float = Field(
+        0.5, gt=0, le=1, description="rollback: multiply the learning rate by this"
+    )
+    max_rollbacks: int = Field(3, ge=0, description="rollback: give up after this many")
+
+
+class EmaConfig(Section):
+    enabled: bool = Field(False, description="keep an exponential moving average of the weights")
+    decay: float = Field(0.999, gt=0, lt=1, description="ema = decay*ema + (1-decay)*weights")
+    every: int = Field(1, ge=1, description="update the average every k optimizer steps")
+    evaluate: bool = Field(False, description="evaluate (and select best) with the EMA weights")
+
+
+class EarlyStoppingConfig(Section):
+    enabled: bool = False
+    metric: Literal["val_loss", "val_ppl"] = "val_loss"
+    mode: Literal["min", "max"] = "min"
+    patience: int = Field(3, ge=1, description="evaluations without improvement before stopping")
+    min_delta: float = Field(0.0, ge=0, description="smaller changes do not count as improvement")
+
+
 class TrainingConfig(Section):
     max_steps: int = Field(1000, ge=1, description="optimizer steps; caps the run")
     batch_size: int = Field(8, ge=1, description="sequences per micro-batch")
@@ -131,10 +181,21 @@ class TrainingConfig(Section):
     eval_batches: int = Field(20, ge=1, description="micro-batches per evaluation")
     log_every: int = Field(10, ge=1, description="optimizer steps between log lines")
     compile: bool = Field(False, description="torch.compile the model")
+    gradient_checkpointing: bool = Field(
+        False, description="recompute activations in backward: less memory, ~30% more compute"
+    )
+    resume: bool | Literal["auto"] = Field(
+        False,
+        description="true: continue from checkpoints/last (error if none); auto: continue if "
+        "there is one, else start; false: refuse a run folder that holds a run",
+    )
+    nonfinite: NonFiniteConfig = Field(default_factory=NonFiniteConfig)
+    ema: EmaConfig = Field(default_factory=EmaConfig)
+    early_stopping: EarlyStoppingConfig = Field(default_factory=EarlyStoppingConfig)
 
 
 class OptimConfig(Section):
-    name: str = Field("adamw", description="optimizer from the registry")
+    name: str = Field("adamw", description="adamw | lion | adafactor | sgd, or a plugin's")
     lr: float = Field(3e-4, gt=0, description="peak learning rate")
     weight_decay: float = Field(0.1, ge=0, description="not applied to norms, biases, embeddings")
     betas: tuple[float, float] = Field((0.9, 0.95), description="Adam beta1, beta2")
@@ -142,6 +203,10 @@ class OptimConfig(Section):
     schedule: str = Field("cosine", description="cosine | linear | constant (after warmup)")
     warmup_steps: int = Field(100, ge=0, description="linear warmup from 0 to lr")
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="final lr / peak lr")
+    momentum: float = Field(0.9, ge=0, lt=1, description="sgd: momentum")
+    fused: bool | None = Field(
+        None, description="adamw: fused kernel; empty: fused on CUDA, foreach elsewhere"
+    )
 
     @field_validator("name")
     @classmethod
@@ -156,6 +221,9 @@ class OptimConfig(Section):
 
 class CheckpointConfig(Section):
     save_every: int = Field(500, ge=1, description="optimizer steps between saves of last/")
+    keep_last: int = Field(
+        2, ge=0, description="step_N/ folders to keep (one per save); 0: only last/ and best/"
+    )
     select_best_by: Literal["val_loss", "val_ppl"] = Field(
         "val_loss", description="metric that picks checkpoints/best"
     )
@@ -166,6 +234,19 @@ class LoggingConfig(Section):
     progress: Literal["rich", "tqdm", "none"] = Field("rich", description="progress bar style")
     tensorboard: bool = Field(True, description="write TensorBoard event files to tb/")
     plot: bool = Field(True, description="write loss.png at the end")
+    histograms_every: int = Field(
+        0, ge=0, description="TensorBoard weight/gradient histograms every N steps; 0: off"
+    )
+    wandb: bool = Field(False, description="log to Weights & Biases (offline when no API key)")
+    wandb_project: str = Field("truthgpt", description="W&B project name")
+    callbacks: list[str] = Field(
+        default_factory=list, description="extra callbacks by registered name (plugins)"
+    )
+
+    @field_validator("callbacks")
+    @classmethod
+    def _known_callbacks(cls, value: list[str]) -> list[str]:
+        return [_check_registered(CALLBACKS, name) for name in value]
 
 
 class HardwareConfig(Section):
@@ -191,7 +272,9 @@ class Config(Section):
     run_name: str = Field("run", min_length=1, description="name of the run folder")
     output_dir: str = Field("runs", description="the run folder is <output_dir>/<run_name>")
     seed: int = Field(1337, description="seeds python, numpy, torch and the data order")
-    task: Literal["causal_lm"] = Field("causal_lm", description="what is trained")
+    task: Literal["causal_lm", "sft"] = Field(
+        "causal_lm", description="causal_lm: next-token on all text; sft: loss on answers only"
+    )
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)

@@ -21,3 +21,7 @@ class DataError(TruthGPTError):
 
 class RequestError(TruthGPTError):
     """A generation request is invalid (bad sampling parameter, prompt too long)."""
+
+
+class TrainingError(TruthGPTError):
+    """Training cannot go on (non-finite losses that skipping and rollback could not cure)."""

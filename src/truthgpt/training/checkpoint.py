@@ -41,7 +41,7 @@ def save_checkpoint(
         if train_state is not None:
             torch.save(train_state, tmp / TRAIN_STATE)
         _write_manifest(tmp)
-        for path in tmp.iterdir():
+        for path in sorted(tmp.rglob("*"), reverse=True):  # files before their folders
             _fsync(path)
         _fsync(tmp)
         # A directory cannot be renamed over a non-empty one: move the old one aside first,
@@ -75,9 +75,9 @@ def verify_checkpoint(folder: Path) -> None:
         raise CheckpointError(f"{folder} is not a complete checkpoint (no {MANIFEST})")
     try:
         manifest = json.loads(manifest_path.read_text())
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"{manifest_path} is corrupt: {exc}") from None
-    for name, entry in manifest["files"].items():
+    for name, entry in manifest.get("files", {}).items():
         path = folder / name
         if not path.is_file() or path.stat().st_size != entry["bytes"]:
             raise CheckpointError(f"{path} is missing or truncated")
@@ -87,8 +87,8 @@ def verify_checkpoint(folder: Path) -> None:
 
 def _write_manifest(folder: Path) -> None:
     files = {
-        path.name: {"bytes": path.stat().st_size, "sha256": _sha256(path)}
-        for path in sorted(folder.iterdir())
+        path.relative_to(folder).as_posix(): {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+        for path in sorted(folder.rglob("*"))
         if path.is_file()
     }
     (folder / MANIFEST).write_text(json.dumps({"files": files}, indent=1))
@@ -108,3 +108,87 @@ def _fsync(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+# ---------------------------------------------------------------------------------------------
+# The checkpoints of a run: step_N/ folders, last/ (the newest) and best/.
+
+STEP_PREFIX = "step_"
+
+
+def step_folder_name(step: int) -> str:
+    return f"{STEP_PREFIX}{step:06d}"
+
+
+def link_checkpoint(source: Path, folder: Path) -> Path:
+    """Make `folder` an atomic copy of the complete checkpoint `source`, by hard links.
+
+    Checkpoint files are never modified after they are written, so sharing them between
+    step_N/ and last/ costs no disk and no I/O. Falls back to copying where links fail.
+    """
+    tmp = folder.parent / f".tmp-{folder.name}-{os.getpid()}"
+    old = folder.parent / f".old-{folder.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        shutil.copytree(source, tmp, copy_function=_link_or_copy)
+        _fsync(tmp)
+        if folder.exists():
+            folder.rename(old)
+        tmp.rename(folder)
+        _fsync(folder.parent)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old.exists() and not folder.exists():
+            old.rename(folder)
+        raise CheckpointError(f"could not write checkpoint {folder}: {exc.strerror or exc}") from exc
+    shutil.rmtree(old, ignore_errors=True)
+    return folder
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def step_checkpoints(checkpoints: Path) -> list[Path]:
+    """step_N/ folders, newest first."""
+    if not checkpoints.is_dir():
+        return []
+    folders = [
+        p for p in checkpoints.iterdir() if p.is_dir() and p.name.startswith(STEP_PREFIX)
+    ]
+    return sorted(folders, key=lambda p: p.name, reverse=True)
+
+
+def prune_step_checkpoints(checkpoints: Path, keep_last: int) -> list[Path]:
+    """Delete all but the newest `keep_last` step_N/ folders; returns what was removed."""
+    removed = step_checkpoints(checkpoints)[keep_last:]
+    for folder in removed:
+        shutil.rmtree(folder, ignore_errors=True)
+    return removed
+
+
+def find_resumable(checkpoints: Path, warn: Callable[[str], None]) -> Path | None:
+    """The newest complete checkpoint with training state: last/, else step_N/ newest first.
+
+    A folder that is incomplete or corrupt (a crash during its write, a truncated file) is
+    skipped with a warning, so a run resumes from the previous good one.
+    """
+    candidates = [checkpoints / "last", *step_checkpoints(checkpoints)]
+    for folder in candidates:
+        if not folder.is_dir():
+            continue
+        try:
+            verify_checkpoint(folder)
+        except CheckpointError as exc:
+            warn(f"warning: skipping checkpoint {folder}: {exc}")
+            continue
+        if (folder / TRAIN_STATE).is_file():
+            return folder
+    return None
+
+
+def checkpoint_step(folder: Path) -> int:
+    return int(load_train_state(folder)["step"])

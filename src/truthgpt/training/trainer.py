@@ -2,15 +2,19 @@
 
 `train(config)` builds the pieces from the config (data, model, optimizer, schedule,
 callbacks) and runs `Trainer.fit()`. The step reads like the textbook: forward, loss, backward,
-unscale, clip, step, schedule, log; evaluation and checkpoints are named calls in that loop.
+unscale, clip, step, schedule, log. The guards that keep work from being lost are named calls in
+that loop: the non-finite check, EMA, evaluation, early stopping and checkpoints.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import math
+import os
 import random
 import shutil
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,11 +28,20 @@ from truthgpt import config as config_module
 from truthgpt.config import Config
 from truthgpt.data import PreparedData, prepare_data
 from truthgpt.data.loader import EpochBatches, val_batches
-from truthgpt.errors import ConfigError
-from truthgpt.models import save_model
+from truthgpt.errors import CheckpointError, ConfigError, TrainingError
+from truthgpt.models import load_model, save_model
 from truthgpt.registry import ARCHS
 from truthgpt.training.callbacks import Callback, build_callbacks
-from truthgpt.training.checkpoint import save_checkpoint
+from truthgpt.training.checkpoint import (
+    find_resumable,
+    link_checkpoint,
+    load_train_state,
+    prune_step_checkpoints,
+    save_checkpoint,
+    step_folder_name,
+)
+from truthgpt.training.ema import EMA
+from truthgpt.training.evaluate import mean_loss, perplexity
 from truthgpt.training.optim import build_optimizer, build_scheduler
 
 CHECKPOINTS = "checkpoints"
@@ -46,18 +59,16 @@ class TrainResult:
     final_val_loss: float | None
     best_metric: float | None
     tokens_per_second: float
+    stopped_early: bool = False
+    nonfinite_skipped: int = 0
 
     @property
     def initial_val_ppl(self) -> float | None:
-        return _ppl(self.initial_val_loss)
+        return perplexity(self.initial_val_loss)
 
     @property
     def final_val_ppl(self) -> float | None:
-        return _ppl(self.final_val_loss)
-
-
-def _ppl(loss: float | None) -> float | None:
-    return None if loss is None else math.exp(min(loss, 50.0))
+        return perplexity(self.final_val_loss)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -85,6 +96,60 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)  # also seeds every CUDA device
 
 
+def rng_state() -> dict[str, Any]:
+    """Every RNG a step may draw from, as tensors and plain values (loadable weights_only)."""
+    np_state = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": (np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    kind, keys, *rest = state["numpy"]
+    np.random.set_state((kind, keys.numpy(), *rest))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class StopRequested:
+    """SIGINT/SIGTERM set a flag; the loop saves a checkpoint at the next step boundary.
+
+    A second signal falls through to the default behaviour (immediate stop), so a stuck run
+    can still be killed.
+    """
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopRequested:
+        if threading_is_main():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.requested = True
+        signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def threading_is_main() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
 class Trainer:
     """Runs the optimizer steps, evaluation, logging and checkpoints of one run."""
 
@@ -103,6 +168,7 @@ class Trainer:
         self.data = data
         self.device = device
         self.run_dir = run_dir
+        self.checkpoints = run_dir / CHECKPOINTS
         self.callbacks = callbacks
         self.dtype = resolve_precision(self.train_cfg.precision, device)
         self.optimizer = build_optimizer(model, config.optim, device)
@@ -121,10 +187,18 @@ class Trainer:
             if data.val is not None
             else []
         )
+        self.ema = EMA(model, self.train_cfg.ema.decay) if self.train_cfg.ema.enabled else None
         self.forward_model = torch.compile(model) if self.train_cfg.compile else model
         self.step = 0
         self.tokens_seen = 0
         self.best_metric: float | None = None
+        self.initial_val_loss: float | None = None
+        self.nonfinite_in_a_row = 0
+        self.nonfinite_skipped = 0
+        self.rollbacks = 0
+        self.lr_scale = 1.0
+        self.early_best: float | None = None
+        self.evals_without_improvement = 0
         self.peak_flops = self._peak_flops()
 
     # -- the loop --------------------------------------------------------------------------
@@ -132,50 +206,77 @@ class Trainer:
     def fit(self) -> TrainResult:
         max_steps = self.train_cfg.max_steps
         self._emit("on_train_start", self.step, max_steps)
-        initial = self.evaluate() if self.val_batches else None
-        if initial is not None:
-            self._emit("on_eval", self.step, initial)
-        window_start, window_tokens = time.perf_counter(), 0
+        last_eval = None
+        if self.val_batches and self.step == 0:
+            last_eval = self.evaluate()
+            self.initial_val_loss = last_eval["val_loss"]
+            self._emit("on_eval", self.step, last_eval)
+        window_start, window_tokens, window_steps = time.perf_counter(), 0, 0
         loss_sum = torch.zeros((), device=self.device)
-        last_eval = initial
-        run_start = time.perf_counter()
-        while self.step < max_steps:
-            loss, grad_norm, tokens = self.train_step()
-            self.step += 1
-            loss_sum += loss
-            window_tokens += tokens
-            self.tokens_seen += tokens
-            if self.step % self.train_cfg.log_every == 0 or self.step == max_steps:
-                steps_in_window = (self.step - 1) % self.train_cfg.log_every + 1
-                metrics = self._train_metrics(
-                    loss_sum / steps_in_window, grad_norm, window_tokens, window_start
+        run_start, start_tokens = time.perf_counter(), self.tokens_seen
+        stopped_early = False
+        with StopRequested() as stop:
+            while self.step < max_steps:
+                loss, grad_norm, tokens, finite = self.train_step()
+                self.step += 1
+                self.tokens_seen += tokens
+                window_tokens += tokens
+                if finite:
+                    loss_sum += loss
+                    window_steps += 1
+                elif self.handle_nonfinite(loss, grad_norm):
+                    continue  # rolled back: self.step is the checkpoint's step again
+                if self.step % self.train_cfg.log_every == 0 or self.step == max_steps:
+                    metrics = self._train_metrics(
+                        loss_sum / max(window_steps, 1), grad_norm, window_tokens, window_start
+                    )
+                    self._emit("on_step_end", self.step, metrics)
+                    window_start, window_tokens, window_steps = time.perf_counter(), 0, 0
+                    loss_sum.zero_()
+                evaluated = self.val_batches and (
+                    self.step % self.train_cfg.eval_every == 0 or self.step == max_steps
                 )
-                self._emit("on_step_end", self.step, metrics)
-                window_start, window_tokens = time.perf_counter(), 0
-                loss_sum.zero_()
-            if self.val_batches and (
-                self.step % self.train_cfg.eval_every == 0 or self.step == max_steps
-            ):
-                last_eval = self.evaluate()
-                self._emit("on_eval", self.step, last_eval)
-                self.maybe_save_best(last_eval)
-            if self.step % self.config.checkpoint.save_every == 0 or self.step == max_steps:
-                self.save("last", with_train_state=True)
+                if evaluated:
+                    last_eval = self.evaluate()
+                    self._emit("on_eval", self.step, last_eval)
+                    self.maybe_save_best(last_eval)
+                    stopped_early = self.should_stop_early(last_eval)
+                if (
+                    self.step % self.config.checkpoint.save_every == 0
+                    or self.step == max_steps
+                    or stopped_early
+                    or stop.requested
+                ):
+                    self.save_resumable()
+                if stopped_early:
+                    self.log(f"early stopping at step {self.step}: no improvement in "
+                             f"{self.evals_without_improvement} evaluations")
+                    break
+                if stop.requested:
+                    self.log(f"stopped at step {self.step} on request; checkpoint saved. "
+                             "Continue with --resume.")
+                    break
         if not self.val_batches:
-            self.save("best", with_train_state=False)  # nothing to select by: best is last
+            self.save_model_only("best")  # nothing to select by: best is the final model
         self._emit("on_train_end", self.step)
         elapsed = time.perf_counter() - run_start
         return TrainResult(
             run_dir=self.run_dir,
             steps=self.step,
-            initial_val_loss=initial["val_loss"] if initial else None,
+            initial_val_loss=self.initial_val_loss,
             final_val_loss=last_eval["val_loss"] if last_eval else None,
             best_metric=self.best_metric,
-            tokens_per_second=self.tokens_seen / max(elapsed, 1e-9),
+            tokens_per_second=(self.tokens_seen - start_tokens) / max(elapsed, 1e-9),
+            stopped_early=stopped_early,
+            nonfinite_skipped=self.nonfinite_skipped,
         )
 
-    def train_step(self) -> tuple[torch.Tensor, torch.Tensor | None, int]:
-        """One optimizer step over grad_accum_steps micro-batches: (mean loss, grad norm, tokens)."""
+    def train_step(self) -> tuple[torch.Tensor, torch.Tensor | None, int, bool]:
+        """One optimizer step over grad_accum_steps micro-batches.
+
+        Returns (mean loss, grad norm, tokens, finite). A non-finite loss or gradient norm
+        skips the update: the weights and optimizer state are left as they were.
+        """
         self.model.train()
         accum = self.train_cfg.grad_accum_steps
         loss_total = torch.zeros((), device=self.device)
@@ -183,37 +284,99 @@ class Trainer:
         for _ in range(accum):
             batch = self._to_device(next(self.batches))
             with self._autocast():
-                loss = self.forward_model(input_ids=batch["input_ids"], labels=batch["labels"]).loss
+                loss = self.forward_model(**batch).loss
             self.scaler.scale(loss / accum).backward()
             loss_total += loss.detach() / accum
             tokens += int(batch["input_ids"].numel())
         self.scaler.unscale_(self.optimizer)
-        grad_norm = None
-        if self.train_cfg.grad_clip is not None:
-            grad_norm = torch.nn.utils.clip_grad_norm_(
-                self.model.parameters(), self.train_cfg.grad_clip
-            )
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        max_norm = self.train_cfg.grad_clip if self.train_cfg.grad_clip is not None else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        if self._wants_histograms():
+            self._emit("on_gradients", self.step + 1, self.model)
+        # One host sync per step: the price of never applying a NaN update. With fp16 an
+        # infinite gradient is the scaler's business (it skips the step and lowers the scale).
+        loss_ok = bool(torch.isfinite(loss_total))
+        grads_ok = self.scaler.is_enabled() or bool(torch.isfinite(grad_norm))
+        finite = loss_ok and grads_ok
+        if finite:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            if self.ema is not None and (self.step + 1) % self.train_cfg.ema.every == 0:
+                self.ema.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
-        return loss_total, grad_norm, tokens
+        return loss_total, grad_norm, tokens, finite
+
+    def handle_nonfinite(self, loss: torch.Tensor, grad_norm: torch.Tensor | None) -> bool:
+        """Count a skipped update; after too many in a row stop or roll back. True if rolled back."""
+        self.nonfinite_in_a_row += 1
+        self.nonfinite_skipped += 1
+        nonfinite = self.train_cfg.nonfinite
+        self.log(
+            f"warning: step {self.step}: non-finite loss {float(loss):.4g} / grad norm "
+            f"{float(grad_norm) if grad_norm is not None else float('nan'):.4g}; update skipped "
+            f"({self.nonfinite_in_a_row} in a row, {self.nonfinite_skipped} in total)"
+        )
+        if self.nonfinite_in_a_row < nonfinite.max_consecutive:
+            return False
+        if nonfinite.action == "stop" or self.rollbacks >= nonfinite.max_rollbacks:
+            folder = find_resumable(self.checkpoints, self.log)
+            where = f"the last good checkpoint is {folder}" if folder else "no checkpoint yet"
+            raise TrainingError(
+                f"{self.nonfinite_in_a_row} non-finite updates in a row at step {self.step} "
+                f"(after {self.rollbacks} rollbacks); stopped, {where}. Lower optim.lr, check "
+                "the data, or set training.nonfinite.action: rollback."
+            )
+        self.rollback()
+        return True
+
+    def rollback(self) -> None:
+        """Reload the last good checkpoint with a lower learning rate, keep the data moving.
+
+        The data position is not restored: the batches that blew up are not replayed (the
+        PaLM recipe: restart from before the spike and skip the offending batches).
+        """
+        folder = find_resumable(self.checkpoints, self.log)
+        if folder is None:
+            raise TrainingError(
+                f"non-finite updates at step {self.step} and no checkpoint to roll back to; "
+                "lower optim.lr or checkpoint.save_every"
+            )
+        data_position = self.batches.state_dict()
+        skipped, rollbacks, lr_scale = self.nonfinite_skipped, self.rollbacks, self.lr_scale
+        self.restore(folder, load_weights=True)
+        self.batches.load_state_dict(data_position)
+        self.nonfinite_skipped, self.rollbacks = skipped, rollbacks + 1
+        self.lr_scale = lr_scale * self.train_cfg.nonfinite.rollback_lr_factor
+        factor = self.train_cfg.nonfinite.rollback_lr_factor
+        self.scheduler.base_lrs = [lr * factor for lr in self.scheduler.base_lrs]
+        for group in self.optimizer.param_groups:
+            group["lr"] *= factor
+        self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+        self.nonfinite_in_a_row = 0
+        self.log(f"rolled back to {folder} (step {self.step}); learning rate x{self.lr_scale:g}")
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Token-weighted mean loss over the same validation blocks every time, and perplexity."""
-        self.model.eval()
-        loss_sum, count = 0.0, 0
-        for batch in self.val_batches:
-            batch = self._to_device(batch)
-            with self._autocast():
-                loss = self.forward_model(input_ids=batch["input_ids"], labels=batch["labels"]).loss
-            # The loss is a mean over predicted positions (labels shifted by one, -100 ignored).
-            targets = int((batch["labels"][:, 1:] != -100).sum())
-            loss_sum += float(loss) * targets
-            count += targets
-        val_loss = loss_sum / max(count, 1)
-        return {"step": self.step, "val_loss": val_loss, "val_ppl": _ppl(val_loss)}
+        """Mean loss over the same validation blocks every time, and perplexity."""
+        use_ema = self.ema is not None and self.train_cfg.ema.evaluate
+        with self.ema.applied() if use_ema else contextlib.nullcontext():
+            val_loss = mean_loss(self.forward_model, self.val_batches, self.device, self.dtype)
+        return {"step": self.step, "val_loss": val_loss, "val_ppl": perplexity(val_loss)}
+
+    def should_stop_early(self, metrics: dict[str, float]) -> bool:
+        rule = self.train_cfg.early_stopping
+        if not rule.enabled:
+            return False
+        value = metrics[rule.metric]
+        sign = 1.0 if rule.mode == "min" else -1.0
+        improved = self.early_best is None or sign * (self.early_best - value) > rule.min_delta
+        if improved:
+            self.early_best, self.evals_without_improvement = value, 0
+        else:
+            self.evals_without_improvement += 1
+        return self.evals_without_improvement >= rule.patience
 
     # -- checkpoints -----------------------------------------------------------------------
 
@@ -229,39 +392,100 @@ class Trainer:
         )
         if better:
             self.best_metric = value
-            self.save("best", with_train_state=False)
+            # best/ holds the weights that were evaluated: the EMA ones when they were used.
+            use_ema = self.ema is not None and self.train_cfg.ema.evaluate
+            with self.ema.applied() if use_ema else contextlib.nullcontext():
+                self.save_model_only("best")
 
-    def save(self, name: str, with_train_state: bool) -> Path:
-        def write_model(folder: Path) -> None:
-            save_model(self.model, folder)
-            self.data.tokenizer.save_pretrained(folder)
-
-        state = self.train_state() if with_train_state else None
-        path = save_checkpoint(self.run_dir / CHECKPOINTS / name, write_model, state)
+    def save_resumable(self) -> Path:
+        """step_N/ with the full training state, then last/ as its hard-linked twin; prune."""
+        keep_last = self.config.checkpoint.keep_last
+        state = self.train_state()
+        if keep_last == 0:
+            path = save_checkpoint(self.checkpoints / "last", self._write_model, state)
+        else:
+            step_path = save_checkpoint(
+                self.checkpoints / step_folder_name(self.step), self._write_model, state
+            )
+            path = link_checkpoint(step_path, self.checkpoints / "last")
+        prune_step_checkpoints(self.checkpoints, keep_last)
         self._emit("on_checkpoint", self.step, path)
         return path
+
+    def save_model_only(self, name: str) -> Path:
+        path = save_checkpoint(self.checkpoints / name, self._write_model, None)
+        self._emit("on_checkpoint", self.step, path)
+        return path
+
+    def _write_model(self, folder: Path) -> None:
+        save_model(self.model, folder)
+        if self.data.tokenizer is not None:
+            self.data.tokenizer.save_pretrained(folder)
 
     def train_state(self) -> dict[str, Any]:
         return {
             "step": self.step,
             "tokens_seen": self.tokens_seen,
             "best_metric": self.best_metric,
+            "initial_val_loss": self.initial_val_loss,
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
             "data": self.batches.state_dict(),
+            "rng": rng_state(),
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "early_stopping": {
+                "best": self.early_best,
+                "evals_without_improvement": self.evals_without_improvement,
+            },
+            "nonfinite": {"skipped": self.nonfinite_skipped, "rollbacks": self.rollbacks,
+                          "lr_scale": self.lr_scale},
         }
+
+    def restore(self, folder: Path, load_weights: bool = False) -> None:
+        """Continue from a checkpoint's training state (and its weights, when asked)."""
+        state = load_train_state(folder)
+        if load_weights:
+            reloaded = load_model(folder, device=self.device, trainable=True)
+            own = self.model.state_dict()
+            own.update({k: v for k, v in reloaded.state_dict().items() if k in own})
+            self.model.load_state_dict(own)
+        self.step = int(state["step"])
+        self.tokens_seen = int(state["tokens_seen"])
+        self.best_metric = state["best_metric"]
+        self.initial_val_loss = state["initial_val_loss"]
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.batches.load_state_dict(state["data"])
+        set_rng_state(state["rng"])
+        if self.ema is not None:
+            if state["ema"] is None:
+                self.log("warning: the checkpoint has no EMA state; the average restarts here")
+                self.ema = EMA(self.model, self.train_cfg.ema.decay)
+            else:
+                self.ema.load_state_dict(state["ema"])
+        early = state["early_stopping"]
+        self.early_best = early["best"]
+        self.evals_without_improvement = early["evals_without_improvement"]
+        self.nonfinite_skipped = state["nonfinite"]["skipped"]
+        self.rollbacks = state["nonfinite"]["rollbacks"]
+        self.lr_scale = state["nonfinite"]["lr_scale"]
 
     # -- details ---------------------------------------------------------------------------
 
+    def _wants_histograms(self) -> bool:
+        every = self.config.logging.histograms_every
+        return every > 0 and (self.step + 1) % every == 0
+
     def _train_metrics(
         self,
-        mean_loss: torch.Tensor,
+        mean_loss_value: torch.Tensor,
         grad_norm: torch.Tensor | None,
         window_tokens: int,
         window_start: float,
     ) -> dict[str, float]:
-        loss = float(mean_loss)  # the one host sync per log window
+        loss = float(mean_loss_value)
         tokens_per_second = window_tokens / max(time.perf_counter() - window_start, 1e-9)
         metrics: dict[str, float] = {
             "step": self.step,
@@ -270,8 +494,10 @@ class Trainer:
             "tokens_per_second": tokens_per_second,
             "tokens_seen": self.tokens_seen,
         }
-        if grad_norm is not None:
+        if grad_norm is not None and self.train_cfg.grad_clip is not None:
             metrics["grad_norm"] = float(grad_norm)
+        if self.nonfinite_skipped:
+            metrics["nonfinite_skipped"] = self.nonfinite_skipped
         if self.peak_flops and hasattr(self.model, "flops_per_token"):
             flops = self.model.flops_per_token(self.config.data.max_seq_len) * tokens_per_second
             metrics["mfu"] = flops / self.peak_flops
@@ -308,21 +534,61 @@ class Trainer:
 
 
 def build_model(config: Config, vocab_size: int) -> nn.Module:
-    """The model the config names, built by the ARCHS registry."""
+    """The model the config names, built by the ARCHS registry, with LoRA and checkpointing."""
     builder = ARCHS.get_builder(config.model.arch, "model.arch")
-    return builder(config.model, vocab_size)
+    model = builder(config.model, vocab_size)
+    return prepare_model_for_training(model, config)
 
 
-def prepare_run_dir(config: Config, overwrite: bool) -> Path:
-    """Create the run folder; refuse to train over a finished or running one unless told to."""
+def prepare_model_for_training(model: nn.Module, config: Config) -> nn.Module:
+    if config.training.gradient_checkpointing:
+        set_gradient_checkpointing(model)
+    if config.model.lora.enabled and not _is_peft(model):
+        from truthgpt.models.lora import apply_lora
+
+        model = apply_lora(model, config.model.lora, config.model.arch)
+    return model
+
+
+def _is_peft(model: nn.Module) -> bool:
+    return hasattr(model, "peft_config")
+
+
+def set_gradient_checkpointing(model: nn.Module) -> None:
+    base = model.get_base_model() if _is_peft(model) else model
+    if hasattr(base, "set_gradient_checkpointing"):  # our Decoder
+        base.set_gradient_checkpointing(True)
+    else:  # transformers
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if _is_peft(model) or not any(p.requires_grad for p in base.get_input_embeddings().parameters()):
+            base.enable_input_require_grads()
+
+
+def prepare_run_dir(config: Config, overwrite: bool, resume: bool | str = False) -> Path | None:
+    """Create the run folder; returns the checkpoint to resume from, if any.
+
+    Refuses to train over a run folder that holds a run unless told to resume or overwrite.
+    """
     run_dir = config.run_dir
-    last = run_dir / CHECKPOINTS / "last"
-    if last.exists():
-        if not overwrite:
-            raise ConfigError(
-                f"{run_dir} already holds a run (checkpoints/last exists). Nothing was changed. "
-                "Pick another run_name (--set run_name=NAME) or pass --overwrite to start over."
+    checkpoints = run_dir / CHECKPOINTS
+    has_run = checkpoints.is_dir() and any(checkpoints.iterdir())
+    resume_from = None
+    if has_run and resume and not overwrite:
+        resume_from = find_resumable(checkpoints, warn=lambda message: print(message, flush=True))
+        if resume_from is None and resume is True:
+            raise CheckpointError(
+                f"{run_dir} has no complete checkpoint to resume from; pass --overwrite to start "
+                "over"
             )
+    elif resume is True and not overwrite:
+        raise CheckpointError(f"nothing to resume: {checkpoints} holds no checkpoint")
+    elif has_run and not overwrite:
+        raise ConfigError(
+            f"{run_dir} already holds a run (checkpoints exist). Nothing was changed. "
+            "Continue it with --resume, pick another run_name (--set run_name=NAME), or pass "
+            "--overwrite to start over."
+        )
+    if overwrite or (has_run and resume_from is None):
         for stale in (CHECKPOINTS, "tb", "metrics.jsonl", "loss.png", "tokenizer"):
             path = run_dir / stale
             if path.is_dir():
@@ -331,19 +597,42 @@ def prepare_run_dir(config: Config, overwrite: bool) -> Path:
                 path.unlink()
     run_dir.mkdir(parents=True, exist_ok=True)
     config_module.save(config, run_dir / config_module.CONFIG_FILE)
-    return run_dir
+    return resume_from
+
+
+def truncate_metrics(run_dir: Path, step: int) -> None:
+    """Drop metrics.jsonl records after `step`: a resumed run rewrites those steps."""
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines()
+            if line.strip() and json.loads(line).get("step", 0) <= step]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)
 
 
 def train(
-    config: Config, callbacks: list[Callback] | None = None, overwrite: bool = False
+    config: Config,
+    callbacks: list[Callback] | None = None,
+    overwrite: bool = False,
+    resume: bool | str | None = None,
 ) -> TrainResult:
-    """Train the model a config describes; returns where the run went and its val losses."""
-    run_dir = prepare_run_dir(config, overwrite)
+    """Train the model a config describes; returns where the run went and its val losses.
+
+    `resume` (default: `training.resume`): True continues from the newest complete
+    checkpoint (error if none), "auto" continues if there is one, False refuses a used folder.
+    """
+    resume = config.training.resume if resume is None else resume
+    resume_from = prepare_run_dir(config, overwrite, resume)
+    run_dir = config.run_dir
     seed_everything(config.seed)
     device = resolve_device(config.hardware.device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = config.training.tf32
         torch.backends.cudnn.allow_tf32 = config.training.tf32
+    if resume_from is not None:
+        truncate_metrics(run_dir, load_train_state(resume_from)["step"])
     all_callbacks = build_callbacks(config, run_dir) + list(callbacks or [])
 
     def log(message: str) -> None:
@@ -351,18 +640,29 @@ def train(
             callback.on_log(message)
 
     data = prepare_data(config, run_dir, log=log)
-    model = build_model(config, vocab_size=len(data.tokenizer)).to(device)
+    if resume_from is not None:
+        model = load_model(resume_from, trainable=True)
+        model = prepare_model_for_training(model, config).to(device)
+    else:
+        model = build_model(config, vocab_size=len(data.tokenizer)).to(device)
     n_params = sum(p.numel() for p in model.parameters())
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    trainable = f", {n_trainable / 1e6:.3f}M trainable" if n_trainable != n_params else ""
     log(
-        f"model {config.model.arch}: {n_params / 1e6:.2f}M parameters on {device} "
+        f"model {config.model.arch}: {n_params / 1e6:.2f}M parameters{trainable} on {device} "
         f"({resolve_precision(config.training.precision, device)})"
     )
     trainer = Trainer(config, model, data, device, run_dir, all_callbacks)
+    if resume_from is not None:
+        trainer.restore(resume_from)
+        log(f"resumed from {resume_from} at step {trainer.step}")
     result = trainer.fit()
-    if result.initial_val_loss is not None:
+    if result.initial_val_loss is not None and result.final_val_loss is not None:
         log(
             f"val perplexity {result.initial_val_ppl:.2f} -> {result.final_val_ppl:.2f} "
             f"(loss {result.initial_val_loss:.4f} -> {result.final_val_loss:.4f})"
         )
+    if result.nonfinite_skipped:
+        log(f"{result.nonfinite_skipped} updates were skipped for non-finite loss or gradients")
     log(f"run folder: {run_dir}")
     return result

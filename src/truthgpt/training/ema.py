@@ -1,0 +1,46 @@
+"""Exponential moving average of the trainable weights (Polyak averaging)."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+
+class EMA:
+    """ema <- decay * ema + (1 - decay) * weights, over the trainable parameters, in fp32."""
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        self.decay = decay
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.shadow = [p.detach().float().clone() for p in self.params]
+
+    @torch.no_grad()
+    def update(self) -> None:
+        current = [p.detach().float() for p in self.params]
+        # lerp(ema, w, 1 - decay) == decay * ema + (1 - decay) * w, one fused kernel per list.
+        torch._foreach_lerp_(self.shadow, current, 1.0 - self.decay)
+
+    @contextlib.contextmanager
+    @torch.no_grad()
+    def applied(self) -> Iterator[None]:
+        """Swap the averaged weights into the model for the duration (eval, save)."""
+        backup = [p.detach().clone() for p in self.params]
+        for param, average in zip(self.params, self.shadow):
+            param.copy_(average)
+        try:
+            yield
+        finally:
+            for param, saved in zip(self.params, backup):
+                param.copy_(saved)
+
+    def state_dict(self) -> dict:
+        return {"decay": self.decay, "shadow": [t.clone() for t in self.shadow]}
+
+    def load_state_dict(self, state: dict) -> None:
+        if len(state["shadow"]) != len(self.shadow):
+            raise ValueError("EMA state does not match the model's trainable parameters")
+        for mine, saved in zip(self.shadow, state["shadow"]):
+            mine.copy_(saved)

@@ -1,0 +1,116 @@
+"""Evaluation: token-weighted validation loss and perplexity, for the loop and `truthgpt eval`."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from truthgpt import config as config_module
+from truthgpt.errors import CheckpointError, DataError
+
+IGNORE_INDEX = -100
+
+
+def perplexity(loss: float | None) -> float | None:
+    # exp() of a diverged loss overflows; 50 nats is already astronomically bad.
+    return None if loss is None else math.exp(min(loss, 50.0))
+
+
+@torch.no_grad()
+def mean_loss(
+    model: nn.Module,
+    batches: list[dict[str, torch.Tensor]],
+    device: torch.device,
+    dtype: torch.dtype = torch.float32,
+) -> float:
+    """Mean next-token loss over every predicted token of `batches` (not a mean of means).
+
+    The model's loss is a mean over the batch's predicted positions (labels shifted by one,
+    -100 ignored), so each batch is weighted by its count of predicted tokens.
+    """
+    was_training = model.training
+    model.eval()
+    autocast = (
+        contextlib.nullcontext()
+        if dtype == torch.float32
+        else torch.autocast(device.type, dtype=dtype)
+    )
+    loss_sum, count = 0.0, 0
+    with autocast:
+        for batch in batches:
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            loss = model(**batch).loss
+            targets = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+            loss_sum += float(loss) * targets
+            count += targets
+    model.train(was_training)
+    return loss_sum / max(count, 1)
+
+
+def evaluate_run(
+    run: str | Path,
+    data_paths: list[str] | None = None,
+    split: str = "val",
+    max_batches: int | None = None,
+    device: str = "auto",
+    overrides: list[str] = (),
+) -> dict[str, Any]:
+    """Loss and perplexity of a run's model (best, else last) on its own split or on files.
+
+    `data_paths` (text or .jsonl files/globs) replace the run's data: every document in them is
+    evaluated. Otherwise the run's `split` ("val" or "train") is used.
+    """
+    from truthgpt.data import prepare_data
+    from truthgpt.models import load_model
+    from truthgpt.training.trainer import resolve_device, resolve_precision
+
+    run_dir = Path(run)
+    folder = _model_folder(run_dir)
+    config = config_module.load(run_dir, list(overrides))
+    if data_paths:
+        source = "jsonl" if all(p.endswith(".jsonl") for p in data_paths) else "text"
+        if config.data.source in ("jsonl", "hf") and config.task == "sft":
+            source = "jsonl"
+        paths = "[" + ", ".join(repr(p) for p in data_paths) + "]"
+        config = config_module.load(
+            config.model_dump(mode="json"),
+            [f"data.source={source}", f"data.paths={paths}", f"data.val_paths={paths}",
+             "data.max_documents=null", f"data.tokenizer.path={folder}"],
+        )
+        split = "val"
+    data = prepare_data(config, run_dir if not data_paths else None, log=lambda message: None)
+    dataset = data.val if split == "val" else data.train
+    if dataset is None or len(dataset) == 0:
+        raise DataError(f"the {split} split of {run_dir} is empty")
+    from truthgpt.data.loader import val_batches
+
+    batch_size = config.training.batch_size
+    batches = val_batches(dataset, batch_size, max_batches)
+    torch_device = resolve_device(device)
+    model = load_model(folder, device=torch_device)
+    dtype = resolve_precision(config.training.precision, torch_device)
+    loss = mean_loss(model, batches, torch_device, dtype)
+    tokens = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
+    return {
+        "checkpoint": str(folder),
+        "split": split if not data_paths else ",".join(data_paths),
+        "loss": loss,
+        "ppl": perplexity(loss),
+        "tokens": tokens,
+        "batches": len(batches),
+    }
+
+
+def _model_folder(run_dir: Path) -> Path:
+    for name in ("best", "last"):
+        folder = run_dir / "checkpoints" / name
+        if (folder / "config.json").is_file():
+            return folder
+    if not (run_dir / config_module.CONFIG_FILE).is_file():
+        raise CheckpointError(f"{run_dir} is not a run folder (no {config_module.CONFIG_FILE})")
+    raise CheckpointError(f"{run_dir} has no finished checkpoint to evaluate")

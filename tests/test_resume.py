@@ -1,0 +1,282 @@
+"""Never losing work: exact resume, kill -9, corrupt checkpoints, NaN guard, EMA, early stop."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import tiny_raw_config
+
+from truthgpt.config import load
+from truthgpt.data import prepare_data
+from truthgpt.errors import CheckpointError, TrainingError
+from truthgpt.training.callbacks import Callback
+from truthgpt.training.checkpoint import (
+    find_resumable,
+    save_checkpoint,
+    step_checkpoints,
+    verify_checkpoint,
+)
+from truthgpt.training.ema import EMA
+from truthgpt.training.trainer import Trainer, build_model, prepare_run_dir, train
+
+
+def resume_config(tmp_path: Path, name: str, **sections: dict) -> dict:
+    raw = tiny_raw_config(
+        tmp_path,
+        run_name=name,
+        model={"dropout": 0.1},  # dropout makes the torch RNG part of the state
+        training={"max_steps": 20, "log_every": 1, "eval_every": 10},
+        checkpoint={"save_every": 5, "keep_last": 2},
+        logging={"progress": "none", "tensorboard": False, "plot": False},
+    )
+    for key, values in sections.items():
+        raw[key] = {**raw.get(key, {}), **values}
+    return raw
+
+
+def step_losses(run_dir: Path) -> dict[int, float]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in records if r["kind"] == "train"}
+
+
+def eval_losses(run_dir: Path) -> dict[int, float]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["val_loss"] for r in records if r["kind"] == "eval"}
+
+
+class CrashAt(Callback):
+    """Simulates a crash right after the checkpoint of `step` was written."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_checkpoint(self, step: int, path: Path) -> None:
+        if step == self.step and path.name == "last":
+            raise RuntimeError("simulated crash")
+
+
+@pytest.mark.parametrize("ema", [False, True])
+def test_resumed_run_reproduces_the_uninterrupted_loss_curve(tmp_path: Path, ema: bool) -> None:
+    extra = {"training": {"ema": {"enabled": ema, "decay": 0.9, "evaluate": ema}}}
+    full = train(load(resume_config(tmp_path, "full", **extra)))
+    broken = load(resume_config(tmp_path, "broken", **extra))
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(broken, callbacks=[CrashAt(10)])
+    assert sorted(step_losses(broken.run_dir)) == list(range(1, 11))
+    resumed = train(broken, resume=True)
+    assert resumed.steps == 20
+    expected, got = step_losses(full.run_dir), step_losses(broken.run_dir)
+    assert sorted(got) == list(range(1, 21))
+    # fp32 on the CPU, same thread count: the curves are bit-identical, not just close.
+    assert got == expected
+    assert eval_losses(broken.run_dir) == eval_losses(full.run_dir)
+    assert resumed.initial_val_loss == full.initial_val_loss
+
+
+def test_kill_9_mid_training_then_resume(tmp_path: Path) -> None:
+    raw = resume_config(
+        tmp_path,
+        "killed",
+        model={"hidden_size": 64, "max_position_embeddings": 64},
+        data={"max_seq_len": 64},
+        training={"max_steps": 60, "eval_every": 30},
+        checkpoint={"save_every": 10, "keep_last": 1},
+    )
+    config_path = tmp_path / "killed.yaml"
+    config_path.write_text(yaml.safe_dump(raw))
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "truthgpt.cli", "train", str(config_path)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    run_dir = Path(raw["output_dir"]) / "killed"
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.time() + 120
+    killed_after = None
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.is_file():
+            steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines() if line]
+            if steps and max(steps) >= 25:
+                proc.send_signal(signal.SIGKILL)
+                killed_after = max(steps)
+                break
+        time.sleep(0.005)
+    proc.wait()
+    assert killed_after is not None, "the run finished before it could be killed"
+    assert proc.returncode == -signal.SIGKILL
+    last = find_resumable(run_dir / "checkpoints", warn=print)
+    assert last is not None
+    saved_step = torch.load(last / "train_state.pt", weights_only=True)["step"]
+    assert saved_step % 10 == 0 and killed_after - saved_step < 10 + 1  # lost < save_every
+    resumed = train(load(raw), resume=True)
+    assert resumed.steps == 60
+    reference = train(load({**raw, "run_name": "reference"}))
+    got, expected = step_losses(run_dir), step_losses(reference.run_dir)
+    assert sorted(got) == list(range(1, 61))
+    for step in range(1, 61):
+        assert got[step] == pytest.approx(expected[step], rel=1e-5), step
+
+
+def test_a_truncated_checkpoint_is_skipped_for_the_previous_one(tmp_path: Path) -> None:
+    raw = resume_config(tmp_path, "trunc", checkpoint={"save_every": 5, "keep_last": 3})
+    raw["training"]["max_steps"] = 15
+    full = train(load(raw))
+    checkpoints = full.run_dir / "checkpoints"
+    assert [p.name for p in step_checkpoints(checkpoints)] == [
+        "step_000015",
+        "step_000010",
+        "step_000005",
+    ]
+    weights = checkpoints / "last" / "model.safetensors"
+    with open(weights, "r+b") as handle:
+        handle.truncate(weights.stat().st_size // 2)
+    warnings: list[str] = []
+    folder = find_resumable(checkpoints, warn=warnings.append)
+    # last/ and step_15/ share their files (hard links): both are damaged, step_10 is next.
+    assert folder == checkpoints / "step_000010"
+    assert any("truncated" in w for w in warnings)
+    original = step_losses(full.run_dir)
+    result = train(load(raw), resume=True)
+    assert result.steps == 15
+    assert step_losses(full.run_dir) == original
+
+
+def test_keep_last_prunes_step_folders(tmp_path: Path) -> None:
+    raw = resume_config(tmp_path, "prune", checkpoint={"save_every": 4, "keep_last": 2})
+    result = train(load(raw))
+    names = sorted(p.name for p in (result.run_dir / "checkpoints").iterdir())
+    assert names == ["best", "last", "step_000016", "step_000020"]
+    for name in names:
+        verify_checkpoint(result.run_dir / "checkpoints" / name)
+
+
+def test_a_failed_checkpoint_write_keeps_the_previous_one(tmp_path: Path) -> None:
+    folder = tmp_path / "checkpoints" / "last"
+
+    def good(path: Path) -> None:
+        (path / "model.safetensors").write_bytes(b"weights v1")
+
+    def disk_full(path: Path) -> None:
+        (path / "model.safetensors").write_bytes(b"partial")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    save_checkpoint(folder, good, {"step": 1})
+    with pytest.raises(CheckpointError, match="No space left on device") as info:
+        save_checkpoint(folder, disk_full, {"step": 2})
+    assert "previous checkpoint is unchanged" in str(info.value)
+    verify_checkpoint(folder)
+    assert (folder / "model.safetensors").read_bytes() == b"weights v1"
+    assert sorted(p.name for p in folder.parent.iterdir()) == ["last"]  # no temp folder left
+
+
+def test_resume_flags(tmp_path: Path) -> None:
+    raw = resume_config(tmp_path, "flags")
+    raw["training"]["max_steps"] = 5
+    with pytest.raises(CheckpointError, match="nothing to resume"):
+        train(load(raw), resume=True)
+    first = train(load({**raw, "training": {**raw["training"], "resume": "auto"}}))
+    assert first.steps == 5
+    again = train(load({**raw, "training": {**raw["training"], "resume": "auto"}}))
+    assert again.steps == 5  # resumed at 5 of 5: nothing left to do, nothing lost
+
+
+def poisoned_trainer(tmp_path: Path, raw: dict, poison_batches: list[int]) -> Trainer:
+    """A trainer whose batches number `poison_batches` (epoch 0) contain a token that turns the
+    forward pass into NaN: its embedding row is NaN (untied, so the head stays finite)."""
+    raw["model"]["tie_embeddings"] = False
+    config = load(raw)
+    prepare_run_dir(config, overwrite=False)
+    data = prepare_data(config, config.run_dir, log=lambda message: None)
+    model = build_model(config, vocab_size=len(data.tokenizer))
+    poison = model.config.vocab_size - 1  # a padding id the tokenizer never produces
+    assert poison >= len(data.tokenizer)
+    with torch.no_grad():
+        model.embed.weight[poison] = float("nan")
+    trainer = Trainer(config, model, data, torch.device("cpu"), config.run_dir, callbacks=[])
+    plan = trainer.batches.epoch_batches(0)
+    for index in poison_batches:
+        data.train.tokens[data.train.max_seq_len * plan[index][0] + 3] = poison
+    return trainer
+
+
+def test_a_poisoned_batch_is_skipped_and_the_run_finishes(tmp_path: Path) -> None:
+    raw = resume_config(tmp_path, "nan")
+    trainer = poisoned_trainer(tmp_path, raw, poison_batches=[4, 11])
+    result = trainer.fit()
+    assert result.steps == 20
+    assert result.nonfinite_skipped == 2
+    assert all(torch.isfinite(p).all() for n, p in trainer.model.named_parameters()
+               if n != "embed.weight")
+    assert result.final_val_loss < result.initial_val_loss
+
+
+def test_consecutive_nonfinite_updates_stop_with_a_clear_message(tmp_path: Path) -> None:
+    raw = resume_config(tmp_path, "nanstop")
+    trainer = poisoned_trainer(tmp_path, raw, poison_batches=[7, 8, 9])
+    with pytest.raises(TrainingError, match="3 non-finite updates in a row at step 10"):
+        trainer.fit()
+
+
+def test_rollback_reloads_the_last_good_checkpoint_with_a_lower_lr(tmp_path: Path) -> None:
+    raw = resume_config(tmp_path, "nanroll")
+    raw["training"]["nonfinite"] = {"action": "rollback", "max_consecutive": 2,
+                                    "rollback_lr_factor": 0.5}
+    trainer = poisoned_trainer(tmp_path, raw, poison_batches=[7, 8])
+    result = trainer.fit()
+    assert trainer.rollbacks == 1 and trainer.lr_scale == 0.5
+    assert result.steps == 20 and result.nonfinite_skipped == 2
+    # The run went back to step 5 and on from there: 5 + (20 - 5) optimizer steps ran after.
+    assert trainer.scheduler.base_lrs[0] == pytest.approx(raw["optim"]["lr"] * 0.5)
+    assert torch.isfinite(torch.tensor(result.final_val_loss))
+
+
+def test_ema_is_the_running_average() -> None:
+    layer = torch.nn.Linear(2, 2, bias=False)
+    ema = EMA(layer, decay=0.5)
+    start = layer.weight.detach().clone()
+    with torch.no_grad():
+        layer.weight.add_(2.0)
+    ema.update()
+    assert torch.allclose(ema.shadow[0], start + 1.0)
+    with ema.applied():
+        assert torch.allclose(layer.weight, start + 1.0)
+    assert torch.allclose(layer.weight, start + 2.0)
+
+
+def test_early_stopping_stops_after_patience(tmp_path: Path) -> None:
+    raw = resume_config(tmp_path, "early")
+    raw["training"].update(
+        {"max_steps": 40, "eval_every": 5,
+         "early_stopping": {"enabled": True, "patience": 2, "min_delta": 100.0}}
+    )
+    result = train(load(raw))
+    # The first evaluation (step 5) sets the bar; 10 and 15 fail to beat it by 100 nats.
+    assert result.stopped_early and result.steps == 15
+    verify_checkpoint(result.run_dir / "checkpoints" / "last")
+
+
+def test_sigint_saves_and_stops_at_the_step_boundary(tmp_path: Path) -> None:
+    class Interrupt(Callback):
+        def on_step_end(self, step: int, metrics: dict) -> None:
+            if step == 7:
+                os.kill(os.getpid(), signal.SIGINT)
+
+    raw = resume_config(tmp_path, "sigint")
+    result = train(load(raw), callbacks=[Interrupt()])
+    assert result.steps == 7
+    state = torch.load(result.run_dir / "checkpoints" / "last" / "train_state.pt",
+                       weights_only=True)
+    assert state["step"] == 7
+    assert train(load(raw), resume=True).steps == 20
