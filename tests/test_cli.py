@@ -77,3 +77,32 @@ def test_generate_reports_a_missing_folder(tmp_path: Path) -> None:
     out = runner.invoke(app, ["generate", str(tmp_path / "nope"), "--prompt", "x"])
     assert out.exit_code == 1
     assert "does not exist" in out.output
+
+
+def test_eval_on_the_run_split_and_on_files(tmp_path: Path) -> None:
+    path = write_config(tmp_path)
+    assert runner.invoke(app, ["train", str(path), "--set", "training.max_steps=5"]).exit_code == 0
+    run_dir = tmp_path / "runs" / "tiny"
+    own = runner.invoke(app, ["eval", str(run_dir), "--max-batches", "3"])
+    assert own.exit_code == 0, own.output
+    assert "perplexity" in own.stdout and "checkpoints/best on val" in own.stdout
+    text = tmp_path / "extra.txt"
+    text.write_text("def add(a, b):\n    return a + b\n" * 40)
+    files = runner.invoke(app, ["eval", str(run_dir), "--data", str(text)])
+    assert files.exit_code == 0, files.output
+    assert "extra.txt" in files.stdout
+    loss = float(files.stdout.split("loss ")[1].split()[0])
+    assert 0 < loss < 20
+    missing = runner.invoke(app, ["eval", str(tmp_path / "nothing")])
+    assert missing.exit_code == 1
+
+
+def test_resume_flag_continues_a_run(tmp_path: Path) -> None:
+    path = write_config(tmp_path)
+    first = runner.invoke(app, ["train", str(path), "--set", "training.max_steps=10",
+                                "--set", "checkpoint.save_every=5"])
+    assert first.exit_code == 0, first.output
+    more = runner.invoke(app, ["train", str(path), "--set", "training.max_steps=10",
+                               "--set", "checkpoint.save_every=5", "--resume"])
+    assert more.exit_code == 0, more.output
+    assert "resumed from" in more.output and "at step 10" in more.output

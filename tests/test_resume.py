@@ -83,6 +83,19 @@ def test_resumed_run_reproduces_the_uninterrupted_loss_curve(tmp_path: Path, ema
     assert resumed.initial_val_loss == full.initial_val_loss
 
 
+def test_resume_of_an_hf_arch_run_keeps_the_transformers_model(tmp_path: Path) -> None:
+    # A gpt2-typed HF model could open as our decoder; resume must not switch modules under
+    # the optimizer state (GPT-2's Conv1D weights are stored transposed).
+    hf = {"arch": "hf", "hf_config": {"model_type": "gpt2", "n_embd": 32, "n_layer": 2,
+                                      "n_head": 4, "n_positions": 64}}
+    full = train(load(resume_config(tmp_path, "hffull", model=hf)))
+    broken = load(resume_config(tmp_path, "hfbroken", model=hf))
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(broken, callbacks=[CrashAt(10)])
+    train(broken, resume=True)
+    assert step_losses(broken.run_dir) == step_losses(full.run_dir)
+
+
 def test_kill_9_mid_training_then_resume(tmp_path: Path) -> None:
     raw = resume_config(
         tmp_path,

@@ -49,15 +49,69 @@ def train(
     overwrite: Annotated[
         bool, typer.Option(help="Start over in a run folder that already holds a run.")
     ] = False,
+    resume: Annotated[
+        bool,
+        typer.Option(help="Continue from the newest complete checkpoint of the run folder."),
+    ] = False,
 ) -> None:
     """Train the model a YAML config describes; writes the run folder."""
     from truthgpt.config import load
     from truthgpt.training.trainer import train as run_training
 
     try:
-        run_training(load(config, set_ or []), overwrite=overwrite)
+        run_training(load(config, set_ or []), overwrite=overwrite, resume=resume or None)
     except TruthGPTError as exc:
         _fail(exc)
+
+
+@app.command(name="eval")
+def evaluate(
+    run: Annotated[Path, typer.Argument(help="Run folder.")],
+    data: Annotated[
+        list[str] | None,
+        typer.Option("--data", help="Text or .jsonl files/globs to evaluate instead (repeatable)."),
+    ] = None,
+    split: Annotated[str, typer.Option(help="The run's own split: val or train.")] = "val",
+    max_batches: Annotated[int | None, typer.Option(min=1, help="Evaluate at most this many.")] = None,
+    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N, mps or auto.")] = "auto",
+    set_: SetOption = None,
+) -> None:
+    """Print loss and perplexity of a run's best (else last) checkpoint on a split or files."""
+    from truthgpt.training.evaluate import evaluate_run
+
+    if split not in ("val", "train"):
+        _fail(ValueError(f"--split must be val or train, got {split!r}"))
+    try:
+        result = evaluate_run(run, data, split, max_batches, device, set_ or [])
+    except TruthGPTError as exc:
+        _fail(exc)
+    typer.echo(
+        f"{result['checkpoint']} on {result['split']}: loss {result['loss']:.4f}  "
+        f"perplexity {result['ppl']:.2f}  ({result['tokens']:,} tokens, {result['batches']} batches)"
+    )
+
+
+@app.command()
+def export(
+    run: Annotated[Path, typer.Argument(help="Run folder or checkpoint folder.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder to write.")],
+    format: Annotated[str, typer.Option("--format", help="Only hf for now.")] = "hf",
+    merge_lora: Annotated[
+        bool, typer.Option(help="Fold LoRA adapters into the weights (else keep adapter/).")
+    ] = True,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing --out folder.")] = False,
+) -> None:
+    """Write a Hugging Face folder (config.json, model.safetensors, tokenizer) from a run."""
+    from truthgpt.inference.generate import resolve_model_folder
+    from truthgpt.models.export import export_hf
+
+    if format != "hf":
+        _fail(ValueError(f"--format {format!r} is not supported; use hf"))
+    try:
+        folder = export_hf(resolve_model_folder(run), out, merge_lora=merge_lora, overwrite=overwrite)
+    except TruthGPTError as exc:
+        _fail(exc)
+    typer.echo(f"wrote {folder}")
 
 
 @app.command()

@@ -38,7 +38,10 @@ def load_for_generation(
     path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
 ) -> tuple[nn.Module, PreTrainedTokenizerBase]:
     folder = resolve_model_folder(path)
-    model = load_model(folder, device=device, dtype=dtype).eval()
+    model = load_model(folder, device=device, dtype=dtype)
+    if hasattr(model, "merge_and_unload"):  # LoRA: fold the adapters in, generate at full speed
+        model = model.merge_and_unload()
+    model = model.eval()
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
     except (OSError, ValueError) as exc:

@@ -19,11 +19,20 @@ from truthgpt.config import ModelConfig
 from truthgpt.errors import CheckpointError, ConfigError
 from truthgpt.models.decoder import Decoder, DecoderConfig
 from truthgpt.models.hf_io import is_native, load_hf, read_hf_config, save_hf
+from truthgpt.models.lora import (
+    ADAPTER_DIR,
+    adapter_is_native,
+    base_state_dict,
+    is_peft_model,
+    load_adapter,
+    plain_decoder,
+)
 from truthgpt.registry import ARCHS
 
 _TRANSFORMERS_MAJOR = int(transformers.__version__.split(".")[0])
 # transformers 5 renamed from_pretrained's torch_dtype to dtype and always saves safetensors.
 _DTYPE_KWARG = "dtype" if _TRANSFORMERS_MAJOR >= 5 else "torch_dtype"
+_SAVE_KWARGS: dict[str, Any] = {} if _TRANSFORMERS_MAJOR >= 5 else {"safe_serialization": True}
 
 # Embedding tables padded to a multiple of 64 rows keep matmuls on fast tensor-core shapes
 # (nanoGPT's 50257 -> 50304); the extra ids are never produced by the tokenizer.
@@ -119,30 +128,67 @@ def _build_hf(cfg: ModelConfig, vocab_size: int) -> nn.Module:
 
 
 def load_model(
-    path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+    path: str | Path,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    trainable: bool = False,
+    native: bool | None = None,
 ) -> nn.Module:
     """Open a model folder: the native Decoder when its config maps onto it, else transformers'
-    AutoModelForCausalLM (local files only). dtype None keeps the checkpoint's dtype."""
+    AutoModelForCausalLM (local files only). dtype None keeps the checkpoint's dtype.
+
+    native=False forces transformers (a run trained with `arch: hf` resumes on the same
+    modules its optimizer state belongs to); None picks the native decoder where it can.
+
+    A folder with `adapter/` (LoRA, peft format) comes back as a peft.PeftModel around the base;
+    trainable=True leaves the adapter weights trainable (to resume training).
+    """
     folder = Path(path).expanduser()
     hf_config = read_hf_config(folder)  # CheckpointError when the folder or config.json is missing
-    if is_native(hf_config):
-        return load_hf(folder, device=device, dtype=dtype)
-    try:
-        model = transformers.AutoModelForCausalLM.from_pretrained(
-            folder, local_files_only=True, **{_DTYPE_KWARG: dtype or "auto"}
-        )
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"cannot load the model in {str(folder)!r}: {exc}") from None
-    return model.to(device)
+    adapter = folder / ADAPTER_DIR
+    has_adapter = adapter.is_dir()
+    # An adapter names the modules of the model it was trained on: one made on a transformers
+    # Llama (q_proj, ...) needs that model even where our Decoder could open the base weights.
+    use_native = native is not False and is_native(hf_config)
+    if use_native and (not has_adapter or adapter_is_native(adapter)):
+        model = load_hf(folder, device=device, dtype=dtype)
+    else:
+        try:
+            model = transformers.AutoModelForCausalLM.from_pretrained(
+                folder, local_files_only=True, **{_DTYPE_KWARG: dtype or "auto"}
+            )
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(f"cannot load the model in {str(folder)!r}: {exc}") from None
+        model = model.to(device)
+    if has_adapter:
+        try:
+            model = load_adapter(model, str(adapter), trainable=trainable).to(device)
+        except (OSError, ValueError, KeyError) as exc:
+            raise CheckpointError(
+                f"cannot load the LoRA adapter in {str(adapter)!r}: {exc}"
+            ) from None
+    return model
 
 
 def save_model(model: nn.Module, folder: Path) -> None:
-    """Write a model folder (config.json + safetensors) that load_model and transformers open."""
+    """Write a model folder (config.json + safetensors) that load_model and transformers open.
+
+    A peft.PeftModel is written as its base model (adapters left out) plus `adapter/` in peft
+    format (adapter_config.json + adapter_model.safetensors).
+    """
+    folder = Path(folder)
+    if is_peft_model(model):
+        base = model.get_base_model()
+        if isinstance(base, Decoder):
+            save_hf(plain_decoder(model), folder)
+        else:
+            base.save_pretrained(folder, state_dict=base_state_dict(model), **_SAVE_KWARGS)
+        model.save_pretrained(folder / ADAPTER_DIR, **_SAVE_KWARGS)
+        return
     if isinstance(model, Decoder):
         save_hf(model, folder)
         return
-    kwargs: dict[str, Any] = {} if _TRANSFORMERS_MAJOR >= 5 else {"safe_serialization": True}
-    model.save_pretrained(folder, **kwargs)
+    model.save_pretrained(folder, **_SAVE_KWARGS)
 
 
 # ---------------------------------------------------------------------------------------------

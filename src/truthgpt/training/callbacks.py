@@ -1,8 +1,17 @@
-"""Trainer events and the built-in callbacks: progress bar, metrics.jsonl, TensorBoard, loss.png.
+"""Trainer events and the built-in callbacks: progress bar, metrics.jsonl, TensorBoard (scalars
+and histograms), Weights & Biases, loss.png.
 
 A callback is an object with any of the `Callback` methods; the Trainer calls them by name in
 its loop. Built-ins and user callbacks are looked up by name in the `CALLBACKS` registry; a
-builder takes `(config, run_dir)`.
+builder takes `(config, run_dir)` and returns a Callback. A user callback:
+
+    @CALLBACKS.register("my_log")
+    class MyLog(Callback):
+        def __init__(self, config, run_dir): ...
+        def on_eval(self, step, metrics): ...
+
+and `logging.callbacks: [my_log]` in the YAML (plugins register theirs on import through the
+`truthgpt.plugins` entry points).
 """
 
 from __future__ import annotations
@@ -16,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from truthgpt.config import Config
+from truthgpt.errors import ConfigError
 from truthgpt.registry import CALLBACKS
 
 Metrics = dict[str, Any]
@@ -30,6 +40,9 @@ class Callback:
         """Called every `training.log_every` optimizer steps with loss, lr, tokens/s..."""
 
     def on_eval(self, step: int, metrics: Metrics) -> None: ...
+
+    def on_gradients(self, step: int, model: Any) -> None:
+        """Every `logging.histograms_every` steps, after backward, while gradients exist."""
 
     def on_checkpoint(self, step: int, path: Path) -> None: ...
 
@@ -195,10 +208,17 @@ class JsonlLog(Callback):
 
 
 class TensorBoardLog(Callback):
+    """Scalars under train/ and eval/. A resumed run purges the events logged after its
+    checkpoint, so TensorBoard shows one curve, not the crashed run's tail beside the new one."""
+
     def __init__(self, config: Config, run_dir: Path) -> None:
+        self.log_dir = run_dir / "tb"
+        self.writer: Any = None
+
+    def on_train_start(self, step: int, max_steps: int) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(log_dir=str(run_dir / "tb"))
+        self.writer = SummaryWriter(log_dir=str(self.log_dir), purge_step=step or None)
 
     def _scalars(self, prefix: str, step: int, metrics: Metrics) -> None:
         for key, value in metrics.items():
@@ -213,7 +233,87 @@ class TensorBoardLog(Callback):
         self._scalars("eval", step, metrics)
 
     def on_train_end(self, step: int) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+class HistogramLog(Callback):
+    """TensorBoard histograms of every trainable weight and its gradient, on the steps the
+    Trainer emits `on_gradients` (every `logging.histograms_every`), under weights/ and grads/."""
+
+    def __init__(self, config: Config, run_dir: Path) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(log_dir=str(run_dir / "tb"))
+
+    def on_gradients(self, step: int, model: Any) -> None:
+        for name, param in model.named_parameters():
+            if not param.requires_grad:  # frozen (LoRA base) weights never change
+                continue
+            # torch.compile and DDP prefix the names; the tag should not depend on the wrapper.
+            tag = name.replace("_orig_mod.", "").removeprefix("module.")
+            self.writer.add_histogram(f"weights/{tag}", param.detach().float().cpu(), step)
+            if param.grad is not None:
+                self.writer.add_histogram(f"grads/{tag}", param.grad.detach().float().cpu(), step)
+        self.writer.flush()
+
+    def on_train_end(self, step: int) -> None:
         self.writer.close()
+
+
+WANDB_MISSING = (
+    "logging.wandb is true but the wandb package is not installed: "
+    "pip install 'truthgpt[wandb]' (or set logging.wandb: false)"
+)
+
+
+class WandbLog(Callback):
+    """Weights & Biases: train metrics under train/, eval metrics under eval/, by optimizer step.
+
+    Offline (files under <run_dir>/wandb, `wandb sync` uploads them later) unless WANDB_API_KEY
+    or WANDB_MODE is set: a run never blocks on a login prompt or a network it lacks.
+    """
+
+    def __init__(self, config: Config, run_dir: Path) -> None:
+        try:
+            import wandb
+        except ImportError:
+            raise ConfigError(WANDB_MISSING) from None
+        self.wandb = wandb
+        self.config = config
+        self.run_dir = run_dir
+        self.run: Any = None
+
+    def on_train_start(self, step: int, max_steps: int) -> None:
+        online = os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_MODE")
+        self.run = self.wandb.init(
+            project=self.config.logging.wandb_project,
+            name=self.config.run_name,
+            dir=str(self.run_dir),
+            config=self.config.model_dump(mode="json"),
+            mode=None if online else "offline",
+        )
+
+    def _log(self, prefix: str, step: int, metrics: Metrics) -> None:
+        if self.run is None:
+            return
+        values = {
+            f"{prefix}/{key}": value
+            for key, value in metrics.items()
+            if key != "step" and isinstance(value, (int, float))
+        }
+        self.run.log(values, step=step)
+
+    def on_step_end(self, step: int, metrics: Metrics) -> None:
+        self._log("train", step, metrics)
+
+    def on_eval(self, step: int, metrics: Metrics) -> None:
+        self._log("eval", step, metrics)
+
+    def on_train_end(self, step: int) -> None:
+        if self.run is not None:
+            self.run.finish()
+            self.run = None
 
 
 class LossPlot(Callback):
@@ -242,9 +342,9 @@ def write_loss_plot(metrics_path: Path, png_path: Path) -> None:
                 val.append((record["step"], record["val_loss"]))
     fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
     if train:
-        ax.plot(*zip(*train), label="train loss", linewidth=1.2)
+        ax.plot(*zip(*train, strict=True), label="train loss", linewidth=1.2)
     if val:
-        ax.plot(*zip(*val), "o-", label="val loss", linewidth=1.5)
+        ax.plot(*zip(*val, strict=True), "o-", label="val loss", linewidth=1.5)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("cross-entropy (nats/token)")
     ax.set_title(png_path.parent.name)
@@ -270,13 +370,23 @@ CALLBACKS.register("none")(PlainLog)
 CALLBACKS.register("jsonl")(JsonlLog)
 CALLBACKS.register("tensorboard")(TensorBoardLog)
 CALLBACKS.register("plot")(LossPlot)
+CALLBACKS.register("histograms")(HistogramLog)
+CALLBACKS.register("wandb")(WandbLog)
 
 
 def build_callbacks(config: Config, run_dir: Path) -> list[Callback]:
-    """The callbacks the config asks for: progress style, jsonl, TensorBoard, plot."""
-    names = [config.logging.progress, "jsonl"]
-    if config.logging.tensorboard:
+    """The callbacks the config asks for: progress style, jsonl, TensorBoard, histograms, plot,
+    wandb, then each name of `logging.callbacks` (each name once)."""
+    logging = config.logging
+    names = [logging.progress, "jsonl"]
+    if logging.tensorboard:
         names.append("tensorboard")
-    if config.logging.plot:
+    if logging.histograms_every:
+        names.append("histograms")
+    if logging.plot:
         names.append("plot")
-    return [CALLBACKS.get_builder(name, "logging")(config, run_dir) for name in names]
+    if logging.wandb:
+        names.append("wandb")
+    names += logging.callbacks
+    names = list(dict.fromkeys(names))
+    return [CALLBACKS.get_builder(name, "logging.callbacks")(config, run_dir) for name in names]

@@ -1,14 +1,21 @@
-"""Optimizers and learning-rate schedules, by name from the registries."""
+"""Optimizers and learning-rate schedules, by name from the registries.
+
+An optimizer builder takes `(model, OptimConfig, device)` and returns a torch.optim.Optimizer
+over the model's trainable parameters (LoRA leaves most of them frozen), in the two weight-decay
+groups of `param_groups`.
+"""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from truthgpt.config import OptimConfig
+from truthgpt.errors import ConfigError
 from truthgpt.registry import OPTIMIZERS, SCHEDULES
 
 
@@ -17,10 +24,9 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
     Decaying gains and biases pulls them to zero for no regularisation benefit, and decaying
     embeddings penalises rare tokens (the GPT-2/nanoGPT/Llama recipes all exclude them).
+    Frozen parameters (requires_grad False) are left out.
     """
-    embedding_params = {
-        id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)
-    }
+    embedding_params = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     decay, no_decay = [], []
     seen: set[int] = set()
     for param in model.parameters():
@@ -31,6 +37,8 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
             no_decay.append(param)
         else:
             decay.append(param)
+    if not decay and not no_decay:
+        raise ConfigError("the model has no trainable parameters (requires_grad is off everywhere)")
     return [
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
@@ -39,8 +47,10 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 @OPTIMIZERS.register("adamw")
 def build_adamw(model: nn.Module, cfg: OptimConfig, device: torch.device) -> torch.optim.Optimizer:
-    # The fused CUDA kernel does the whole update in one launch per group; elsewhere foreach.
-    fused = device.type == "cuda"
+    """AdamW (Loshchilov & Hutter 2019): Adam with weight decay decoupled from the gradient."""
+    # The fused kernel does the whole update in one launch per group; elsewhere foreach, which
+    # batches the per-tensor ops into a few multi-tensor kernels.
+    fused = device.type == "cuda" if cfg.fused is None else cfg.fused
     return torch.optim.AdamW(
         param_groups(model, cfg.weight_decay),
         lr=cfg.lr,
@@ -51,8 +61,138 @@ def build_adamw(model: nn.Module, cfg: OptimConfig, device: torch.device) -> tor
     )
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) -> torch.optim.Optimizer:
+@OPTIMIZERS.register("lion")
+def build_lion(model: nn.Module, cfg: OptimConfig, device: torch.device) -> torch.optim.Optimizer:
+    """Lion with `optim.betas`; the paper uses (0.9, 0.99) and a 3-10x smaller lr and 3-10x
+    larger weight decay than AdamW, as its updates have unit size per element."""
+    return Lion(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas)
+
+
+@OPTIMIZERS.register("adafactor")
+def build_adafactor(
+    model: nn.Module, cfg: OptimConfig, device: torch.device
+) -> torch.optim.Optimizer:
+    """PyTorch's Adafactor (Shazeer & Stern 2018): factored second moments, no first moment, so
+    optimizer memory is ~rows + columns per matrix. `optim.betas` and `optim.eps` do not apply;
+    its weight decay is decoupled, as AdamW's."""
+    if not hasattr(torch.optim, "Adafactor"):
+        raise ConfigError(
+            f"optim.name: 'adafactor' needs torch.optim.Adafactor (PyTorch >= 2.5); this is "
+            f"PyTorch {torch.__version__}. Upgrade PyTorch or pick adamw, lion or sgd."
+        )
+    return torch.optim.Adafactor(
+        param_groups(model, cfg.weight_decay), lr=cfg.lr, weight_decay=cfg.weight_decay
+    )
+
+
+@OPTIMIZERS.register("sgd")
+def build_sgd(model: nn.Module, cfg: OptimConfig, device: torch.device) -> torch.optim.Optimizer:
+    """SGD with heavy-ball momentum `optim.momentum` (no Nesterov); its weight decay is the
+    classic L2 term added to the gradient, not decoupled."""
+    return torch.optim.SGD(
+        param_groups(model, cfg.weight_decay),
+        lr=cfg.lr,
+        momentum=cfg.momentum,
+        nesterov=False,
+        weight_decay=cfg.weight_decay,
+        foreach=True,
+    )
+
+
+def build_optimizer(
+    model: nn.Module, cfg: OptimConfig, device: torch.device
+) -> torch.optim.Optimizer:
     return OPTIMIZERS.get_builder(cfg.name, "optim.name")(model, cfg, device)
+
+
+class Lion(torch.optim.Optimizer):
+    """Lion, "EvoLved Sign Momentum" (Chen et al. 2023, "Symbolic Discovery of Optimization
+    Algorithms", Algorithm 2):
+
+        update = sign(beta1 * m + (1 - beta1) * g)
+        p      = p - lr * (update + weight_decay * p)
+        m      = beta2 * m + (1 - beta2) * g
+
+    One state tensor per parameter (Adam keeps two). The update interpolates with beta1 but the
+    momentum is tracked with the slower beta2. foreach (default) uses multi-tensor kernels.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float = 1e-4,
+        betas: tuple[float, float] = (0.9, 0.99),
+        weight_decay: float = 0.0,
+        *,
+        foreach: bool = True,
+    ) -> None:
+        if lr <= 0:
+            raise ValueError(f"Lion: lr must be positive, got {lr}")
+        if not all(0.0 <= beta < 1.0 for beta in betas):
+            raise ValueError(f"Lion: betas must lie in [0, 1), got {betas}")
+        if weight_decay < 0:
+            raise ValueError(f"Lion: weight_decay must be >= 0, got {weight_decay}")
+        defaults = {"lr": lr, "betas": tuple(betas), "weight_decay": weight_decay}
+        super().__init__(params, defaults)
+        self.foreach = foreach
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params, grads, momenta = [], [], []
+            for param in group["params"]:
+                if param.grad is None:
+                    continue
+                if param.grad.is_sparse:
+                    raise RuntimeError("Lion does not support sparse gradients")
+                state = self.state[param]
+                if not state:
+                    state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+                params.append(param)
+                grads.append(param.grad)
+                momenta.append(state["exp_avg"])
+            if params:
+                update = _lion_foreach if self.foreach else _lion_single_tensor
+                beta1, beta2 = group["betas"]
+                update(params, grads, momenta, group["lr"], beta1, beta2, group["weight_decay"])
+        return loss
+
+
+def _lion_foreach(
+    params: list[Tensor],
+    grads: list[Tensor],
+    momenta: list[Tensor],
+    lr: float,
+    beta1: float,
+    beta2: float,
+    weight_decay: float,
+) -> None:
+    if weight_decay:
+        torch._foreach_mul_(params, 1 - lr * weight_decay)
+    updates = torch._foreach_lerp(momenta, grads, 1 - beta1)  # beta1 * m + (1 - beta1) * g
+    torch._foreach_sign_(updates)
+    torch._foreach_add_(params, updates, alpha=-lr)
+    torch._foreach_lerp_(momenta, grads, 1 - beta2)
+
+
+def _lion_single_tensor(
+    params: list[Tensor],
+    grads: list[Tensor],
+    momenta: list[Tensor],
+    lr: float,
+    beta1: float,
+    beta2: float,
+    weight_decay: float,
+) -> None:
+    for param, grad, momentum in zip(params, grads, momenta, strict=True):
+        if weight_decay:
+            param.mul_(1 - lr * weight_decay)
+        param.add_(momentum.lerp(grad, 1 - beta1).sign_(), alpha=-lr)
+        momentum.lerp_(grad, 1 - beta2)
 
 
 # A schedule builder returns the lr multiplier as a function of (step, max_steps).

@@ -446,7 +446,8 @@ class Trainer:
         """Continue from a checkpoint's training state (and its weights, when asked)."""
         state = load_train_state(folder)
         if load_weights:
-            reloaded = load_model(folder, device=self.device, trainable=True)
+            native = None if self.config.model.arch != "hf" else False
+            reloaded = load_model(folder, device=self.device, trainable=True, native=native)
             own = self.model.state_dict()
             own.update({k: v for k, v in reloaded.state_dict().items() if k in own})
             self.model.load_state_dict(own)
@@ -641,7 +642,8 @@ def train(
 
     data = prepare_data(config, run_dir, log=log)
     if resume_from is not None:
-        model = load_model(resume_from, trainable=True)
+        native = None if config.model.arch != "hf" else False
+        model = load_model(resume_from, trainable=True, native=native)
         model = prepare_model_for_training(model, config).to(device)
     else:
         model = build_model(config, vocab_size=len(data.tokenizer)).to(device)
