@@ -33,10 +33,22 @@ def peak_flops() -> float | None:
 
 def model_section(tiny: bool) -> dict:
     if tiny:
-        return {"arch": "gpt2", "hidden_size": 64, "num_layers": 2, "num_heads": 4,
-                "max_position_embeddings": 128, "vocab_size": 512}
-    return {"arch": "gpt2", "hidden_size": 768, "num_layers": 12, "num_heads": 12,
-            "max_position_embeddings": 1024, "vocab_size": 50304}
+        return {
+            "arch": "gpt2",
+            "hidden_size": 64,
+            "num_layers": 2,
+            "num_heads": 4,
+            "max_position_embeddings": 128,
+            "vocab_size": 512,
+        }
+    return {
+        "arch": "gpt2",
+        "hidden_size": 768,
+        "num_layers": 12,
+        "num_heads": 12,
+        "max_position_embeddings": 1024,
+        "vocab_size": 50304,
+    }
 
 
 class RandomBlocks(torch.utils.data.Dataset):
@@ -54,12 +66,19 @@ class RandomBlocks(torch.utils.data.Dataset):
 
 def run_ours(args, workdir: Path, dataset: RandomBlocks) -> dict:
     raw = {
-        "run_name": "ours", "output_dir": str(workdir), "model": model_section(args.tiny),
+        "run_name": "ours",
+        "output_dir": str(workdir),
+        "model": model_section(args.tiny),
         "data": {"max_seq_len": args.seq_len},
-        "training": {"max_steps": args.steps, "batch_size": args.batch_size,
-                     "grad_accum_steps": args.accum,
-                     "precision": args.precision if torch.cuda.is_available() else "fp32",
-                     "compile": args.compile, "log_every": 10_000, "eval_every": 10_000},
+        "training": {
+            "max_steps": args.steps,
+            "batch_size": args.batch_size,
+            "grad_accum_steps": args.accum,
+            "precision": args.precision if torch.cuda.is_available() else "fp32",
+            "compile": args.compile,
+            "log_every": 10_000,
+            "eval_every": 10_000,
+        },
         "checkpoint": {"save_every": 10_000},
         "logging": {"progress": "none", "tensorboard": False, "plot": False},
     }
@@ -85,18 +104,27 @@ def run_ours(args, workdir: Path, dataset: RandomBlocks) -> dict:
         times.append(time.perf_counter() - start)
         if step + 1 == args.warmup and device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
-    timed = sum(times[args.warmup:])
+    timed = sum(times[args.warmup :])
     tokens_per_step = args.batch_size * args.accum * args.seq_len
     tps = tokens_per_step * (args.steps - args.warmup) / timed
     flops = model.flops_per_token(args.seq_len) * tps
-    return {"tokens_per_second": tps, "flops_per_second": flops,
-            "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0,
-            "loss": float(loss)}
+    return {
+        "tokens_per_second": tps,
+        "flops_per_second": flops,
+        "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0,
+        "loss": float(loss),
+    }
 
 
 def run_hf(args, workdir: Path, dataset: RandomBlocks) -> dict:
-    from transformers import (AutoModelForCausalLM, Trainer as HFTrainer, TrainerCallback,
-                              TrainingArguments)
+    from transformers import (
+        AutoModelForCausalLM,
+        TrainerCallback,
+        TrainingArguments,
+    )
+    from transformers import (
+        Trainer as HFTrainer,
+    )
 
     # Same weights layout and init source: build ours, save as HF, open with transformers.
     config = load({"model": model_section(args.tiny)})
@@ -123,20 +151,34 @@ def run_hf(args, workdir: Path, dataset: RandomBlocks) -> dict:
 
     timer = Timer()
     training_args = TrainingArguments(
-        output_dir=str(workdir / "hf_out"), max_steps=args.steps,
-        per_device_train_batch_size=args.batch_size, gradient_accumulation_steps=args.accum,
-        learning_rate=6e-4, weight_decay=0.1, adam_beta2=0.95, warmup_steps=10,
-        lr_scheduler_type="cosine", bf16=args.precision == "bf16" and torch.cuda.is_available(),
-        max_grad_norm=1.0, logging_steps=10_000, save_strategy="no", report_to=[],
-        dataloader_num_workers=2, torch_compile=args.compile, optim="adamw_torch_fused"
-        if torch.cuda.is_available() else "adamw_torch", use_cpu=not torch.cuda.is_available(),
+        output_dir=str(workdir / "hf_out"),
+        max_steps=args.steps,
+        per_device_train_batch_size=args.batch_size,
+        gradient_accumulation_steps=args.accum,
+        learning_rate=6e-4,
+        weight_decay=0.1,
+        adam_beta2=0.95,
+        warmup_steps=10,
+        lr_scheduler_type="cosine",
+        bf16=args.precision == "bf16" and torch.cuda.is_available(),
+        max_grad_norm=1.0,
+        logging_steps=10_000,
+        save_strategy="no",
+        report_to=[],
+        dataloader_num_workers=2,
+        torch_compile=args.compile,
+        optim="adamw_torch_fused" if torch.cuda.is_available() else "adamw_torch",
+        use_cpu=not torch.cuda.is_available(),
     )
     HFTrainer(model=model, args=training_args, train_dataset=dataset, callbacks=[timer]).train()
-    timed = sum(timer.times[args.warmup:])
+    timed = sum(timer.times[args.warmup :])
     tps = args.batch_size * args.accum * args.seq_len * (len(timer.times) - args.warmup) / timed
-    return {"tokens_per_second": tps,
-            "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30
-            if torch.cuda.is_available() else 0}
+    return {
+        "tokens_per_second": tps,
+        "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30
+        if torch.cuda.is_available()
+        else 0,
+    }
 
 
 def main() -> None:
@@ -156,8 +198,11 @@ def main() -> None:
         args.seq_len, args.batch_size, args.accum = 64, 4, 1
     torch.backends.cuda.matmul.allow_tf32 = True
     vocab = model_section(args.tiny)["vocab_size"]
-    dataset = RandomBlocks(args.steps * args.batch_size * args.accum + 64, args.seq_len, 50257
-                           if not args.tiny else vocab)
+    dataset = RandomBlocks(
+        args.steps * args.batch_size * args.accum + 64,
+        args.seq_len,
+        50257 if not args.tiny else vocab,
+    )
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         ours = run_ours(args, workdir, dataset)
@@ -166,15 +211,20 @@ def main() -> None:
     peak = peak_flops()
     rows = [("truthgpt", ours)] + ([("HF Trainer", hf)] if hf else [])
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    print(f"\n{device}, torch {torch.__version__}, {args.precision}, compile={args.compile}, "
-          f"batch {args.batch_size}x{args.accum}x{args.seq_len}")
+    print(
+        f"\n{device}, torch {torch.__version__}, {args.precision}, compile={args.compile}, "
+        f"batch {args.batch_size}x{args.accum}x{args.seq_len}"
+    )
     print(f"{'trainer':<12} {'tokens/s':>12} {'MFU':>7} {'peak GiB':>9}")
     for name, r in rows:
         flops = ours["flops_per_second"] / ours["tokens_per_second"] * r["tokens_per_second"]
         mfu = f"{flops / peak:.1%}" if peak else "-"
         print(f"{name:<12} {r['tokens_per_second']:>12,.0f} {mfu:>7} {r['peak_mem_gib']:>9.2f}")
     if hf:
-        print(f"ratio truthgpt / HF Trainer: {ours['tokens_per_second'] / hf['tokens_per_second']:.2f}x")
+        print(
+            "ratio truthgpt / HF Trainer: "
+            f"{ours['tokens_per_second'] / hf['tokens_per_second']:.2f}x"
+        )
     if args.json:
         args.json.write_text(json.dumps({"ours": ours, "hf": hf, "device": device}, indent=1))
 

@@ -67,7 +67,16 @@ def test_generate_from_a_plain_hf_folder(tmp_path: Path) -> None:
     tokenizer.save_pretrained(folder)
     out = runner.invoke(
         app,
-        ["generate", str(folder), "--prompt", "import ", "--temperature", "0", "--max-new-tokens", "5"],
+        [
+            "generate",
+            str(folder),
+            "--prompt",
+            "import ",
+            "--temperature",
+            "0",
+            "--max-new-tokens",
+            "5",
+        ],
     )
     assert out.exit_code == 0, out.output
     assert out.stdout.startswith("import ")
@@ -99,10 +108,22 @@ def test_eval_on_the_run_split_and_on_files(tmp_path: Path) -> None:
 
 def test_resume_flag_continues_a_run(tmp_path: Path) -> None:
     path = write_config(tmp_path)
-    first = runner.invoke(app, ["train", str(path), "--set", "training.max_steps=10",
-                                "--set", "checkpoint.save_every=5"])
+    first = runner.invoke(
+        app,
+        ["train", str(path), "--set", "training.max_steps=10", "--set", "checkpoint.save_every=5"],
+    )
     assert first.exit_code == 0, first.output
-    more = runner.invoke(app, ["train", str(path), "--set", "training.max_steps=10",
-                               "--set", "checkpoint.save_every=5", "--resume"])
+    more = runner.invoke(
+        app,
+        [
+            "train",
+            str(path),
+            "--set",
+            "training.max_steps=10",
+            "--set",
+            "checkpoint.save_every=5",
+            "--resume",
+        ],
+    )
     assert more.exit_code == 0, more.output
     assert "resumed from" in more.output and "at step 10" in more.output

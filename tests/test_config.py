@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from pydantic import ValidationError
 
 from truthgpt.config import Config, describe_fields, load, parse_override
 from truthgpt.errors import ConfigError
@@ -100,7 +101,7 @@ def test_override_errors() -> None:
 
 def test_config_is_frozen() -> None:
     config = load({})
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError, match="frozen"):
         config.training.max_steps = 3  # type: ignore[misc]
 
 

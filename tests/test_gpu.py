@@ -22,8 +22,15 @@ pytestmark = [
 @pytest.mark.parametrize(
     "hf_config",
     [
-        LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-                    num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=256),
+        LlamaConfig(
+            vocab_size=512,
+            hidden_size=256,
+            intermediate_size=512,
+            num_hidden_layers=2,
+            num_attention_heads=8,
+            num_key_value_heads=2,
+            max_position_embeddings=256,
+        ),
         GPT2Config(vocab_size=512, n_embd=256, n_layer=2, n_head=8, n_positions=256),
     ],
     ids=["llama", "gpt2"],

@@ -86,8 +86,16 @@ def test_resumed_run_reproduces_the_uninterrupted_loss_curve(tmp_path: Path, ema
 def test_resume_of_an_hf_arch_run_keeps_the_transformers_model(tmp_path: Path) -> None:
     # A gpt2-typed HF model could open as our decoder; resume must not switch modules under
     # the optimizer state (GPT-2's Conv1D weights are stored transposed).
-    hf = {"arch": "hf", "hf_config": {"model_type": "gpt2", "n_embd": 32, "n_layer": 2,
-                                      "n_head": 4, "n_positions": 64}}
+    hf = {
+        "arch": "hf",
+        "hf_config": {
+            "model_type": "gpt2",
+            "n_embd": 32,
+            "n_layer": 2,
+            "n_head": 4,
+            "n_positions": 64,
+        },
+    }
     full = train(load(resume_config(tmp_path, "hffull", model=hf)))
     broken = load(resume_config(tmp_path, "hfbroken", model=hf))
     with pytest.raises(RuntimeError, match="simulated crash"):
@@ -230,8 +238,9 @@ def test_a_poisoned_batch_is_skipped_and_the_run_finishes(tmp_path: Path) -> Non
     result = trainer.fit()
     assert result.steps == 20
     assert result.nonfinite_skipped == 2
-    assert all(torch.isfinite(p).all() for n, p in trainer.model.named_parameters()
-               if n != "embed.weight")
+    assert all(
+        torch.isfinite(p).all() for n, p in trainer.model.named_parameters() if n != "embed.weight"
+    )
     assert result.final_val_loss < result.initial_val_loss
 
 
@@ -244,8 +253,11 @@ def test_consecutive_nonfinite_updates_stop_with_a_clear_message(tmp_path: Path)
 
 def test_rollback_reloads_the_last_good_checkpoint_with_a_lower_lr(tmp_path: Path) -> None:
     raw = resume_config(tmp_path, "nanroll")
-    raw["training"]["nonfinite"] = {"action": "rollback", "max_consecutive": 2,
-                                    "rollback_lr_factor": 0.5}
+    raw["training"]["nonfinite"] = {
+        "action": "rollback",
+        "max_consecutive": 2,
+        "rollback_lr_factor": 0.5,
+    }
     trainer = poisoned_trainer(tmp_path, raw, poison_batches=[7, 8])
     result = trainer.fit()
     assert trainer.rollbacks == 1 and trainer.lr_scale == 0.5
@@ -271,8 +283,11 @@ def test_ema_is_the_running_average() -> None:
 def test_early_stopping_stops_after_patience(tmp_path: Path) -> None:
     raw = resume_config(tmp_path, "early")
     raw["training"].update(
-        {"max_steps": 40, "eval_every": 5,
-         "early_stopping": {"enabled": True, "patience": 2, "min_delta": 100.0}}
+        {
+            "max_steps": 40,
+            "eval_every": 5,
+            "early_stopping": {"enabled": True, "patience": 2, "min_delta": 100.0},
+        }
     )
     result = train(load(raw))
     # The first evaluation (step 5) sets the bar; 10 and 15 fail to beat it by 100 nats.
@@ -289,7 +304,8 @@ def test_sigint_saves_and_stops_at_the_step_boundary(tmp_path: Path) -> None:
     raw = resume_config(tmp_path, "sigint")
     result = train(load(raw), callbacks=[Interrupt()])
     assert result.steps == 7
-    state = torch.load(result.run_dir / "checkpoints" / "last" / "train_state.pt",
-                       weights_only=True)
+    state = torch.load(
+        result.run_dir / "checkpoints" / "last" / "train_state.pt", weights_only=True
+    )
     assert state["step"] == 7
     assert train(load(raw), resume=True).steps == 20

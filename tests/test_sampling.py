@@ -31,13 +31,9 @@ def test_top_p_keeps_the_smallest_nucleus() -> None:
     probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
     logits = probs.log()
     gen = torch.Generator().manual_seed(0)
-    seen = {
-        int(sample_next_token(logits, SamplingParams(1.0, None, 0.7), gen)) for _ in range(300)
-    }
+    seen = {int(sample_next_token(logits, SamplingParams(1.0, None, 0.7), gen)) for _ in range(300)}
     assert seen == {0, 1}
-    seen = {
-        int(sample_next_token(logits, SamplingParams(1.0, None, 0.1), gen)) for _ in range(50)
-    }
+    seen = {int(sample_next_token(logits, SamplingParams(1.0, None, 0.1), gen)) for _ in range(50)}
     assert seen == {0}
 
 

@@ -8,7 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from conftest import tiny_raw_config
+from transformers import AutoModelForCausalLM
 
 from truthgpt.config import load
 from truthgpt.data import prepare_data
@@ -17,6 +19,8 @@ from truthgpt.models import load_model
 from truthgpt.training.checkpoint import verify_checkpoint
 from truthgpt.training.optim import build_scheduler, param_groups
 from truthgpt.training.trainer import Trainer, build_model, prepare_run_dir, train
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
@@ -162,3 +166,34 @@ def test_schedules_warm_up_then_decay_to_the_floor(tmp_path: Path, schedule: str
     else:
         assert lrs[-1] == pytest.approx(0.1, abs=0.02)
         assert all(a >= b - 1e-12 for a, b in zip(lrs[10:], lrs[11:]))
+
+
+@pytest.mark.parametrize("arch", ["hf", "llama"])
+def test_fine_tune_a_local_checkpoint_like_configs_finetune_local(
+    tmp_path: Path, arch: str
+) -> None:
+    base = train(load(tiny_raw_config(tmp_path, training={"max_steps": 10, "eval_every": 10})))
+    best = base.run_dir / "checkpoints" / "best"
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    for i in range(12):
+        (docs / f"f{i}.py").write_text(f"def f{i}(x):\n    return x * {i} + {i}\n" * 20)
+    shipped = yaml.safe_load((ROOT / "configs" / "finetune-local.yaml").read_text())
+    raw = tiny_raw_config(
+        tmp_path,
+        run_name=f"ft-{arch}",
+        model={"arch": arch, "init_from": str(best)},
+        data={
+            **shipped["data"],
+            "paths": [str(docs / "*.py")],
+            "max_seq_len": 32,
+            "tokenizer": {"path": str(best)},
+        },
+        training={"max_steps": 10, "eval_every": 10, "batch_size": 4},
+    )
+    result = train(load(raw))
+    assert result.final_val_loss < result.initial_val_loss
+    # Either way the result is an HF Llama folder: transformers and our decoder both open it.
+    last = result.run_dir / "checkpoints" / "last"
+    assert type(AutoModelForCausalLM.from_pretrained(last)).__name__ == "LlamaForCausalLM"
+    assert type(load_model(last)).__name__ == "Decoder"

@@ -1,9 +1,9 @@
 """truthgpt: train, fine-tune and sample language models from one YAML file.
 
-    import truthgpt
-    config = truthgpt.load_config("configs/quickstart.yaml", ["training.max_steps=50"])
-    result = truthgpt.train(config)
-    print(truthgpt.generate(result.run_dir, "def ", max_new_tokens=64))
+import truthgpt
+config = truthgpt.load_config("configs/quickstart.yaml", ["training.max_steps=50"])
+result = truthgpt.train(config)
+print(truthgpt.generate(result.run_dir, "def ", max_new_tokens=64))
 """
 
 from __future__ import annotations

@@ -72,7 +72,9 @@ def evaluate(
         typer.Option("--data", help="Text or .jsonl files/globs to evaluate instead (repeatable)."),
     ] = None,
     split: Annotated[str, typer.Option(help="The run's own split: val or train.")] = "val",
-    max_batches: Annotated[int | None, typer.Option(min=1, help="Evaluate at most this many.")] = None,
+    max_batches: Annotated[
+        int | None, typer.Option(min=1, help="Evaluate at most this many.")
+    ] = None,
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N, mps or auto.")] = "auto",
     set_: SetOption = None,
 ) -> None:
@@ -87,7 +89,8 @@ def evaluate(
         _fail(exc)
     typer.echo(
         f"{result['checkpoint']} on {result['split']}: loss {result['loss']:.4f}  "
-        f"perplexity {result['ppl']:.2f}  ({result['tokens']:,} tokens, {result['batches']} batches)"
+        f"perplexity {result['ppl']:.2f}  "
+        f"({result['tokens']:,} tokens, {result['batches']} batches)"
     )
 
 
@@ -108,7 +111,9 @@ def export(
     if format != "hf":
         _fail(ValueError(f"--format {format!r} is not supported; use hf"))
     try:
-        folder = export_hf(resolve_model_folder(run), out, merge_lora=merge_lora, overwrite=overwrite)
+        folder = export_hf(
+            resolve_model_folder(run), out, merge_lora=merge_lora, overwrite=overwrite
+        )
     except TruthGPTError as exc:
         _fail(exc)
     typer.echo(f"wrote {folder}")

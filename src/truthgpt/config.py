@@ -31,14 +31,16 @@ def _check_registered(registry: Registry, name: str) -> str:
         hint = difflib.get_close_matches(name, list(registry), n=1)
         did_you_mean = f"; did you mean {hint[0]!r}?" if hint else ""
         raise ValueError(
-            f"unknown {registry.kind} {name!r}{did_you_mean} (allowed: {', '.join(sorted(registry))})"
+            f"unknown {registry.kind} {name!r}{did_you_mean} "
+            f"(allowed: {', '.join(sorted(registry))})"
         )
     return name
 
 
 class TokenizerConfig(Section):
     path: str | None = Field(
-        None, description="local HF tokenizer folder; empty: train a byte-level BPE on the train split"
+        None,
+        description="local HF tokenizer folder; empty: train a byte-level BPE on the train split",
     )
     vocab_size: int = Field(8192, ge=260, description="size of the trained BPE vocabulary")
     train_max_chars: int = Field(
@@ -85,7 +87,9 @@ class DataConfig(Section):
 
 
 class LoraConfig(Section):
-    enabled: bool = Field(False, description="train low-rank adapters (peft) instead of all weights")
+    enabled: bool = Field(
+        False, description="train low-rank adapters (peft) instead of all weights"
+    )
     r: int = Field(8, ge=1, description="adapter rank")
     alpha: float = Field(16.0, gt=0, description="scaling numerator: updates scale by alpha/r")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on the adapter input")
@@ -97,7 +101,8 @@ class LoraConfig(Section):
 class ModelConfig(Section):
     arch: str = Field("llama", description="llama | gpt2 (native decoder) | hf (any AutoModel)")
     init_from: str | None = Field(
-        None, description="local HF model folder to start from; its shape overrides the fields below"
+        None,
+        description="local HF model folder to start from; its shape overrides the fields below",
     )
     hidden_size: int = Field(256, ge=8, description="width of the residual stream")
     num_layers: int = Field(4, ge=1, description="transformer blocks")
@@ -340,7 +345,9 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     if raw is None:
         return {}
     if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of keys, not {type(raw).__name__}")
+        raise ConfigError(
+            f"{path}: the top level must be a mapping of keys, not {type(raw).__name__}"
+        )
     return raw
 
 
@@ -385,14 +392,14 @@ def format_errors(exc: ValidationError, raw: dict[str, Any]) -> str:
             allowed = _allowed_keys(loc[:-1])
             hint = difflib.get_close_matches(loc[-1], allowed, n=1)
             did_you_mean = f" Did you mean {'.'.join(loc[:-1] + [hint[0]])!r}?" if hint else ""
-            lines.append(
-                f"  {key}: unknown key.{did_you_mean} Allowed here: {', '.join(allowed)}"
-            )
+            lines.append(f"  {key}: unknown key.{did_you_mean} Allowed here: {', '.join(allowed)}")
             continue
         message = error["msg"].removeprefix("Value error, ")
         got = f" (got {_lookup(raw, loc)!r})" if error["type"] != "missing" else ""
         allowed_values = _allowed_values(loc)
-        suffix = f"; allowed: {allowed_values}" if allowed_values and "allowed" not in message else ""
+        suffix = (
+            f"; allowed: {allowed_values}" if allowed_values and "allowed" not in message else ""
+        )
         lines.append(f"  {key}: {message}{got}{suffix}")
     return "\n".join(lines)
 
@@ -419,7 +426,9 @@ def _allowed_values(loc: list[str]) -> str:
     field = cls.model_fields.get(loc[-1]) if cls and loc else None
     if field is None:
         return ""
-    choices = get_args(field.annotation) if str(field.annotation).startswith("typing.Literal") else ()
+    choices = (
+        get_args(field.annotation) if str(field.annotation).startswith("typing.Literal") else ()
+    )
     return ", ".join(str(c) for c in choices)
 
 

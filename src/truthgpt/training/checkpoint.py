@@ -140,7 +140,9 @@ def link_checkpoint(source: Path, folder: Path) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         if old.exists() and not folder.exists():
             old.rename(folder)
-        raise CheckpointError(f"could not write checkpoint {folder}: {exc.strerror or exc}") from exc
+        raise CheckpointError(
+            f"could not write checkpoint {folder}: {exc.strerror or exc}"
+        ) from exc
     shutil.rmtree(old, ignore_errors=True)
     return folder
 
@@ -156,9 +158,7 @@ def step_checkpoints(checkpoints: Path) -> list[Path]:
     """step_N/ folders, newest first."""
     if not checkpoints.is_dir():
         return []
-    folders = [
-        p for p in checkpoints.iterdir() if p.is_dir() and p.name.startswith(STEP_PREFIX)
-    ]
+    folders = [p for p in checkpoints.iterdir() if p.is_dir() and p.name.startswith(STEP_PREFIX)]
     return sorted(folders, key=lambda p: p.name, reverse=True)
 
 

@@ -79,8 +79,13 @@ def evaluate_run(
         paths = "[" + ", ".join(repr(p) for p in data_paths) + "]"
         config = config_module.load(
             config.model_dump(mode="json"),
-            [f"data.source={source}", f"data.paths={paths}", f"data.val_paths={paths}",
-             "data.max_documents=null", f"data.tokenizer.path={folder}"],
+            [
+                f"data.source={source}",
+                f"data.paths={paths}",
+                f"data.val_paths={paths}",
+                "data.max_documents=null",
+                f"data.tokenizer.path={folder}",
+            ],
         )
         split = "val"
     data = prepare_data(config, run_dir if not data_paths else None, log=lambda message: None)

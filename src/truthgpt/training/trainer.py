@@ -249,12 +249,16 @@ class Trainer:
                 ):
                     self.save_resumable()
                 if stopped_early:
-                    self.log(f"early stopping at step {self.step}: no improvement in "
-                             f"{self.evals_without_improvement} evaluations")
+                    self.log(
+                        f"early stopping at step {self.step}: no improvement in "
+                        f"{self.evals_without_improvement} evaluations"
+                    )
                     break
                 if stop.requested:
-                    self.log(f"stopped at step {self.step} on request; checkpoint saved. "
-                             "Continue with --resume.")
+                    self.log(
+                        f"stopped at step {self.step} on request; checkpoint saved. "
+                        "Continue with --resume."
+                    )
                     break
         if not self.val_batches:
             self.save_model_only("best")  # nothing to select by: best is the final model
@@ -309,7 +313,7 @@ class Trainer:
         return loss_total, grad_norm, tokens, finite
 
     def handle_nonfinite(self, loss: torch.Tensor, grad_norm: torch.Tensor | None) -> bool:
-        """Count a skipped update; after too many in a row stop or roll back. True if rolled back."""
+        """Count a skipped update; after too many in a row, stop or roll back (returns True)."""
         self.nonfinite_in_a_row += 1
         self.nonfinite_skipped += 1
         nonfinite = self.train_cfg.nonfinite
@@ -438,8 +442,11 @@ class Trainer:
                 "best": self.early_best,
                 "evals_without_improvement": self.evals_without_improvement,
             },
-            "nonfinite": {"skipped": self.nonfinite_skipped, "rollbacks": self.rollbacks,
-                          "lr_scale": self.lr_scale},
+            "nonfinite": {
+                "skipped": self.nonfinite_skipped,
+                "rollbacks": self.rollbacks,
+                "lr_scale": self.lr_scale,
+            },
         }
 
     def restore(self, folder: Path, load_weights: bool = False) -> None:
@@ -561,7 +568,9 @@ def set_gradient_checkpointing(model: nn.Module) -> None:
         base.set_gradient_checkpointing(True)
     else:  # transformers
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if _is_peft(model) or not any(p.requires_grad for p in base.get_input_embeddings().parameters()):
+        if _is_peft(model) or not any(
+            p.requires_grad for p in base.get_input_embeddings().parameters()
+        ):
             base.enable_input_require_grads()
 
 
@@ -606,8 +615,11 @@ def truncate_metrics(run_dir: Path, step: int) -> None:
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         return
-    kept = [line for line in path.read_text().splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= step]
+    kept = [
+        line
+        for line in path.read_text().splitlines()
+        if line.strip() and json.loads(line).get("step", 0) <= step
+    ]
     tmp = path.with_suffix(".tmp")
     tmp.write_text("".join(line + "\n" for line in kept))
     os.replace(tmp, path)
