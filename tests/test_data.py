@@ -401,6 +401,12 @@ def test_prepare_data_end_to_end_saves_and_reuses_the_tokenizer(tmp_path: Path) 
     assert prepared.train_tokens == prepared.train.num_tokens >= 32
     assert len(prepared.train) == -(-prepared.train_tokens // 32)
     assert prepared.train[0]["input_ids"].shape == (32,)
+    # Pretraining packs plain blocks: no document ids, stacked as they are.
+    assert isinstance(prepared.train, PackedDataset) and set(prepared.train[0]) == {
+        "input_ids",
+        "labels",
+    }
+    assert prepared.batching == "pack" and prepared.collate is torch.utils.data.default_collate
     assert len(lines) == 3 and "trained" in lines[1] and "vocab size" in lines[1]
 
     # A resumed run loads the saved tokenizer instead of training a new one.

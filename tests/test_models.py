@@ -365,3 +365,122 @@ def test_hf_arch_needs_a_source() -> None:
         ARCHS["hf"](model_config({"arch": "hf"}), 100)
     with pytest.raises(ConfigError, match="model.hf_config"):
         ARCHS["hf"](model_config({"arch": "hf", "hf_config": {"model_type": "no_such"}}), 100)
+
+
+# ---------------------------------------------------------------------------------------------
+# Packed documents, padding masks, gradient checkpointing
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_packed_documents_give_the_logits_of_each_document_alone(family: str) -> None:
+    ours = native(family, num_kv_heads=2 if family == "llama" else None)
+    doc_a, doc_b = batch(seq_len=5, batch_size=1, seed=2), batch(seq_len=7, batch_size=1, seed=3)
+    pad = torch.zeros(1, 4, dtype=torch.long)
+    packed = torch.cat([doc_a, doc_b, pad], dim=1)
+    # Ids need only differ between neighbours; padding is a document of its own.
+    document_ids = torch.tensor([[0] * 5 + [1] * 7 + [2] * 4])
+    with torch.no_grad():
+        got = ours(packed, document_ids=document_ids).logits
+        alone_a, alone_b = ours(doc_a).logits, ours(doc_b).logits
+        plain = ours(packed).logits
+    assert max_diff(got[:, :5], alone_a) < 1e-5
+    assert max_diff(got[:, 5:12], alone_b) < 1e-5
+    assert max_diff(plain[:, 5:12], alone_b) > 1e-3  # without the ids, B would see A
+
+    # Rows of a batch keep their own boundaries; the loss is the same as well.
+    rows = torch.cat([packed, torch.cat([doc_b, doc_a, pad], dim=1)])
+    ids = torch.cat([document_ids, torch.tensor([[5] * 7 + [3] * 5 + [9] * 4])])
+    with torch.no_grad():
+        both = ours(rows, rows, document_ids=ids)
+    assert max_diff(both.logits[1, :7], alone_b[0]) < 1e-5
+    assert max_diff(both.logits[1, 7:12], alone_a[0]) < 1e-5
+    assert torch.isfinite(both.loss)
+
+
+def test_document_ids_are_checked() -> None:
+    ours = native("llama")
+    input_ids = batch(seq_len=6)
+    with pytest.raises(RequestError, match="shape of input_ids"):
+        ours(input_ids, document_ids=torch.zeros(2, 5, dtype=torch.long))
+    cache = ours.new_cache(batch_size=2, max_len=8)
+    with pytest.raises(RequestError, match="KV cache"):
+        ours(input_ids, cache=cache, document_ids=torch.zeros_like(input_ids))
+    with pytest.raises(RequestError, match="attention_mask"):
+        ours(input_ids, attention_mask=torch.ones(2, 5, dtype=torch.long))
+
+
+def left_padded(lengths: list[int], seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    input_ids = batch(seq_len=seq_len, batch_size=len(lengths), seed=4)
+    mask = torch.zeros_like(input_ids)
+    for row, length in enumerate(lengths):
+        mask[row, seq_len - length :] = 1
+        input_ids[row, : seq_len - length] = 0
+    return input_ids, mask
+
+
+@pytest.mark.parametrize("case", ["llama-gqa-untied", "gpt2-tied"])
+def test_left_padding_with_attention_mask_matches_transformers(case: str, tmp_path: Path) -> None:
+    reference = hf_model(HF_CASES[case])
+    reference.save_pretrained(tmp_path)
+    ours = load_hf(tmp_path).eval()
+    input_ids, mask = left_padded([9, 5], seq_len=9)
+    # transformers' forward takes positions as given; generate derives them from the mask.
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        expected = reference(input_ids, attention_mask=mask, position_ids=position_ids).logits
+        got = ours(input_ids, attention_mask=mask).logits
+        alone = ours(input_ids[1:, 4:]).logits
+    real = mask.bool()
+    assert max_diff(got[real], expected[real]) < TOL
+    assert max_diff(got[1, 4:], alone[0]) < 1e-5
+    assert torch.isfinite(got).all()  # pad rows too: no all-masked attention row
+
+    # Batched greedy decoding of left-padded prompts, the cache holding the pads.
+    reference.generation_config.eos_token_id = None
+    reference.generation_config.pad_token_id = 0
+    new_tokens = 6
+    expected_tokens = reference.generate(
+        input_ids, attention_mask=mask, do_sample=False, max_new_tokens=new_tokens
+    )
+    with torch.no_grad():
+        cache = ours.new_cache(2, input_ids.shape[1] + new_tokens)
+        tokens = input_ids
+        logits = ours(input_ids, cache=cache, attention_mask=mask).logits
+        for _ in range(new_tokens):
+            next_token = logits[:, -1].argmax(-1, keepdim=True)
+            start_pos = tokens.shape[1]
+            tokens = torch.cat([tokens, next_token], dim=1)
+            mask = torch.cat([mask, torch.ones_like(next_token)], dim=1)
+            logits = ours(next_token, cache=cache, start_pos=start_pos, attention_mask=mask).logits
+    assert torch.equal(tokens, expected_tokens)
+
+
+def loss_and_grads(model: Decoder, input_ids: torch.Tensor, **kwargs) -> tuple:
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(5)  # the same dropout masks in both runs
+    loss = model(input_ids, input_ids, **kwargs).loss
+    loss.backward()
+    return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(
+    family: str, dropout: float
+) -> None:
+    ours = native(family, dropout=dropout).train()
+    assert ours.gradient_checkpointing is False
+    input_ids = batch(seq_len=10)
+    document_ids = torch.tensor([[0] * 4 + [1] * 6, [0] * 10])
+    calls: list[int] = []
+    ours.layers[0].attn.register_forward_hook(lambda *_: calls.append(1))
+    plain_loss, plain_grads = loss_and_grads(ours, input_ids, document_ids=document_ids)
+    assert len(calls) == 1
+    ours.set_gradient_checkpointing(True)
+    loss, grads = loss_and_grads(ours, input_ids, document_ids=document_ids)
+    assert len(calls) == 3  # forward, then once more in backward: it was recomputed
+    assert torch.allclose(loss, plain_loss, atol=1e-6)
+    for name, grad in grads.items():
+        assert torch.allclose(grad, plain_grads[name], atol=1e-6), name
+    with torch.no_grad():  # no recomputation without training, and no error either
+        ours.eval()(input_ids)

@@ -1,14 +1,61 @@
-"""Batches: an endless, resumable shuffled stream for training and a fixed list for evaluation."""
+"""Batches: an endless, resumable shuffled stream for training and a fixed list for evaluation.
+
+Fixed-length blocks are stacked as they are. A dataset of variable-length examples (SFT) says
+so with two attributes, which both classes below pick up: `lengths` (one per item: batches are
+grouped by length, "bucketing") and `collate` (how to pad a batch, usually `pad_collate`).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset, default_collate
 
+from truthgpt.data.packing import IGNORE_INDEX
 from truthgpt.errors import CheckpointError
+
+# Bucketing sorts by length within chunks of this many batches: the whole epoch sorted would
+# put the same neighbours together every epoch and order batches by length; one chunk sorted
+# still leaves little padding once a chunk holds a few hundred examples.
+BUCKET_CHUNK_BATCHES = 50
+
+Collate = Callable[[list[dict[str, torch.Tensor]]], dict[str, torch.Tensor]]
+
+
+def pad_collate(items: list[dict[str, torch.Tensor]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Stack variable-length {"input_ids", "labels"} into [B, longest], padded on the right with
+    `pad_id` / -100. No attention mask: a causal model never lets a real token see the pads
+    after it, and the pads' own outputs carry no label."""
+    longest = max(len(item["input_ids"]) for item in items)
+    input_ids = torch.full((len(items), longest), pad_id, dtype=torch.long)
+    labels = torch.full((len(items), longest), IGNORE_INDEX, dtype=torch.long)
+    for row, item in enumerate(items):
+        length = len(item["input_ids"])
+        input_ids[row, :length] = item["input_ids"]
+        labels[row, :length] = item["labels"]
+    return {"input_ids": input_ids, "labels": labels}
+
+
+def bucket_batches(
+    lengths: Sequence[int],
+    batch_size: int,
+    generator: torch.Generator,
+    chunk_batches: int = BUCKET_CHUNK_BATCHES,
+) -> list[list[int]]:
+    """Every index once, in batches of similar length: shuffle, cut into chunks of
+    `chunk_batches` batches, sort each chunk by length, cut it into batches, shuffle the batches.
+    A pure function of `lengths` and the generator's state; the last batch may be smaller."""
+    order = torch.randperm(len(lengths), generator=generator).tolist()
+    chunk = batch_size * chunk_batches
+    batches = []
+    for start in range(0, len(order), chunk):
+        by_length = sorted(order[start : start + chunk], key=lengths.__getitem__)  # stable
+        batches += [by_length[i : i + batch_size] for i in range(0, len(by_length), batch_size)]
+    # Otherwise each chunk would run from its shortest batch to its longest.
+    shuffled = torch.randperm(len(batches), generator=generator).tolist()
+    return [batches[i] for i in shuffled]
 
 
 class EpochBatches:
@@ -19,6 +66,11 @@ class EpochBatches:
     `load_state_dict()` resume exactly at the next batch. The last incomplete batch of an epoch
     is dropped; a dataset smaller than one batch instead repeats its shuffled blocks to fill a
     single batch per epoch.
+
+    With `lengths` (default: the dataset's `lengths` attribute, if any) the epoch's batches are
+    `bucket_batches` from the same generator instead: every example once per epoch, batches of
+    similar length. `collate_fn` (default: the dataset's `collate`, else `default_collate`)
+    turns a list of items into a batch.
 
     With `world_size` > 1 (DDP), rank r takes batches r, r + world_size, ... of each epoch, so
     ranks see disjoint blocks and the same number of batches per epoch.
@@ -33,6 +85,9 @@ class EpochBatches:
         pin_memory: bool | None = None,
         rank: int = 0,
         world_size: int = 1,
+        *,
+        lengths: Sequence[int] | None = None,
+        collate_fn: Collate | None = None,
     ) -> None:
         if len(dataset) == 0:
             raise ValueError("EpochBatches needs a dataset with at least one block")
@@ -45,6 +100,10 @@ class EpochBatches:
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.rank = rank
         self.world_size = world_size
+        self.lengths = lengths if lengths is not None else getattr(dataset, "lengths", None)
+        if self.lengths is not None and len(self.lengths) != len(dataset):
+            raise ValueError(f"{len(self.lengths)} lengths for {len(dataset)} items")
+        self.collate_fn = collate_fn or getattr(dataset, "collate", default_collate)
         self.epoch = 0
         self.batch_index = 0  # the next batch to yield within self.epoch
         self._batches: Iterator[dict[str, torch.Tensor]] | None = None
@@ -54,19 +113,24 @@ class EpochBatches:
         return max(1, self._global_batches_per_epoch() // self.world_size)
 
     def _global_batches_per_epoch(self) -> int:
+        if self.lengths is not None:
+            return -(-len(self.dataset) // self.batch_size)  # bucketing keeps the last batch
         return max(1, len(self.dataset) // self.batch_size)
 
     def epoch_batches(self, epoch: int) -> list[list[int]]:
         """The block indices of every batch this rank takes in `epoch`."""
         count = len(self.dataset)
         generator = torch.Generator().manual_seed(self.seed + epoch)
-        order = torch.randperm(count, generator=generator).tolist()
-        if count < self.batch_size:
-            order = (order * -(-self.batch_size // count))[: self.batch_size]
-        size = self.batch_size
-        batches = [
-            order[i * size : (i + 1) * size] for i in range(self._global_batches_per_epoch())
-        ]
+        if self.lengths is not None:
+            batches = bucket_batches(self.lengths, self.batch_size, generator)
+        else:
+            order = torch.randperm(count, generator=generator).tolist()
+            if count < self.batch_size:
+                order = (order * -(-self.batch_size // count))[: self.batch_size]
+            size = self.batch_size
+            batches = [
+                order[i * size : (i + 1) * size] for i in range(self._global_batches_per_epoch())
+            ]
         # Modulo: with fewer batches than ranks (a tiny dataset) ranks share batches.
         return [
             batches[(self.rank + k * self.world_size) % len(batches)]
@@ -87,7 +151,10 @@ class EpochBatches:
             batch_sampler=self._batch_indices(self.epoch, self.batch_index),
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
-            collate_fn=default_collate,
+            collate_fn=self.collate_fn,
+            # Its own generator: creating an iterator draws a base seed, and drawing it from
+            # the global torch RNG would shift dropout after a resume (exact resume breaks).
+            generator=torch.Generator().manual_seed(self.seed),
         )
         return iter(loader)
 
@@ -120,14 +187,18 @@ class EpochBatches:
 
 
 def val_batches(
-    dataset: Dataset, batch_size: int, max_batches: int | None = None
+    dataset: Dataset,
+    batch_size: int,
+    max_batches: int | None = None,
+    collate_fn: Collate | None = None,
 ) -> list[dict[str, torch.Tensor]]:
     """The first `max_batches` batches of `dataset` in index order (the last may be smaller),
-    so every evaluation sees the same blocks."""
+    so every evaluation sees the same blocks; collated as `EpochBatches` does."""
+    collate = collate_fn or getattr(dataset, "collate", default_collate)
     count = len(dataset)
     if max_batches is not None:
         count = min(count, max_batches * batch_size)
     return [
-        default_collate([dataset[i] for i in range(start, min(start + batch_size, count))])
+        collate([dataset[i] for i in range(start, min(start + batch_size, count))])
         for start in range(0, count, batch_size)
     ]

@@ -1,9 +1,11 @@
-"""Packing: tokenize documents into one flat stream (doc EOS doc EOS ...) cut into blocks."""
+"""Packing: documents into one flat stream (doc EOS doc EOS ...) cut into blocks, for
+pretraining; whole SFT examples into blocks that keep each example's own attention, for SFT."""
 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -89,3 +91,59 @@ class PackedDataset(Dataset):
         input_ids[: len(block)] = block
         labels[: len(block)] = block
         return {"input_ids": input_ids, "labels": labels}
+
+
+def pack_examples(lengths: Sequence[int], max_seq_len: int) -> list[list[int]]:
+    """Greedy (next-fit, in order): example indices per block, each block's lengths summing to at
+    most max_seq_len; no example is split. Examples longer than a block are an error (the
+    `overlong` rule handles them before packing)."""
+    blocks: list[list[int]] = []
+    used = max_seq_len  # forces a new block for the first example
+    for index, length in enumerate(lengths):
+        if length > max_seq_len:
+            raise ValueError(f"example {index} has {length} tokens, more than {max_seq_len}")
+        if used + length > max_seq_len:
+            blocks.append([])
+            used = 0
+        blocks[-1].append(index)
+        used += length
+    return blocks
+
+
+class DocumentPackedDataset(Dataset):
+    """Blocks of `max_seq_len` tokens, each holding whole examples of `examples` (items
+    {"input_ids", "labels"} of any length, e.g. an `ExampleDataset`), packed by `pack_examples`.
+
+    Item i is `{"input_ids", "labels", "document_ids"}`, LongTensor[max_seq_len] each:
+    document_ids number the examples 0, 1, ... and the padding at the end gets the next id, so
+    the model keeps attention and positions inside each example. The first label of every
+    example is -100: it would be predicted from the previous example's last token, which the
+    example alone never does. Padding has pad_id / label -100.
+    """
+
+    def __init__(self, examples: Any, max_seq_len: int, pad_id: int) -> None:
+        self.examples = examples
+        self.max_seq_len = max_seq_len
+        self.pad_id = pad_id
+        lengths = [len(examples[i]["input_ids"]) for i in range(len(examples))]
+        self.blocks = pack_examples(lengths, max_seq_len)
+        self.num_tokens = sum(lengths)
+
+    def __len__(self) -> int:
+        return len(self.blocks)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        block = self.blocks[index]  # IndexError past the end, as a list
+        input_ids = torch.full((self.max_seq_len,), self.pad_id, dtype=torch.long)
+        labels = torch.full((self.max_seq_len,), IGNORE_INDEX, dtype=torch.long)
+        document_ids = torch.full((self.max_seq_len,), len(block), dtype=torch.long)
+        start = 0
+        for document, example_index in enumerate(block):
+            example = self.examples[example_index]
+            end = start + len(example["input_ids"])
+            input_ids[start:end] = example["input_ids"]
+            labels[start:end] = example["labels"]
+            labels[start] = IGNORE_INDEX
+            document_ids[start:end] = document
+            start = end
+        return {"input_ids": input_ids, "labels": labels, "document_ids": document_ids}

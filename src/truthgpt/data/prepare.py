@@ -1,21 +1,41 @@
-"""prepare_data: config -> corpus -> tokenizer -> packed train/val blocks, one log line a stage."""
+"""prepare_data: config -> corpus -> tokenizer -> train/val datasets, one log line a stage.
+
+task causal_lm: documents packed into `max_seq_len` blocks (`PackedDataset`). task sft: rows
+encoded with answer-only labels (`sft.py`), then either bucketed (`ExampleDataset`, padded per
+batch) or packed whole into blocks with document ids (`DocumentPackedDataset`).
+"""
 
 from __future__ import annotations
 
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from torch.utils.data import Dataset, default_collate
 from transformers import PreTrainedTokenizerBase
 
 from truthgpt.config import Config
-from truthgpt.data.packing import PackedDataset, pack_tokens, tokenize_documents
+from truthgpt.data.loader import Collate
+from truthgpt.data.packing import (
+    DocumentPackedDataset,
+    PackedDataset,
+    pack_tokens,
+    tokenize_documents,
+)
+from truthgpt.data.sft import (
+    ExampleDataset,
+    SFTRow,
+    encode_rows,
+    ensure_chat_template,
+    read_sft_rows,
+    sft_texts,
+)
 from truthgpt.data.sources import Corpus
 from truthgpt.data.tokenizer import build_tokenizer, load_tokenizer
-from truthgpt.errors import DataError
+from truthgpt.errors import ConfigError, DataError
 from truthgpt.registry import SOURCES
 
 TOKENIZER_DIR = "tokenizer"
@@ -23,23 +43,54 @@ TOKENIZER_DIR = "tokenizer"
 
 @dataclass
 class PreparedData:
-    """What training needs from the data: the tokenizer and packed blocks per split."""
+    """What training needs from the data: the tokenizer and a dataset per split.
+
+    `train` / `val` are `PackedDataset` (causal_lm), `ExampleDataset` (sft, bucket) or
+    `DocumentPackedDataset` (sft, pack; items also carry `document_ids`). `collate` turns a list
+    of items into a batch; `EpochBatches` and `val_batches` find it (and the lengths that
+    bucketing needs) on the dataset themselves.
+    """
 
     tokenizer: PreTrainedTokenizerBase
-    train: PackedDataset
-    val: PackedDataset | None  # None only when the source gave no val documents
+    train: Dataset
+    val: Dataset | None  # None only when the source gave no val documents
     train_tokens: int
     val_tokens: int
+    collate: Collate = field(default=default_collate)
+    batching: str = "pack"  # "pack" or "bucket"
+
+
+def resolve_batching(config: Config) -> str:
+    """`data.batching` with auto resolved ("pack" for causal_lm, "bucket" for sft), checked
+    against the task and the model."""
+    batching = config.data.batching
+    if batching == "auto":
+        return "pack" if config.task == "causal_lm" else "bucket"
+    if config.task == "causal_lm" and batching == "bucket":
+        raise ConfigError(
+            "data.batching: bucket is for task: sft; task causal_lm packs documents into "
+            "blocks (data.batching: pack or auto)"
+        )
+    if config.task == "sft" and batching == "pack" and config.model.arch == "hf":
+        raise ConfigError(
+            "data.batching: pack keeps packed sft examples apart with document ids, which only "
+            "the native decoder (model.arch llama or gpt2) takes; with model.arch: hf use "
+            "data.batching: bucket"
+        )
+    return batching
 
 
 def prepare_data(
     config: Config, run_dir: Path | None, log: Callable[[str], None] = print
 ) -> PreparedData:
-    """Read the corpus, build the tokenizer and pack both splits into `max_seq_len` blocks.
+    """Read the data, build the tokenizer and make the train / val datasets `config.task` needs.
 
     With a `run_dir`, the tokenizer is saved to `run_dir/tokenizer`; if that folder already
     exists it is loaded instead of trained, so a resumed run tokenizes exactly as before.
     """
+    batching = resolve_batching(config)
+    if config.task == "sft":
+        return _prepare_sft(config, run_dir, log, batching)
     data = config.data
     started = time.perf_counter()
     corpus: Corpus = SOURCES.get_builder(data.source, "data.source")(data)
@@ -49,18 +100,7 @@ def prepare_data(
         f"({_seconds_since(started)})"
     )
 
-    started = time.perf_counter()
-    tokenizer_dir = Path(run_dir) / TOKENIZER_DIR if run_dir is not None else None
-    if tokenizer_dir is not None and tokenizer_dir.is_dir():
-        tokenizer = load_tokenizer(tokenizer_dir)
-        how = f"loaded from {tokenizer_dir}"
-    else:
-        tokenizer = build_tokenizer(data.tokenizer, corpus)
-        how = f"loaded from {data.tokenizer.path}" if data.tokenizer.path else "trained"
-        if tokenizer_dir is not None:
-            tokenizer = _save_tokenizer(tokenizer, tokenizer_dir)
-            how += f", saved to {tokenizer_dir}"
-    log(f"data: tokenizer {how}: vocab size {len(tokenizer)} ({_seconds_since(started)})")
+    tokenizer = _tokenizer(config, run_dir, corpus, log, chat=False)
 
     started = time.perf_counter()
     train = _pack(tokenizer, corpus.train, data.max_seq_len)
@@ -77,6 +117,96 @@ def prepare_data(
         f"{val_blocks:,} val blocks of {data.max_seq_len} ({_seconds_since(started)})"
     )
     return PreparedData(tokenizer, train, val, train_tokens, val_tokens)
+
+
+def _prepare_sft(
+    config: Config, run_dir: Path | None, log: Callable[[str], None], batching: str
+) -> PreparedData:
+    data = config.data
+    started = time.perf_counter()
+    train_rows, val_rows = read_sft_rows(data)
+    log(
+        f"data: {data.source}: {len(train_rows)} train / {len(val_rows)} val sft rows "
+        f"({_seconds_since(started)})"
+    )
+
+    # A BPE trained here learns from the rows' own text; a given tokenizer ignores the corpus.
+    corpus = Corpus(train=_Texts(train_rows), val=[])
+    tokenizer = _tokenizer(config, run_dir, corpus, log, chat=True)
+
+    started = time.perf_counter()
+    encode = dict(sft_format=data.sft_format, max_seq_len=data.max_seq_len, overlong=data.overlong)
+    train_examples, train_stats = encode_rows(tokenizer, train_rows, **encode)
+    val_examples, val_stats = encode_rows(tokenizer, val_rows, **encode)
+    log(
+        f"data: sft ({data.sft_format}, overlong: {data.overlong}): train "
+        f"{train_stats.describe()}; val {val_stats.describe()} ({_seconds_since(started)})"
+    )
+    if not train_examples:
+        raise DataError(
+            f"no sft train example is left ({train_stats.describe()}); raise data.max_seq_len, "
+            "set data.overlong: truncate, or check that rows have answers"
+        )
+
+    pad_id = tokenizer.pad_token_id
+    train_set = ExampleDataset(train_examples, pad_id)
+    val_set = ExampleDataset(val_examples, pad_id) if val_examples else None
+    train_tokens, val_tokens = train_set.num_tokens, val_set.num_tokens if val_set else 0
+    train: Dataset
+    val: Dataset | None
+    if batching == "pack":
+        train = DocumentPackedDataset(train_set, data.max_seq_len, pad_id)
+        val = DocumentPackedDataset(val_set, data.max_seq_len, pad_id) if val_set else None
+        collate: Collate = default_collate
+        what = f"blocks of {data.max_seq_len}"
+    else:
+        train, val, collate, what = train_set, val_set, train_set.collate, "examples"
+    log(
+        f"data: {train_tokens:,} train / {val_tokens:,} val tokens -> {len(train):,} train / "
+        f"{len(val) if val is not None else 0:,} val {what} (batching: {batching})"
+    )
+    return PreparedData(
+        tokenizer, train, val, train_tokens, val_tokens, collate=collate, batching=batching
+    )
+
+
+@dataclass
+class _Texts:
+    """Row texts for BPE training; iterable more than once, as `Corpus.train` must be."""
+
+    rows: list[SFTRow]
+
+    def __iter__(self) -> Iterator[str]:
+        return sft_texts(self.rows)
+
+
+def _tokenizer(
+    config: Config,
+    run_dir: Path | None,
+    corpus: Corpus,
+    log: Callable[[str], None],
+    chat: bool,
+) -> PreTrainedTokenizerBase:
+    """The run's tokenizer: the run folder's copy when there is one, else loaded or trained and
+    saved there. `chat`: make sure it has a chat template before it is saved."""
+    started = time.perf_counter()
+    tokenizer_dir = Path(run_dir) / TOKENIZER_DIR if run_dir is not None else None
+    if tokenizer_dir is not None and tokenizer_dir.is_dir():
+        tokenizer = load_tokenizer(tokenizer_dir)
+        how = f"loaded from {tokenizer_dir}"
+        if chat and ensure_chat_template(tokenizer):
+            how += ", default chat template set"
+    else:
+        tokenizer = build_tokenizer(config.data.tokenizer, corpus)
+        path = config.data.tokenizer.path
+        how = f"loaded from {path}" if path else "trained"
+        if chat and ensure_chat_template(tokenizer):
+            how += ", default chat template set"
+        if tokenizer_dir is not None:
+            tokenizer = _save_tokenizer(tokenizer, tokenizer_dir)
+            how += f", saved to {tokenizer_dir}"
+    log(f"data: tokenizer {how}: vocab size {len(tokenizer)} ({_seconds_since(started)})")
+    return tokenizer
 
 
 def _pack(

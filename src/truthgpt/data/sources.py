@@ -261,7 +261,9 @@ class StreamingTexts:
                 yield text
 
 
-def _load_hf(cfg: DataConfig, data_files: list[str]) -> Any:
+def load_hf_dataset(cfg: DataConfig, data_files: list[str]) -> Any:
+    """`datasets.load_dataset` as `cfg` says (a `Dataset`, or an `IterableDataset` when
+    streaming), with a DataError that names the dataset when it cannot be loaded."""
     import datasets  # imported here: a second of start-up that only this source needs
 
     try:
@@ -301,10 +303,10 @@ def hf_dataset(cfg: DataConfig) -> Corpus:
     if not cfg.hf_name:
         raise DataError("data.hf_name is empty: source 'hf' needs a dataset name or a builder")
     where = f"hf dataset {cfg.hf_name!r}"
-    dataset = _load_hf(cfg, cfg.paths)
+    dataset = load_hf_dataset(cfg, cfg.paths)
     val: list[str] = []
     if cfg.val_paths:
-        val_set = _load_hf(cfg, cfg.val_paths)
+        val_set = load_hf_dataset(cfg, cfg.val_paths)
         streamed = StreamingTexts(val_set, cfg.field, where)
         val = list(streamed) if cfg.streaming else _hf_texts(val_set, cfg.field, where)
 

@@ -16,6 +16,12 @@ Generation uses a static KV cache (as gpt-fast does): `Decoder.new_cache()` prea
 k/v for every layer and `forward(..., cache=cache, start_pos=p)` writes the new tokens at
 positions p.. and attends over everything before them.
 
+Packed training (several examples in one row) passes `document_ids` [B, T]: attention stays
+causal *and* inside each document, and positions restart at 0 where a document starts, so each
+example sees exactly what it would see alone. `attention_mask` (HF style, 1 = token, 0 = pad)
+is for left padding: pads are hidden from every query and positions count real tokens only.
+Right padding needs no mask: causal attention never lets a real token see the pads after it.
+
 Parameter names (the weight maps in hf_io.py depend on them):
     embed.weight, pos_embed.weight (gpt2), norm.{weight,bias}, lm_head.weight,
     layers.N.{attn_norm,mlp_norm}.{weight,bias},
@@ -33,6 +39,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from truthgpt.errors import ConfigError, RequestError
 
@@ -192,6 +199,29 @@ def rope_cos_sin(cfg: DecoderConfig, start_pos: int, seq_len: int, device: torch
     return torch.stack((emb.cos(), emb.sin()))
 
 
+def rope_cos_sin_at(cfg: DecoderConfig, positions: Tensor) -> Tensor:
+    """cos and sin for per-row positions [B, T], as [2, B, 1, T, head_dim] in fp32 (the 1
+    broadcasts over heads); the same arithmetic as `rope_cos_sin`, so equal positions give
+    bit-equal angles."""
+    freqs = positions.float()[..., None] * rope_inv_freq(cfg, positions.device)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return torch.stack((emb.cos(), emb.sin()))[:, :, None]
+
+
+def document_positions(document_ids: Tensor) -> tuple[Tensor, Tensor]:
+    """(segment index, position in segment) for document_ids [B, T], both [B, T].
+
+    A segment starts wherever the id changes from the previous token, so ids need only differ
+    between neighbours; positions count 0, 1, ... from each segment start.
+    """
+    seq_len = document_ids.shape[1]
+    starts = torch.ones_like(document_ids, dtype=torch.bool)
+    starts[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
+    index = torch.arange(seq_len, device=document_ids.device).expand_as(document_ids)
+    start_index = torch.cummax(torch.where(starts, index, 0), dim=1).values
+    return starts.long().cumsum(dim=1), index - start_index
+
+
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """Rotate x [B, heads, T, head_dim] by position (HF's rotate_half layout, so weights match)."""
     half = x.shape[-1] // 2
@@ -329,6 +359,7 @@ class Decoder(nn.Module):
         self.init_weights()
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
+        self.gradient_checkpointing = False  # see set_gradient_checkpointing
 
     def init_weights(self) -> None:
         """GPT-2 init: N(0, 0.02), zero biases, unit norms; residual output projections scaled by
@@ -372,6 +403,11 @@ class Decoder(nn.Module):
             torch.zeros(shape, dtype=dtype, device=device),
         )
 
+    def set_gradient_checkpointing(self, enabled: bool) -> None:
+        """Recompute each block's activations in backward instead of keeping them (training
+        only): memory per layer drops to the block input, for about one more forward of compute."""
+        self.gradient_checkpointing = enabled
+
     def forward(
         self,
         input_ids: Tensor,
@@ -379,10 +415,18 @@ class Decoder(nn.Module):
         *,
         cache: KVCache | None = None,
         start_pos: int = 0,
+        document_ids: Tensor | None = None,
+        attention_mask: Tensor | None = None,
     ) -> DecoderOutput:
         """Logits for input_ids [B, T] at positions start_pos..start_pos+T-1, loss when labels
         [B, T] are given (shifted inside, -100 ignored). With `cache`, the new keys/values are
-        written at those positions and attention covers cache[:start_pos + T]."""
+        written at those positions and attention covers cache[:start_pos + T].
+
+        document_ids [B, T]: packed examples; attention stays inside each run of equal ids and
+        positions restart at 0 at each run (no cache). attention_mask [B, start_pos + T] (1 =
+        token, 0 = padding, HF style, covering cached and new tokens): for left padding; pads
+        are never attended to and positions count only real tokens.
+        """
         cfg = self.config
         batch, seq_len = input_ids.shape
         end = start_pos + seq_len
@@ -393,33 +437,89 @@ class Decoder(nn.Module):
             )
         if cache is None and start_pos:
             raise RequestError("start_pos > 0 needs the KV cache holding the earlier positions")
+        if cfg.family == "gpt2" and end > cfg.max_position_embeddings:
+            raise RequestError(
+                f"position {end - 1} is past gpt2's max_position_embeddings "
+                f"{cfg.max_position_embeddings}"
+            )
+        positions, mask = self._positions_and_mask(
+            input_ids, start_pos, cache is not None, document_ids, attention_mask
+        )
 
         x = self.embed(input_ids)
         rope = None
         if cfg.family == "gpt2":
-            if end > cfg.max_position_embeddings:
-                raise RequestError(
-                    f"position {end - 1} is past gpt2's max_position_embeddings "
-                    f"{cfg.max_position_embeddings}"
-                )
-            positions = torch.arange(start_pos, end, device=input_ids.device)
+            if positions is None:
+                positions = torch.arange(start_pos, end, device=input_ids.device)
             x = x + self.pos_embed(positions)
-        else:
+        elif positions is None:
             rope = rope_cos_sin(cfg, start_pos, seq_len, input_ids.device)
+        else:
+            rope = rope_cos_sin_at(cfg, positions)
         x = F.dropout(x, cfg.dropout, self.training)
 
-        mask = None
-        if cache is not None and start_pos > 0 and seq_len > 1:
-            # Query i sits at position start_pos + i and may see keys 0..start_pos + i.
-            mask = torch.ones(seq_len, end, dtype=torch.bool, device=input_ids.device)
-            mask = mask.tril(diagonal=start_pos)
-
+        recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for index, block in enumerate(self.layers):
             kv_cache = (cache.k[index], cache.v[index]) if cache is not None else None
-            x = block(x, rope, mask, kv_cache, start_pos)
+            if recompute:
+                # Non-reentrant: works with inputs that need no grad and keyword arguments, and
+                # restores the RNG state so dropout draws the same masks when recomputing.
+                x = checkpoint(block, x, rope, mask, kv_cache, start_pos, use_reentrant=False)
+            else:
+                x = block(x, rope, mask, kv_cache, start_pos)
         logits = self.lm_head(self.norm(x))
         loss = causal_lm_loss(logits, labels) if labels is not None else None
         return DecoderOutput(logits=logits, loss=loss)
+
+    def _positions_and_mask(
+        self,
+        input_ids: Tensor,
+        start_pos: int,
+        has_cache: bool,
+        document_ids: Tensor | None,
+        attention_mask: Tensor | None,
+    ) -> tuple[Tensor | None, Tensor | None]:
+        """Per-row positions [B, T] (None: start_pos.. for every row) and the boolean SDPA mask
+        [B or 1, 1, T, start_pos + T] (None: plain causal, SDPA's fastest path)."""
+        batch, seq_len = input_ids.shape
+        end = start_pos + seq_len
+        device = input_ids.device
+        if document_ids is not None:
+            if has_cache:
+                raise RequestError("document_ids is for training and scoring, not the KV cache")
+            if document_ids.shape != input_ids.shape:
+                raise RequestError(
+                    f"document_ids {tuple(document_ids.shape)} must have the shape of "
+                    f"input_ids {tuple(input_ids.shape)}"
+                )
+        if attention_mask is not None and tuple(attention_mask.shape) != (batch, end):
+            raise RequestError(
+                f"attention_mask {tuple(attention_mask.shape)} must be [batch, start_pos + "
+                f"seq_len] = ({batch}, {end}): one entry per cached and new token"
+            )
+        plain_chunk = not has_cache or start_pos == 0 or seq_len == 1
+        if document_ids is None and attention_mask is None and plain_chunk:
+            return None, None
+
+        query_pos = torch.arange(start_pos, end, device=device)
+        key_pos = torch.arange(end, device=device)
+        # Query i sits at position start_pos + i and may see keys 0..start_pos + i.
+        mask = (key_pos[None, :] <= query_pos[:, None])[None, None]
+        positions = None
+        if document_ids is not None:
+            segment, positions = document_positions(document_ids)
+            mask = mask & (segment[:, None, :, None] == segment[:, None, None, :])
+        if attention_mask is not None:
+            keep = attention_mask.to(device=device, dtype=torch.bool)
+            mask = mask & keep[:, None, None, :]
+            # A pad query would otherwise see no key at all, and SDPA turns an all-masked row
+            # into NaN, which 0-weight products then spread to every query. Let it see itself.
+            mask = mask | (key_pos[None, :] == query_pos[:, None])[None, None]
+            if positions is None:
+                # Left padding: the first real token is position 0, as HF computes position_ids.
+                counted = (keep.long().cumsum(dim=1) - 1).clamp(min=0)
+                positions = counted[:, start_pos:end]
+        return positions, mask
 
     def num_params(self, exclude_embeddings: bool = False) -> int:
         """Parameters, each shared tensor counted once. exclude_embeddings drops the token and
