@@ -127,3 +127,19 @@ def test_resume_flag_continues_a_run(tmp_path: Path) -> None:
     )
     assert more.exit_code == 0, more.output
     assert "resumed from" in more.output and "at step 10" in more.output
+
+
+def test_generate_chat_uses_the_template_or_says_why_not(tmp_path: Path) -> None:
+    path = write_config(tmp_path)
+    assert runner.invoke(app, ["train", str(path), "--set", "training.max_steps=2"]).exit_code == 0
+    run_dir = tmp_path / "runs" / "tiny"
+    args = ["generate", str(run_dir), "--chat", "--prompt", "hi", "--max-new-tokens", "3"]
+    refused = runner.invoke(app, args)
+    assert refused.exit_code == 1 and "no chat template" in refused.output
+    best = run_dir / "checkpoints" / "best"
+    tokenizer = AutoTokenizer.from_pretrained(str(best))
+    tokenizer.chat_template = "{% for m in messages %}[{{ m['content'] }}]{% endfor %}=>"
+    tokenizer.save_pretrained(str(best))
+    chat = runner.invoke(app, [*args, "--temperature", "0"])
+    assert chat.exit_code == 0, chat.output
+    assert chat.stdout.startswith("[hi]=>")

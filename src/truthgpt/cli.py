@@ -129,10 +129,13 @@ def generate(
     top_p: Annotated[float, typer.Option(min=0.0, max=1.0)] = 1.0,
     seed: Annotated[int | None, typer.Option(help="Fix the sampling RNG.")] = None,
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N, mps or auto.")] = "auto",
+    chat: Annotated[
+        bool, typer.Option(help="Send the prompt as a user message through the chat template.")
+    ] = False,
 ) -> None:
     """Continue a prompt with a trained run or any local HF causal LM, streaming the text."""
+    from truthgpt.inference.generate import chat_prompt, load_for_generation
     from truthgpt.inference.generate import generate as generate_text
-    from truthgpt.inference.generate import load_for_generation
     from truthgpt.inference.sampling import SamplingParams
     from truthgpt.training.trainer import resolve_device
 
@@ -145,6 +148,8 @@ def generate(
             seed=seed,
         )
         loaded, tokenizer = load_for_generation(model, device=resolve_device(device))
+        if chat:
+            prompt = chat_prompt(tokenizer, prompt)
         sys.stdout.write(prompt)
         sys.stdout.flush()
 

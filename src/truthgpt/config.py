@@ -273,6 +273,35 @@ class InferenceConfig(Section):
     top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling mass")
 
 
+class DiffusionConfig(Section):
+    model: str | None = Field(
+        None, description="local diffusers pipeline folder (or a hub id with allow_download)"
+    )
+    allow_download: bool = Field(False, description="let a hub id be fetched (offline otherwise)")
+    dtype: Literal["fp16", "bf16", "fp32"] = Field("fp16", description="weights and compute dtype")
+    scheduler: str | None = Field(
+        None, description="ddim, euler_a, dpm++_2m_karras, unipc, ...; empty: the pipeline's own"
+    )
+    memory: Literal["none", "balanced", "aggressive", "ultra", "auto"] = Field(
+        "auto", description="memory level: which offload/casting recipe to apply"
+    )
+    speed: bool = Field(
+        False, description="SDPA, channels_last, fused QKV and torch.compile of the denoiser"
+    )
+    prompt: str = Field("", description="what to draw")
+    negative_prompt: str | None = Field(None, description="what to steer away from")
+    steps: int = Field(25, ge=1, description="denoising steps")
+    guidance: float = Field(7.5, ge=0, description="classifier-free guidance scale")
+    width: int | None = Field(None, ge=8, description="pixels; empty: the model's default")
+    height: int | None = Field(None, ge=8, description="pixels; empty: the model's default")
+    seed: int | None = Field(0, description="same seed, same image; empty: random")
+    batch: int = Field(1, ge=1, description="images per prompt (a grid PNG is written too)")
+    loras: list[str] = Field(
+        default_factory=list, description="LoRA adapter folders, each optionally DIR:weight"
+    )
+    output_dir: str = Field("images", description="where PNGs are written")
+
+
 class Config(Section):
     run_name: str = Field("run", min_length=1, description="name of the run folder")
     output_dir: str = Field("runs", description="the run folder is <output_dir>/<run_name>")
@@ -288,6 +317,7 @@ class Config(Section):
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     hardware: HardwareConfig = Field(default_factory=HardwareConfig)
     inference: InferenceConfig = Field(default_factory=InferenceConfig)
+    diffusion: DiffusionConfig = Field(default_factory=DiffusionConfig)
 
     @field_validator("run_name")
     @classmethod

@@ -49,6 +49,16 @@ def load_for_generation(
     return model, tokenizer
 
 
+def chat_prompt(tokenizer: PreTrainedTokenizerBase, user_message: str) -> str:
+    """The text a chat model expects for one user turn, ending where the answer begins."""
+    if not tokenizer.chat_template:
+        raise RequestError(
+            "this model's tokenizer has no chat template; drop --chat or fine-tune with task: sft"
+        )
+    messages = [{"role": "user", "content": user_message}]
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
 def _max_positions(model: nn.Module) -> int | None:
     if isinstance(model, Decoder):
         return model.config.max_position_embeddings
