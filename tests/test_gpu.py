@@ -60,3 +60,22 @@ def test_compiled_bf16_training_lowers_the_loss(tmp_path: Path) -> None:
     )
     result = train(load(raw))
     assert result.final_val_loss < result.initial_val_loss - 0.5
+
+
+def test_cuda_lora_bf16_run_resumes_exactly(tmp_path: Path) -> None:
+    from test_resume import CrashAt, resume_config, step_losses
+
+    extra = {
+        "model": {"lora": {"enabled": True, "r": 4}},
+        "training": {"precision": "bf16", "ema": {"enabled": True}},
+        "hardware": {"device": "cuda"},
+    }
+    full = train(load(resume_config(tmp_path, "gpufull", **extra)))
+    broken = load(resume_config(tmp_path, "gpubroken", **extra))
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(broken, callbacks=[CrashAt(10)])
+    train(broken, resume=True)
+    got, expected = step_losses(broken.run_dir), step_losses(full.run_dir)
+    assert sorted(got) == sorted(expected)
+    for step, loss in expected.items():
+        assert got[step] == pytest.approx(loss, rel=1e-3), step
