@@ -24,6 +24,7 @@ __all__ = [
     "RequestError",
     "TruthGPTError",
     "generate",
+    "image",
     "load_config",
     "load_model",
     "train",
@@ -64,3 +65,13 @@ def generate(
     params = SamplingParams(temperature, top_k, top_p, max_new_tokens, seed)
     loaded, tokenizer = load_for_generation(model, device=device)
     return generate_text(loaded, tokenizer, prompt, params)
+
+
+def image(model: str | Path, prompt: str, **settings):
+    """Draw images with a local diffusers pipeline; settings are `diffusion:` config keys
+    (steps, guidance, width, height, seed, batch, scheduler, memory, loras, speed, output_dir...).
+    Returns an ImageResult (images, paths, peak memory, latency)."""
+    from truthgpt.diffusion.generate import generate_images
+
+    config = load_config({"diffusion": {"model": str(model), "prompt": prompt, **settings}})
+    return generate_images(config.diffusion)

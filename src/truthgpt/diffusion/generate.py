@@ -1,0 +1,209 @@
+"""Text to image: load, pick scheduler/LoRAs/memory/speed, draw, write PNGs with their settings.
+
+The order matters: LoRAs change the denoiser, speed mode changes weights and layouts, and both
+must be done before the memory level's offload hooks copy the weights; compilation comes last,
+on what the memory level left in place.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+
+from truthgpt.config import DiffusionConfig
+from truthgpt.diffusion.memory import MemoryMonitor, MemoryStats, apply_memory_level, choose_level
+from truthgpt.diffusion.pipeline import denoiser_of, load_pipeline, resolve_dtype
+from truthgpt.diffusion.schedulers import set_scheduler
+from truthgpt.diffusion.speed import compile_denoiser, prepare_for_speed
+from truthgpt.errors import CheckpointError, ConfigError
+
+
+@dataclass
+class ImageResult:
+    """The images of one call, where they were written, and what the call cost."""
+
+    images: list[Image.Image]
+    paths: list[Path]
+    grid_path: Path | None
+    metadata: dict[str, str]  # as written into each PNG (seed is per image)
+    stats: MemoryStats
+    memory_level: str
+    memory_reason: str  # why auto chose the level; empty when it was given
+
+
+def parse_lora(spec: str) -> tuple[str, float]:
+    """`DIR:0.8` -> ("DIR", 0.8); `DIR` -> ("DIR", 1.0). A drive letter (`C:\\x`) is no weight."""
+    head, sep, tail = spec.rpartition(":")
+    if sep and head:
+        try:
+            return head, float(tail)
+        except ValueError:
+            pass
+    return spec, 1.0
+
+
+def generate_images(
+    cfg: DiffusionConfig,
+    pipe=None,
+    log: Callable[[str], None] = print,
+    *,
+    device: torch.device | str | None = None,
+    progress: bool = True,
+) -> ImageResult:
+    """Draw `cfg.batch` images for `cfg.prompt` and write them (and a grid) to `cfg.output_dir`.
+
+    pipe: an already loaded pipeline still on the CPU (cfg.model is then only recorded).
+    device: where to run; default the first CUDA GPU, else the CPU.
+    """
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if pipe is None:
+        if not cfg.model:
+            raise ConfigError("diffusion.model: give a local diffusers pipeline folder")
+        pipe = load_pipeline(cfg.model, resolve_dtype(cfg.dtype, device, log), cfg.allow_download)
+    pipe.set_progress_bar_config(disable=not progress)
+    width, height = _checked_size(pipe, cfg)
+    dtype = str(denoiser_of(pipe)[1].dtype).removeprefix("torch.")  # before FP8 storage
+
+    if cfg.scheduler:
+        set_scheduler(pipe, cfg.scheduler)
+    if cfg.loras:
+        _load_loras(pipe, cfg.loras)
+    if cfg.speed:
+        prepare_for_speed(pipe, log)
+
+    level, reason = cfg.memory, ""
+    if level == "auto":
+        pixels = width * height if width and height else None
+        level, reason = choose_level(pipe, device, pixels)
+        log(reason)
+    apply_memory_level(pipe, level, device, log)
+
+    seed = cfg.seed if cfg.seed is not None else random.randrange(2**31)
+    call = dict(
+        prompt=cfg.prompt,
+        negative_prompt=cfg.negative_prompt,
+        num_inference_steps=cfg.steps,
+        guidance_scale=cfg.guidance,
+        width=width,
+        height=height,
+        num_images_per_prompt=cfg.batch,
+    )
+    if cfg.speed:
+        # Same shapes as the real call, so the compiled graphs are reused; two steps suffice.
+        warm_up = dict(call, num_inference_steps=2, output_type="latent")
+        compile_denoiser(pipe, device, warm_up=lambda: pipe(**warm_up), log=log)
+
+    # One CPU generator per image, seeded seed+i: image i is reproducible on its own, and CPU
+    # noise is the same on every machine, so a seed draws the same picture on CPU and GPU.
+    generators = [torch.Generator("cpu").manual_seed(seed + i) for i in range(cfg.batch)]
+    with MemoryMonitor(device) as monitor:
+        images = pipe(**call, generator=generators).images
+    stats = monitor.stats
+    assert stats is not None  # set by MemoryMonitor.__exit__
+
+    metadata = {
+        "prompt": cfg.prompt,
+        "negative_prompt": cfg.negative_prompt or "",
+        "steps": str(cfg.steps),
+        "guidance": f"{cfg.guidance:g}",
+        "width": str(images[0].width),
+        "height": str(images[0].height),
+        "seed": str(seed),
+        "scheduler": cfg.scheduler or type(pipe.scheduler).__name__,
+        "memory": level,
+        "peak_gib": f"{stats.peak_allocated_gib:.3f}",
+        "latency_s": f"{stats.latency_s:.3f}",
+        "device": stats.device,
+        "model": str(cfg.model or ""),
+        "dtype": dtype,
+        "loras": ", ".join(cfg.loras),
+        "speed": str(cfg.speed).lower(),
+        "batch": str(cfg.batch),
+    }
+    paths, grid_path = _write_pngs(images, metadata, seed, Path(cfg.output_dir))
+    peak = f", peak {stats.peak_allocated_gib:.2f} GiB allocated" if device.type == "cuda" else ""
+    log(
+        f"wrote {len(paths)} image(s) to {cfg.output_dir} in {stats.latency_s:.2f} s"
+        f"{peak} (memory {level})"
+    )
+    return ImageResult(images, paths, grid_path, metadata, stats, level, reason)
+
+
+def _checked_size(pipe, cfg: DiffusionConfig) -> tuple[int | None, int | None]:
+    multiple = getattr(pipe, "vae_scale_factor", 8)
+    for key, value in (("width", cfg.width), ("height", cfg.height)):
+        if value is not None and value % multiple:
+            raise ConfigError(
+                f"diffusion.{key}: {value} is not a multiple of {multiple}, which this model's "
+                f"autoencoder needs; try {max(multiple, round(value / multiple) * multiple)}"
+            )
+    return cfg.width, cfg.height
+
+
+def _load_loras(pipe, specs: list[str]) -> None:
+    if not hasattr(pipe, "load_lora_weights"):
+        raise ConfigError(f"diffusion.loras: {type(pipe).__name__} does not take LoRA adapters")
+    names, weights = [], []
+    for i, spec in enumerate(specs):
+        folder, weight = parse_lora(spec)
+        if not Path(folder).exists():
+            raise CheckpointError(f"diffusion.loras[{i}]: LoRA folder {folder!r} does not exist")
+        name = f"lora{i}_" + re.sub(r"\W+", "_", Path(folder).name)
+        try:
+            pipe.load_lora_weights(folder, adapter_name=name)
+        except (OSError, ValueError, KeyError, RuntimeError) as exc:
+            where = f"diffusion.loras[{i}]"
+            raise CheckpointError(f"{where}: could not load {folder!r}: {exc}") from exc
+        names.append(name)
+        weights.append(weight)
+    pipe.set_adapters(names, adapter_weights=weights)
+
+
+def _write_pngs(
+    images: list[Image.Image], metadata: dict[str, str], seed: int, out_dir: Path
+) -> tuple[list[Path], Path | None]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = f"{time.strftime('%Y%m%d-%H%M%S')}-s{seed}"
+    paths = []
+    for i, image in enumerate(images):
+        path = _free_path(out_dir, f"{stem}-{i}")
+        image.save(path, pnginfo=_png_info(dict(metadata, seed=str(seed + i))))
+        paths.append(path)
+    grid_path = None
+    if len(images) > 1:
+        grid_path = _free_path(out_dir, f"{stem}-grid")
+        _grid(images).save(grid_path, pnginfo=_png_info(metadata))
+    return paths, grid_path
+
+
+def _png_info(metadata: dict[str, str]) -> PngInfo:
+    info = PngInfo()
+    for key, value in metadata.items():
+        info.add_text(key, value)
+    return info
+
+
+def _free_path(folder: Path, stem: str) -> Path:
+    path, n = folder / f"{stem}.png", 1
+    while path.exists():
+        path, n = folder / f"{stem}_{n}.png", n + 1
+    return path
+
+
+def _grid(images: list[Image.Image]) -> Image.Image:
+    cols = math.ceil(math.sqrt(len(images)))
+    rows = math.ceil(len(images) / cols)
+    w, h = images[0].size
+    grid = Image.new("RGB", (cols * w, rows * h), "white")
+    for i, image in enumerate(images):
+        grid.paste(image, ((i % cols) * w, (i // cols) * h))
+    return grid
