@@ -428,3 +428,48 @@ def test_cuda_speed_mode_compiles(tmp_path: Path, sd_dir: Path) -> None:
     result = generate_images(cfg, log=logs.append, device="cuda", progress=False)
     assert any("torch.compile of UNet2DConditionModel" in line for line in logs)
     assert _pixels(result.images[0]).std() > 0
+
+
+def test_image_cli_writes_pngs_and_reports_memory(tmp_path: Path, sd_dir: Path) -> None:
+    from typer.testing import CliRunner
+
+    from truthgpt.cli import app
+
+    out = tmp_path / "imgs"
+    args = [
+        "image",
+        str(sd_dir),
+        "--prompt",
+        "a cat",
+        "--steps",
+        "2",
+        "--size",
+        "64",
+        "--seed",
+        "5",
+        "--batch",
+        "2",
+        "--scheduler",
+        "euler_a",
+        "--memory",
+        "balanced",
+        "--dtype",
+        "fp32",
+        "--out",
+        str(out),
+    ]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "memory level balanced: peak" in result.stdout and "grid:" in result.stdout
+    pngs = sorted(out.glob("*.png"))
+    assert len(pngs) == 3  # two images and the grid
+    assert Image.open(pngs[0]).text["scheduler"] == "euler_a"
+    yaml_path = tmp_path / "img.yaml"
+    yaml_path.write_text(
+        f"diffusion:\n  model: {sd_dir}\n  prompt: a dog\n  steps: 2\n"
+        f"  width: 64\n  height: 64\n  dtype: fp32\n  output_dir: {out}\n"
+    )
+    again = CliRunner().invoke(app, ["image", "--config", str(yaml_path), "--memory", "nope"])
+    assert again.exit_code == 1 and "diffusion.memory" in again.output
+    bad_size = CliRunner().invoke(app, ["image", str(sd_dir), "--prompt", "x", "--size", "big"])
+    assert bad_size.exit_code == 1 and "--size" in bad_size.output

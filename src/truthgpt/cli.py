@@ -183,7 +183,9 @@ def image(
     size: Annotated[str | None, typer.Option(help="WIDTHxHEIGHT, or one number.")] = None,
     seed: Annotated[int | None, typer.Option()] = None,
     batch: Annotated[int | None, typer.Option(min=1, help="Images per prompt.")] = None,
-    scheduler: Annotated[str | None, typer.Option(help="ddim, euler_a, dpm++_2m_karras, ...")] = None,
+    scheduler: Annotated[
+        str | None, typer.Option(help="ddim, euler_a, dpm++_2m_karras, ...")
+    ] = None,
     memory: Annotated[
         str | None, typer.Option(help="none, balanced, aggressive, ultra or auto.")
     ] = None,
