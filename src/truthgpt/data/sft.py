@@ -28,7 +28,7 @@ from transformers import PreTrainedTokenizerBase
 from truthgpt.config import DataConfig
 from truthgpt.data.loader import pad_collate
 from truthgpt.data.packing import IGNORE_INDEX
-from truthgpt.data.sources import expand_paths, load_hf_dataset, split_train_val
+from truthgpt.data.sources import expand_paths, iter_jsonl, load_hf_dataset, split_train_val
 from truthgpt.errors import ConfigError, DataError
 
 # The template set on a tokenizer that has none (our trained BPE): ChatML-like role headers in
@@ -116,21 +116,12 @@ def read_sft_rows(cfg: DataConfig) -> tuple[list[SFTRow], list[SFTRow]]:
 
 def _read_jsonl_rows(files: list[Path], max_rows: int | None) -> list[SFTRow]:
     rows: list[SFTRow] = []
-    for path in files:
-        with open(path, encoding="utf-8") as lines:
-            for line_number, line in enumerate(lines, start=1):
-                if max_rows is not None and len(rows) >= max_rows:
-                    return rows
-                if not line.strip():
-                    continue
-                where = f"{path}:{line_number}"
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise DataError(f"{where}: not a JSON object ({exc.msg})") from None
-                if not isinstance(record, dict):
-                    raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
-                rows.append(SFTRow(record, where))
+    for where, record in iter_jsonl(files):
+        if max_rows is not None and len(rows) >= max_rows:
+            break
+        if not isinstance(record, dict):
+            raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+        rows.append(SFTRow(record, where))
     return rows
 
 

@@ -185,23 +185,28 @@ def text_files(cfg: DataConfig) -> Corpus:
     return Corpus(train=train, val=val)
 
 
-def _read_jsonl(files: list[Path], field: str, max_documents: int | None) -> list[str]:
-    documents = []
+def iter_jsonl(files: list[Path]) -> Iterator[tuple[str, Any]]:
+    """(file:line, parsed value) for every non-blank line; a line that is not JSON is an error."""
     for path in files:
         with open(path, encoding="utf-8") as lines:
             for line_number, line in enumerate(lines, start=1):
-                if max_documents is not None and len(documents) >= max_documents:
-                    return documents
                 if not line.strip():
                     continue
                 where = f"{path}:{line_number}"
                 try:
-                    record = json.loads(line)
+                    yield where, json.loads(line)
                 except json.JSONDecodeError as exc:
                     raise DataError(f"{where}: not a JSON object ({exc.msg})") from None
-                text = _field_text(record, field, where)
-                if not _is_empty(text):
-                    documents.append(text)
+
+
+def _read_jsonl(files: list[Path], field: str, max_documents: int | None) -> list[str]:
+    documents = []
+    for where, record in iter_jsonl(files):
+        if max_documents is not None and len(documents) >= max_documents:
+            break
+        text = _field_text(record, field, where)
+        if not _is_empty(text):
+            documents.append(text)
     return documents
 
 

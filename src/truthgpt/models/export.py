@@ -16,7 +16,6 @@ only when merging (`fan_in_fan_out`).
 from __future__ import annotations
 
 import dataclasses
-import os
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -24,6 +23,7 @@ from typing import TYPE_CHECKING
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from truthgpt.atomic import publish_folder
 from truthgpt.errors import CheckpointError
 from truthgpt.models.build import load_model, save_model
 from truthgpt.models.decoder import Decoder
@@ -74,24 +74,12 @@ def export_hf(
                 "Choose another folder or pass overwrite=True (--overwrite)."
             )
     model = load_model(source)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".tmp-{out_dir.name}-{os.getpid()}"
-    old = out_dir.parent / f".old-{out_dir.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        tmp.mkdir()
+
+    def fill(tmp: Path) -> None:
         _write_model(model, tmp, merge_lora)
         copy_tokenizer_files(source, tmp)
-        _fsync_tree(tmp)  # the rename must not publish files whose data is still in flight
-        if out_dir.exists():  # a folder cannot be renamed over a non-empty one
-            out_dir.rename(old)
-        tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old.exists() and not out_dir.exists():
-            old.rename(out_dir)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
+
+    publish_folder(out_dir, fill)
     return out_dir
 
 
@@ -105,15 +93,6 @@ def _write_model(model: nn.Module, folder: Path, merge_lora: bool) -> None:
             return
     # A transformers model (its adapter already has HF names) or a merged / plain model.
     save_model(model, folder)
-
-
-def _fsync_tree(folder: Path) -> None:
-    for path in [*sorted(folder.rglob("*"), reverse=True), folder]:  # files before folders
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 def copy_tokenizer_files(source: Path, folder: Path) -> list[str]:

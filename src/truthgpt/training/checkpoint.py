@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from truthgpt.atomic import publish_folder
 from truthgpt.errors import CheckpointError
 
 MANIFEST = "manifest.json"
@@ -30,36 +31,20 @@ def save_checkpoint(
     train_state: dict[str, Any] | None,
 ) -> Path:
     """Write a checkpoint to `folder` atomically. `write_model(tmp)` fills the model files."""
-    folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = folder.parent / f".tmp-{folder.name}-{os.getpid()}"
-    old = folder.parent / f".old-{folder.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        tmp.mkdir()
+
+    def fill(tmp: Path) -> None:
         write_model(tmp)
         if train_state is not None:
             torch.save(train_state, tmp / TRAIN_STATE)
-        _write_manifest(tmp)
-        for path in sorted(tmp.rglob("*"), reverse=True):  # files before their folders
-            _fsync(path)
-        _fsync(tmp)
-        # A directory cannot be renamed over a non-empty one: move the old one aside first,
-        # so that at every instant one complete checkpoint exists under some name.
-        if folder.exists():
-            folder.rename(old)
-        tmp.rename(folder)
-        _fsync(folder.parent)
+        _write_manifest(tmp)  # last: a folder with a valid manifest is complete
+
+    try:
+        return publish_folder(folder, fill)
     except OSError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old.exists() and not folder.exists():
-            old.rename(folder)
         raise CheckpointError(
             f"could not write checkpoint {folder}: {exc.strerror or exc}. "
             "The previous checkpoint is unchanged; free disk space or fix permissions."
         ) from exc
-    shutil.rmtree(old, ignore_errors=True)
-    return folder
 
 
 def load_train_state(folder: Path) -> dict[str, Any]:
@@ -102,14 +87,6 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 # ---------------------------------------------------------------------------------------------
 # The checkpoints of a run: step_N/ folders, last/ (the newest) and best/.
 
@@ -126,25 +103,15 @@ def link_checkpoint(source: Path, folder: Path) -> Path:
     Checkpoint files are never modified after they are written, so sharing them between
     step_N/ and last/ costs no disk and no I/O. Falls back to copying where links fail.
     """
-    tmp = folder.parent / f".tmp-{folder.name}-{os.getpid()}"
-    old = folder.parent / f".old-{folder.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+
+    def fill(tmp: Path) -> None:
+        shutil.copytree(source, tmp, dirs_exist_ok=True, copy_function=_link_or_copy)
+
     try:
-        shutil.copytree(source, tmp, copy_function=_link_or_copy)
-        _fsync(tmp)
-        if folder.exists():
-            folder.rename(old)
-        tmp.rename(folder)
-        _fsync(folder.parent)
+        return publish_folder(folder, fill)
     except OSError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old.exists() and not folder.exists():
-            old.rename(folder)
-        raise CheckpointError(
-            f"could not write checkpoint {folder}: {exc.strerror or exc}"
-        ) from exc
-    shutil.rmtree(old, ignore_errors=True)
-    return folder
+        message = f"could not write checkpoint {folder}: {exc.strerror or exc}"
+        raise CheckpointError(message) from exc
 
 
 def _link_or_copy(src: str, dst: str) -> None:
