@@ -309,3 +309,20 @@ def test_sigint_saves_and_stops_at_the_step_boundary(tmp_path: Path) -> None:
     )
     assert state["step"] == 7
     assert train(load(raw), resume=True).steps == 20
+
+
+def test_auto_resume_never_deletes_unusable_checkpoints(tmp_path: Path) -> None:
+    raw = resume_config(
+        tmp_path,
+        "keep",
+        training={"max_steps": 5, "resume": "auto"},
+        checkpoint={"save_every": 5, "keep_last": 1},
+    )
+    result = train(load(raw))
+    checkpoints = result.run_dir / "checkpoints"
+    for folder in ("last", "step_000005"):
+        (checkpoints / folder / "manifest.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="nothing was changed"):
+        train(load(raw))
+    assert (checkpoints / "best" / "model.safetensors").is_file()
+    assert (checkpoints / "last" / "model.safetensors").is_file()

@@ -581,14 +581,17 @@ def prepare_run_dir(config: Config, overwrite: bool, resume: bool | str = False)
     """
     run_dir = config.run_dir
     checkpoints = run_dir / CHECKPOINTS
-    has_run = checkpoints.is_dir() and any(checkpoints.iterdir())
+    # Temporary folders (".tmp-*") are interrupted writes, not checkpoints.
+    has_run = checkpoints.is_dir() and any(
+        not p.name.startswith(".") for p in checkpoints.iterdir()
+    )
     resume_from = None
     if has_run and resume and not overwrite:
         resume_from = find_resumable(checkpoints, warn=lambda message: print(message, flush=True))
-        if resume_from is None and resume is True:
+        if resume_from is None:
             raise CheckpointError(
-                f"{run_dir} has no complete checkpoint to resume from; pass --overwrite to start "
-                "over"
+                f"{run_dir} holds checkpoints but none is complete with its training state; "
+                "nothing was changed. Pass --overwrite to start over."
             )
     elif resume is True and not overwrite:
         raise CheckpointError(f"nothing to resume: {checkpoints} holds no checkpoint")
@@ -598,7 +601,9 @@ def prepare_run_dir(config: Config, overwrite: bool, resume: bool | str = False)
             "Continue it with --resume, pick another run_name (--set run_name=NAME), or pass "
             "--overwrite to start over."
         )
-    if overwrite or (has_run and resume_from is None):
+    if resume_from is None:
+        # A fresh start: what an earlier attempt left without a checkpoint is not work to keep
+        # (and its tokenizer may not fit this config).
         for stale in (CHECKPOINTS, "tb", "metrics.jsonl", "loss.png", "tokenizer"):
             path = run_dir / stale
             if path.is_dir():
