@@ -304,9 +304,8 @@ def test_sigint_saves_and_stops_at_the_step_boundary(tmp_path: Path) -> None:
     raw = resume_config(tmp_path, "sigint")
     result = train(load(raw), callbacks=[Interrupt()])
     assert result.steps == 7
-    state = torch.load(
-        result.run_dir / "checkpoints" / "last" / "train_state.pt", weights_only=True
-    )
+    state_path = result.run_dir / "checkpoints" / "last" / "train_state.pt"
+    state = torch.load(state_path, weights_only=True)
     assert state["step"] == 7
     assert train(load(raw), resume=True).steps == 20
 
