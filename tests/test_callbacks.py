@@ -161,3 +161,22 @@ def _importable(name: str) -> bool:
     import importlib.util
 
     return importlib.util.find_spec(name) is not None
+
+
+def test_rich_and_tqdm_progress_render_loss_lr_rate_and_eta(tmp_path: Path, capsys) -> None:
+    from truthgpt.config import load as load_config
+    from truthgpt.training.callbacks import RichProgress, TqdmProgress
+
+    config = load_config({"run_name": "bar"})
+    metrics = {"step": 5, "loss": 2.5, "lr": 1e-3, "tokens_per_second": 1234.0}
+    for bar in (RichProgress(config, tmp_path), TqdmProgress(config, tmp_path)):
+        bar.on_train_start(0, 10)
+        bar.on_step_end(5, metrics)
+        bar.on_eval(5, {"step": 5, "val_loss": 2.4, "val_ppl": 11.0})
+        bar.on_log("a message")
+        bar.on_train_end(10)
+    out = capsys.readouterr()
+    text = out.out + out.err
+    assert "loss 2.5" in text and "lr 1.00e-03" in text and "1,234 tok/s" in text
+    assert "val_loss 2.4" in text and "a message" in text
+    assert "ETA" in text or "<" in text  # rich shows "ETA", tqdm shows "elapsed<remaining"
