@@ -99,7 +99,7 @@ def run_ours(args, workdir: Path, dataset: RandomBlocks) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
-        loss, _, tokens = trainer.train_step()
+        loss, _, tokens, _ = trainer.train_step()
         float(loss)
         times.append(time.perf_counter() - start)
         if step + 1 == args.warmup and device.type == "cuda":
