@@ -199,3 +199,16 @@ def test_fine_tune_a_local_checkpoint_like_configs_finetune_local(
     last = result.run_dir / "checkpoints" / "last"
     assert type(AutoModelForCausalLM.from_pretrained(last)).__name__ == "LlamaForCausalLM"
     assert type(load_model(last)).__name__ == "Decoder"
+
+
+def test_throughput_benchmark_runs_on_cpu(tmp_path: Path) -> None:
+    # Keeps benchmarks/train_throughput.py in step with the Trainer (a smoke run, no timing).
+    import subprocess
+    import sys
+
+    out = tmp_path / "bench.json"
+    script = ROOT / "benchmarks" / "train_throughput.py"
+    args = ["--tiny", "--steps", "3", "--warmup", "1", "--skip-hf", "--json", str(out)]
+    done = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "truthgpt" in done.stdout and out.is_file()
