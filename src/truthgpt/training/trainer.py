@@ -187,6 +187,7 @@ class Trainer:
             if data.val is not None
             else []
         )
+        self.trainable_params = [p for p in model.parameters() if p.requires_grad]
         self.ema = EMA(model, self.train_cfg.ema.decay) if self.train_cfg.ema.enabled else None
         self.forward_model = torch.compile(model) if self.train_cfg.compile else model
         self.step = 0
@@ -293,9 +294,8 @@ class Trainer:
             loss_total += loss.detach() / accum
             tokens += int(batch["input_ids"].numel())
         self.scaler.unscale_(self.optimizer)
-        params = [p for p in self.model.parameters() if p.requires_grad]
         max_norm = self.train_cfg.grad_clip if self.train_cfg.grad_clip is not None else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable_params, max_norm)
         if self._wants_histograms():
             self._emit("on_gradients", self.step + 1, self.model)
         # One host sync per step: the price of never applying a NaN update. With fp16 an
