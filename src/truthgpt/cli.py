@@ -105,7 +105,7 @@ def export(
     overwrite: Annotated[bool, typer.Option(help="Replace an existing --out folder.")] = False,
 ) -> None:
     """Write a Hugging Face folder (config.json, model.safetensors, tokenizer) from a run."""
-    from truthgpt.inference.generate import resolve_model_folder
+    from truthgpt.models import resolve_model_folder
     from truthgpt.models.export import export_hf
 
     if format != "hf":

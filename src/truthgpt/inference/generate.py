@@ -15,23 +15,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from truthgpt.errors import CheckpointError, RequestError
 from truthgpt.inference.sampling import SamplingParams, sample_next_token
-from truthgpt.models import Decoder, load_model
-
-
-def resolve_model_folder(path: str | Path) -> Path:
-    """A run folder -> its best (else last) checkpoint; a model folder -> itself."""
-    path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"{path} does not exist (expected a run folder or a model folder)")
-    checkpoints = path / "checkpoints"
-    if checkpoints.is_dir():
-        for name in ("best", "last"):
-            if (checkpoints / name / "config.json").is_file():
-                return checkpoints / name
-        raise CheckpointError(f"{path} is a run folder without a finished checkpoint yet")
-    if not (path / "config.json").is_file():
-        raise CheckpointError(f"{path} has no config.json: not a run folder or an HF model folder")
-    return path
+from truthgpt.models import Decoder, load_model, resolve_model_folder
 
 
 def load_for_generation(

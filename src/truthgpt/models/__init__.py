@@ -7,7 +7,15 @@ through transformers); `save_model(model, folder)` writes one that both sides op
 
 from __future__ import annotations
 
-from truthgpt.models.build import load_model, save_model
+from truthgpt.models.build import load_model, resolve_model_folder, save_model
 from truthgpt.models.decoder import Decoder, DecoderConfig, DecoderOutput, KVCache
 
-__all__ = ["Decoder", "DecoderConfig", "DecoderOutput", "KVCache", "load_model", "save_model"]
+__all__ = [
+    "Decoder",
+    "DecoderConfig",
+    "DecoderOutput",
+    "KVCache",
+    "load_model",
+    "resolve_model_folder",
+    "save_model",
+]

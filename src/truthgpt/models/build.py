@@ -127,6 +127,22 @@ def _build_hf(cfg: ModelConfig, vocab_size: int) -> nn.Module:
         raise ConfigError(f"model.hf_config: {exc}") from None
 
 
+def resolve_model_folder(path: str | Path) -> Path:
+    """A run folder -> its best (else last) checkpoint; a model folder -> itself."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path} does not exist (expected a run folder or a model folder)")
+    checkpoints = path / "checkpoints"
+    if checkpoints.is_dir():
+        for name in ("best", "last"):
+            if (checkpoints / name / "config.json").is_file():
+                return checkpoints / name
+        raise CheckpointError(f"{path} is a run folder without a finished checkpoint yet")
+    if not (path / "config.json").is_file():
+        raise CheckpointError(f"{path} has no config.json: not a run folder or an HF model folder")
+    return path
+
+
 def load_model(
     path: str | Path,
     device: str | torch.device = "cpu",

@@ -66,11 +66,14 @@ def evaluate_run(
     evaluated. Otherwise the run's `split` ("val" or "train") is used.
     """
     from truthgpt.data import prepare_data
-    from truthgpt.models import load_model
+    from truthgpt.data.loader import val_batches
+    from truthgpt.models import load_model, resolve_model_folder
     from truthgpt.training.trainer import resolve_device, resolve_precision
 
     run_dir = Path(run)
-    folder = _model_folder(run_dir)
+    if not (run_dir / config_module.CONFIG_FILE).is_file():
+        raise CheckpointError(f"{run_dir} is not a run folder (no {config_module.CONFIG_FILE})")
+    folder = resolve_model_folder(run_dir)
     config = config_module.load(run_dir, list(overrides))
     if data_paths:
         source = "jsonl" if all(p.endswith(".jsonl") for p in data_paths) else "text"
@@ -92,8 +95,6 @@ def evaluate_run(
     dataset = data.val if split == "val" else data.train
     if dataset is None or len(dataset) == 0:
         raise DataError(f"the {split} split of {run_dir} is empty")
-    from truthgpt.data.loader import val_batches
-
     batch_size = config.training.batch_size
     batches = val_batches(dataset, batch_size, max_batches)
     torch_device = resolve_device(device)
@@ -109,13 +110,3 @@ def evaluate_run(
         "tokens": tokens,
         "batches": len(batches),
     }
-
-
-def _model_folder(run_dir: Path) -> Path:
-    for name in ("best", "last"):
-        folder = run_dir / "checkpoints" / name
-        if (folder / "config.json").is_file():
-            return folder
-    if not (run_dir / config_module.CONFIG_FILE).is_file():
-        raise CheckpointError(f"{run_dir} is not a run folder (no {config_module.CONFIG_FILE})")
-    raise CheckpointError(f"{run_dir} has no finished checkpoint to evaluate")

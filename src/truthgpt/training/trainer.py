@@ -15,6 +15,7 @@ import os
 import random
 import shutil
 import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -130,7 +131,7 @@ class StopRequested:
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> StopRequested:
-        if threading_is_main():
+        if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
                 self._previous[sig] = signal.signal(sig, self._handle)
         return self
@@ -142,12 +143,6 @@ class StopRequested:
     def __exit__(self, *exc: Any) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
-
-
-def threading_is_main() -> bool:
-    import threading
-
-    return threading.current_thread() is threading.main_thread()
 
 
 class Trainer:
