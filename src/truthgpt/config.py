@@ -187,7 +187,7 @@ class TrainingConfig(Section):
     log_every: int = Field(10, ge=1, description="optimizer steps between log lines")
     compile: bool = Field(False, description="torch.compile the model")
     gradient_checkpointing: bool = Field(
-        False, description="recompute activations in backward: less memory, ~30% more compute"
+        False, description="recompute activations in backward: less memory, one extra forward per step"
     )
     resume: bool | Literal["auto"] = Field(
         False,
