@@ -21,7 +21,9 @@ __all__ = [
     "Config",
     "ConfigError",
     "DataError",
+    "LLM",
     "RequestError",
+    "SamplingParams",
     "TruthGPTError",
     "generate",
     "image",
@@ -57,14 +59,33 @@ def generate(
     seed: int | None = None,
     device: str = "cpu",
 ) -> str:
-    """Continue `prompt` with the model in a run or model folder; returns the new text."""
-    from truthgpt.inference.generate import generate as generate_text
-    from truthgpt.inference.generate import load_for_generation
-    from truthgpt.inference.sampling import SamplingParams
+    """Continue `prompt` with the model in a run or model folder; returns the new text.
+    For many prompts, or to keep the model loaded, use `truthgpt.LLM`."""
+    from truthgpt.inference.llm import LLM
+    from truthgpt.inference.sampling_params import SamplingParams
 
-    params = SamplingParams(temperature, top_k, top_p, max_new_tokens, seed)
-    loaded, tokenizer = load_for_generation(model, device=device)
-    return generate_text(loaded, tokenizer, prompt, params)
+    params = SamplingParams(
+        max_tokens=max_new_tokens,
+        temperature=temperature,
+        top_k=top_k or 0,
+        top_p=top_p,
+        seed=seed,
+    )
+    llm = LLM(model, device=device)
+    return llm.generate([prompt], params, use_tqdm=False)[0].outputs[0].text
+
+
+def __getattr__(name: str):
+    # LLM and SamplingParams import torch: load them on first use, not with the package.
+    if name == "LLM":
+        from truthgpt.inference.llm import LLM
+
+        return LLM
+    if name == "SamplingParams":
+        from truthgpt.inference.sampling_params import SamplingParams
+
+        return SamplingParams
+    raise AttributeError(f"module 'truthgpt' has no attribute {name!r}")
 
 
 def image(model: str | Path, prompt: str, **settings):

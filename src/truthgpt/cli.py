@@ -122,44 +122,70 @@ def export(
 @app.command()
 def generate(
     model: Annotated[str, typer.Argument(help="Run folder, checkpoint folder or HF model folder.")],
-    prompt: Annotated[str, typer.Option("--prompt", "-p", help="Text to continue.")],
-    max_new_tokens: Annotated[int, typer.Option(min=1)] = 128,
-    temperature: Annotated[float, typer.Option(min=0.0, help="0 is greedy.")] = 0.8,
-    top_k: Annotated[int | None, typer.Option(min=1)] = 50,
-    top_p: Annotated[float, typer.Option(min=0.0, max=1.0)] = 1.0,
+    prompt: Annotated[str | None, typer.Option("--prompt", "-p", help="Text to continue.")] = None,
+    prompts_file: Annotated[
+        Path | None,
+        typer.Option("--prompts-file", help="One prompt per line, or .jsonl rows with a prompt."),
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="With --prompts-file: JSONL results here.")
+    ] = None,
+    max_new_tokens: Annotated[int | None, typer.Option(min=1)] = None,
+    temperature: Annotated[float | None, typer.Option(min=0.0, help="0 is greedy.")] = None,
+    top_k: Annotated[int | None, typer.Option(min=1)] = None,
+    top_p: Annotated[float | None, typer.Option(help="Nucleus mass in (0, 1].")] = None,
     seed: Annotated[int | None, typer.Option(help="Fix the sampling RNG.")] = None,
-    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N, mps or auto.")] = "auto",
+    n: Annotated[int, typer.Option(min=1, help="Samples per prompt.")] = 1,
+    stop: Annotated[
+        list[str] | None, typer.Option("--stop", help="Stop at this string (repeatable).")
+    ] = None,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:N, mps or auto.")] = None,
     chat: Annotated[
         bool, typer.Option(help="Send the prompt as a user message through the chat template.")
     ] = False,
+    config: Annotated[
+        Path | None, typer.Option("--config", help="YAML with an inference: section.")
+    ] = None,
+    set_: SetOption = None,
 ) -> None:
-    """Continue a prompt with a trained run or any local HF causal LM, streaming the text."""
-    from truthgpt.inference.generate import chat_prompt, load_for_generation
-    from truthgpt.inference.generate import generate as generate_text
-    from truthgpt.inference.sampling import SamplingParams
-    from truthgpt.training.trainer import resolve_device
+    """Continue a prompt (streamed) or a file of prompts (batched on the engine)."""
+    from truthgpt.inference import generate as gen
 
+    given = {
+        "max_new_tokens": max_new_tokens,
+        "temperature": temperature,
+        "top_k": top_k,
+        "top_p": top_p,
+        "device": device,
+    }
     try:
-        params = SamplingParams(
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            max_new_tokens=max_new_tokens,
-            seed=seed,
-        )
-        loaded, tokenizer = load_for_generation(model, device=resolve_device(device))
+        if (prompt is None) == (prompts_file is None):
+            raise ValueError("give exactly one of --prompt and --prompts-file")
+        llm, params = gen.open_llm(model, config, given, set_ or [], n, seed, stop or [])
+        if prompts_file is not None:
+            prompts = gen.read_prompts(prompts_file)
+            if chat:
+                prompts = [gen.chat_prompt(llm.tokenizer, p) for p in prompts]
+            written = gen.write_results(llm, prompts, params, out)
+            if out is not None:
+                typer.echo(f"wrote {written} results to {out}", err=True)
+            return
         if chat:
-            prompt = chat_prompt(tokenizer, prompt)
-        sys.stdout.write(prompt)
-        sys.stdout.flush()
-
-        def show(text: str) -> None:
-            sys.stdout.write(text)
+            prompt = gen.chat_prompt(llm.tokenizer, prompt)
+        note = gen.length_note(llm, prompt, params.max_tokens)
+        if note:
+            typer.echo(note, err=True)
+        for index in range(n):
+            if n > 1:
+                sys.stdout.write(f"--- sample {index}\n")
+            sys.stdout.write(prompt)
             sys.stdout.flush()
-
-        generate_text(loaded, tokenizer, prompt, params, on_text=show)
-        sys.stdout.write("\n")
-    except TruthGPTError as exc:
+            one = gen.nth_sample(params, index)
+            for piece in gen.stream_text(llm, prompt, one):
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+            sys.stdout.write("\n")
+    except (TruthGPTError, ValueError) as exc:
         _fail(exc)
 
 

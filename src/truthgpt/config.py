@@ -187,7 +187,8 @@ class TrainingConfig(Section):
     log_every: int = Field(10, ge=1, description="optimizer steps between log lines")
     compile: bool = Field(False, description="torch.compile the model")
     gradient_checkpointing: bool = Field(
-        False, description="recompute activations in backward: less memory, one extra forward per step"
+        False,
+        description="recompute activations in backward: less memory, one extra forward per step",
     )
     resume: bool | Literal["auto"] = Field(
         False,
@@ -254,23 +255,64 @@ class LoggingConfig(Section):
         return [_check_registered(CALLBACKS, name) for name in value]
 
 
+def _check_device(value: str) -> str:
+    base = value.split(":")[0]
+    if base not in ("auto", "cpu", "cuda", "mps") or (":" in value and base != "cuda"):
+        raise ValueError(f"device {value!r} is not one of auto, cpu, cuda, cuda:N, mps")
+    return value
+
+
 class HardwareConfig(Section):
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N | mps")
 
     @field_validator("device")
     @classmethod
     def _known_device(cls, value: str) -> str:
-        base = value.split(":")[0]
-        if base not in ("auto", "cpu", "cuda", "mps") or (":" in value and base != "cuda"):
-            raise ValueError(f"device {value!r} is not one of auto, cpu, cuda, cuda:N, mps")
-        return value
+        return _check_device(value)
 
 
 class InferenceConfig(Section):
+    """Generation: sampling defaults (the CLI's and the API's) and the engine's settings."""
+
     max_new_tokens: int = Field(128, ge=1, description="generation: tokens to sample at most")
     temperature: float = Field(0.8, ge=0, description="0: greedy")
     top_k: int | None = Field(50, ge=1, description="sample among the k likeliest; empty: all")
     top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling mass")
+    device: str = Field("auto", description="auto, cpu, cuda, cuda:N or mps")
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        "auto", description="weights and KV cache; auto: bf16 on CUDA, fp32 elsewhere"
+    )
+    block_size: int = Field(16, ge=1, le=256, description="KV cache block size in tokens")
+    num_blocks: int | None = Field(
+        None, ge=2, description="KV blocks in the pool; empty: sized from gpu_memory_fraction"
+    )
+    gpu_memory_fraction: float = Field(
+        0.9, gt=0, le=1, description="share of the free GPU memory (after weights) for KV blocks"
+    )
+    max_num_seqs: int = Field(256, ge=1, description="sequences running at once")
+    max_num_batched_tokens: int = Field(
+        4096, ge=16, description="tokens per engine step; longer prompts are prefilled in chunks"
+    )
+    max_model_len: int | None = Field(
+        None, ge=2, description="context length (prompt + output); empty: the model's"
+    )
+    prefix_caching: bool = Field(True, description="reuse the KV blocks of shared prompt prefixes")
+    cuda_graphs: bool = Field(True, description="replay decode steps as CUDA graphs (CUDA only)")
+    kernels: Literal["auto", "triton", "torch"] = Field(
+        "auto", description="paged attention: Triton kernels on CUDA (auto) or plain PyTorch"
+    )
+
+    @field_validator("block_size")
+    @classmethod
+    def _power_of_two(cls, value: int) -> int:
+        if value & (value - 1):
+            raise ValueError(f"block_size must be a power of two (8, 16, 32...), got {value}")
+        return value
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, value: str) -> str:
+        return _check_device(value)
 
 
 class DiffusionConfig(Section):

@@ -1,12 +1,12 @@
-"""A plain KV-cached generation loop for one prompt, over our decoder or any HF causal LM.
+"""Loading a model folder for generation, the chat template, and one-prompt streaming.
 
-The batched serving engine (paged KV cache, continuous batching) is its own room; this is the
-simple path `truthgpt generate` and `truthgpt.generate()` use.
+Everything runs on the engine (`llm.LLM`); this room holds what the CLI and `truthgpt.generate`
+need around it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -14,8 +14,7 @@ from torch import nn
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from truthgpt.errors import CheckpointError, RequestError
-from truthgpt.inference.sampling import SamplingParams, sample_next_token
-from truthgpt.models import Decoder, load_model, resolve_model_folder
+from truthgpt.models import load_model, resolve_model_folder
 
 
 def load_for_generation(
@@ -43,85 +42,124 @@ def chat_prompt(tokenizer: PreTrainedTokenizerBase, user_message: str) -> str:
     return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
 
-def _max_positions(model: nn.Module) -> int | None:
-    if isinstance(model, Decoder):
-        return model.config.max_position_embeddings
-    return getattr(model.config, "max_position_embeddings", None) or getattr(
-        model.config, "n_positions", None
+def read_prompts(path: str | Path) -> list[str]:
+    """Prompts from a file: .jsonl rows with a "prompt" field, else one prompt per line."""
+    import json
+
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise RequestError(f"prompt file {str(file)!r} does not exist")
+    lines = [line for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if file.suffix != ".jsonl":
+        return [line.replace("\\n", "\n") for line in lines]
+    prompts = []
+    for number, line in enumerate(lines, start=1):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise RequestError(f"{file}:{number}: not JSON ({exc.msg})") from None
+        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
+            raise RequestError(f'{file}:{number}: each row needs a "prompt" string')
+        prompts.append(row["prompt"])
+    if not prompts:
+        raise RequestError(f"prompt file {str(file)!r} holds no prompts")
+    return prompts
+
+
+def stream_text(llm, prompt: str, params) -> Iterator[str]:
+    """The new text of one prompt, piece by piece as the engine produces it."""
+    engine = llm.engine
+    if engine is None:  # transformers fallback: one piece at the end
+        yield llm.generate([prompt], params, use_tqdm=False)[0].outputs[0].text
+        return
+    request_id = f"stream-{engine.prompt_tokens}-{engine.generated_tokens}"
+    engine.add_request(request_id, prompt, params)
+    finished = False
+    try:
+        while not finished:
+            for output in engine.step():
+                if output.request_id == request_id:
+                    finished = output.finished
+                    if output.outputs[0].delta_text:
+                        yield output.outputs[0].delta_text
+    finally:
+        engine.abort(request_id)
+
+
+def length_note(llm, prompt: str, max_tokens: int) -> str | None:
+    """A sentence when the context cannot hold prompt + max_tokens (generation stops early)."""
+    context = llm.context_length
+    if context is None:
+        return None
+    prompt_len = len(llm.tokenizer.encode(prompt))
+    if prompt_len < context and prompt_len + max_tokens > context:
+        return (
+            f"note: --max-new-tokens {max_tokens} capped at {context - prompt_len}: the model's "
+            f"context is {context} tokens and the prompt takes {prompt_len}"
+        )
+    return None
+
+
+def open_llm(model: str, config, given: dict, overrides: list[str], n: int, seed, stop):
+    """(LLM, SamplingParams) for the CLI: defaults from `inference:` of --config, else of the
+    run folder's own config, else the schema's; flags and --set override them."""
+    import json
+
+    from truthgpt.config import CONFIG_FILE, load
+    from truthgpt.inference.llm import LLM
+    from truthgpt.inference.sampling_params import SamplingParams
+
+    source = config
+    if source is None and (Path(model).expanduser() / CONFIG_FILE).is_file():
+        source = Path(model).expanduser()
+    flags = [
+        f"inference.{key}={json.dumps(value)}" for key, value in given.items() if value is not None
+    ]
+    inference = load(source, flags + list(overrides)).inference
+    params = SamplingParams(
+        max_tokens=inference.max_new_tokens,
+        temperature=inference.temperature,
+        top_k=inference.top_k or 0,
+        top_p=inference.top_p,
+        seed=seed,
+        n=n,
+        stop=tuple(stop),
     )
+    return LLM(model, inference=inference), params
 
 
-@torch.inference_mode()
-def generate_token_ids(
-    model: nn.Module,
-    prompt_ids: list[int],
-    params: SamplingParams,
-    eos_token_id: int | None = None,
-) -> Iterator[int]:
-    """Yield new token ids one at a time until EOS or max_new_tokens."""
-    if not prompt_ids:
-        raise RequestError("the prompt is empty after tokenization")
-    device = next(model.parameters()).device
-    limit = _max_positions(model)
-    max_new = params.max_new_tokens
-    if limit is not None:
-        if len(prompt_ids) >= limit:
-            raise RequestError(f"the prompt has {len(prompt_ids)} tokens; the model takes {limit}")
-        max_new = min(max_new, limit - len(prompt_ids))
-    generator = None
-    if params.seed is not None:
-        generator = torch.Generator(device=device).manual_seed(params.seed)
-    ids = torch.tensor([prompt_ids], dtype=torch.long, device=device)
+def nth_sample(params, index: int):
+    """One of n samples as its own single-sample request (seed + index when seeded)."""
+    import dataclasses
 
-    if isinstance(model, Decoder):
-        cache = model.new_cache(1, len(prompt_ids) + max_new, device=device)
-        logits = model(ids, cache=cache, start_pos=0).logits[:, -1]
-        position = len(prompt_ids)
+    seed = None if params.seed is None else params.seed + index
+    return dataclasses.replace(params, n=1, seed=seed)
 
-        def step(token: torch.Tensor) -> torch.Tensor:
-            nonlocal position
-            out = model(token.view(1, 1), cache=cache, start_pos=position).logits[:, -1]
-            position += 1
-            return out
+
+def write_results(llm, prompts: list[str], params, out: Path | None) -> int:
+    """Generate for every prompt; one JSON row per prompt to `out` (atomically) or stdout."""
+    import json
+    import sys
+
+    from truthgpt.atomic import atomic_write_text
+
+    rows = []
+    for output in llm.generate(prompts, params):
+        rows.append(
+            json.dumps(
+                {
+                    "prompt": output.prompt,
+                    "completions": [c.text for c in output.outputs],
+                    "finish_reasons": [c.finish_reason for c in output.outputs],
+                    "prompt_tokens": len(output.prompt_token_ids),
+                    "completion_tokens": [len(c.token_ids) for c in output.outputs],
+                },
+                ensure_ascii=False,
+            )
+        )
+    text = "".join(row + "\n" for row in rows)
+    if out is None:
+        sys.stdout.write(text)
     else:
-        out = model(input_ids=ids, use_cache=True)
-        logits, past = out.logits[:, -1], out.past_key_values
-
-        def step(token: torch.Tensor) -> torch.Tensor:
-            nonlocal past
-            result = model(input_ids=token.view(1, 1), past_key_values=past, use_cache=True)
-            past = result.past_key_values
-            return result.logits[:, -1]
-
-    for index in range(max_new):
-        token = sample_next_token(logits, params, generator)
-        token_id = int(token)
-        if eos_token_id is not None and token_id == eos_token_id:
-            return
-        yield token_id
-        if index + 1 < max_new:
-            logits = step(token)
-
-
-def generate(
-    model: nn.Module,
-    tokenizer: PreTrainedTokenizerBase,
-    prompt: str,
-    params: SamplingParams,
-    on_text: Callable[[str], None] | None = None,
-) -> str:
-    """Sample a continuation of `prompt`; `on_text` receives the text as it grows (streaming)."""
-    prompt_ids = tokenizer.encode(prompt, add_special_tokens=False)
-    new_ids: list[int] = []
-    shown = ""
-    for token_id in generate_token_ids(model, prompt_ids, params, tokenizer.eos_token_id):
-        new_ids.append(token_id)
-        text = tokenizer.decode(new_ids, skip_special_tokens=True)
-        # A byte-level token can end inside a UTF-8 character: wait for the rest of it.
-        if on_text is not None and not text.endswith("\ufffd") and len(text) > len(shown):
-            on_text(text[len(shown) :])
-            shown = text
-    text = tokenizer.decode(new_ids, skip_special_tokens=True)
-    if on_text is not None and len(text) > len(shown):
-        on_text(text[len(shown) :])
-    return text
+        atomic_write_text(Path(out), text)
+    return len(rows)

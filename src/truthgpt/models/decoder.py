@@ -42,6 +42,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from truthgpt.errors import ConfigError, RequestError
+from truthgpt.models.attention import AttentionBatch, PagedKVCache, paged_attention
 
 FAMILIES = ("llama", "gpt2")
 IGNORE_INDEX = -100  # the label value Hugging Face (and torch's cross_entropy) skips
@@ -283,6 +284,27 @@ class Attention(nn.Module):
         y = y.transpose(1, 2).reshape(batch, seq_len, q_size)
         return self.out(y)
 
+    def forward_paged(
+        self,
+        x: Tensor,
+        rope: Tensor | None,
+        k_cache: Tensor,
+        v_cache: Tensor,
+        batch: AttentionBatch,
+    ) -> Tensor:
+        """The engine's path: x [N, hidden] is a flat stream of the step's tokens; keys and
+        values go to (and context comes from) the paged pool, as `batch` describes."""
+        num_tokens = x.shape[0]
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        q, k, v = self.qkv(x).split((q_size, kv_size, kv_size), dim=-1)
+        q = q.view(num_tokens, self.num_heads, self.head_dim)
+        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
+        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
+        if rope is not None:
+            q, k = apply_rope(q, rope[0], rope[1]), apply_rope(k, rope[0], rope[1])
+        y = paged_attention(q, k, v, k_cache, v_cache, batch)
+        return self.out(y.reshape(num_tokens, q_size))
+
 
 class SwiGLU(nn.Module):
     """Llama MLP: down(silu(gate(x)) * up(x)) (Shazeer 2020, "GLU Variants Improve Transformer")."""
@@ -338,6 +360,17 @@ class Block(nn.Module):
         attended = self.attn(self.attn_norm(x), rope, mask, kv_cache, start_pos)
         x = x + F.dropout(attended, p, training)
         return x + F.dropout(self.mlp(self.mlp_norm(x)), p, training)
+
+    def forward_paged(
+        self,
+        x: Tensor,
+        rope: Tensor | None,
+        k_cache: Tensor,
+        v_cache: Tensor,
+        batch: AttentionBatch,
+    ) -> Tensor:
+        x = x + self.attn.forward_paged(self.attn_norm(x), rope, k_cache, v_cache, batch)
+        return x + self.mlp(self.mlp_norm(x))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -470,6 +503,50 @@ class Decoder(nn.Module):
         logits = self.lm_head(self.norm(x))
         loss = causal_lm_loss(logits, labels) if labels is not None else None
         return DecoderOutput(logits=logits, loss=loss)
+
+    def forward_paged(
+        self, input_ids: Tensor, cache: PagedKVCache, batch: AttentionBatch
+    ) -> Tensor:
+        """The engine's forward: input_ids [N] are the step's tokens of many sequences, laid out
+        and placed in the paged `cache` as `batch` describes (see models/attention.py). Returns
+        logits [S, vocab] for the rows of batch.logits_index (all N rows when it is None): only
+        the last token of each sequence needs the vocabulary projection."""
+        cfg = self.config
+        x = self.embed(input_ids)
+        rope = None
+        if cfg.family == "gpt2":
+            x = x + self.pos_embed(batch.positions)
+        else:
+            # [2, N, 1, head_dim]: the 1 broadcasts over heads of q/k [N, heads, head_dim].
+            rope = rope_cos_sin_at(cfg, batch.positions)
+        for index, block in enumerate(self.layers):
+            x = block.forward_paged(x, rope, cache.k[index], cache.v[index], batch)
+        if batch.logits_index is not None:
+            x = x[batch.logits_index]
+        return self.lm_head(self.norm(x))
+
+    def new_paged_cache(
+        self,
+        num_blocks: int,
+        block_size: int,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> PagedKVCache:
+        """A zeroed block pool for the engine: num_blocks blocks of block_size tokens per layer."""
+        cfg = self.config
+        weight = self.embed.weight
+        shape = (cfg.num_layers, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
+        dtype, device = dtype or weight.dtype, device or weight.device
+        return PagedKVCache(
+            torch.zeros(shape, dtype=dtype, device=device),
+            torch.zeros(shape, dtype=dtype, device=device),
+        )
+
+    def kv_bytes_per_token(self, dtype: torch.dtype | None = None) -> int:
+        """Bytes one token's keys and values take across all layers."""
+        cfg = self.config
+        itemsize = (dtype or self.embed.weight.dtype).itemsize
+        return 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * itemsize
 
     def _positions_and_mask(
         self,

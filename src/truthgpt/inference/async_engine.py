@@ -1,0 +1,155 @@
+"""An asyncio front end over the engine: many coroutines stream their own outputs.
+
+The engine is not thread-safe and its steps block, so one background thread owns it: it drains
+a command queue (add / abort), runs `step()` while there is work, and hands each output to the
+asyncio queue of its request with `call_soon_threadsafe`. A coroutine that stops listening
+(client gone, task cancelled) aborts its request, which frees its KV blocks at once. If a step
+raises, every request in flight gets the error, the engine drops their state and its prefix
+cache, and the loop goes on serving new requests; `heartbeat` tells a health check the loop is
+alive.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from truthgpt.errors import TruthGPTError
+from truthgpt.inference.engine import Engine
+from truthgpt.inference.request import RequestOutput
+from truthgpt.inference.sampling_params import SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+class EngineDeadError(TruthGPTError):
+    """The engine loop failed while this request was in flight."""
+
+
+@dataclass
+class _Add:
+    request_id: str
+    prompt: str | list[int]
+    params: SamplingParams
+    sink: asyncio.Queue
+    loop: asyncio.AbstractEventLoop
+
+
+@dataclass
+class _Abort:
+    request_id: str
+
+
+class AsyncEngine:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._sinks: dict[str, tuple[asyncio.Queue, asyncio.AbstractEventLoop]] = {}
+        self._ids = itertools.count()
+        self._stop = threading.Event()
+        self.heartbeat = time.monotonic()
+        self.errors = 0
+        self._thread = threading.Thread(target=self._run, name="truthgpt-engine", daemon=True)
+        self._thread.start()
+
+    @property
+    def is_alive(self) -> bool:
+        return self._thread.is_alive()
+
+    async def generate(
+        self,
+        prompt: str | list[int],
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+    ) -> AsyncIterator[RequestOutput]:
+        """Stream a request's outputs (each carries the step's deltas); the last has finished.
+        Bad input raises RequestError at the first iteration; leaving early aborts."""
+        request_id = request_id or f"req-{next(self._ids)}"
+        sink: asyncio.Queue = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+        self._commands.put(_Add(request_id, prompt, params or SamplingParams(), sink, loop))
+        finished = False
+        try:
+            while True:
+                item = await sink.get()
+                if isinstance(item, BaseException):
+                    finished = True
+                    raise item
+                yield item
+                if item.finished:
+                    finished = True
+                    return
+        finally:
+            if not finished:
+                self.abort(request_id)
+
+    def abort(self, request_id: str) -> None:
+        self._commands.put(_Abort(request_id))
+
+    def shutdown(self, timeout_s: float = 5.0) -> None:
+        self._stop.set()
+        self._commands.put(None)  # wake the loop
+        self._thread.join(timeout_s)
+
+    # -- the loop thread --------------------------------------------------------------------
+
+    def _deliver(self, request_id: str, item) -> None:
+        target = self._sinks.get(request_id)
+        if target is None:
+            return
+        sink, loop = target
+        if loop.is_closed():
+            self._sinks.pop(request_id, None)
+            return
+        loop.call_soon_threadsafe(sink.put_nowait, item)
+        if isinstance(item, BaseException) or item.finished:
+            self._sinks.pop(request_id, None)
+
+    def _handle(self, command) -> None:
+        if isinstance(command, _Add):
+            try:
+                self.engine.add_request(command.request_id, command.prompt, command.params)
+            except TruthGPTError as exc:
+                command.loop.call_soon_threadsafe(command.sink.put_nowait, exc)
+                return
+            self._sinks[command.request_id] = (command.sink, command.loop)
+        elif isinstance(command, _Abort):
+            self.engine.abort(command.request_id)
+            self._sinks.pop(command.request_id, None)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.heartbeat = time.monotonic()
+            idle = not self.engine.has_unfinished_requests()
+            try:
+                # Block while idle; otherwise take whatever arrived and go on stepping.
+                command = self._commands.get(timeout=0.5) if idle else self._commands.get_nowait()
+                while command is not None:
+                    self._handle(command)
+                    command = self._commands.get_nowait()
+            except queue.Empty:
+                pass
+            if self._stop.is_set() or not self.engine.has_unfinished_requests():
+                continue
+            try:
+                outputs = self.engine.step()
+            except Exception as exc:  # a failed step must not kill the server: fail its requests
+                self._fail_all(exc)
+                continue
+            for output in outputs:
+                self._deliver(output.request_id, output)
+
+    def _fail_all(self, exc: Exception) -> None:
+        self.errors += 1
+        log.exception("engine step failed; failing %d requests in flight", len(self._sinks))
+        error = EngineDeadError(f"the engine failed while generating: {exc}")
+        for request_id in list(self.engine.requests):
+            self.engine.abort(request_id)
+            self._deliver(request_id, error)
+        self.engine.blocks.reset_prefix_cache()

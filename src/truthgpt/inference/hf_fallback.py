@@ -1,0 +1,77 @@
+"""Generation for models the engine does not run natively: `transformers` `generate`, one request
+at a time, behind the same `RequestOutput` shape so callers need not care."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from truthgpt.inference.request import CompletionOutput, RequestOutput
+from truthgpt.inference.sampling_params import SamplingParams
+
+
+def max_positions(model: nn.Module) -> int | None:
+    config = model.config
+    return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+
+
+@torch.inference_mode()
+def hf_generate(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    request_id: str,
+    prompt_ids: list[int],
+    params: SamplingParams,
+    prompt: str | None = None,
+) -> RequestOutput:
+    """All n samples of one request through `model.generate` (stop strings cut afterwards)."""
+    from truthgpt.errors import RequestError
+
+    device = next(model.parameters()).device
+    limit = max_positions(model)
+    max_new = params.max_tokens
+    if limit is not None:
+        if len(prompt_ids) >= limit:
+            raise RequestError(f"the prompt has {len(prompt_ids)} tokens; the model takes {limit}")
+        max_new = min(max_new, limit - len(prompt_ids))
+    arrival = time.monotonic()
+    if params.seed is not None:
+        torch.manual_seed(params.seed)
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    settings = {
+        "max_new_tokens": max_new,
+        "do_sample": not params.greedy,
+        "num_return_sequences": params.n,
+        "eos_token_id": None if params.ignore_eos else (eos + list(params.stop_token_ids)) or None,
+        "pad_token_id": tokenizer.pad_token_id or tokenizer.eos_token_id or 0,
+        "repetition_penalty": params.repetition_penalty,
+    }
+    if not params.greedy:
+        settings.update(
+            temperature=params.temperature, top_k=params.top_k or None, top_p=params.top_p
+        )
+        if params.min_p:
+            settings["min_p"] = params.min_p
+    ids = torch.tensor([prompt_ids], device=device)
+    generated = model.generate(ids, attention_mask=torch.ones_like(ids), **settings)
+    outputs = []
+    stops = set(settings["eos_token_id"] or [])
+    for index, row in enumerate(generated[:, len(prompt_ids) :].tolist()):
+        finish, stop_reason = "length", None
+        for position, token in enumerate(row):
+            if token in stops:
+                row, finish, stop_reason = row[: position + 1], "stop", token
+                break
+        text_ids = row[:-1] if finish == "stop" else row
+        text = tokenizer.decode(text_ids, skip_special_tokens=params.skip_special_tokens)
+        for stop in params.stop:
+            cut = text.find(stop)
+            if cut >= 0:
+                keep = cut + len(stop) if params.include_stop_str_in_output else cut
+                text, finish, stop_reason = text[:keep], "stop", stop
+        outputs.append(CompletionOutput(index, text, row, text, row, finish, stop_reason))
+    now = time.monotonic()
+    return RequestOutput(request_id, list(prompt_ids), outputs, True, 0, arrival, now, now, prompt)

@@ -1,0 +1,203 @@
+"""`truthgpt.LLM`: offline batch generation on the engine, in three lines.
+
+    llm = truthgpt.LLM("runs/quickstart", max_num_seqs=64)
+    params = truthgpt.SamplingParams(temperature=0, max_tokens=32)
+    outputs = llm.generate(["def ", "import "], params)
+    print(outputs[0].outputs[0].text)
+
+Models the engine does not run natively go through `transformers` `generate` (one request at
+a time), with a log line that says so.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence as Seq
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from truthgpt.config import InferenceConfig
+from truthgpt.errors import ConfigError, RequestError
+from truthgpt.inference.request import RequestOutput
+from truthgpt.inference.sampling_params import SamplingParams
+from truthgpt.models.decoder import Decoder
+
+log = logging.getLogger(__name__)
+
+Prompt = str | Seq[int]
+
+
+def inference_options(options: InferenceConfig | dict[str, Any] | None) -> InferenceConfig:
+    """Validate engine options the way the YAML `inference:` section is validated."""
+    if isinstance(options, InferenceConfig):
+        return options
+    from truthgpt.config import load
+
+    return load({"inference": dict(options or {})}).inference
+
+
+def inference_dtype(choice: str, device: torch.device) -> torch.dtype:
+    if choice == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[choice]
+
+
+class LLM:
+    """A model loaded for generation, with the engine (native models) behind `generate`."""
+
+    def __init__(
+        self,
+        model: str | Path | nn.Module,
+        tokenizer: PreTrainedTokenizerBase | None = None,
+        inference: InferenceConfig | None = None,
+        **options: Any,
+    ) -> None:
+        """model: a run, checkpoint or HF folder (or a loaded module with `tokenizer`);
+        options: `inference:` config keys (block_size, max_num_seqs, device, dtype, ...), or
+        a whole validated `inference` section."""
+        from truthgpt.inference.generate import load_for_generation
+        from truthgpt.training.trainer import resolve_device
+
+        if inference is not None and options:
+            raise ConfigError("give either inference= or keyword options, not both")
+        self.options = inference if inference is not None else inference_options(options)
+        device = resolve_device(self.options.device)
+        dtype = inference_dtype(self.options.dtype, device)
+        if isinstance(model, nn.Module):
+            if tokenizer is None:
+                raise ConfigError("LLM(model_object) needs tokenizer= as well")
+            self.model = model.to(device=device, dtype=dtype).eval()
+            self.tokenizer = tokenizer
+        else:
+            self.model, self.tokenizer = load_for_generation(model, device=device, dtype=dtype)
+            if tokenizer is not None:
+                self.tokenizer = tokenizer
+        self.engine = None
+        if isinstance(self.model, Decoder):
+            from truthgpt.inference.engine import Engine
+
+            self.engine = Engine(self.model, self.tokenizer, self.options)
+        else:
+            log.warning(
+                "%s is not a native truthgpt decoder: generating with transformers' generate, "
+                "one request at a time (no paged KV cache or continuous batching)",
+                type(self.model).__name__,
+            )
+        self._counter = 0
+
+    @property
+    def context_length(self) -> int | None:
+        """Tokens a sequence may hold, prompt and output together."""
+        if self.engine is not None:
+            return self.engine.max_model_len
+        from truthgpt.inference.hf_fallback import max_positions
+
+        return max_positions(self.model)
+
+    def default_params(self) -> SamplingParams:
+        """Sampling as the `inference:` section says (the CLI's defaults too)."""
+        o = self.options
+        return SamplingParams(
+            max_tokens=o.max_new_tokens,
+            temperature=o.temperature,
+            top_k=o.top_k or 0,
+            top_p=o.top_p,
+        )
+
+    def generate(
+        self,
+        prompts: Prompt | Seq[Prompt],
+        params: SamplingParams | Seq[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
+        """Generate for every prompt (strings or token-id lists); outputs in prompt order.
+        Every prompt is checked before any runs, so one bad prompt costs no work."""
+        if isinstance(prompts, str) or (
+            isinstance(prompts, Seq) and prompts and isinstance(prompts[0], int)
+        ):
+            prompts = [prompts]  # one prompt
+        prompts = list(prompts)
+        if not prompts:
+            return []
+        if params is None:
+            params = self.default_params()
+        if isinstance(params, SamplingParams):
+            params = [params] * len(prompts)
+        params = list(params)
+        if len(params) != len(prompts):
+            raise RequestError(f"{len(params)} SamplingParams for {len(prompts)} prompts")
+        if self.engine is None:
+            return self._generate_hf(prompts, params, use_tqdm)
+        return self._generate_engine(prompts, params, use_tqdm)
+
+    def _generate_engine(self, prompts, params, use_tqdm: bool) -> list[RequestOutput]:
+        engine = self.engine
+        ids = []
+        try:
+            for prompt, sampling in zip(prompts, params):
+                request_id = f"llm-{self._counter}"
+                self._counter += 1
+                engine.add_request(request_id, prompt, sampling, detokenize=False)
+                ids.append(request_id)
+        except RequestError as exc:
+            for request_id in ids:
+                engine.abort(request_id)
+            raise RequestError(f"prompt {len(ids)}: {exc}") from None
+        total = sum(p.max_tokens * p.n for p in params)
+        bar = _progress(use_tqdm, len(prompts))
+        finished: dict[str, RequestOutput] = {}
+        start = time.perf_counter()
+        try:
+            while len(finished) < len(ids):
+                for output in engine.step():
+                    if output.finished:
+                        finished[output.request_id] = output
+                        if bar is not None:
+                            bar.update(1)
+                if bar is not None:
+                    made = engine.generated_tokens
+                    rate = made / max(time.perf_counter() - start, 1e-9)
+                    bar.set_postfix_str(f"{rate:,.0f} tok/s, <={total:,} tokens", refresh=False)
+        except BaseException:
+            for request_id in ids:
+                engine.abort(request_id)
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
+        return [finished[request_id] for request_id in ids]
+
+    def _generate_hf(self, prompts, params, use_tqdm: bool) -> list[RequestOutput]:
+        from truthgpt.inference.hf_fallback import hf_generate
+
+        bar = _progress(use_tqdm, len(prompts))
+        outputs = []
+        encoded = [list(p) if not isinstance(p, str) else self.tokenizer.encode(p) for p in prompts]
+        for position, prompt_ids in enumerate(encoded):
+            if not prompt_ids:
+                raise RequestError(f"prompt {position} is empty")
+        for prompt, prompt_ids, sampling in zip(prompts, encoded, params):
+            request_id = f"llm-{self._counter}"
+            self._counter += 1
+            text = prompt if isinstance(prompt, str) else None
+            outputs.append(
+                hf_generate(self.model, self.tokenizer, request_id, prompt_ids, sampling, text)
+            )
+            if bar is not None:
+                bar.update(1)
+        if bar is not None:
+            bar.close()
+        return outputs
+
+
+def _progress(enabled: bool, total: int):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="generate", unit="req", dynamic_ncols=True)

@@ -1,0 +1,301 @@
+"""The generation engine against `transformers` `generate` on the same weights.
+
+Tiny random Llama, Qwen2 and GPT-2 models in fp32 on the CPU; block sizes small enough that
+sequences span several blocks; pools small enough to force preemption; prompts that share
+prefixes so the prefix cache hits. The reference is always `generate` (greedy) or the engine
+itself run alone (seeded sampling).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+
+from truthgpt.config import InferenceConfig
+from truthgpt.data.tokenizer import train_bpe_tokenizer
+from truthgpt.errors import ConfigError, RequestError
+from truthgpt.inference.async_engine import AsyncEngine
+from truthgpt.inference.engine import Engine
+from truthgpt.inference.llm import LLM
+from truthgpt.inference.sampling_params import SamplingParams
+from truthgpt.models.hf_io import load_hf
+
+NEW_TOKENS = 12
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    import json
+
+    source = Path(json.__file__).read_text() + Path(inspect.__file__).read_text()[:50_000]
+    return train_bpe_tokenizer([source], vocab_size=320, max_chars=200_000)
+
+
+def _hf_config(kind: str, vocab: int) -> transformers.PretrainedConfig:
+    shape = dict(
+        vocab_size=vocab,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+    )
+    if kind == "llama":
+        return transformers.LlamaConfig(tie_word_embeddings=False, **shape)
+    if kind == "qwen2":
+        return transformers.Qwen2Config(tie_word_embeddings=True, **shape)
+    return transformers.GPT2Config(
+        vocab_size=vocab, n_embd=32, n_layer=2, n_head=4, n_positions=128
+    )
+
+
+def _models(kind: str, tokenizer, folder: Path):
+    """(HF reference, our decoder loaded from the reference's saved folder), fp32 eval."""
+    torch.manual_seed(0)
+    reference = transformers.AutoModelForCausalLM.from_config(_hf_config(kind, len(tokenizer)))
+    reference.eval()
+    reference.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return reference, load_hf(folder).eval()
+
+
+def _prompts(lengths: list[int], seed: int = 0, vocab: int = 300) -> list[list[int]]:
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, vocab, (n,), generator=generator).tolist() for n in lengths]
+
+
+def _hf_greedy(reference, prompt: list[int], new_tokens: int = NEW_TOKENS) -> list[int]:
+    ids = torch.tensor([prompt])
+    out = reference.generate(
+        ids,
+        attention_mask=torch.ones_like(ids),
+        do_sample=False,
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        eos_token_id=None,
+        pad_token_id=0,
+    )
+    return out[0, len(prompt) :].tolist()
+
+
+def _engine(model, tokenizer, **options) -> Engine:
+    settings = {"device": "cpu", "block_size": 4, "cuda_graphs": False, **options}
+    return Engine(model, tokenizer, InferenceConfig(**settings))
+
+
+def _run(engine: Engine, prompts, params) -> dict[str, list]:
+    """All prompts at once; returns request id -> list of output token-id lists (per sample)."""
+    for index, prompt in enumerate(prompts):
+        engine.add_request(str(index), prompt, params, detokenize=False)
+    done = {}
+    for _ in range(10_000):
+        for output in engine.step():
+            if output.finished:
+                done[output.request_id] = [o.token_ids for o in output.outputs]
+        if not engine.has_unfinished_requests():
+            break
+    return done
+
+
+GREEDY = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "gpt2"])
+def test_greedy_matches_transformers_for_a_batch_of_prompts(kind, tokenizer, tmp_path):
+    reference, ours = _models(kind, tokenizer, tmp_path)
+    prompts = _prompts([5, 17, 9, 33, 1])
+    engine = _engine(ours, tokenizer)
+    done = _run(engine, prompts, GREEDY)
+    for index, prompt in enumerate(prompts):
+        assert done[str(index)][0] == _hf_greedy(reference, prompt), f"prompt {index}"
+    assert engine.blocks.num_used_blocks == 0  # everything freed
+
+
+def test_preemption_under_a_tiny_pool_keeps_greedy_exact(tokenizer, tmp_path):
+    reference, ours = _models("llama", tokenizer, tmp_path)
+    prompts = _prompts([20, 22, 18, 25], seed=1)
+    # Each sequence needs 8-10 blocks of 4 tokens at its end; 14 cannot hold four of them.
+    engine = _engine(ours, tokenizer, num_blocks=14, prefix_caching=False)
+    done = _run(engine, prompts, GREEDY)
+    assert engine.scheduler.num_preemptions > 0
+    for index, prompt in enumerate(prompts):
+        assert done[str(index)][0] == _hf_greedy(reference, prompt)
+
+
+def test_prefix_cache_hits_give_the_same_tokens(tokenizer, tmp_path):
+    reference, ours = _models("qwen2", tokenizer, tmp_path)
+    shared = _prompts([26], seed=2)[0]
+    tails = _prompts([3, 7, 1], seed=3)
+    prompts = [shared + tail for tail in tails]
+    engine = _engine(ours, tokenizer)
+    first = _run(engine, prompts[:1], GREEDY)  # fills the cache
+    hits_before = engine.blocks.stats.hit_tokens
+    rest = _run(engine, prompts[1:], GREEDY)
+    assert engine.blocks.stats.hit_tokens - hits_before >= 2 * 24  # 6 shared blocks each
+    assert first["0"][0] == _hf_greedy(reference, prompts[0])
+    for index, prompt in enumerate(prompts[1:]):
+        assert rest[str(index)][0] == _hf_greedy(reference, prompt)
+
+
+def test_chunked_prefill_matches_a_whole_prefill(tokenizer, tmp_path):
+    reference, ours = _models("gpt2", tokenizer, tmp_path)
+    prompts = _prompts([60, 3, 41], seed=4)
+    engine = _engine(ours, tokenizer, max_num_batched_tokens=16)
+    done = _run(engine, prompts, GREEDY)
+    for index, prompt in enumerate(prompts):
+        assert done[str(index)][0] == _hf_greedy(reference, prompt)
+
+
+def test_seeded_sampling_is_the_same_alone_and_in_a_batch(tokenizer, tmp_path):
+    _, ours = _models("llama", tokenizer, tmp_path)
+    params = SamplingParams(temperature=1.0, top_p=0.9, top_k=40, seed=7, max_tokens=10)
+    prompt = _prompts([9], seed=5)[0]
+    alone = _run(_engine(ours, tokenizer), [prompt], params)["0"][0]
+    others = _prompts([4, 12, 7, 20, 3, 15, 8], seed=6)
+    mixed = [SamplingParams(temperature=0.7, seed=i, max_tokens=6) for i in range(len(others))]
+    engine = _engine(ours, tokenizer)
+    for index, other in enumerate(others):
+        engine.add_request(f"other-{index}", other, mixed[index])
+    engine.add_request("target", prompt, params)
+    outputs = {}
+    while engine.has_unfinished_requests():
+        for output in engine.step():
+            if output.finished:
+                outputs[output.request_id] = output.outputs[0].token_ids
+    assert outputs["target"] == alone
+    again = _run(_engine(ours, tokenizer), [prompt], params)["0"][0]
+    assert again == alone
+
+
+def test_n_samples_share_the_prompt_blocks(tokenizer, tmp_path):
+    _, ours = _models("llama", tokenizer, tmp_path)
+    engine = _engine(ours, tokenizer)
+    prompt = _prompts([21], seed=8)[0]
+    params = SamplingParams(temperature=1.0, n=3, seed=11, max_tokens=8)
+    done = _run(engine, [prompt], params)["0"]
+    assert len(done) == 3 and len({tuple(ids) for ids in done}) > 1
+    # The 2nd and 3rd samples found the first's 5 full prompt blocks in the cache.
+    assert engine.blocks.stats.hit_tokens >= 2 * 20
+
+
+def test_bad_requests_are_refused_and_the_engine_keeps_serving(tokenizer, tmp_path):
+    _, ours = _models("llama", tokenizer, tmp_path)
+    engine = _engine(ours, tokenizer)
+    engine.add_request("good", _prompts([6])[0], GREEDY)
+    with pytest.raises(RequestError, match="empty"):
+        engine.add_request("empty", "", GREEDY)
+    with pytest.raises(RequestError, match="empty"):
+        engine.add_request("empty-ids", [], GREEDY)
+    with pytest.raises(RequestError, match="context"):
+        engine.add_request("long", _prompts([128])[0], GREEDY)
+    with pytest.raises(RequestError, match="token ids"):
+        engine.add_request("bad-id", [1, 10_000], GREEDY)
+    with pytest.raises(RequestError, match="already in use"):
+        engine.add_request("good", [1, 2], GREEDY)
+    with pytest.raises(RequestError, match="max_tokens"):
+        SamplingParams(max_tokens=0)
+    with pytest.raises(RequestError, match="top_p"):
+        SamplingParams(top_p=0)
+    with pytest.raises(RequestError, match="top_p"):
+        SamplingParams(top_p=1.5)
+    with pytest.raises(RequestError, match="stop"):
+        SamplingParams(stop=[3])
+    outputs = []
+    while engine.has_unfinished_requests():
+        outputs += engine.step()
+    assert [o.request_id for o in outputs if o.finished] == ["good"]
+    assert len(outputs[-1].outputs[0].token_ids) == NEW_TOKENS
+
+
+def test_abort_frees_blocks_at_once(tokenizer, tmp_path):
+    _, ours = _models("llama", tokenizer, tmp_path)
+    engine = _engine(ours, tokenizer, prefix_caching=False)
+    engine.add_request("a", _prompts([30])[0], GREEDY)
+    engine.step()
+    assert engine.blocks.num_used_blocks > 0
+    output = engine.abort("a")
+    assert output.finished and output.outputs[0].finish_reason == "abort"
+    assert engine.blocks.num_used_blocks == 0 and not engine.has_unfinished_requests()
+
+
+def test_stop_strings_and_max_context(tokenizer, tmp_path):
+    _, ours = _models("llama", tokenizer, tmp_path)
+    engine = _engine(ours, tokenizer)
+    prompt = _prompts([10], seed=9)[0]
+    free = _run(engine, [prompt], GREEDY)["0"][0]
+    text = tokenizer.decode(free)
+    stop = text[3:6] if len(text) > 6 else text[-2:]
+    engine.add_request("s", prompt, SamplingParams(temperature=0, max_tokens=NEW_TOKENS, stop=stop))
+    final = None
+    while engine.has_unfinished_requests():
+        for output in engine.step():
+            final = output
+    completion = final.outputs[0]
+    assert completion.finish_reason == "stop" and completion.stop_reason == stop
+    assert completion.text == text[: text.find(stop)]
+    # max_tokens past the context is capped at the context, and says "length".
+    long_params = SamplingParams(temperature=0, max_tokens=500, ignore_eos=True)
+    out = _run(engine, [_prompts([120])[0]], long_params)["0"][0]
+    assert len(out) == 8
+
+
+def test_async_engine_streams_deltas_that_add_up(tokenizer, tmp_path):
+    _, ours = _models("llama", tokenizer, tmp_path)
+    engine = AsyncEngine(_engine(ours, tokenizer))
+    params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
+
+    async def one(prompt):
+        pieces, last = [], None
+        async for output in engine.generate(prompt, params):
+            pieces.append(output.outputs[0].delta_text)
+            last = output
+        return "".join(pieces), last
+
+    async def main():
+        good = asyncio.gather(*(one(p) for p in ["def f(x):", "import os\n", "class A:"]))
+        with pytest.raises(RequestError):
+            await one("")
+        return await good
+
+    try:
+        results = asyncio.run(main())
+    finally:
+        engine.shutdown()
+    for streamed, last in results:
+        assert last.finished and streamed == last.outputs[0].text
+        assert len(last.outputs[0].token_ids) == NEW_TOKENS
+
+
+def test_llm_api_on_a_folder_and_the_transformers_fallback(tokenizer, tmp_path):
+    reference, _ = _models("llama", tokenizer, tmp_path / "llama")
+    prompts = _prompts([7, 3], seed=10)
+    llm = LLM(tmp_path / "llama", device="cpu", block_size=8)
+    outputs = llm.generate(prompts, GREEDY, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outputs] == [_hf_greedy(reference, p) for p in prompts]
+    with pytest.raises(ConfigError, match="block_size"):
+        LLM(tmp_path / "llama", device="cpu", block_sise=8)
+
+    torch.manual_seed(0)
+    other = transformers.AutoModelForCausalLM.from_config(
+        transformers.OPTConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            num_hidden_layers=2,
+            ffn_dim=64,
+            num_attention_heads=4,
+            max_position_embeddings=128,
+            word_embed_proj_dim=32,
+        )
+    ).eval()
+    other.save_pretrained(tmp_path / "opt")
+    tokenizer.save_pretrained(tmp_path / "opt")
+    fallback = LLM(tmp_path / "opt", device="cpu")
+    assert fallback.engine is None
+    outputs = fallback.generate(prompts, GREEDY, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outputs] == [_hf_greedy(other, p) for p in prompts]
