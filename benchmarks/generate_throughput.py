@@ -93,10 +93,16 @@ def hf_twin(model: Decoder):
 
     config = transformers.LlamaConfig(**hf_config_from_decoder(model.config))
     weight = model.embed.weight
-    with torch.device("meta"):
-        twin = transformers.LlamaForCausalLM(config)
-    twin.load_state_dict(to_hf_state(model), assign=True, strict=False)
-    twin = twin.to(device=weight.device, dtype=weight.dtype)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(weight.dtype)
+    try:
+        with weight.device:
+            twin = transformers.LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(previous)
+    missing, unexpected = twin.load_state_dict(to_hf_state(model), strict=False)
+    if unexpected or [name for name in missing if "lm_head" not in name]:
+        raise RuntimeError(f"weights did not map: missing {missing}, unexpected {unexpected}")
     if model.config.tie_embeddings:
         twin.tie_weights()
     twin.generation_config.pad_token_id = 0

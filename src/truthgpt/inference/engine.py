@@ -103,6 +103,7 @@ class Engine:
             options.max_num_seqs,
             use_kernels=use_kernels,
             cuda_graphs=options.cuda_graphs and device.type == "cuda" and use_kernels,
+            sample_vocab=len(tokenizer),
         )
         self.eos_token_id = tokenizer.eos_token_id
         self.requests: dict[str, _Request] = {}

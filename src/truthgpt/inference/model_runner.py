@@ -53,6 +53,7 @@ class ModelRunner:
         max_num_seqs: int,
         use_kernels: bool,
         cuda_graphs: bool,
+        sample_vocab: int | None = None,
     ) -> None:
         self.model = model
         self.cache = cache
@@ -60,6 +61,7 @@ class ModelRunner:
         self.block_size = cache.block_size
         self.max_blocks_per_seq = -(-max_model_len // self.block_size)
         self.vocab_size = model.config.vocab_size
+        self.sample_vocab = min(sample_vocab or self.vocab_size, self.vocab_size)
         self.use_kernels = use_kernels
         self.pin = self.device.type == "cuda"
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
@@ -174,6 +176,12 @@ class ModelRunner:
         penalties = any(
             p.repetition_penalty != 1 or p.presence_penalty or p.frequency_penalty for p in params
         )
+        if self.sample_vocab < logits.shape[-1]:
+            # Rows past the tokenizer's vocabulary (padding to a fast matmul shape) are never
+            # valid tokens: an untrained model could otherwise pick one.
+            logits = logits[:, : self.sample_vocab]
+        if not penalties and all(p.temperature == 0 and p.logprobs is None for p in params):
+            return StepResult(sampling, logits.argmax(dim=-1).tolist(), None, None)
         sampling_batch = SamplingBatch.build(
             params,
             seeds=[seq.seed for seq in seqs],
@@ -212,25 +220,27 @@ class ModelRunner:
         self.graph_sizes = graph_batch_sizes(max_num_seqs)
         largest = self.graph_sizes[-1]
         device = self.device
-        self.g_input_ids = torch.zeros(largest, dtype=torch.int64, device=device)
-        self.g_positions = torch.zeros(largest, dtype=torch.int64, device=device)
-        self.g_slots = torch.zeros(largest, dtype=torch.int64, device=device)
-        self.g_tables = torch.zeros(
-            largest, self.max_blocks_per_seq, dtype=torch.int32, device=device
-        )
+        # Inputs live in fixed device buffers the graphs read; each step fills pinned host
+        # twins in place (numpy views, no per-step allocation) and copies them over.
+        self.h_inputs = torch.zeros(3, largest, dtype=torch.int64).pin_memory()
+        self.h_seq_lens = torch.zeros(largest, dtype=torch.int32).pin_memory()
+        self.h_tables = torch.zeros(largest, self.max_blocks_per_seq, dtype=torch.int32)
+        self.h_tables = self.h_tables.pin_memory()
+        self.g_inputs = torch.zeros(3, largest, dtype=torch.int64, device=device)
         self.g_seq_lens = torch.zeros(largest, dtype=torch.int32, device=device)
+        self.g_tables = torch.zeros_like(self.h_tables, device=device)
         self.g_logits: dict[int, Tensor] = {}
         pool = None
         for size in reversed(self.graph_sizes):  # largest first: the others reuse its memory
             attn = AttentionBatch(
-                positions=self.g_positions[:size],
-                slot_mapping=self.g_slots[:size],
+                positions=self.g_inputs[1, :size],
+                slot_mapping=self.g_inputs[2, :size],
                 num_decode_tokens=size,
                 decode_block_tables=self.g_tables[:size],
                 decode_seq_lens=self.g_seq_lens[:size],
                 use_kernels=True,
             )
-            ids = self.g_input_ids[:size]
+            ids = self.g_inputs[0, :size]
             self.model.forward_paged(ids, self.cache, attn)  # warm up (Triton compiles here)
             torch.cuda.synchronize(device)
             graph = torch.cuda.CUDAGraph()
@@ -242,27 +252,28 @@ class ModelRunner:
         log.info("captured CUDA graphs for decode batch sizes %s", self.graph_sizes)
 
     def _replay(self, batch: ScheduledBatch, size: int) -> Tensor:
+        # The previous step's copies out of these pinned buffers are complete: that step ended
+        # by reading its sampled tokens back, which waits for everything queued before.
+        inputs, lens, tables = (
+            self.h_inputs.numpy(), self.h_seq_lens.numpy(), self.h_tables.numpy()
+        )
         real = len(batch.seqs)
-        pad = size - real
-        ids, positions, slots, tables, lens = [], [], [], [], []
-        width = self.max_blocks_per_seq
-        for seq in batch.seqs:
+        block_size = self.block_size
+        for row, seq in enumerate(batch.seqs):
             position = seq.num_computed_tokens
-            ids.append(seq.token_ids[position])
-            positions.append(position)
-            slots.append(self._slot(seq.block_table, position))
-            tables.append(seq.block_table + [SCRATCH_BLOCK] * (width - len(seq.block_table)))
-            lens.append(position + 1)
+            table = seq.block_table
+            inputs[0, row] = seq.token_ids[position]
+            inputs[1, row] = position
+            inputs[2, row] = table[position // block_size] * block_size + position % block_size
+            lens[row] = position + 1
+            # Entries past a sequence's blocks may be stale: the kernel reads only its seq_len.
+            tables[row, : len(table)] = table
         # Padding rows: token 0 at position 0, written to the scratch block, length 0.
-        ids += [0] * pad
-        positions += [0] * pad
-        slots += [SCRATCH_BLOCK * self.block_size] * pad
-        tables += [[SCRATCH_BLOCK] * width] * pad
-        lens += [0] * pad
-        self.g_input_ids[:size].copy_(self._tensor(ids, torch.int64))
-        self.g_positions[:size].copy_(self._tensor(positions, torch.int64))
-        self.g_slots[:size].copy_(self._tensor(slots, torch.int64))
-        self.g_tables[:size].copy_(self._tensor(tables, torch.int32))
-        self.g_seq_lens[:size].copy_(self._tensor(lens, torch.int32))
+        inputs[:, real:size] = 0
+        inputs[2, real:size] = SCRATCH_BLOCK * block_size
+        lens[real:size] = 0
+        self.g_inputs[:, :size].copy_(self.h_inputs[:, :size], non_blocking=True)
+        self.g_seq_lens[:size].copy_(self.h_seq_lens[:size], non_blocking=True)
+        self.g_tables[:size].copy_(self.h_tables[:size], non_blocking=True)
         self.graphs[size].replay()
         return self.g_logits[size][:real]
