@@ -84,6 +84,7 @@ def build_model(shape: str, device: torch.device, dtype: torch.dtype) -> Decoder
             model = Decoder(DecoderConfig(family="llama", **SHAPES[shape]))
     finally:
         torch.set_default_dtype(previous)
+    model.fuse_for_inference()  # as `LLM` does with a model it loads
     return model.eval()
 
 

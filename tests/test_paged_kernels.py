@@ -128,12 +128,13 @@ def random_queries(seed, num_tokens, num_q_heads, num_kv_heads, head_dim, dtype,
 # --- checks, shared by the interpreter run (CPU, fp32) and the GPU tests -------------------------
 
 # (seq_lens, block_size, num_kv_heads, group, head_dim): lengths of 1, exact multiples of the
-# block size, padding rows (0), and sequences longer than one 64-key tile.
+# block size, padding rows (0), sequences longer than one 64-key tile, a head_dim of 8.
 DECODE_CASES = [
     ([5, 1, 8, 0, 150, 12, 64, 3, 33], 4, 2, 4, 64),
     ([150], 16, 1, 8, 80),
     ([16, 0, 70], 8, 4, 1, 80),
     ([1, 9, 200, 32], 16, 2, 8, 64),
+    ([7, 0, 40], 4, 4, 4, 8),  # head_dim below tl.dot's minimum of 16 (tiny test models)
 ]
 
 
@@ -227,6 +228,7 @@ PREFILL_CASES = [
     ([70, 37, 9], [70, 5, 1], 4, 2, 4, 64),
     ([20, 100], [20, 68], 16, 1, 8, 80),
     ([33, 16, 1], [1, 16, 1], 8, 4, 1, 80),
+    ([12, 30], [12, 3], 4, 2, 2, 8),
 ]
 
 

@@ -75,6 +75,8 @@ class LLM:
             self.tokenizer = tokenizer
         else:
             self.model, self.tokenizer = load_for_generation(model, device=device, dtype=dtype)
+            if isinstance(self.model, Decoder):  # our own copy: its weights may be re-laid
+                self.model.fuse_for_inference()
             if tokenizer is not None:
                 self.tokenizer = tokenizer
         self.engine = None

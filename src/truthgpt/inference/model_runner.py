@@ -119,10 +119,30 @@ class ModelRunner:
                 [seq.num_computed_tokens + 1 for seq in seqs], torch.int32
             )
         if num_decode < len(batch.seqs):
-            self._describe_dense(batch, num_decode, attn)
+            if self.use_kernels:
+                self._describe_prefill(batch, num_decode, attn)
+            else:
+                self._describe_dense(batch, num_decode, attn)
         if len(last_rows) != len(positions):
             attn.logits_index = self._tensor(last_rows, torch.int64)
         return self._tensor(input_ids, torch.int64), attn, sampling
+
+    def _describe_prefill(self, batch: ScheduledBatch, first: int, attn: AttentionBatch) -> None:
+        """Block tables, context lengths and packed query offsets for the prefill kernel."""
+        seqs, counts = batch.seqs[first:], batch.num_new_tokens[first:]
+        width = max(len(seq.block_table) for seq in seqs)
+        attn.prefill_block_tables = self._tensor(
+            [seq.block_table + [SCRATCH_BLOCK] * (width - len(seq.block_table)) for seq in seqs],
+            torch.int32,
+        )
+        attn.prefill_seq_lens = self._tensor(
+            [seq.num_computed_tokens + count for seq, count in zip(seqs, counts)], torch.int32
+        )
+        offsets = [0]
+        for count in counts:
+            offsets.append(offsets[-1] + count)
+        attn.prefill_cu_query_lens = self._tensor(offsets, torch.int32)
+        attn.prefill_max_query_len = max(counts)
 
     def _describe_dense(self, batch: ScheduledBatch, first: int, attn: AttentionBatch) -> None:
         """Padded [P, max_q] / [P, max_k] index tensors for the rows after the decodes, built on
@@ -255,7 +275,9 @@ class ModelRunner:
         # The previous step's copies out of these pinned buffers are complete: that step ended
         # by reading its sampled tokens back, which waits for everything queued before.
         inputs, lens, tables = (
-            self.h_inputs.numpy(), self.h_seq_lens.numpy(), self.h_tables.numpy()
+            self.h_inputs.numpy(),
+            self.h_seq_lens.numpy(),
+            self.h_tables.numpy(),
         )
         real = len(batch.seqs)
         block_size = self.block_size

@@ -55,7 +55,14 @@ class AttentionBatch:
     dense_key_slots: Tensor | None = None
     dense_mask: Tensor | None = None
     logits_index: Tensor | None = None
-    use_kernels: bool = False  # Triton store / decode kernels (CUDA only)
+    use_kernels: bool = False  # Triton kernels (CUDA; CPU only under the Triton interpreter)
+    # With kernels, the rows after the decodes go to the varlen prefill kernel instead of the
+    # dense path: per sequence its block table [P, max_blocks] int32, context length [P] int32,
+    # and query rows cu_query_lens[p]:cu_query_lens[p + 1] ([P + 1] int32).
+    prefill_block_tables: Tensor | None = None
+    prefill_seq_lens: Tensor | None = None
+    prefill_cu_query_lens: Tensor | None = None
+    prefill_max_query_len: int = 0
 
 
 @dataclass
@@ -95,6 +102,11 @@ def paged_attention(
     a prefix block filled in this same step) reads them from the pool. Returns [N, Hq, D].
     """
     store_kv(k, v, k_cache, v_cache, batch)
+    return attend_paged(q, k_cache, v_cache, batch)
+
+
+def attend_paged(q: Tensor, k_cache: Tensor, v_cache: Tensor, batch: AttentionBatch) -> Tensor:
+    """`paged_attention` after the step's keys and values are already in the pool."""
     scale = q.shape[-1] ** -0.5
     num_decode = batch.num_decode_tokens
     if num_decode == q.shape[0]:
@@ -102,7 +114,22 @@ def paged_attention(
     out = torch.empty_like(q)
     if num_decode:
         out[:num_decode] = _decode(q[:num_decode], k_cache, v_cache, batch, scale)
-    out[num_decode:] = _dense(q[num_decode:], k_cache, v_cache, batch, scale)
+    if batch.prefill_seq_lens is not None:
+        from truthgpt.models.paged_kernels import paged_prefill_attention
+
+        paged_prefill_attention(
+            q[num_decode:],
+            k_cache,
+            v_cache,
+            batch.prefill_block_tables,
+            batch.prefill_cu_query_lens,
+            batch.prefill_seq_lens,
+            scale,
+            batch.prefill_max_query_len,
+            out=out[num_decode:],
+        )
+    else:
+        out[num_decode:] = _dense(q[num_decode:], k_cache, v_cache, batch, scale)
     return out
 
 

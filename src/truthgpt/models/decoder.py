@@ -42,7 +42,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from truthgpt.errors import ConfigError, RequestError
-from truthgpt.models.attention import AttentionBatch, PagedKVCache, paged_attention
+from truthgpt.models.attention import AttentionBatch, PagedKVCache, attend_paged, paged_attention
 
 FAMILIES = ("llama", "gpt2")
 IGNORE_INDEX = -100  # the label value Hugging Face (and torch's cross_entropy) skips
@@ -209,6 +209,13 @@ def rope_cos_sin_at(cfg: DecoderConfig, positions: Tensor) -> Tensor:
     return torch.stack((emb.cos(), emb.sin()))[:, :, None]
 
 
+def rope_cos_sin_half(cfg: DecoderConfig, positions: Tensor) -> Tensor:
+    """cos and sin of positions [N] as [2, N, head_dim // 2] fp32: the one half of the angles
+    that the fused RoPE kernel reads (the same arithmetic as `rope_cos_sin_at`)."""
+    freqs = positions.float()[:, None] * rope_inv_freq(cfg, positions.device)
+    return torch.stack((freqs.cos(), freqs.sin()))
+
+
 def document_positions(document_ids: Tensor) -> tuple[Tensor, Tensor]:
     """(segment index, position in segment) for document_ids [B, T], both [B, T].
 
@@ -305,6 +312,19 @@ class Attention(nn.Module):
         y = paged_attention(q, k, v, k_cache, v_cache, batch)
         return self.out(y.reshape(num_tokens, q_size))
 
+    def forward_paged_fused(
+        self, x: Tensor, cos_sin: Tensor, k_cache: Tensor, v_cache: Tensor, batch: AttentionBatch
+    ) -> Tensor:
+        """`forward_paged` with RoPE and the K/V store fused into one Triton kernel."""
+        from truthgpt.models.fused_kernels import rope_store_kv
+
+        qkv = self.qkv(x)
+        q = rope_store_kv(
+            qkv, cos_sin, k_cache, v_cache, batch.slot_mapping, self.num_heads, self.num_kv_heads
+        )
+        y = attend_paged(q, k_cache, v_cache, batch)
+        return self.out(y.view(x.shape[0], -1))
+
 
 class SwiGLU(nn.Module):
     """Llama MLP: down(silu(gate(x)) * up(x)) (Shazeer 2020, "GLU Variants Improve Transformer")."""
@@ -317,6 +337,44 @@ class SwiGLU(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.down(F.silu(self.gate(x)) * self.up(x))
+
+    def fuse_gate_up(self) -> None:
+        """Lay gate and up out as the two halves of one [2 * intermediate, hidden] tensor (their
+        parameters become views of it: no extra memory), so inference runs one GEMM for both.
+        Parameters sharing storage cannot be saved by safetensors as they are, so only the
+        engine's own copy of a model is fused (see `LLM`)."""
+        self._gate_up = {}
+        for name in ("weight", "bias"):
+            gate, up = getattr(self.gate, name), getattr(self.up, name)
+            if gate is not None:
+                fused = torch.cat((gate.data, up.data))
+                gate.data, up.data = fused[: gate.shape[0]], fused[gate.shape[0] :]
+                self._gate_up[name] = fused
+
+    def _fused(self, name: str) -> Tensor | None:
+        """The [gate | up] tensor while gate and up are still its halves, else None (never
+        fused, or since moved by `.to()`)."""
+        fused = getattr(self, "_gate_up", {}).get(name)
+        gate, up = getattr(self.gate, name), getattr(self.up, name)
+        if fused is None or gate is None:
+            return None
+        halves = fused[: gate.shape[0]], fused[gate.shape[0] :]
+        if gate.data_ptr() != halves[0].data_ptr() or up.data_ptr() != halves[1].data_ptr():
+            self._gate_up = {}  # stale: let it go
+            return None
+        return fused
+
+    def forward_fused(self, x: Tensor) -> Tensor:
+        """The MLP with a fused silu(gate) * up kernel (Triton), and one GEMM for gate and up
+        when `fuse_gate_up` laid them out together."""
+        from truthgpt.models.fused_kernels import silu_mul
+
+        weight = self._fused("weight")
+        if weight is None or (self.gate.bias is not None and self._fused("bias") is None):
+            return self.down(silu_mul(self.gate(x), self.up(x)))
+        gate_up = F.linear(x, weight, self._fused("bias"))
+        width = gate_up.shape[-1] // 2
+        return self.down(silu_mul(gate_up[:, :width], gate_up[:, width:]))
 
 
 class GeluMLP(nn.Module):
@@ -512,6 +570,8 @@ class Decoder(nn.Module):
         logits [S, vocab] for the rows of batch.logits_index (all N rows when it is None): only
         the last token of each sequence needs the vocabulary projection."""
         cfg = self.config
+        if batch.use_kernels and cfg.family != "gpt2":
+            return self._forward_paged_fused(input_ids, cache, batch)
         x = self.embed(input_ids)
         rope = None
         if cfg.family == "gpt2":
@@ -524,6 +584,34 @@ class Decoder(nn.Module):
         if batch.logits_index is not None:
             x = x[batch.logits_index]
         return self.lm_head(self.norm(x))
+
+    def _forward_paged_fused(
+        self, input_ids: Tensor, cache: PagedKVCache, batch: AttentionBatch
+    ) -> Tensor:
+        """Llama family on Triton: nine launches a layer (see models/fused_kernels.py). The
+        residual stream travels beside the block outputs, so each norm also does the add."""
+        from truthgpt.models.fused_kernels import add_rms_norm
+
+        cos_sin = rope_cos_sin_half(self.config, batch.positions)
+        h, residual = self.embed(input_ids), None
+        for index, block in enumerate(self.layers):
+            norm = block.attn_norm
+            x, residual = add_rms_norm(h, residual, norm.weight, norm.eps)
+            h = block.attn.forward_paged_fused(x, cos_sin, cache.k[index], cache.v[index], batch)
+            norm = block.mlp_norm
+            x, residual = add_rms_norm(h, residual, norm.weight, norm.eps)
+            h = block.mlp.forward_fused(x)
+        if batch.logits_index is not None:
+            h, residual = h[batch.logits_index], residual[batch.logits_index]
+        x, _ = add_rms_norm(h, residual, self.norm.weight, self.norm.eps)
+        return self.lm_head(x)
+
+    def fuse_for_inference(self) -> None:
+        """Re-lay weights for the fused inference path (the MLP's gate and up as one tensor).
+        Parameters keep their names and values, so training and saving are unaffected."""
+        for block in self.layers:
+            if isinstance(block.mlp, SwiGLU):
+                block.mlp.fuse_gate_up()
 
     def new_paged_cache(
         self,

@@ -264,7 +264,7 @@ def _decode_split_kernel(
     po = partial_out_ptr + batch * stride_po_batch + split * stride_po_split
     tl.store(
         po + q_heads[:, None] * stride_po_head + dims[None, :],
-        out,
+        out.to(partial_out_ptr.dtype.element_ty),  # fp32 partials; q's dtype when unsplit
         mask=head_mask[:, None] & dim_mask[None, :],
     )
     pl = partial_lse_ptr + batch * stride_pl_batch + split
@@ -417,7 +417,13 @@ def paged_decode_attention(
         )
     if not 1 <= num_splits <= _MAX_SPLITS:
         raise ValueError(f"num_splits must be in 1..{_MAX_SPLITS}, got {num_splits}")
-    if workspace is None:
+    if num_splits == 1:
+        # One split holds the whole softmax: it writes the final output, no merge kernel.
+        workspace = DecodeWorkspace(
+            partial_out=out[:, :, None, :],
+            partial_lse=torch.empty(batch_size, num_q_heads, 1, device=q.device),
+        )
+    elif workspace is None:
         workspace = DecodeWorkspace.allocate(
             batch_size, num_q_heads, head_dim, num_splits, q.device
         )
@@ -434,7 +440,7 @@ def paged_decode_attention(
     partial_out = workspace.partial_out
     partial_lse = workspace.partial_lse
     group = num_q_heads // num_kv_heads
-    block_d = triton.next_power_of_2(head_dim)
+    block_d = max(16, triton.next_power_of_2(head_dim))  # tl.dot needs K >= 16
 
     _decode_split_kernel[(batch_size, num_kv_heads, num_splits)](
         q,
@@ -470,6 +476,8 @@ def paged_decode_attention(
         DOT_PRECISION=_dot_precision(k_cache.dtype),
         num_warps=4,
     )
+    if num_splits == 1:
+        return out
     _decode_reduce_kernel[(batch_size, num_q_heads)](
         partial_out,
         partial_lse,
@@ -638,7 +646,7 @@ def paged_prefill_attention(
         block_tables.shape[1],
         GROUP=num_q_heads // num_kv_heads,
         HEAD_DIM=head_dim,
-        BLOCK_D=triton.next_power_of_2(head_dim),
+        BLOCK_D=max(16, triton.next_power_of_2(head_dim)),  # tl.dot needs K >= 16
         PAGE_SIZE=block_size,
         BLOCK_M=_PREFILL_BLOCK_M,
         BLOCK_N=_PREFILL_BLOCK_N,
