@@ -299,3 +299,21 @@ def test_llm_api_on_a_folder_and_the_transformers_fallback(tokenizer, tmp_path):
     assert fallback.engine is None
     outputs = fallback.generate(prompts, GREEDY, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in outputs] == [_hf_greedy(other, p) for p in prompts]
+
+
+def test_generate_benchmark_runs_on_cpu(tmp_path: Path) -> None:
+    """Keeps benchmarks/generate_throughput.py in step with the engine (a smoke run: the numbers
+    exist and the engine made every token; no timing is asserted)."""
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "bench.json"
+    script = Path(__file__).parents[1] / "benchmarks" / "generate_throughput.py"
+    args = ["--tiny", "--workloads", "b1,nano,prefix", "--repeats", "1", "--json", str(out)]
+    done = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert report["b1"]["truthgpt engine"]["tok_s"][0] > 0
+    assert report["nano"]["tokens"] > 0
+    assert {"prefix_cache_True", "prefix_cache_False"} <= set(report)
