@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_engine import NEW_TOKENS, _hf_greedy, _models, _prompts, _run  # noqa: F401
 
 from truthgpt.config import InferenceConfig
 from truthgpt.inference.engine import Engine
 from truthgpt.inference.sampling_params import SamplingParams
-
-from test_engine import NEW_TOKENS, _hf_greedy, _models, _prompts, _run  # noqa: F401
 
 pytestmark = pytest.mark.gpu
 
@@ -29,7 +28,11 @@ def test_cuda_engine_greedy_matches_transformers(kind, graphs, tokenizer, tmp_pa
     reference, ours = _models(kind, tokenizer, tmp_path)
     reference, ours = reference.cuda(), ours.cuda()
     options = InferenceConfig(
-        device="cuda", block_size=16, cuda_graphs=graphs, max_num_seqs=16, num_blocks=64,
+        device="cuda",
+        block_size=16,
+        cuda_graphs=graphs,
+        max_num_seqs=16,
+        num_blocks=64,
         dtype="fp32",
     )
     engine = Engine(ours, tokenizer, options)

@@ -69,8 +69,14 @@ def check_rope_store_kv(device: str, dtype: torch.dtype) -> None:
     cases = [(4, 2, 16, 8), (8, 8, 64, 16), (2, 1, 8, 4)]  # Hq, Hkv, head_dim, block size
     for seed, (hq, hkv, dim, block_size) in enumerate(cases):
         cfg = DecoderConfig(
-            family="llama", vocab_size=16, hidden_size=hq * dim, num_layers=1, num_heads=hq,
-            num_kv_heads=hkv, intermediate_size=8, max_position_embeddings=4096,
+            family="llama",
+            vocab_size=16,
+            hidden_size=hq * dim,
+            num_layers=1,
+            num_heads=hq,
+            num_kv_heads=hkv,
+            intermediate_size=8,
+            max_position_embeddings=4096,
         )
         tokens = 7
         positions = torch.tensor([0, 1, 5, 17, 300, 2047, 4000], device=device)
@@ -122,8 +128,14 @@ def check_engine_matches_transformers(device: str, dtype: torch.dtype) -> None:
         ours.fuse_for_inference()
         assert ours.layers[0].mlp._fused("weight") is not None
         options = InferenceConfig(
-            device=device, kernels="triton", block_size=8, num_blocks=48, max_num_seqs=8,
-            max_num_batched_tokens=64, cuda_graphs=device == "cuda", dtype="fp32",
+            device=device,
+            kernels="triton",
+            block_size=8,
+            num_blocks=48,
+            max_num_seqs=8,
+            max_num_batched_tokens=64,
+            cuda_graphs=device == "cuda",
+            dtype="fp32",
         )
         engine = Engine(ours, tokenizer, options)
         assert engine.runner.use_kernels
