@@ -315,6 +315,44 @@ class InferenceConfig(Section):
         return _check_device(value)
 
 
+class ServeConfig(Section):
+    """`truthgpt serve`: the OpenAI-compatible HTTP server on the engine."""
+
+    host: str = Field("127.0.0.1", description="interface to bind; 0.0.0.0 exposes the server")
+    port: int = Field(8000, ge=0, le=65535, description="TCP port (0: any free port)")
+    api_key: str | None = Field(
+        None, description="required Bearer key; empty: $TRUTHGPT_API_KEY, else no key"
+    )
+    served_model_name: str | None = Field(
+        None, description="the model id clients send; empty: the model folder's name"
+    )
+    max_queued_requests: int = Field(
+        512, ge=0, description="requests waiting beyond max_num_seqs before a 429"
+    )
+    max_queued_tokens: int = Field(
+        1_000_000, ge=1, description="prompt tokens waiting to start before a 429"
+    )
+    request_timeout_s: float = Field(
+        600, gt=0, description="a request running longer is ended (504, or an error event)"
+    )
+    shutdown_grace_s: float = Field(
+        30, ge=0, description="on SIGTERM, time in-flight requests get to finish"
+    )
+    max_body_bytes: int = Field(
+        4 * 1024 * 1024, ge=1024, description="larger request bodies get a 413"
+    )
+    cors_origins: list[str] = Field(
+        default_factory=list, description="origins allowed by CORS; empty: CORS off"
+    )
+    result_cache: bool = Field(
+        False, description="answer repeated greedy/seeded requests from a cache"
+    )
+    result_cache_entries: int = Field(1024, ge=1, description="results kept in memory")
+    stall_after_s: float = Field(
+        30, gt=0, description="/health fails when the engine loop is silent this long"
+    )
+
+
 class DiffusionConfig(Section):
     model: str | None = Field(
         None, description="local diffusers pipeline folder (or a hub id with allow_download)"
@@ -359,6 +397,7 @@ class Config(Section):
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     hardware: HardwareConfig = Field(default_factory=HardwareConfig)
     inference: InferenceConfig = Field(default_factory=InferenceConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
     diffusion: DiffusionConfig = Field(default_factory=DiffusionConfig)
 
     @field_validator("run_name")

@@ -1,0 +1,233 @@
+"""The OpenAI API's request bodies, validated strictly, and its error body.
+
+Field names, defaults and meanings follow the OpenAI reference (and vLLM's extensions: top_k,
+min_p, repetition_penalty, ignore_eos, stop_token_ids...), so any OpenAI client works unchanged.
+Validation is strict where the OpenAI API is: a string is not a number, `true` is not 1, and an
+unknown field is an error naming it (a typo such as `max_token` would otherwise be ignored
+silently and the request run with defaults). Fields that clients send but that change nothing
+here (`user`, `metadata`, `parallel_tool_calls`...) are accepted; features this server does not
+have (tools, JSON mode, logit_bias, suffix) are refused by name rather than ignored.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from truthgpt.errors import RequestError
+from truthgpt.inference.sampling_params import MAX_LOGPROBS, SamplingParams
+
+
+class APIError(Exception):
+    """An error with its HTTP status and the OpenAI error body (`type`, `param`, `code`)."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        kind: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status, self.message, self.kind = status, message, kind
+        self.param, self.code, self.headers = param, code, headers or {}
+
+    def body(self) -> dict[str, Any]:
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.kind,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+    continuous_usage_stats: bool = False
+
+
+class _Sampling(_Strict):
+    """What completions and chat share: sampling, stopping, streaming."""
+
+    model: str | None = None
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    n: int = Field(1, ge=1, le=128)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = None
+    presence_penalty: float = Field(0.0, ge=-2, le=2)
+    frequency_penalty: float = Field(0.0, ge=-2, le=2)
+    seed: int | None = Field(None, ge=-(2**63), lt=2**63)
+    user: str | None = None
+    metadata: dict[str, str] | None = None
+    logit_bias: dict[str, float] | None = None
+    # vLLM extensions
+    top_k: int | None = Field(None, ge=-1)
+    min_p: float = Field(0.0, ge=0, le=1)
+    repetition_penalty: float = Field(1.0, gt=0)
+    ignore_eos: bool = False
+    stop_token_ids: list[int] | None = None
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+
+    def check_supported(self) -> None:
+        if self.logit_bias:
+            raise APIError(400, "logit_bias is not supported by this server", param="logit_bias")
+        if self.stream_options is not None and not self.stream:
+            raise APIError(400, "stream_options needs stream: true", param="stream_options")
+
+    def sampling(self, max_tokens: int, logprobs: int | None) -> SamplingParams:
+        try:
+            return SamplingParams(
+                max_tokens=max_tokens,
+                temperature=1.0 if self.temperature is None else self.temperature,
+                top_p=1.0 if self.top_p is None else self.top_p,
+                top_k=self.top_k or 0,
+                min_p=self.min_p,
+                repetition_penalty=self.repetition_penalty,
+                presence_penalty=self.presence_penalty,
+                frequency_penalty=self.frequency_penalty,
+                seed=self.seed,
+                n=self.n,
+                logprobs=logprobs,
+                stop=() if self.stop is None else self.stop,
+                stop_token_ids=tuple(self.stop_token_ids or ()),
+                ignore_eos=self.ignore_eos,
+                skip_special_tokens=self.skip_special_tokens,
+                include_stop_str_in_output=self.include_stop_str_in_output,
+            )
+        except RequestError as exc:
+            raise APIError(400, str(exc), param=str(exc).split(" ", 1)[0]) from None
+
+
+class CompletionRequest(_Sampling):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = Field(16, ge=1)
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    echo: bool = False
+    best_of: int | None = Field(None, ge=1)
+    suffix: str | None = None
+
+    def check_supported(self) -> None:
+        super().check_supported()
+        if self.suffix:
+            raise APIError(400, "suffix (insertion) is not supported", param="suffix")
+        if self.best_of is not None and self.best_of != self.n:
+            raise APIError(400, "best_of other than n is not supported", param="best_of")
+
+    def prompts(self) -> list[str | list[int]]:
+        """One entry per prompt: a string or a list of token ids."""
+        prompt = self.prompt
+        if isinstance(prompt, str):
+            return [prompt]
+        if not prompt:
+            raise APIError(400, "prompt must not be empty", param="prompt")
+        if all(isinstance(item, int) for item in prompt):
+            return [list(prompt)]
+        return list(prompt)
+
+
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    # Assistant turns from earlier replies may carry fields this server never sets (refusal,
+    # tool_calls: null, audio...): accepted and dropped, since clients send history back as is.
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+
+class ResponseFormat(_Strict):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: dict[str, Any] | None = None
+
+
+class ChatCompletionRequest(_Sampling):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    response_format: ResponseFormat | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    functions: list[dict[str, Any]] | None = None
+    function_call: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    store: bool | None = None
+    reasoning_effort: str | None = None
+    service_tier: str | None = None
+    add_generation_prompt: bool = True
+
+    def check_supported(self) -> None:
+        super().check_supported()
+        for name in ("tools", "functions"):
+            if getattr(self, name):
+                raise APIError(400, f"{name} (tool calling) is not supported", param=name)
+        if self.tool_choice not in (None, "none") or self.function_call not in (None, "none"):
+            raise APIError(400, "tool calling is not supported", param="tool_choice")
+        if self.response_format is not None and self.response_format.type != "text":
+            raise APIError(
+                400,
+                f"response_format {self.response_format.type} is not supported; use text",
+                param="response_format",
+            )
+        if self.top_logprobs and not self.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+
+    def wanted_max_tokens(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+
+def parse(model: type[_Strict], body: Any) -> Any:
+    """Validate a decoded JSON body; the first problem becomes a 400 naming its field."""
+    if not isinstance(body, dict):
+        raise APIError(400, "the request body must be a JSON object")
+    try:
+        request = model.model_validate(body)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        # Union types add their branch names to the location ("prompt.str"): drop those.
+        parts = [str(p) for p in error["loc"] if not _is_type_name(p)]
+        param = ".".join(parts) or None
+        if error["type"] == "extra_forbidden":
+            message = f"unknown field {param!r}"
+        elif error["type"] == "missing":
+            message = f"{param} is required"
+        else:
+            got = error.get("input")
+            shown = repr(got) if len(repr(got)) < 80 else repr(got)[:77] + "..."
+            message = f"{param}: {error['msg']} (got {shown})"
+        raise APIError(400, message, param=param) from None
+    request.check_supported()
+    return request
+
+
+def _is_type_name(part: Any) -> bool:
+    return isinstance(part, str) and (
+        part in {"str", "int", "float", "bool", "list[str]", "list[int]", "list[list[int]]"}
+        or part.startswith(("list[", "function-", "literal[", "dict["))
+        or part in {"TextPart", "ChatMessage", "StreamOptions", "ResponseFormat"}
+    )
