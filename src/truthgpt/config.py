@@ -27,7 +27,7 @@ class Section(BaseModel):
 
 
 def _check_registered(registry: Registry, name: str) -> str:
-    if name not in registry.load():
+    if not registry.knows(name):
         hint = difflib.get_close_matches(name, list(registry), n=1)
         did_you_mean = f"; did you mean {hint[0]!r}?" if hint else ""
         raise ValueError(
@@ -315,6 +315,27 @@ class InferenceConfig(Section):
         return _check_device(value)
 
 
+# The names diffusion/schedulers.py maps to diffusers classes, listed here so a config is checked
+# without importing diffusers; tests/test_diffusion.py keeps the two lists equal.
+SCHEDULER_NAMES = (
+    "ddim",
+    "ddpm",
+    "pndm",
+    "euler",
+    "euler_a",
+    "heun",
+    "lms",
+    "dpm++_2m",
+    "dpm++_2m_karras",
+    "dpm++_2m_sde_karras",
+    "dpm++_sde",
+    "unipc",
+    "lcm",
+)
+# Stable Diffusion's autoencoder downsamples by 8; a model that needs more is checked on load.
+LATENT_MULTIPLE = 8
+
+
 class DiffusionConfig(Section):
     model: str | None = Field(
         None, description="local diffusers pipeline folder (or a hub id with allow_download)"
@@ -342,6 +363,29 @@ class DiffusionConfig(Section):
         default_factory=list, description="LoRA adapter folders, each optionally DIR:weight"
     )
     output_dir: str = Field("images", description="where PNGs are written")
+
+    @field_validator("scheduler")
+    @classmethod
+    def _known_scheduler(cls, value: str | None) -> str | None:
+        if value and value not in SCHEDULER_NAMES:
+            hint = difflib.get_close_matches(value, SCHEDULER_NAMES, n=1)
+            did_you_mean = f"; did you mean {hint[0]!r}?" if hint else ""
+            raise ValueError(
+                f"unknown scheduler {value!r}{did_you_mean} (allowed: {', '.join(SCHEDULER_NAMES)};"
+                " empty keeps the pipeline's own)"
+            )
+        return value
+
+    @field_validator("width", "height")
+    @classmethod
+    def _latent_multiple(cls, value: int | None) -> int | None:
+        if value is not None and value % LATENT_MULTIPLE:
+            nearest = max(LATENT_MULTIPLE, round(value / LATENT_MULTIPLE) * LATENT_MULTIPLE)
+            raise ValueError(
+                f"{value} is not a multiple of {LATENT_MULTIPLE}, which the autoencoder needs "
+                f"(allowed: multiples of {LATENT_MULTIPLE}); try {nearest}"
+            )
+        return value
 
 
 class Config(Section):
@@ -415,7 +459,11 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
     if raw is None:
-        return {}
+        # An empty file would otherwise validate to every default: a 1000-step run nobody asked for.
+        raise ConfigError(
+            f"{path}: the config file is empty; give at least the keys you mean to set "
+            "(configs/quickstart.yaml is a complete example)"
+        )
     if not isinstance(raw, dict):
         raise ConfigError(
             f"{path}: the top level must be a mapping of keys, not {type(raw).__name__}"
