@@ -15,7 +15,7 @@ import torch
 import transformers
 from torch import nn
 
-from truthgpt.config import ModelConfig
+from truthgpt.config import CONFIG_FILE, ModelConfig
 from truthgpt.errors import CheckpointError, ConfigError
 from truthgpt.models.decoder import Decoder, DecoderConfig
 from truthgpt.models.hf_io import is_native, load_hf, read_hf_config, save_hf
@@ -133,11 +133,16 @@ def resolve_model_folder(path: str | Path) -> Path:
     if not path.exists():
         raise CheckpointError(f"{path} does not exist (expected a run folder or a model folder)")
     checkpoints = path / "checkpoints"
-    if checkpoints.is_dir():
+    # config.yaml is written when training starts, checkpoints/ only at the first save.
+    if checkpoints.is_dir() or (path / CONFIG_FILE).is_file():
         for name in ("best", "last"):
             if (checkpoints / name / "config.json").is_file():
                 return checkpoints / name
-        raise CheckpointError(f"{path} is a run folder without a finished checkpoint yet")
+        raise CheckpointError(
+            f"{path} is a run folder with no finished checkpoint yet (no checkpoints/best "
+            "or checkpoints/last): its training stopped before the first save "
+            "(checkpoint.save_every) or is still running; train it further, then try again"
+        )
     if not (path / "config.json").is_file():
         raise CheckpointError(f"{path} has no config.json: not a run folder or an HF model folder")
     return path
