@@ -58,12 +58,16 @@ def generate(
     top_p: float = 1.0,
     seed: int | None = None,
     device: str = "cpu",
+    threads: int | None = None,
 ) -> str:
     """Continue `prompt` with the model in a run or model folder; returns the new text.
+    threads: CPU threads for torch (None: OMP_NUM_THREADS, else the usable cores).
     For many prompts, or to keep the model loaded, use `truthgpt.LLM`."""
+    from truthgpt.hardware import apply_threads
     from truthgpt.inference.llm import LLM
     from truthgpt.inference.sampling_params import SamplingParams
 
+    apply_threads(threads)
     params = SamplingParams(
         max_tokens=max_new_tokens,
         temperature=temperature,
@@ -93,6 +97,8 @@ def image(model: str | Path, prompt: str, **settings):
     (steps, guidance, width, height, seed, batch, scheduler, memory, loras, speed, output_dir...).
     Returns an ImageResult (images, paths, peak memory, latency)."""
     from truthgpt.diffusion.generate import generate_images
+    from truthgpt.hardware import apply_threads
 
     config = load_config({"diffusion": {"model": str(model), "prompt": prompt, **settings}})
+    apply_threads(config.hardware.threads)
     return generate_images(config.diffusion)

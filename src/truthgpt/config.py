@@ -264,6 +264,12 @@ def _check_device(value: str) -> str:
 
 class HardwareConfig(Section):
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N | mps")
+    threads: int | None = Field(
+        None,
+        ge=1,
+        description="CPU threads for torch; empty: OMP_NUM_THREADS if set, else the cores this "
+        "process may use",
+    )
 
     @field_validator("device")
     @classmethod
