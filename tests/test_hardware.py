@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import tiny_raw_config
+
 from truthgpt.config import load
 from truthgpt.errors import ConfigError
 from truthgpt.hardware import apply_threads, default_threads, usable_cores
