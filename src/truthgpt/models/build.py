@@ -27,6 +27,7 @@ from truthgpt.models.lora import (
     load_adapter,
     plain_decoder,
 )
+from truthgpt.quiet import no_load_save_bars
 from truthgpt.registry import ARCHS
 
 _TRANSFORMERS_MAJOR = int(transformers.__version__.split(".")[0])
@@ -105,9 +106,10 @@ def _build_hf(cfg: ModelConfig, vocab_size: int) -> nn.Module:
     if cfg.init_from:
         overrides.pop("model_type", None)  # the folder's own config says what it is
         try:
-            model = transformers.AutoModelForCausalLM.from_pretrained(
-                cfg.init_from, **{_DTYPE_KWARG: torch.float32}, **overrides
-            )
+            with no_load_save_bars():
+                model = transformers.AutoModelForCausalLM.from_pretrained(
+                    cfg.init_from, **{_DTYPE_KWARG: torch.float32}, **overrides
+                )
         except (OSError, ValueError) as exc:
             raise CheckpointError(
                 f"model.init_from: cannot load {cfg.init_from!r}: {exc}"
@@ -175,9 +177,10 @@ def load_model(
         model = load_hf(folder, device=device, dtype=dtype)
     else:
         try:
-            model = transformers.AutoModelForCausalLM.from_pretrained(
-                folder, local_files_only=True, **{_DTYPE_KWARG: dtype or "auto"}
-            )
+            with no_load_save_bars():
+                model = transformers.AutoModelForCausalLM.from_pretrained(
+                    folder, local_files_only=True, **{_DTYPE_KWARG: dtype or "auto"}
+                )
         except (OSError, ValueError) as exc:
             raise CheckpointError(f"cannot load the model in {str(folder)!r}: {exc}") from None
         model = model.to(device)
@@ -191,6 +194,7 @@ def load_model(
     return model
 
 
+@no_load_save_bars()
 def save_model(model: nn.Module, folder: Path) -> None:
     """Write a model folder (config.json + safetensors) that load_model and transformers open.
 
