@@ -33,13 +33,20 @@ __all__ = [
 ]
 
 
-def train(config: Config | str | Path, overwrite: bool = False):
-    """Train from a Config (or a YAML path); returns a TrainResult with the run folder."""
+def train(
+    config: Config | str | Path, overwrite: bool = False, resume: bool | str | None = None
+):
+    """Train from a Config (or a YAML path); returns a TrainResult with the run folder.
+
+    As the CLI's --overwrite and --resume: a run folder that already holds a run is refused
+    unless `overwrite` (start over) or `resume` (True: continue from the newest complete
+    checkpoint; "auto": continue if there is one). None: the config's `training.resume`.
+    """
     from truthgpt.training.trainer import train as run_training
 
     if not isinstance(config, Config):
         config = load_config(config)
-    return run_training(config, overwrite=overwrite)
+    return run_training(config, overwrite=overwrite, resume=resume)
 
 
 def load_model(path: str | Path, device: str = "cpu"):
