@@ -33,9 +33,7 @@ __all__ = [
 ]
 
 
-def train(
-    config: Config | str | Path, overwrite: bool = False, resume: bool | str | None = None
-):
+def train(config: Config | str | Path, overwrite: bool = False, resume: bool | str | None = None):
     """Train from a Config (or a YAML path); returns a TrainResult with the run folder.
 
     As the CLI's --overwrite and --resume: a run folder that already holds a run is refused
