@@ -28,11 +28,11 @@ class Section(BaseModel):
 
 def _check_registered(registry: Registry, name: str) -> str:
     if not registry.knows(name):
-        hint = difflib.get_close_matches(name, list(registry), n=1)
+        hint = difflib.get_close_matches(name, registry.names(), n=1)
         did_you_mean = f"; did you mean {hint[0]!r}?" if hint else ""
         raise ValueError(
             f"unknown {registry.kind} {name!r}{did_you_mean} "
-            f"(allowed: {', '.join(sorted(registry))})"
+            f"(allowed: {', '.join(registry.names())})"
         )
     return name
 

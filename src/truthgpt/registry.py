@@ -27,8 +27,15 @@ class Registry(dict[str, Callable[..., Any]]):
         self.builtins = builtins
 
     def knows(self, name: str) -> bool:
-        """True when `name` is a built-in or registered name; imports builders only if needed."""
-        return name in self.builtins or name in self.load()
+        """True for a built-in or a plugin's name, without importing the built-in builders."""
+        if name in self.builtins:
+            return True
+        load_plugins()
+        return name in self
+
+    def names(self) -> list[str]:
+        """Every known name, built-in or registered, sorted (for error messages)."""
+        return sorted(set(self.builtins) | set(self))
 
     def load(self) -> Registry:
         """Import the built-in builders and the plugins once; returns self."""
