@@ -11,6 +11,7 @@ import transformers
 
 from truthgpt.config import load
 from truthgpt.models import load_model, save_model
+from truthgpt.models.lora import apply_lora
 from truthgpt.quiet import drop_torchvision_notices, no_load_save_bars, no_numpy_copy_notices
 from truthgpt.registry import ARCHS
 
@@ -69,3 +70,12 @@ def test_numpy_copy_notice_is_silenced_inside_only() -> None:
         assert not caught
         np.array(_OldArray())
     assert any("copy keyword" in str(w.message) for w in caught)
+
+
+def test_lora_on_an_hf_model_warns_nothing() -> None:
+    config = load({"model": {"arch": "hf", "hf_config": TINY_GPT_NEOX, "lora": {"enabled": True}}})
+    model = ARCHS.load()["hf"](config.model, 100)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        apply_lora(model, config.model.lora, "hf")
+    assert not [w for w in caught if issubclass(w.category, FutureWarning)], caught

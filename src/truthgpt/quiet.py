@@ -15,6 +15,8 @@ from collections.abc import Iterator
 # `CLIPImageProcessorPil`" once per class when diffusers touches its image processors; the PIL
 # fallback is what Stable Diffusion pipelines use anyway.
 TORCHVISION_NOTICE = "requires torchvision (not installed)"
+# peft reads transformers' deprecated `is_gradient_checkpointing` on every wrap (peft's to fix).
+PEFT_CHECKPOINTING_NOTICE = r"`is_gradient_checkpointing` is deprecated"
 # numpy 2 on the tensors diffusers' schedulers hand to np.array (diffusers' to fix, harmless).
 NUMPY_COPY_NOTICE = r"__array__ implementation doesn't accept a copy keyword"
 
@@ -56,6 +58,14 @@ def no_load_save_bars() -> Iterator[None]:
     finally:
         for enable in restore:
             enable()
+
+
+@contextlib.contextmanager
+def no_peft_checkpointing_notices() -> Iterator[None]:
+    """Ignore transformers' FutureWarning about `is_gradient_checkpointing`, which peft reads."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=PEFT_CHECKPOINTING_NOTICE, category=FutureWarning)
+        yield
 
 
 @contextlib.contextmanager
