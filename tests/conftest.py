@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
-import pytest
-import torch
+# Two cores in CI: more threads than cores only adds contention. Set before torch loads, and
+# read by hardware.default_threads() when a test trains or generates with the default.
+os.environ.setdefault("OMP_NUM_THREADS", "2")
 
-# Two cores in CI: more threads than cores only adds contention.
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 

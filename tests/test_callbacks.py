@@ -180,3 +180,32 @@ def test_rich_and_tqdm_progress_render_loss_lr_rate_and_eta(tmp_path: Path, caps
     assert "loss 2.5" in text and "lr 1.00e-03" in text and "1,234 tok/s" in text
     assert "val_loss 2.4" in text and "a message" in text
     assert "ETA" in text or "<" in text  # rich shows "ETA", tqdm shows "elapsed<remaining"
+
+
+class _Clock:
+    """Wall time the test sets: a quickstart-like run, 0.3 s a step, a 10 s eval every 150."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+
+def test_plain_log_eta_is_smoothed(tmp_path: Path, monkeypatch, capsys) -> None:
+    clock = _Clock()
+    monkeypatch.setattr("truthgpt.training.callbacks.time", clock)
+    log = CALLBACKS["none"](load(tiny_raw_config(tmp_path)), tmp_path)
+    log.on_train_start(0, 600)
+    for step in range(20, 601, 20):
+        # Steps 140-160 hold an eval (and a save): that window is 2.7 times slower.
+        clock.now += 20 * 0.3 + (10.0 if (step - 1) // 150 != (step - 21) // 150 else 0.0)
+        log.on_step_end(step, {"loss": 1.0})
+    etas = []
+    for line in capsys.readouterr().out.splitlines():
+        hours, minutes, seconds = line.rsplit("ETA ", 1)[1].split(":")
+        etas.append(int(hours) * 3600 + int(minutes) * 60 + int(seconds))
+    true_seconds_per_step = clock.now / 600
+    for step, eta, later in zip(range(40, 600, 20), etas[1:], etas[2:]):
+        assert later <= eta * 1.2, (step, eta, later)  # no jumps up
+        assert eta == pytest.approx(true_seconds_per_step * (600 - step), rel=0.35)

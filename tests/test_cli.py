@@ -106,6 +106,19 @@ def test_eval_on_the_run_split_and_on_files(tmp_path: Path) -> None:
     assert missing.exit_code == 1
 
 
+def test_eval_on_a_run_without_checkpoints_says_so(tmp_path: Path) -> None:
+    path = write_config(tmp_path)
+    run_dir = tmp_path / "runs" / "tiny"
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.yaml").write_text(path.read_text())  # what training writes first
+    for folder in (run_dir, run_dir / "checkpoints"):
+        folder.mkdir(exist_ok=True)
+        out = runner.invoke(app, ["eval", str(run_dir)])
+        assert out.exit_code == 1
+        assert "no finished checkpoint yet" in out.output, out.output
+        assert "not a run folder" not in out.output
+
+
 def test_resume_flag_continues_a_run(tmp_path: Path) -> None:
     path = write_config(tmp_path)
     first = runner.invoke(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -10,6 +12,7 @@ from pydantic import ValidationError
 
 from truthgpt.config import Config, describe_fields, load, parse_override
 from truthgpt.errors import ConfigError
+from truthgpt.registry import ARCHS, CALLBACKS, OPTIMIZERS, SCHEDULES, SOURCES
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -123,6 +126,61 @@ def test_bad_files(tmp_path: Path) -> None:
     listy = tmp_path / "list.yaml"
     listy.write_text("- a\n- b\n")
     assert "mapping" in error_of_path(listy)
+
+
+def test_empty_file_is_an_error_not_a_default_run(tmp_path: Path) -> None:
+    for text in ("", "# only a comment\n", "\n\n"):
+        empty = tmp_path / "empty.yaml"
+        empty.write_text(text)
+        message = error_of_path(empty)
+        assert str(empty) in message and "empty" in message
+
+
+def test_diffusion_scheduler_name_is_checked_early() -> None:
+    message = error_of({"diffusion": {"scheduler": "euler-a"}})
+    assert "diffusion.scheduler" in message and "'euler-a'" in message
+    assert "did you mean 'euler_a'" in message and "dpm++_2m_karras" in message
+    assert load({"diffusion": {"scheduler": "unipc"}}).diffusion.scheduler == "unipc"
+
+
+def test_image_size_must_be_a_multiple_of_8() -> None:
+    message = error_of({"diffusion": {"width": 501, "height": 513}})
+    assert "diffusion.width" in message and "diffusion.height" in message
+    assert "multiple of 8" in message and "try 504" in message and "try 512" in message
+    assert load({"diffusion": {"width": 512, "height": 768}}).diffusion.width == 512
+
+
+def test_registry_builtins_match_the_registered_builders() -> None:
+    # The static lists let config.py check names without importing torch; they must name
+    # exactly what each built-in module registers.
+    for registry in (SOURCES, ARCHS, OPTIMIZERS, SCHEDULES, CALLBACKS):
+        registry.load()
+        own = {n for n, b in registry.items() if b.__module__ == registry.builtin_module}
+        assert own == set(registry.builtins), registry.kind
+
+
+def test_validate_imports_no_torch() -> None:
+    # `truthgpt validate` must answer in about a second: no torch, transformers or diffusers.
+    code = (
+        "import sys\n"
+        "from truthgpt.cli import app\n"
+        "app(['validate', 'configs/quickstart.yaml', '--set', 'diffusion.scheduler=ddim',"
+        " '--set', 'logging.callbacks=[jsonl]'], standalone_mode=False)\n"
+        "from truthgpt.config import load\n"
+        "from truthgpt.errors import ConfigError\n"
+        "try:\n"
+        "    load({'optim': {'name': 'adamm'}, 'model': {'arch': 'lama'}})\n"
+        "except ConfigError as exc:\n"
+        "    assert \"did you mean 'adamw'\" in str(exc), exc\n"
+        "else:\n"
+        "    raise SystemExit('no ConfigError')\n"
+        "heavy = sorted({'torch', 'transformers', 'diffusers'} & set(sys.modules))\n"
+        "assert not heavy, heavy\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
 
 
 def error_of_path(path: Path) -> str:

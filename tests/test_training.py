@@ -12,6 +12,7 @@ import yaml
 from conftest import tiny_raw_config
 from transformers import AutoModelForCausalLM
 
+import truthgpt
 from truthgpt.config import load
 from truthgpt.data import prepare_data
 from truthgpt.errors import ConfigError
@@ -128,6 +129,16 @@ def test_refuses_to_overwrite_a_finished_run(tmp_path: Path) -> None:
         train(load(raw))
     result = train(load(raw), overwrite=True)
     assert result.steps == 2
+
+
+def test_python_train_has_the_cli_choices(tmp_path: Path) -> None:
+    raw = tiny_raw_config(tmp_path, training={"max_steps": 2, "eval_every": 2})
+    truthgpt.train(load(raw))
+    with pytest.raises(ConfigError, match="already holds a run"):
+        truthgpt.train(load(raw))
+    longer = load(raw, ["training.max_steps=4"])
+    assert truthgpt.train(longer, resume=True).steps == 4  # continued from step 2
+    assert truthgpt.train(load(raw), overwrite=True).steps == 2
 
 
 def test_weight_decay_skips_norms_biases_and_embeddings(tmp_path: Path) -> None:

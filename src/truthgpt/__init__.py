@@ -33,13 +33,18 @@ __all__ = [
 ]
 
 
-def train(config: Config | str | Path, overwrite: bool = False):
-    """Train from a Config (or a YAML path); returns a TrainResult with the run folder."""
+def train(config: Config | str | Path, overwrite: bool = False, resume: bool | str | None = None):
+    """Train from a Config (or a YAML path); returns a TrainResult with the run folder.
+
+    As the CLI's --overwrite and --resume: a run folder that already holds a run is refused
+    unless `overwrite` (start over) or `resume` (True: continue from the newest complete
+    checkpoint; "auto": continue if there is one). None: the config's `training.resume`.
+    """
     from truthgpt.training.trainer import train as run_training
 
     if not isinstance(config, Config):
         config = load_config(config)
-    return run_training(config, overwrite=overwrite)
+    return run_training(config, overwrite=overwrite, resume=resume)
 
 
 def load_model(path: str | Path, device: str = "cpu"):
@@ -58,12 +63,16 @@ def generate(
     top_p: float = 1.0,
     seed: int | None = None,
     device: str = "cpu",
+    threads: int | None = None,
 ) -> str:
     """Continue `prompt` with the model in a run or model folder; returns the new text.
+    threads: CPU threads for torch (None: OMP_NUM_THREADS, else the usable cores).
     For many prompts, or to keep the model loaded, use `truthgpt.LLM`."""
+    from truthgpt.hardware import apply_threads
     from truthgpt.inference.llm import LLM
     from truthgpt.inference.sampling_params import SamplingParams
 
+    apply_threads(threads)
     params = SamplingParams(
         max_tokens=max_new_tokens,
         temperature=temperature,
@@ -93,6 +102,8 @@ def image(model: str | Path, prompt: str, **settings):
     (steps, guidance, width, height, seed, batch, scheduler, memory, loras, speed, output_dir...).
     Returns an ImageResult (images, paths, peak memory, latency)."""
     from truthgpt.diffusion.generate import generate_images
+    from truthgpt.hardware import apply_threads
 
     config = load_config({"diffusion": {"model": str(model), "prompt": prompt, **settings}})
+    apply_threads(config.hardware.threads)
     return generate_images(config.diffusion)

@@ -250,7 +250,9 @@ def image(
         overrides = [f"diffusion.{k}={_yaml_value(v)}" for k, v in given.items() if v is not None]
         resolved = load(config, overrides + list(set_ or []))
         from truthgpt.diffusion.generate import generate_images
+        from truthgpt.hardware import apply_threads
 
+        apply_threads(resolved.hardware.threads)
         result = generate_images(resolved.diffusion, log=typer.echo)
     except (TruthGPTError, ValueError) as exc:
         _fail(exc)

@@ -27,12 +27,12 @@ class Section(BaseModel):
 
 
 def _check_registered(registry: Registry, name: str) -> str:
-    if name not in registry.load():
-        hint = difflib.get_close_matches(name, list(registry), n=1)
+    if not registry.knows(name):
+        hint = difflib.get_close_matches(name, registry.names(), n=1)
         did_you_mean = f"; did you mean {hint[0]!r}?" if hint else ""
         raise ValueError(
             f"unknown {registry.kind} {name!r}{did_you_mean} "
-            f"(allowed: {', '.join(sorted(registry))})"
+            f"(allowed: {', '.join(registry.names())})"
         )
     return name
 
@@ -264,6 +264,12 @@ def _check_device(value: str) -> str:
 
 class HardwareConfig(Section):
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N | mps")
+    threads: int | None = Field(
+        None,
+        ge=1,
+        description="CPU threads for torch; empty: OMP_NUM_THREADS if set, else the cores this "
+        "process may use",
+    )
 
     @field_validator("device")
     @classmethod
@@ -353,6 +359,27 @@ class ServeConfig(Section):
     )
 
 
+# The names diffusion/schedulers.py maps to diffusers classes, listed here so a config is checked
+# without importing diffusers; tests/test_diffusion.py keeps the two lists equal.
+SCHEDULER_NAMES = (
+    "ddim",
+    "ddpm",
+    "pndm",
+    "euler",
+    "euler_a",
+    "heun",
+    "lms",
+    "dpm++_2m",
+    "dpm++_2m_karras",
+    "dpm++_2m_sde_karras",
+    "dpm++_sde",
+    "unipc",
+    "lcm",
+)
+# Stable Diffusion's autoencoder downsamples by 8; a model that needs more is checked on load.
+LATENT_MULTIPLE = 8
+
+
 class DiffusionConfig(Section):
     model: str | None = Field(
         None, description="local diffusers pipeline folder (or a hub id with allow_download)"
@@ -380,6 +407,29 @@ class DiffusionConfig(Section):
         default_factory=list, description="LoRA adapter folders, each optionally DIR:weight"
     )
     output_dir: str = Field("images", description="where PNGs are written")
+
+    @field_validator("scheduler")
+    @classmethod
+    def _known_scheduler(cls, value: str | None) -> str | None:
+        if value and value not in SCHEDULER_NAMES:
+            hint = difflib.get_close_matches(value, SCHEDULER_NAMES, n=1)
+            did_you_mean = f"; did you mean {hint[0]!r}?" if hint else ""
+            raise ValueError(
+                f"unknown scheduler {value!r}{did_you_mean} (allowed: {', '.join(SCHEDULER_NAMES)};"
+                " empty keeps the pipeline's own)"
+            )
+        return value
+
+    @field_validator("width", "height")
+    @classmethod
+    def _latent_multiple(cls, value: int | None) -> int | None:
+        if value is not None and value % LATENT_MULTIPLE:
+            nearest = max(LATENT_MULTIPLE, round(value / LATENT_MULTIPLE) * LATENT_MULTIPLE)
+            raise ValueError(
+                f"{value} is not a multiple of {LATENT_MULTIPLE}, which the autoencoder needs "
+                f"(allowed: multiples of {LATENT_MULTIPLE}); try {nearest}"
+            )
+        return value
 
 
 class Config(Section):
@@ -454,7 +504,11 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
     if raw is None:
-        return {}
+        # An empty file would otherwise validate to every default: a 1000-step run nobody asked for.
+        raise ConfigError(
+            f"{path}: the config file is empty; give at least the keys you mean to set "
+            "(configs/quickstart.yaml is a complete example)"
+        )
     if not isinstance(raw, dict):
         raise ConfigError(
             f"{path}: the top level must be a mapping of keys, not {type(raw).__name__}"

@@ -12,14 +12,30 @@ from truthgpt.errors import ConfigError
 
 
 class Registry(dict[str, Callable[..., Any]]):
-    """A dict from name to builder; `@REG.register("name")` adds one."""
+    """A dict from name to builder; `@REG.register("name")` adds one.
 
-    def __init__(self, kind: str, builtin_module: str) -> None:
+    `builtins` lists the names `builtin_module` registers, so a config naming one of them is
+    checked without importing that module (and torch with it); a test keeps the list honest.
+    """
+
+    def __init__(self, kind: str, builtin_module: str, builtins: tuple[str, ...]) -> None:
         super().__init__()
         self.kind = kind
         # Imported on first lookup: it registers the built-in names. Keeps `import
         # truthgpt.config` light and lets a lower layer name builders of an upper one.
         self.builtin_module = builtin_module
+        self.builtins = builtins
+
+    def knows(self, name: str) -> bool:
+        """True for a built-in or a plugin's name, without importing the built-in builders."""
+        if name in self.builtins:
+            return True
+        load_plugins()
+        return name in self
+
+    def names(self) -> list[str]:
+        """Every known name, built-in or registered, sorted (for error messages)."""
+        return sorted(set(self.builtins) | set(self))
 
     def load(self) -> Registry:
         """Import the built-in builders and the plugins once; returns self."""
@@ -64,8 +80,12 @@ def load_plugins() -> None:
 
 
 # The registries. Upper layers fill them with `@NAME.register(...)`.
-SOURCES = Registry("data source", "truthgpt.data.sources")
-ARCHS = Registry("model arch", "truthgpt.models.build")
-OPTIMIZERS = Registry("optimizer", "truthgpt.training.optim")
-SCHEDULES = Registry("lr schedule", "truthgpt.training.optim")
-CALLBACKS = Registry("callback", "truthgpt.training.callbacks")
+SOURCES = Registry("data source", "truthgpt.data.sources", ("python-stdlib", "text", "jsonl", "hf"))
+ARCHS = Registry("model arch", "truthgpt.models.build", ("llama", "gpt2", "hf"))
+OPTIMIZERS = Registry("optimizer", "truthgpt.training.optim", ("adamw", "lion", "adafactor", "sgd"))
+SCHEDULES = Registry("lr schedule", "truthgpt.training.optim", ("cosine", "linear", "constant"))
+CALLBACKS = Registry(
+    "callback",
+    "truthgpt.training.callbacks",
+    ("rich", "tqdm", "none", "jsonl", "tensorboard", "plot", "histograms", "wandb"),
+)

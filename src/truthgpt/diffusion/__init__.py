@@ -9,8 +9,13 @@ print(result.paths, result.stats.peak_allocated_gib)
 
 from __future__ import annotations
 
-from truthgpt.diffusion.generate import ImageResult, generate_images, parse_lora
-from truthgpt.diffusion.memory import (
+from truthgpt.quiet import drop_torchvision_notices
+
+# Before diffusers loads: importing its pipelines touches transformers' image processors.
+drop_torchvision_notices()
+
+from truthgpt.diffusion.generate import ImageResult, generate_images, parse_lora  # noqa: E402
+from truthgpt.diffusion.memory import (  # noqa: E402
     LEVELS,
     RECIPES,
     MemoryMonitor,
@@ -19,9 +24,9 @@ from truthgpt.diffusion.memory import (
     choose_level,
     memory_needs,
 )
-from truthgpt.diffusion.pipeline import component_bytes, load_pipeline, resolve_dtype
-from truthgpt.diffusion.schedulers import SCHEDULERS, is_flow_matching, set_scheduler
-from truthgpt.diffusion.speed import compile_denoiser, prepare_for_speed
+from truthgpt.diffusion.pipeline import component_bytes, load_pipeline, resolve_dtype  # noqa: E402
+from truthgpt.diffusion.schedulers import SCHEDULERS, is_flow_matching, set_scheduler  # noqa: E402
+from truthgpt.diffusion.speed import compile_denoiser, prepare_for_speed  # noqa: E402
 
 __all__ = [
     "LEVELS",

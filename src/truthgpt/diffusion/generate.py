@@ -25,6 +25,7 @@ from truthgpt.diffusion.pipeline import denoiser_of, load_pipeline, resolve_dtyp
 from truthgpt.diffusion.schedulers import set_scheduler
 from truthgpt.diffusion.speed import compile_denoiser, prepare_for_speed
 from truthgpt.errors import CheckpointError, ConfigError
+from truthgpt.quiet import no_numpy_copy_notices
 
 
 @dataclass
@@ -51,6 +52,7 @@ def parse_lora(spec: str) -> tuple[str, float]:
     return spec, 1.0
 
 
+@no_numpy_copy_notices()  # diffusers' schedulers, at the swap and at every call
 def generate_images(
     cfg: DiffusionConfig,
     pipe=None,

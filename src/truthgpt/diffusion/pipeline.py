@@ -6,6 +6,7 @@ asked dtype; placing it on a GPU is the memory level's job (`memory.apply_memory
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -14,6 +15,7 @@ import torch
 from diffusers import AutoPipelineForText2Image, DiffusionPipeline
 
 from truthgpt.errors import CheckpointError, ConfigError
+from truthgpt.quiet import no_load_save_bars, no_numpy_copy_notices
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -66,19 +68,22 @@ def load_pipeline(
     else:
         raise CheckpointError(f"{model!r}: no such folder")
 
+    # A download keeps its progress bars; a local load is quick and its bars say nothing.
+    bars_off = no_load_save_bars() if local_only else contextlib.nullcontext()
     try:
-        try:
-            pipe = AutoPipelineForText2Image.from_pretrained(
-                source, dtype=dtype, local_files_only=local_only
-            )
-        except ValueError as exc:
-            # AutoPipeline only knows the text-to-image families it maps; any other pipeline
-            # class in model_index.json still loads through the generic entry point.
-            if "AutoPipeline" not in str(exc):
-                raise
-            pipe = DiffusionPipeline.from_pretrained(
-                source, dtype=dtype, local_files_only=local_only
-            )
+        with bars_off, no_numpy_copy_notices():
+            try:
+                pipe = AutoPipelineForText2Image.from_pretrained(
+                    source, dtype=dtype, local_files_only=local_only
+                )
+            except ValueError as exc:
+                # AutoPipeline only knows the text-to-image families it maps; any other
+                # pipeline class in model_index.json still loads through the generic entry point.
+                if "AutoPipeline" not in str(exc):
+                    raise
+                pipe = DiffusionPipeline.from_pretrained(
+                    source, dtype=dtype, local_files_only=local_only
+                )
     except _LOAD_ERRORS as exc:
         raise CheckpointError(f"{source}: could not load the diffusers pipeline: {exc}") from exc
     return pipe

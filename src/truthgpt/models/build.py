@@ -15,7 +15,7 @@ import torch
 import transformers
 from torch import nn
 
-from truthgpt.config import ModelConfig
+from truthgpt.config import CONFIG_FILE, ModelConfig
 from truthgpt.errors import CheckpointError, ConfigError
 from truthgpt.models.decoder import Decoder, DecoderConfig
 from truthgpt.models.hf_io import is_native, load_hf, read_hf_config, save_hf
@@ -27,6 +27,7 @@ from truthgpt.models.lora import (
     load_adapter,
     plain_decoder,
 )
+from truthgpt.quiet import no_load_save_bars
 from truthgpt.registry import ARCHS
 
 _TRANSFORMERS_MAJOR = int(transformers.__version__.split(".")[0])
@@ -105,9 +106,10 @@ def _build_hf(cfg: ModelConfig, vocab_size: int) -> nn.Module:
     if cfg.init_from:
         overrides.pop("model_type", None)  # the folder's own config says what it is
         try:
-            model = transformers.AutoModelForCausalLM.from_pretrained(
-                cfg.init_from, **{_DTYPE_KWARG: torch.float32}, **overrides
-            )
+            with no_load_save_bars():
+                model = transformers.AutoModelForCausalLM.from_pretrained(
+                    cfg.init_from, **{_DTYPE_KWARG: torch.float32}, **overrides
+                )
         except (OSError, ValueError) as exc:
             raise CheckpointError(
                 f"model.init_from: cannot load {cfg.init_from!r}: {exc}"
@@ -133,11 +135,16 @@ def resolve_model_folder(path: str | Path) -> Path:
     if not path.exists():
         raise CheckpointError(f"{path} does not exist (expected a run folder or a model folder)")
     checkpoints = path / "checkpoints"
-    if checkpoints.is_dir():
+    # config.yaml is written when training starts, checkpoints/ only at the first save.
+    if checkpoints.is_dir() or (path / CONFIG_FILE).is_file():
         for name in ("best", "last"):
             if (checkpoints / name / "config.json").is_file():
                 return checkpoints / name
-        raise CheckpointError(f"{path} is a run folder without a finished checkpoint yet")
+        raise CheckpointError(
+            f"{path} is a run folder with no finished checkpoint yet (no checkpoints/best "
+            "or checkpoints/last): its training stopped before the first save "
+            "(checkpoint.save_every) or is still running; train it further, then try again"
+        )
     if not (path / "config.json").is_file():
         raise CheckpointError(f"{path} has no config.json: not a run folder or an HF model folder")
     return path
@@ -170,9 +177,10 @@ def load_model(
         model = load_hf(folder, device=device, dtype=dtype)
     else:
         try:
-            model = transformers.AutoModelForCausalLM.from_pretrained(
-                folder, local_files_only=True, **{_DTYPE_KWARG: dtype or "auto"}
-            )
+            with no_load_save_bars():
+                model = transformers.AutoModelForCausalLM.from_pretrained(
+                    folder, local_files_only=True, **{_DTYPE_KWARG: dtype or "auto"}
+                )
         except (OSError, ValueError) as exc:
             raise CheckpointError(f"cannot load the model in {str(folder)!r}: {exc}") from None
         model = model.to(device)
@@ -186,6 +194,7 @@ def load_model(
     return model
 
 
+@no_load_save_bars()
 def save_model(model: nn.Module, folder: Path) -> None:
     """Write a model folder (config.json + safetensors) that load_model and transformers open.
 

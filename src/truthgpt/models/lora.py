@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from truthgpt.config import LoraConfig
 from truthgpt.errors import CheckpointError, ConfigError
 from truthgpt.models.decoder import Decoder
+from truthgpt.quiet import no_peft_checkpointing_notices
 
 if TYPE_CHECKING:
     from peft import PeftModel
@@ -72,7 +73,8 @@ def apply_lora(model: nn.Module, cfg: LoraConfig, arch: str) -> PeftModel:
         task_type=None if native else "CAUSAL_LM",
     )
     try:
-        wrapped = peft.get_peft_model(model, lora_config)
+        with no_peft_checkpointing_notices():
+            wrapped = peft.get_peft_model(model, lora_config)
     except ValueError as exc:
         available = native_target_modules(model) if native else _linear_names(model)
         raise ConfigError(
@@ -88,7 +90,8 @@ def load_adapter(model: nn.Module, adapter_folder: str, trainable: bool) -> Peft
     leaves the adapter weights trainable, in the order a fresh `apply_lora` gives them."""
     from peft import PeftModel
 
-    wrapped = PeftModel.from_pretrained(model, adapter_folder, is_trainable=trainable)
+    with no_peft_checkpointing_notices():
+        wrapped = PeftModel.from_pretrained(model, adapter_folder, is_trainable=trainable)
     if trainable:
         make_input_embeddings_require_grad(wrapped)
     return wrapped

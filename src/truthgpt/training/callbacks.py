@@ -160,24 +160,52 @@ class TqdmProgress(Callback):
             self.bar.close()
 
 
+class StepTime:
+    """Seconds per optimizer step, an exponential moving average over log windows.
+
+    A window that holds an evaluation or a checkpoint is many times slower than the others;
+    the latest window alone made the ETA jump (3 to 45 minutes and back). The average weighs
+    each window by `smoothing`, so those costs are spread over the run as they really are. The
+    first window is used alone and then dropped: it carries warm-up and compilation.
+    """
+
+    def __init__(self, smoothing: float = 0.1) -> None:
+        self.smoothing = smoothing
+        self.average: float | None = None
+        self.windows = 0
+        self.last_step = 0
+        self.last_time = 0.0
+
+    def start(self, step: int, now: float) -> None:
+        self.last_step, self.last_time, self.windows, self.average = step, now, 0, None
+
+    def update(self, step: int, now: float) -> float:
+        """Seconds per step after a window that ended at `step`, `now`."""
+        window = (now - self.last_time) / max(step - self.last_step, 1)
+        self.last_step, self.last_time = step, now
+        self.windows += 1
+        if self.windows == 1:
+            return window
+        if self.average is None:
+            self.average = window
+        else:
+            self.average += self.smoothing * (window - self.average)
+        return self.average
+
+
 class PlainLog(Callback):
     """No bar: one line per log step (with ETA) and per eval, for logs and `progress: none`."""
 
     def __init__(self, config: Config, run_dir: Path) -> None:
         self.max_steps = config.training.max_steps
-        self.window_step = 0
-        self.window_time = 0.0
+        self.step_time = StepTime()
 
     def on_train_start(self, step: int, max_steps: int) -> None:
-        self.window_step, self.max_steps, self.window_time = step, max_steps, time.perf_counter()
+        self.max_steps = max_steps
+        self.step_time.start(step, time.perf_counter())
 
     def on_step_end(self, step: int, metrics: Metrics) -> None:
-        # ETA from the latest window, not the whole run: the first steps carry compilation
-        # and warm-up and would inflate it for the rest of the run.
-        now = time.perf_counter()
-        seconds_per_step = (now - self.window_time) / max(step - self.window_step, 1)
-        self.window_step, self.window_time = step, now
-        eta = seconds_per_step * (self.max_steps - step)
+        eta = self.step_time.update(step, time.perf_counter()) * (self.max_steps - step)
         print(
             f"step {step:>6}/{self.max_steps}  {_format_metrics(metrics)}  ETA {_clock(eta)}",
             flush=True,

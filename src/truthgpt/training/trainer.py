@@ -30,6 +30,7 @@ from truthgpt.config import Config
 from truthgpt.data import PreparedData, prepare_data
 from truthgpt.data.loader import EpochBatches, val_batches
 from truthgpt.errors import CheckpointError, ConfigError, TrainingError
+from truthgpt.hardware import apply_threads
 from truthgpt.models import load_model, save_model
 from truthgpt.registry import ARCHS
 from truthgpt.training.callbacks import Callback, build_callbacks
@@ -640,6 +641,7 @@ def train(
     resume_from = prepare_run_dir(config, overwrite, resume)
     run_dir = config.run_dir
     seed_everything(config.seed)
+    threads = apply_threads(config.hardware.threads)
     device = resolve_device(config.hardware.device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = config.training.tf32
@@ -664,7 +666,7 @@ def train(
     trainable = f", {n_trainable / 1e6:.3f}M trainable" if n_trainable != n_params else ""
     log(
         f"model {config.model.arch}: {n_params / 1e6:.2f}M parameters{trainable} on {device} "
-        f"({resolve_precision(config.training.precision, device)})"
+        f"({resolve_precision(config.training.precision, device)}, {threads} CPU threads)"
     )
     trainer = Trainer(config, model, data, device, run_dir, all_callbacks)
     if resume_from is not None:

@@ -1,0 +1,76 @@
+"""Quiet by default: third-party notices and progress bars that tell a truthgpt user nothing.
+
+Each is silenced where the call that makes it is, never globally: a warning we did not foresee
+still reaches the user.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import warnings
+from collections.abc import Iterator
+
+# transformers 5 logs "`CLIPImageProcessor` requires torchvision (not installed); falling back to
+# `CLIPImageProcessorPil`" once per class when diffusers touches its image processors; the PIL
+# fallback is what Stable Diffusion pipelines use anyway.
+TORCHVISION_NOTICE = "requires torchvision (not installed)"
+# peft reads transformers' deprecated `is_gradient_checkpointing` on every wrap (peft's to fix).
+PEFT_CHECKPOINTING_NOTICE = r"`is_gradient_checkpointing` is deprecated"
+# numpy 2 on the tensors diffusers' schedulers hand to np.array (diffusers' to fix, harmless).
+NUMPY_COPY_NOTICE = r"__array__ implementation doesn't accept a copy keyword"
+
+
+class _DropContaining(logging.Filter):
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.text = text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.text not in record.getMessage()
+
+
+def drop_torchvision_notices() -> None:
+    """Drop transformers' torchvision fallback notices (idempotent; other messages pass)."""
+    logger = logging.getLogger("transformers.utils.import_utils")
+    if not any(isinstance(f, _DropContaining) for f in logger.filters):
+        logger.addFilter(_DropContaining(TORCHVISION_NOTICE))
+
+
+@contextlib.contextmanager
+def no_load_save_bars() -> Iterator[None]:
+    """No `Loading weights` / `Writing model shards` / `Loading pipeline components` bars from
+    transformers and diffusers for a local load or save that takes a moment; restored after."""
+    import transformers.utils.logging as transformers_logging
+
+    restore = []
+    if transformers_logging.is_progress_bar_enabled():
+        transformers_logging.disable_progress_bar()
+        restore.append(transformers_logging.enable_progress_bar)
+    with contextlib.suppress(ImportError):
+        import diffusers.utils.logging as diffusers_logging
+
+        if diffusers_logging.is_progress_bar_enabled():
+            diffusers_logging.disable_progress_bar()
+            restore.append(diffusers_logging.enable_progress_bar)
+    try:
+        yield
+    finally:
+        for enable in restore:
+            enable()
+
+
+@contextlib.contextmanager
+def no_peft_checkpointing_notices() -> Iterator[None]:
+    """Ignore transformers' FutureWarning about `is_gradient_checkpointing`, which peft reads."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=PEFT_CHECKPOINTING_NOTICE, category=FutureWarning)
+        yield
+
+
+@contextlib.contextmanager
+def no_numpy_copy_notices() -> Iterator[None]:
+    """Ignore numpy 2's `__array__ ... copy keyword` DeprecationWarning (diffusers' schedulers)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=NUMPY_COPY_NOTICE, category=DeprecationWarning)
+        yield
