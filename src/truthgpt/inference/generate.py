@@ -115,7 +115,11 @@ def open_llm(model: str, config, given: dict, overrides: list[str], n: int, seed
     flags = [
         f"inference.{key}={json.dumps(value)}" for key, value in given.items() if value is not None
     ]
-    inference = load(source, flags + list(overrides)).inference
+    loaded = load(source, flags + list(overrides))
+    from truthgpt.hardware import apply_threads
+
+    apply_threads(loaded.hardware.threads)
+    inference = loaded.inference
     params = SamplingParams(
         max_tokens=inference.max_new_tokens,
         temperature=inference.temperature,
