@@ -55,12 +55,35 @@ class AsyncEngine:
         self._stop = threading.Event()
         self.heartbeat = time.monotonic()
         self.errors = 0
-        self._thread = threading.Thread(target=self._run, name="truthgpt-engine", daemon=True)
-        self._thread.start()
+        self.restarts = 0
+        self._thread = self._start_thread()
+
+    def _start_thread(self) -> threading.Thread:
+        thread = threading.Thread(target=self._run, name="truthgpt-engine", daemon=True)
+        thread.start()
+        return thread
 
     @property
     def is_alive(self) -> bool:
         return self._thread.is_alive()
+
+    def stalled(self, after_s: float) -> bool:
+        """True when the loop has work but has not come round for `after_s` seconds."""
+        return (
+            self.engine.has_unfinished_requests() and time.monotonic() - self.heartbeat > after_s
+        )
+
+    def restart(self) -> bool:
+        """Start a new loop after the old one died (a fault outside a step's error handling):
+        the requests it held get an EngineDeadError, the engine's state is reset. Returns
+        whether it restarted (False while the loop is alive or after `shutdown`)."""
+        if self._thread.is_alive() or self._stop.is_set():
+            return False
+        self._fail_all(RuntimeError("the engine loop died"))
+        self.restarts += 1
+        self.heartbeat = time.monotonic()
+        self._thread = self._start_thread()
+        return True
 
     async def generate(
         self,
@@ -151,5 +174,7 @@ class AsyncEngine:
         error = EngineDeadError(f"the engine failed while generating: {exc}")
         for request_id in list(self.engine.requests):
             self.engine.abort(request_id)
+            self._deliver(request_id, error)
+        for request_id in list(self._sinks):  # added but never reached the engine
             self._deliver(request_id, error)
         self.engine.blocks.reset_prefix_cache()

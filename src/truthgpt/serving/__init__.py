@@ -1,0 +1,1 @@
+"""The OpenAI-compatible HTTP server and what it needs beside the engine."""

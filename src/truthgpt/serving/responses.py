@@ -1,0 +1,195 @@
+"""OpenAI response bodies and stream chunks, built from the engine's outputs.
+
+Completions and chat differ only in names (`text` vs `message`/`delta`, the shape of
+`logprobs`, the object type), so one `Choice` accumulator serves both and two small functions
+turn it into each format.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from transformers import PreTrainedTokenizerBase
+
+from truthgpt.inference.request import CompletionOutput
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+def sse(payload: dict[str, Any] | str) -> str:
+    data = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)
+    return f"data: {data}\n\n"
+
+
+@dataclass
+class Choice:
+    """One choice's text, token count and logprobs so far; `take_delta` hands out what is new."""
+
+    index: int
+    text: str = ""
+    num_tokens: int = 0
+    finish_reason: str | None = None
+    logprobs: list[dict] = field(default_factory=list)
+    _sent_text: int = 0
+    _sent_logprobs: int = 0
+
+    def update(self, out: CompletionOutput) -> None:
+        self.text += out.delta_text
+        self.num_tokens = len(out.token_ids)
+        if out.logprobs is not None:
+            self.logprobs = out.logprobs
+        if out.finish_reason is not None:
+            # "abort" is ours (a cancelled request); the API knows stop and length only.
+            self.finish_reason = "length" if out.finish_reason == "length" else "stop"
+
+    def take_delta(self) -> tuple[str, list[dict]]:
+        text, logprobs = self.text[self._sent_text :], self.logprobs[self._sent_logprobs :]
+        self._sent_text, self._sent_logprobs = len(self.text), len(self.logprobs)
+        return text, logprobs
+
+
+class TokenText:
+    """Token id -> its text (as OpenAI's logprobs show tokens), cached per id."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
+        self.tokenizer = tokenizer
+        self._cache: dict[int, str] = {}
+
+    def __call__(self, token_id: int) -> str:
+        text = self._cache.get(token_id)
+        if text is None:
+            text = self._cache[token_id] = self.tokenizer.decode([token_id])
+        return text
+
+
+def completion_logprobs(entries: list[dict], token_text: TokenText, offset: int) -> dict:
+    """The legacy completions format: parallel lists, top alternatives as {token: logprob}."""
+    tokens, offsets = [], []
+    for entry in entries:
+        offsets.append(offset)
+        text = token_text(entry["token_id"])
+        tokens.append(text)
+        offset += len(text)
+    return {
+        "tokens": tokens,
+        "token_logprobs": [entry["logprob"] for entry in entries],
+        "top_logprobs": [
+            {token_text(tid): lp for tid, lp in entry.get("top") or []} for entry in entries
+        ],
+        "text_offset": offsets,
+    }
+
+
+def chat_logprobs(entries: list[dict], token_text: TokenText) -> dict:
+    def item(token_id: int, logprob: float) -> dict:
+        text = token_text(token_id)
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+    return {
+        "content": [
+            {
+                **item(entry["token_id"], entry["logprob"]),
+                "top_logprobs": [item(tid, lp) for tid, lp in entry.get("top") or []],
+            }
+            for entry in entries
+        ]
+    }
+
+
+def usage(prompt_tokens: int, choices: list[Choice]) -> dict[str, int]:
+    completion = sum(choice.num_tokens for choice in choices)
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion,
+        "total_tokens": prompt_tokens + completion,
+    }
+
+
+@dataclass
+class Reply:
+    """The fixed parts of one response: id, model, creation time, chat or not."""
+
+    model: str
+    chat: bool
+    want_logprobs: bool
+    token_text: TokenText
+    id: str = ""
+    created: int = 0
+
+    def __post_init__(self) -> None:
+        self.id = self.id or new_id("chatcmpl" if self.chat else "cmpl")
+        self.created = self.created or int(time.time())
+
+    def _envelope(self, object_type: str, choices: list[dict]) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "object": object_type,
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+        }
+
+    def final(self, choices: list[Choice], prompt_tokens: int, echo: list[str] | None) -> dict:
+        """The whole non-streamed response."""
+        rows = []
+        for choice in choices:
+            logprobs = None
+            if self.chat:
+                if self.want_logprobs:
+                    logprobs = chat_logprobs(choice.logprobs, self.token_text)
+                rows.append(
+                    {
+                        "index": choice.index,
+                        "message": {"role": "assistant", "content": choice.text},
+                        "logprobs": logprobs,
+                        "finish_reason": choice.finish_reason,
+                    }
+                )
+            else:
+                prefix = echo[choice.index] if echo else ""
+                if self.want_logprobs:
+                    logprobs = completion_logprobs(choice.logprobs, self.token_text, len(prefix))
+                rows.append(
+                    {
+                        "index": choice.index,
+                        "text": prefix + choice.text,
+                        "logprobs": logprobs,
+                        "finish_reason": choice.finish_reason,
+                    }
+                )
+        body = self._envelope("chat.completion" if self.chat else "text_completion", rows)
+        body["usage"] = usage(prompt_tokens, choices)
+        return body
+
+    def chunk(self, choice: Choice, text: str, logprobs: list[dict], first: bool) -> dict:
+        """One stream event for one choice: its new text (and logprobs), its finish reason."""
+        entry: dict[str, Any] = {"index": choice.index}
+        if self.chat:
+            delta: dict[str, Any] = {"content": text}
+            if first:
+                delta["role"] = "assistant"
+            entry["delta"] = delta
+            entry["logprobs"] = (
+                chat_logprobs(logprobs, self.token_text) if self.want_logprobs else None
+            )
+        else:
+            entry["text"] = text
+            sent_before = len(choice.text) - len(text)
+            entry["logprobs"] = (
+                completion_logprobs(logprobs, self.token_text, sent_before)
+                if self.want_logprobs
+                else None
+            )
+        entry["finish_reason"] = choice.finish_reason
+        return self._envelope("chat.completion.chunk" if self.chat else "text_completion", [entry])
+
+    def usage_chunk(self, choices: list[Choice], prompt_tokens: int) -> dict:
+        body = self._envelope("chat.completion.chunk" if self.chat else "text_completion", [])
+        body["usage"] = usage(prompt_tokens, choices)
+        return body
