@@ -14,6 +14,7 @@ from conftest import tiny_raw_config
 from typer.testing import CliRunner
 
 import truthgpt
+from truthgpt import guard
 from truthgpt.cli import app
 from truthgpt.config import DiffusionConfig, load
 from truthgpt.diffusion.generate import generate_images
@@ -287,3 +288,21 @@ def test_a_truncated_plain_hf_folder_is_an_error_not_a_traceback(
     truncate(plain / "model.safetensors")
     with pytest.raises(CheckpointError, match="cannot read the weights"):
         load_model(plain)
+
+
+def test_other_tools_folders_are_not_taken_for_runs_or_checkpoints(tmp_path: Path) -> None:
+    # A Lightning-style project: its own config.yaml and checkpoints/ are not a run of ours,
+    # so train --overwrite must not empty it.
+    raw = small_run(tmp_path, run_name="project", training={"max_steps": 1})
+    project = Path(raw["output_dir"]) / "project"
+    (project / "checkpoints" / "epoch=3").mkdir(parents=True)
+    (project / "config.yaml").write_text("trainer: {max_epochs: 3}\n")
+    with pytest.raises(CheckpointError, match="not written by `truthgpt train`"):
+        train(load(raw), overwrite=True)
+    assert (project / "checkpoints" / "epoch=3").is_dir()
+    # A web app's manifest.json beside a config.json is no checkpoint.
+    app_dir = tmp_path / "app"
+    app_dir.mkdir()
+    (app_dir / "manifest.json").write_text('{"name": "app", "icons": []}')
+    (app_dir / "config.json").write_text("{}")
+    assert not guard.is_checkpoint_folder(app_dir) and not guard.is_run_folder(project)

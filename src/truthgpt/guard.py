@@ -9,10 +9,13 @@ beside checkpoints/.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from collections.abc import Iterable
 from pathlib import Path
+
+import yaml
 
 from truthgpt.errors import CheckpointError
 from truthgpt.manifest import MANIFEST
@@ -31,18 +34,41 @@ _CONTAINS_DEPTH = 4
 
 
 def is_run_folder(folder: Path) -> bool:
+    """Marked by train, or a run from before markers: checkpoints/ beside a config.yaml whose
+    run_name is the folder's name (another tool's config.yaml + checkpoints/ is not ours)."""
     folder = Path(folder)
     if (folder / MARKERS["run"]).is_file():
         return True
-    return (folder / CONFIG_FILE).is_file() and (folder / CHECKPOINTS).is_dir()
+    config_path = folder / CONFIG_FILE
+    if not (config_path.is_file() and (folder / CHECKPOINTS).is_dir()):
+        return False
+    try:
+        raw = yaml.safe_load(config_path.read_text())
+    except (yaml.YAMLError, OSError, UnicodeDecodeError):
+        return False
+    return isinstance(raw, dict) and raw.get("run_name") == folder.name
 
 
 def is_checkpoint_folder(folder: Path) -> bool:
-    """A folder written as a checkpoint: a manifest, training state, or a place in checkpoints/."""
+    """A folder written as a checkpoint: training state, our manifest beside a config.json, or
+    a place in a run's checkpoints/."""
     folder = Path(folder)
-    if (folder / MANIFEST).is_file() or (folder / TRAIN_STATE).is_file():
+    if (folder / TRAIN_STATE).is_file():
+        return True
+    if (folder / "config.json").is_file() and _is_our_manifest(folder / MANIFEST):
         return True
     return folder.parent.name == CHECKPOINTS and is_run_folder(folder.parent.parent)
+
+
+def _is_our_manifest(path: Path) -> bool:
+    # manifest.json is a common name (web apps, other tools): ours lists files with sha256.
+    if not path.is_file():
+        return False
+    try:
+        files = json.loads(path.read_text()).get("files")
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError, AttributeError):
+        return False
+    return isinstance(files, dict)
 
 
 def written_by(folder: Path, kind: str) -> bool:
