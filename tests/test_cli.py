@@ -10,6 +10,7 @@ from transformers import AutoTokenizer, GPTNeoXConfig, GPTNeoXForCausalLM
 from typer.testing import CliRunner
 
 from truthgpt.cli import app
+from truthgpt.manifest import write_manifest
 
 runner = CliRunner()
 
@@ -153,6 +154,7 @@ def test_generate_chat_uses_the_template_or_says_why_not(tmp_path: Path) -> None
     tokenizer = AutoTokenizer.from_pretrained(str(best))
     tokenizer.chat_template = "{% for m in messages %}[{{ m['content'] }}]{% endfor %}=>"
     tokenizer.save_pretrained(str(best))
+    write_manifest(best)  # an edited checkpoint needs a new manifest, or readers skip it
     chat = runner.invoke(app, [*args, "--temperature", "0"])
     assert chat.exit_code == 0, chat.output
     assert chat.stdout.startswith("[hi]=>")

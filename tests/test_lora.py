@@ -188,11 +188,15 @@ def test_export_of_a_plain_model_and_refusal_to_overwrite(tmp_path: Path) -> Non
     out = tmp_path / "export"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    with pytest.raises(CheckpointError, match="not empty"):
-        export_hf(checkpoint, out)
+    # A folder that an export did not write is never replaced, --overwrite or not.
+    for overwrite in (False, True):
+        with pytest.raises(CheckpointError, match="not empty"):
+            export_hf(checkpoint, out, overwrite=overwrite)
     assert (out / "keep.txt").read_text() == "mine"
+    (out / "keep.txt").unlink()
+    export_hf(checkpoint, out)
     export_hf(checkpoint, out, overwrite=True)
-    assert not (out / "keep.txt").exists() and not (out / "adapter").exists()
+    assert not (out / "adapter").exists()
     assert not list(tmp_path.glob(".tmp-*")) and not list(tmp_path.glob(".old-*"))
     hf = transformers.AutoModelForCausalLM.from_pretrained(out)
     batch = batches()[0]

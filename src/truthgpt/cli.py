@@ -102,18 +102,17 @@ def export(
     merge_lora: Annotated[
         bool, typer.Option(help="Fold LoRA adapters into the weights (else keep adapter/).")
     ] = True,
-    overwrite: Annotated[bool, typer.Option(help="Replace an existing --out folder.")] = False,
+    overwrite: Annotated[
+        bool, typer.Option(help="Replace an earlier export in --out (never a run or checkpoint).")
+    ] = False,
 ) -> None:
     """Write a Hugging Face folder (config.json, model.safetensors, tokenizer) from a run."""
-    from truthgpt.models import resolve_model_folder
     from truthgpt.models.export import export_hf
 
     if format != "hf":
         _fail(ValueError(f"--format {format!r} is not supported; use hf"))
     try:
-        folder = export_hf(
-            resolve_model_folder(run), out, merge_lora=merge_lora, overwrite=overwrite
-        )
+        folder = export_hf(run, out, merge_lora=merge_lora, overwrite=overwrite)
     except TruthGPTError as exc:
         _fail(exc)
     typer.echo(f"wrote {folder}")

@@ -25,6 +25,7 @@ from truthgpt.diffusion.pipeline import denoiser_of, load_pipeline, resolve_dtyp
 from truthgpt.diffusion.schedulers import set_scheduler
 from truthgpt.diffusion.speed import compile_denoiser, prepare_for_speed
 from truthgpt.errors import CheckpointError, ConfigError
+from truthgpt.guard import check_output, mark
 from truthgpt.quiet import no_numpy_copy_notices
 
 
@@ -67,6 +68,11 @@ def generate_images(
     device: where to run; default the first CUDA GPU, else the CPU.
     """
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    # Before the slow load: PNGs never go into (or around) a run, a checkpoint or a source.
+    sources = [cfg.model or "", *(parse_lora(spec)[0] for spec in cfg.loras)]
+    out_dir = check_output(
+        cfg.output_dir, "image", sources=[s for s in sources if s and Path(s).exists()]
+    )
     if pipe is None:
         if not cfg.model:
             raise ConfigError("diffusion.model: give a local diffusers pipeline folder")
@@ -131,7 +137,7 @@ def generate_images(
         "speed": str(cfg.speed).lower(),
         "batch": str(cfg.batch),
     }
-    paths, grid_path = _write_pngs(images, metadata, seed, Path(cfg.output_dir))
+    paths, grid_path = _write_pngs(images, metadata, seed, out_dir)
     peak = f", peak {stats.peak_allocated_gib:.2f} GiB allocated" if device.type == "cuda" else ""
     log(
         f"wrote {len(paths)} image(s) to {cfg.output_dir} in {stats.latency_s:.2f} s"
@@ -173,7 +179,9 @@ def _load_loras(pipe, specs: list[str]) -> None:
 def _write_pngs(
     images: list[Image.Image], metadata: dict[str, str], seed: int, out_dir: Path
 ) -> tuple[list[Path], Path | None]:
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if not out_dir.is_dir() or not any(out_dir.iterdir()):
+        out_dir.mkdir(parents=True, exist_ok=True)
+        mark(out_dir, "image")  # a folder of truthgpt's images, not the user's
     stem = f"{time.strftime('%Y%m%d-%H%M%S')}-s{seed}"
     paths = []
     for i, image in enumerate(images):

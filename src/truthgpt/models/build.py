@@ -8,15 +8,20 @@
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 import transformers
+from safetensors import SafetensorError
 from torch import nn
 
 from truthgpt.config import CONFIG_FILE, ModelConfig
 from truthgpt.errors import CheckpointError, ConfigError
+from truthgpt.guard import CHECKPOINTS, STEP_FOLDER, is_checkpoint_folder
+from truthgpt.manifest import check_manifest
 from truthgpt.models.decoder import Decoder, DecoderConfig
 from truthgpt.models.hf_io import is_native, load_hf, read_hf_config, save_hf
 from truthgpt.models.lora import (
@@ -129,25 +134,54 @@ def _build_hf(cfg: ModelConfig, vocab_size: int) -> nn.Module:
         raise ConfigError(f"model.hf_config: {exc}") from None
 
 
-def resolve_model_folder(path: str | Path) -> Path:
-    """A run folder -> its best (else last) checkpoint; a model folder -> itself."""
-    path = Path(path)
+def resolve_model_folder(
+    path: str | Path, hashes: bool | None = None, warn: Callable[[str], None] | None = None
+) -> Path:
+    """A run folder -> its newest valid checkpoint of best/, last/, step_N/ (a damaged one is
+    skipped with a warning); a checkpoint folder -> itself once its manifest checks out; any
+    other model folder -> itself.
+
+    hashes: compare SHA-256 too (True), never (False), or when the folder is small (None).
+    """
+    warn = warn or _warn
+    path = Path(path).expanduser()
     if not path.exists():
         raise CheckpointError(f"{path} does not exist (expected a run folder or a model folder)")
-    checkpoints = path / "checkpoints"
+    checkpoints = path / CHECKPOINTS
     # config.yaml is written when training starts, checkpoints/ only at the first save.
     if checkpoints.is_dir() or (path / CONFIG_FILE).is_file():
-        for name in ("best", "last"):
-            if (checkpoints / name / "config.json").is_file():
-                return checkpoints / name
+        steps = []
+        if checkpoints.is_dir():
+            steps = sorted(
+                (p for p in checkpoints.iterdir() if STEP_FOLDER.fullmatch(p.name)), reverse=True
+            )
+        found_any = False
+        for folder in [checkpoints / "best", checkpoints / "last", *steps]:
+            if not folder.is_dir():
+                continue
+            found_any = True
+            try:
+                check_manifest(folder, hashes)
+            except CheckpointError as exc:
+                warn(f"warning: skipping checkpoint {folder.name}/: {exc}")
+                continue
+            return folder
+        if found_any:
+            raise CheckpointError(f"{path} is a run folder without a complete checkpoint")
         raise CheckpointError(
             f"{path} is a run folder with no finished checkpoint yet (no checkpoints/best "
             "or checkpoints/last): its training stopped before the first save "
             "(checkpoint.save_every) or is still running; train it further, then try again"
         )
-    if not (path / "config.json").is_file():
+    if is_checkpoint_folder(path):
+        check_manifest(path, hashes)
+    elif not (path / "config.json").is_file():
         raise CheckpointError(f"{path} has no config.json: not a run folder or an HF model folder")
     return path
+
+
+def _warn(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
 
 
 def load_model(
@@ -168,13 +202,19 @@ def load_model(
     """
     folder = Path(path).expanduser()
     hf_config = read_hf_config(folder)  # CheckpointError when the folder or config.json is missing
+    if is_checkpoint_folder(folder):
+        # Sizes only (one stat per file): resolve_model_folder or find_resumable did the hashes.
+        check_manifest(folder, hashes=False)
     adapter = folder / ADAPTER_DIR
     has_adapter = adapter.is_dir()
     # An adapter names the modules of the model it was trained on: one made on a transformers
     # Llama (q_proj, ...) needs that model even where our Decoder could open the base weights.
     use_native = native is not False and is_native(hf_config)
     if use_native and (not has_adapter or adapter_is_native(adapter)):
-        model = load_hf(folder, device=device, dtype=dtype)
+        try:
+            model = load_hf(folder, device=device, dtype=dtype)
+        except (OSError, SafetensorError) as exc:  # a damaged file in a folder without manifest
+            raise CheckpointError(f"cannot read the weights in {str(folder)!r}: {exc}") from None
     else:
         try:
             with no_load_save_bars():

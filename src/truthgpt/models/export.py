@@ -25,9 +25,10 @@ from torch import Tensor, nn
 
 from truthgpt.atomic import publish_folder
 from truthgpt.errors import CheckpointError
-from truthgpt.models.build import load_model, save_model
+from truthgpt.guard import check_output, mark
+from truthgpt.models.build import load_model, resolve_model_folder, save_model
 from truthgpt.models.decoder import Decoder
-from truthgpt.models.hf_io import CONFIG_NAME, save_hf, weight_map
+from truthgpt.models.hf_io import save_hf, weight_map
 from truthgpt.models.lora import ADAPTER_DIR, is_peft_model, plain_decoder
 
 if TYPE_CHECKING:
@@ -51,33 +52,23 @@ _PEFT_PREFIX = "base_model.model."  # peft's prefix for adapter weights in a sav
 def export_hf(
     source: str | Path, out_dir: str | Path, merge_lora: bool = True, overwrite: bool = False
 ) -> Path:
-    """Write the model folder `source` (a checkpoint) as a transformers folder `out_dir`.
+    """Write the model of `source` (a run folder, a checkpoint or a model folder) as a
+    transformers folder `out_dir`.
 
     merge_lora: fold LoRA adapters into the weights; else keep them in `out_dir/adapter` (peft
     format, HF module names). The folder appears whole or not at all (written beside it, then
-    renamed); an existing non-empty `out_dir` is refused unless overwrite=True.
+    renamed). `out_dir` must not be, hold or lie inside a run, a checkpoint or `source`;
+    overwrite=True replaces only an earlier export (guard.py).
     """
-    source, out_dir = Path(source).expanduser(), Path(out_dir).expanduser()
-    if not (source / CONFIG_NAME).is_file():
-        raise CheckpointError(
-            f"{source} has no {CONFIG_NAME}: give a checkpoint folder (a run's "
-            "checkpoints/best or checkpoints/last) or a model folder"
-        )
-    if out_dir.exists():
-        if out_dir.resolve() == source.resolve():
-            raise CheckpointError(f"cannot export {source} onto itself; choose another --out")
-        if not out_dir.is_dir():
-            raise CheckpointError(f"{out_dir} exists and is not a folder")
-        if any(out_dir.iterdir()) and not overwrite:
-            raise CheckpointError(
-                f"{out_dir} already exists and is not empty; nothing was written. "
-                "Choose another folder or pass overwrite=True (--overwrite)."
-            )
-    model = load_model(source)
+    source = Path(source).expanduser()
+    folder = resolve_model_folder(source)
+    out_dir = check_output(out_dir, "export", overwrite, sources=[source, folder])
+    model = load_model(folder)
 
     def fill(tmp: Path) -> None:
         _write_model(model, tmp, merge_lora)
-        copy_tokenizer_files(source, tmp)
+        copy_tokenizer_files(folder, tmp)
+        mark(tmp, "export")
 
     publish_folder(out_dir, fill)
     return out_dir

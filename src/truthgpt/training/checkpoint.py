@@ -8,8 +8,6 @@ without a valid manifest is not a checkpoint.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import shutil
 from collections.abc import Callable
@@ -20,9 +18,8 @@ import torch
 
 from truthgpt.atomic import publish_folder
 from truthgpt.errors import CheckpointError
-
-MANIFEST = "manifest.json"
-TRAIN_STATE = "train_state.pt"
+from truthgpt.guard import STEP_FOLDER, STEP_PREFIX, TRAIN_STATE, check_prunable
+from truthgpt.manifest import check_manifest, write_manifest
 
 
 def save_checkpoint(
@@ -36,7 +33,7 @@ def save_checkpoint(
         write_model(tmp)
         if train_state is not None:
             torch.save(train_state, tmp / TRAIN_STATE)
-        _write_manifest(tmp)  # last: a folder with a valid manifest is complete
+        write_manifest(tmp)  # last: a folder with a valid manifest is complete
 
     try:
         return publish_folder(folder, fill)
@@ -48,49 +45,19 @@ def save_checkpoint(
 
 
 def load_train_state(folder: Path) -> dict[str, Any]:
-    verify_checkpoint(folder)
+    """The training state of a checkpoint that find_resumable chose (and so hashed already):
+    only the sizes are checked again, not every byte."""
+    check_manifest(folder, hashes=False)
     return torch.load(Path(folder) / TRAIN_STATE, map_location="cpu", weights_only=True)
 
 
 def verify_checkpoint(folder: Path) -> None:
     """Raise CheckpointError unless every file in the manifest is present with its size and hash."""
-    folder = Path(folder)
-    manifest_path = folder / MANIFEST
-    if not manifest_path.is_file():
-        raise CheckpointError(f"{folder} is not a complete checkpoint (no {MANIFEST})")
-    try:
-        manifest = json.loads(manifest_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{manifest_path} is corrupt: {exc}") from None
-    for name, entry in manifest.get("files", {}).items():
-        path = folder / name
-        if not path.is_file() or path.stat().st_size != entry["bytes"]:
-            raise CheckpointError(f"{path} is missing or truncated")
-        if _sha256(path) != entry["sha256"]:
-            raise CheckpointError(f"{path} does not match its hash in {MANIFEST}")
-
-
-def _write_manifest(folder: Path) -> None:
-    files = {
-        path.relative_to(folder).as_posix(): {"bytes": path.stat().st_size, "sha256": _sha256(path)}
-        for path in sorted(folder.rglob("*"))
-        if path.is_file()
-    }
-    (folder / MANIFEST).write_text(json.dumps({"files": files}, indent=1))
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    check_manifest(folder, hashes=True)
 
 
 # ---------------------------------------------------------------------------------------------
 # The checkpoints of a run: step_N/ folders, last/ (the newest) and best/.
-
-STEP_PREFIX = "step_"
 
 
 def step_folder_name(step: int) -> str:
@@ -125,14 +92,18 @@ def step_checkpoints(checkpoints: Path) -> list[Path]:
     """step_N/ folders, newest first."""
     if not checkpoints.is_dir():
         return []
-    folders = [p for p in checkpoints.iterdir() if p.is_dir() and p.name.startswith(STEP_PREFIX)]
+    folders = [p for p in checkpoints.iterdir() if p.is_dir() and STEP_FOLDER.fullmatch(p.name)]
     return sorted(folders, key=lambda p: p.name, reverse=True)
 
 
 def prune_step_checkpoints(checkpoints: Path, keep_last: int) -> list[Path]:
-    """Delete all but the newest `keep_last` step_N/ folders; returns what was removed."""
+    """Delete all but the newest `keep_last` step_N/ folders; returns what was removed.
+
+    Only step_N folders inside the checkpoints/ of a run folder are ever deleted (guard.py).
+    """
     removed = step_checkpoints(checkpoints)[keep_last:]
     for folder in removed:
+        check_prunable(folder)
         shutil.rmtree(folder, ignore_errors=True)
     return removed
 

@@ -9,11 +9,8 @@ that loop: the non-finite check, EMA, evaluation, early stopping and checkpoints
 from __future__ import annotations
 
 import contextlib
-import json
 import math
-import os
 import random
-import shutil
 import signal
 import threading
 import time
@@ -25,11 +22,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from truthgpt import config as config_module
 from truthgpt.config import Config
 from truthgpt.data import PreparedData, prepare_data
 from truthgpt.data.loader import EpochBatches, val_batches
-from truthgpt.errors import CheckpointError, ConfigError, TrainingError
+from truthgpt.errors import ConfigError, TrainingError
+from truthgpt.guard import CHECKPOINTS
 from truthgpt.hardware import apply_threads
 from truthgpt.models import load_model, save_model
 from truthgpt.registry import ARCHS
@@ -45,8 +42,7 @@ from truthgpt.training.checkpoint import (
 from truthgpt.training.ema import EMA
 from truthgpt.training.evaluate import mean_loss, perplexity
 from truthgpt.training.optim import build_optimizer, build_scheduler
-
-CHECKPOINTS = "checkpoints"
+from truthgpt.training.run_folder import RUN_CONFIG, prepare_run_dir
 
 # Dense bf16 tensor-core peaks (NVIDIA datasheets, SXM parts), for MFU. fp32 runs use TF32,
 # which is half the bf16 rate on these parts.
@@ -419,6 +415,8 @@ class Trainer:
 
     def _write_model(self, folder: Path) -> None:
         save_model(self.model, folder)
+        # What this checkpoint was trained with, for the resume check (run_folder.py).
+        (folder / RUN_CONFIG).write_text(self.config.to_yaml())
         if self.data.tokenizer is not None:
             self.data.tokenizer.save_pretrained(folder)
 
@@ -570,62 +568,6 @@ def set_gradient_checkpointing(model: nn.Module) -> None:
             base.enable_input_require_grads()
 
 
-def prepare_run_dir(config: Config, overwrite: bool, resume: bool | str = False) -> Path | None:
-    """Create the run folder; returns the checkpoint to resume from, if any.
-
-    Refuses to train over a run folder that holds a run unless told to resume or overwrite.
-    """
-    run_dir = config.run_dir
-    checkpoints = run_dir / CHECKPOINTS
-    # Temporary folders (".tmp-*") are interrupted writes, not checkpoints.
-    has_run = checkpoints.is_dir() and any(
-        not p.name.startswith(".") for p in checkpoints.iterdir()
-    )
-    resume_from = None
-    if has_run and resume and not overwrite:
-        resume_from = find_resumable(checkpoints, warn=lambda message: print(message, flush=True))
-        if resume_from is None:
-            raise CheckpointError(
-                f"{run_dir} holds checkpoints but none is complete with its training state; "
-                "nothing was changed. Pass --overwrite to start over."
-            )
-    elif resume is True and not overwrite:
-        raise CheckpointError(f"nothing to resume: {checkpoints} holds no checkpoint")
-    elif has_run and not overwrite:
-        raise ConfigError(
-            f"{run_dir} already holds a run (checkpoints exist). Nothing was changed. "
-            "Continue it with --resume, pick another run_name (--set run_name=NAME), or pass "
-            "--overwrite to start over."
-        )
-    if resume_from is None:
-        # A fresh start: what an earlier attempt left without a checkpoint is not work to keep
-        # (and its tokenizer may not fit this config).
-        for stale in (CHECKPOINTS, "tb", "metrics.jsonl", "loss.png", "tokenizer"):
-            path = run_dir / stale
-            if path.is_dir():
-                shutil.rmtree(path)
-            elif path.exists():
-                path.unlink()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    config_module.save(config, run_dir / config_module.CONFIG_FILE)
-    return resume_from
-
-
-def truncate_metrics(run_dir: Path, step: int) -> None:
-    """Drop metrics.jsonl records after `step`: a resumed run rewrites those steps."""
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return
-    kept = [
-        line
-        for line in path.read_text().splitlines()
-        if line.strip() and json.loads(line).get("step", 0) <= step
-    ]
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    os.replace(tmp, path)
-
-
 def train(
     config: Config,
     callbacks: list[Callback] | None = None,
@@ -646,8 +588,6 @@ def train(
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = config.training.tf32
         torch.backends.cudnn.allow_tf32 = config.training.tf32
-    if resume_from is not None:
-        truncate_metrics(run_dir, load_train_state(resume_from)["step"])
     all_callbacks = build_callbacks(config, run_dir) + list(callbacks or [])
 
     def log(message: str) -> None:

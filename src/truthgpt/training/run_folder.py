@@ -1,0 +1,203 @@
+"""The run folder's lifecycle: create or reuse it safely, and resume only the model it holds.
+
+- A fresh start cleans only a folder that is a run's (guard.py), and marks it `.truthgpt-run`.
+- A resume compares the new config with the one the checkpoint was trained with: a change to
+  what is trained (model, tokenizer, data, task, LoRA... everything outside STEERING_KEYS) is
+  refused; a change that only steers the run (max_steps, intervals, logging...) is allowed.
+- config_history.jsonl records every start and resume with the keys that changed, so what was
+  trained when stays knowable; config.yaml always describes the current run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from truthgpt import config as config_module
+from truthgpt.atomic import atomic_write_text
+from truthgpt.config import Config
+from truthgpt.errors import CheckpointError, ConfigError
+from truthgpt.guard import CHECKPOINTS, check_output, mark
+from truthgpt.training.checkpoint import checkpoint_step, find_resumable
+
+RUN_CONFIG = "run_config.yaml"  # in each checkpoint: the resolved config it was trained with
+HISTORY = "config_history.jsonl"
+# Keys a resume may change: they steer the run (how long, how often to log, evaluate and save,
+# where it runs) but not what is trained. Everything else must match the checkpoint's config.
+# An entry ending in "." allows the whole section.
+STEERING_KEYS = (
+    "output_dir",
+    "training.max_steps",
+    "training.eval_every",
+    "training.eval_batches",
+    "training.log_every",
+    "training.resume",
+    "training.compile",
+    "training.gradient_checkpointing",
+    "training.early_stopping.",
+    "training.nonfinite.",
+    "data.num_workers",
+    "checkpoint.",
+    "logging.",
+    "hardware.",
+    "inference.",
+    "diffusion.",
+)
+# What an earlier attempt without a checkpoint left: not work to keep on a fresh start.
+_STALE = (CHECKPOINTS, "tb", "metrics.jsonl", "loss.png", "tokenizer", HISTORY)
+
+
+def prepare_run_dir(
+    config: Config,
+    overwrite: bool,
+    resume: bool | str = False,
+    log: Callable[[str], None] | None = None,
+) -> Path | None:
+    """Create or reuse the run folder; returns the checkpoint to resume from, if any.
+
+    Refuses a folder that is not a run's, a run folder that holds a run unless told to resume
+    or overwrite, and a resume whose config changes what is trained.
+    """
+    log = log or (lambda message: print(message, flush=True))
+    run_dir = config.run_dir
+    # prepare_run_dir's own rules below say when a used run folder may be reused; the guard
+    # refuses everything that is not a run folder of ours (or is a source of this run).
+    check_output(run_dir, "run", overwrite=True, sources=read_paths(config))
+    checkpoints = run_dir / CHECKPOINTS
+    # Temporary folders (".tmp-*") are interrupted writes, not checkpoints.
+    has_run = checkpoints.is_dir() and any(
+        not p.name.startswith(".") for p in checkpoints.iterdir()
+    )
+    resume_from = None
+    if has_run and resume and not overwrite:
+        resume_from = find_resumable(checkpoints, warn=log)
+        if resume_from is None:
+            raise CheckpointError(
+                f"{run_dir} holds checkpoints but none is complete with its training state; "
+                "nothing was changed. Pass --overwrite to start over."
+            )
+    elif resume is True and not overwrite:
+        raise CheckpointError(f"nothing to resume: {checkpoints} holds no checkpoint")
+    elif has_run and not overwrite:
+        raise ConfigError(
+            f"{run_dir} already holds a run (checkpoints exist). Nothing was changed. "
+            "Continue it with --resume, pick another run_name (--set run_name=NAME), or pass "
+            "--overwrite to start over."
+        )
+    if resume_from is None:
+        for stale in _STALE:
+            path = run_dir / stale
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
+        run_dir.mkdir(parents=True, exist_ok=True)
+        mark(run_dir, "run")
+        _append_history(run_dir, {"step": 0, "event": "start", "changes": {}})
+    else:
+        step = checkpoint_step(resume_from)
+        changes = resume_changes(saved_config(resume_from, run_dir, log), config, resume_from)
+        mark(run_dir, "run")  # a run from before markers becomes a marked one
+        truncate_metrics(run_dir, step)
+        _append_history(run_dir, {"step": step, "event": "resume", "changes": changes})
+        if changes:
+            log(f"resumed with changed settings: {describe(changes)}")
+    atomic_write_text(run_dir / config_module.CONFIG_FILE, config.to_yaml())
+    return resume_from
+
+
+def read_paths(config: Config) -> list[Path]:
+    """The local files and folders a run reads, which its run folder must not be or hold."""
+    named = [config.model.init_from, config.data.tokenizer.path]
+    named += [*config.data.paths, *config.data.val_paths]
+    return [Path(p).expanduser() for p in named if p and Path(p).expanduser().exists()]
+
+
+def saved_config(checkpoint: Path, run_dir: Path, log: Callable[[str], None]) -> dict[str, Any]:
+    """The resolved config `checkpoint` was trained with, flattened to dotted keys.
+
+    Checkpoints from before RUN_CONFIG existed fall back to the run's config.yaml.
+    """
+    path = checkpoint / RUN_CONFIG
+    if not path.is_file():
+        path = run_dir / config_module.CONFIG_FILE
+        log(f"warning: {checkpoint} does not record its config; comparing with {path}")
+    try:
+        return flatten(config_module.load(path).model_dump(mode="json"))
+    except ConfigError:  # written by another version: compare what it says
+        return flatten(yaml.safe_load(path.read_text()) or {})
+
+
+def resume_changes(
+    old: dict[str, Any], config: Config, checkpoint: Path
+) -> dict[str, tuple[Any, Any]]:
+    """{key: (old, new)} of the steering keys that changed; ConfigError (naming every key, both
+    values and what to do) when a key that alters what is trained changed."""
+    new = flatten(config.model_dump(mode="json"))
+    changes = {
+        key: (old.get(key), new.get(key))
+        for key in sorted(old.keys() | new.keys())
+        if old.get(key) != new.get(key)
+    }
+    altering = {key: values for key, values in changes.items() if not is_steering(key)}
+    if altering:
+        raise ConfigError(
+            f"cannot resume {config.run_dir} with {describe(altering)}: the checkpoint "
+            f"{checkpoint} was trained with the first value, and a resume never changes the "
+            "model behind your back. Nothing was changed. Set it back, start a new run "
+            "(--set run_name=NAME), or start over with --overwrite."
+        )
+    return changes
+
+
+def is_steering(key: str) -> bool:
+    return any(key == k or (k.endswith(".") and key.startswith(k)) for k in STEERING_KEYS)
+
+
+def describe(changes: dict[str, tuple[Any, Any]]) -> str:
+    return ", ".join(
+        f"{key} {json.dumps(old)} -> {json.dumps(new)}" for key, (old, new) in changes.items()
+    )
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1}; lists and scalars are leaves."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _append_history(run_dir: Path, record: dict[str, Any]) -> None:
+    record = {
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        **record,
+        "changes": {key: list(values) for key, values in record["changes"].items()},
+    }
+    with open(run_dir / HISTORY, "a", encoding="utf-8") as handle:
+        handle.write(json.dumps(record) + "\n")
+
+
+def truncate_metrics(run_dir: Path, step: int) -> None:
+    """Drop metrics.jsonl records after `step`: a resumed run rewrites those steps."""
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return
+    kept = [
+        line
+        for line in path.read_text().splitlines()
+        if line.strip() and json.loads(line).get("step", 0) <= step
+    ]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)
