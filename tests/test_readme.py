@@ -24,6 +24,8 @@ SKIPPED = {
     "pip install": "environment setup: .ci/run runs it in a clean clone",
     "python -m pytest": "the test suite itself",
     "truthgpt image": "needs a diffusers pipeline folder; tests/test_diffusion.py covers image",
+    "truthgpt serve": "a server runs until stopped; tests/test_serve.py starts and drives it",
+    "curl": "talks to a running server; tests/test_serve.py sends the same requests",
 }
 TINY = {
     "model": {"hidden_size": 32, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2},
@@ -91,6 +93,10 @@ def test_readme_runs_as_written(tmp_path: Path, monkeypatch) -> None:
                 print(f"skipped {' '.join(command)!r}: {reason}")
                 continue
             program = command[0].removeprefix(".venv/bin/")
+            if program == "printf" and len(command) == 4 and command[2] == ">":
+                # printf FORMAT > FILE: the README's way of writing a small prompts file.
+                Path(command[3]).write_text(command[1].encode().decode("unicode_escape"))
+                continue
             assert program == "truthgpt", f"README runs {command[0]!r}: teach this test to run it"
             result = runner.invoke(app, command[1:])
             assert result.exit_code == 0, f"{' '.join(command)}\n{result.output}"

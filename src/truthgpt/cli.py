@@ -188,6 +188,45 @@ def generate(
         _fail(exc)
 
 
+@app.command()
+def serve(
+    model: Annotated[str, typer.Argument(help="Run folder, checkpoint folder or HF model folder.")],
+    host: Annotated[
+        str | None, typer.Option(help="Interface to bind (default 127.0.0.1: this machine only).")
+    ] = None,
+    port: Annotated[int | None, typer.Option(min=0, max=65535, help="TCP port (8000).")] = None,
+    api_key: Annotated[
+        str | None,
+        typer.Option(help="Require this Bearer key (or set TRUTHGPT_API_KEY).", show_default=False),
+    ] = None,
+    served_model_name: Annotated[
+        str | None, typer.Option(help="The model id clients send (default: the folder's name).")
+    ] = None,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:N, mps or auto.")] = None,
+    config: Annotated[
+        Path | None, typer.Option("--config", help="YAML with serve: and inference: sections.")
+    ] = None,
+    set_: SetOption = None,
+) -> None:
+    """Serve a model behind an OpenAI-compatible HTTP API (completions, chat, streaming)."""
+    import json
+
+    from truthgpt.serving.server import run_server, serve_config
+
+    flags = {
+        "serve.host": host,
+        "serve.port": port,
+        "serve.api_key": api_key,
+        "serve.served_model_name": served_model_name,
+        "inference.device": device,
+    }
+    overrides = [f"{key}={json.dumps(value)}" for key, value in flags.items() if value is not None]
+    try:
+        run_server(model, serve_config(model, config, overrides + (set_ or [])))
+    except (TruthGPTError, ValueError, OSError) as exc:
+        _fail(exc)
+
+
 def _parse_size(size: str) -> tuple[int, int]:
     width, _, height = size.lower().partition("x")
     try:

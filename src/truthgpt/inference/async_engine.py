@@ -69,9 +69,7 @@ class AsyncEngine:
 
     def stalled(self, after_s: float) -> bool:
         """True when the loop has work but has not come round for `after_s` seconds."""
-        return (
-            self.engine.has_unfinished_requests() and time.monotonic() - self.heartbeat > after_s
-        )
+        return self.engine.has_unfinished_requests() and time.monotonic() - self.heartbeat > after_s
 
     def restart(self) -> bool:
         """Start a new loop after the old one died (a fault outside a step's error handling):

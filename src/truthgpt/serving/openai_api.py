@@ -15,6 +15,7 @@ import hmac
 import logging
 import time
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -62,7 +63,18 @@ class ServerState:
 
 
 def build_app(state: ServerState) -> FastAPI:
-    app = FastAPI(title="truthgpt", docs_url=None, redoc_url=None, openapi_url=None)
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI):
+        watchdog = asyncio.create_task(_watch_engine(state))
+        try:
+            yield
+        finally:
+            state.draining = True
+            watchdog.cancel()
+
+    app = FastAPI(
+        title="truthgpt", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan
+    )
     app.state.serve = state
     app.add_middleware(_Guard, state=state)
     if state.settings.cors_origins:
@@ -147,6 +159,14 @@ def build_app(state: ServerState) -> FastAPI:
         return await _respond(request, state, body, ids, params, reply, None, "chat")
 
     return app
+
+
+async def _watch_engine(state: ServerState, every_s: float = 0.5) -> None:
+    """Restart the engine loop if it died: its requests get a 500, new ones are served again."""
+    while True:
+        await asyncio.sleep(every_s)
+        if not state.engine.is_alive and state.engine.restart():
+            log.error("the engine loop died; restarted it (restart %d)", state.engine.restarts)
 
 
 # -- checks ---------------------------------------------------------------------------------------

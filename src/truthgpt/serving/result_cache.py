@@ -229,25 +229,40 @@ class ResultCache:
         except (OSError, sqlite3.Error) as exc:
             self._give_up_disk("open", exc)
             return
-        try:
-            # WAL: readers never block the writer and other processes see each commit at once.
-            db.execute("PRAGMA journal_mode=WAL")
-            # NORMAL is crash-safe in WAL mode; a power cut may lose the last few entries,
-            # which for a cache only means recomputing them.
-            db.execute("PRAGMA synchronous=NORMAL")
-            db.execute(
-                "CREATE TABLE IF NOT EXISTS results "
-                "(key TEXT PRIMARY KEY, value TEXT NOT NULL, stored_at REAL NOT NULL)"
-            )
-            db.execute("CREATE INDEX IF NOT EXISTS results_by_age ON results (stored_at)")
-            # A lowered max_disk_entries takes effect at startup, not after many puts.
-            self._db = db
-            self._prune()
-        except sqlite3.Error as exc:
-            # A file of garbage opens fine and fails here ("file is not a database").
-            db.close()
-            self._db = None
-            self._give_up_disk("open", exc)
+        self._db = db
+        deadline = time.monotonic() + BUSY_TIMEOUT_S
+        while True:
+            try:
+                self._set_up_disk(db)
+                return
+            except sqlite3.OperationalError as exc:
+                # Switching a new file to WAL while another process does the same can fail at
+                # once with "database is locked": SQLite skips the busy handler there to avoid
+                # a deadlock. The other process finishes in milliseconds, so try again.
+                if _is_busy(exc) and time.monotonic() < deadline:
+                    time.sleep(0.02)
+                    continue
+                self._give_up_disk("open", exc)
+                return
+            except sqlite3.Error as exc:
+                # A file of garbage opens fine and fails here ("file is not a database").
+                self._give_up_disk("open", exc)
+                return
+
+    def _set_up_disk(self, db: sqlite3.Connection) -> None:
+        """Journal mode, table and index; every step is idempotent, so a retry may repeat it."""
+        # WAL: readers never block the writer and other processes see each commit at once.
+        db.execute("PRAGMA journal_mode=WAL")
+        # NORMAL is crash-safe in WAL mode; a power cut may lose the last few entries, which
+        # for a cache only means recomputing them.
+        db.execute("PRAGMA synchronous=NORMAL")
+        db.execute(
+            "CREATE TABLE IF NOT EXISTS results "
+            "(key TEXT PRIMARY KEY, value TEXT NOT NULL, stored_at REAL NOT NULL)"
+        )
+        db.execute("CREATE INDEX IF NOT EXISTS results_by_age ON results (stored_at)")
+        # A lowered max_disk_entries takes effect at startup, not after many puts.
+        self._prune()
 
     def _read_disk(self, key: str) -> str | None:
         assert self._db is not None
@@ -301,3 +316,9 @@ class ResultCache:
             except sqlite3.Error:
                 pass
             self._db = None
+
+
+def _is_busy(exc: sqlite3.OperationalError) -> bool:
+    """SQLITE_BUSY or SQLITE_LOCKED: another connection holds a lock we need."""
+    # "database is locked" is SQLITE_BUSY's message, "database table is locked" SQLITE_LOCKED's.
+    return "locked" in str(exc) or "busy" in str(exc)

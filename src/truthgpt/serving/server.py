@@ -1,0 +1,102 @@
+"""`truthgpt serve`: load a model, start the engine, run the API under uvicorn until SIGTERM."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from truthgpt.config import CONFIG_FILE, Config, load
+from truthgpt.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+API_KEY_ENV = "TRUTHGPT_API_KEY"
+
+
+def serve_config(model: str, config: str | Path | None, overrides: list[str]) -> Config:
+    """--config, else the run folder's own config, else the defaults; then the overrides."""
+    source = config
+    if source is None and (Path(model).expanduser() / CONFIG_FILE).is_file():
+        source = Path(model).expanduser()
+    return load(source, list(overrides))
+
+
+def build_state(model: str, config: Config):
+    """Load the model and start the engine loop; returns the app's ServerState."""
+    from truthgpt.hardware import apply_threads
+    from truthgpt.inference.async_engine import AsyncEngine
+    from truthgpt.inference.engine import Engine
+    from truthgpt.inference.generate import load_for_generation
+    from truthgpt.inference.llm import inference_dtype
+    from truthgpt.models.decoder import Decoder
+    from truthgpt.serving.openai_api import ServerState
+    from truthgpt.training.trainer import resolve_device
+
+    apply_threads(config.hardware.threads)
+    options, settings = config.inference, config.serve
+    device = resolve_device(options.device)
+    loaded, tokenizer = load_for_generation(model, device, inference_dtype(options.dtype, device))
+    if not isinstance(loaded, Decoder):
+        raise ConfigError(
+            f"serve runs native models (Llama, Mistral, Qwen2, GPT-2); {model} is a "
+            f"{type(loaded).__name__}, which only transformers' generate runs, one request at a "
+            "time: use `truthgpt generate` for it"
+        )
+    loaded.fuse_for_inference()
+    engine = AsyncEngine(Engine(loaded, tokenizer, options))
+    cache = None
+    if settings.result_cache:
+        from truthgpt.serving.result_cache import ResultCache
+
+        run_folder = Path(model).expanduser()
+        on_disk = (run_folder / CONFIG_FILE).is_file()
+        cache = ResultCache(
+            run_folder / "result_cache.sqlite" if on_disk else None,
+            max_entries=settings.result_cache_entries,
+        )
+    return ServerState(
+        engine=engine,
+        tokenizer=tokenizer,
+        model_id=settings.served_model_name or Path(model).expanduser().resolve().name,
+        settings=settings,
+        api_key=settings.api_key or os.environ.get(API_KEY_ENV) or None,
+        cache=cache,
+    )
+
+
+def run_server(model: str, config: Config) -> None:
+    """Serve until SIGINT/SIGTERM; in-flight requests get serve.shutdown_grace_s to finish."""
+    import uvicorn
+
+    from truthgpt.serving.openai_api import build_app
+
+    state = build_state(model, config)
+    settings = config.serve
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            state.draining = True  # /health fails at once, new requests get a 503
+            super().handle_exit(sig, frame)
+
+    server = Server(
+        uvicorn.Config(
+            build_app(state),
+            host=settings.host,
+            port=settings.port,
+            log_level="warning",
+            timeout_graceful_shutdown=settings.shutdown_grace_s,
+        )
+    )
+    key_note = "API key required" if state.api_key else "no API key"
+    print(
+        f"serving {state.model_id!r} on http://{settings.host}:{settings.port}/v1 ({key_note}); "
+        "Ctrl-C or SIGTERM stops it",
+        flush=True,
+    )
+    try:
+        server.run()
+    finally:
+        state.engine.shutdown()
+        if state.cache is not None:
+            state.cache.close()

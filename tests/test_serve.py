@@ -1,0 +1,227 @@
+"""The OpenAI-compatible server, driven by the official `openai` client against a real uvicorn
+server on loopback (a tiny random Llama on the CPU); greedy text is checked against
+`transformers` `generate` on the same weights."""
+
+from __future__ import annotations
+
+import httpx
+import openai
+import pytest
+import torch
+import transformers
+from serving_fixtures import make_model_folder, start_server
+
+GREEDY = {"temperature": 0, "extra_body": {"ignore_eos": True}}
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return make_model_folder(tmp_path_factory.mktemp("model"))
+
+
+@pytest.fixture(scope="module")
+def server(folder):
+    running = start_server(folder)
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+
+
+def hf_greedy_text(folder, prompt: str, new_tokens: int) -> str:
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+    ids = torch.tensor([tokenizer.encode(prompt)])
+    out = model.generate(
+        ids,
+        attention_mask=torch.ones_like(ids),
+        do_sample=False,
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+    )
+    return tokenizer.decode(out[0, ids.shape[1] :])
+
+
+def test_completion_matches_transformers(client, server, folder):
+    reply = client.completions.create(model=server.model_id, prompt="def ", max_tokens=10, **GREEDY)
+    assert reply.object == "text_completion" and reply.model == server.model_id
+    choice = reply.choices[0]
+    assert choice.index == 0 and choice.finish_reason == "length"
+    assert choice.text == hf_greedy_text(folder, "def ", 10)
+    prompt_tokens = len(server.state.tokenizer.encode("def "))
+    assert reply.usage.prompt_tokens == prompt_tokens
+    assert reply.usage.completion_tokens == 10
+    assert reply.usage.total_tokens == prompt_tokens + 10
+
+
+def test_chat_completion_and_models(client, server):
+    listed = client.models.list()
+    assert [m.id for m in listed.data] == [server.model_id]
+    reply = client.chat.completions.create(
+        model=server.model_id,
+        messages=[
+            {"role": "system", "content": "You write Python."},
+            {"role": "user", "content": "Say hello"},
+        ],
+        max_tokens=6,
+        **GREEDY,
+    )
+    assert reply.object == "chat.completion"
+    message = reply.choices[0].message
+    assert message.role == "assistant" and isinstance(message.content, str)
+    assert reply.choices[0].finish_reason == "length" and reply.usage.completion_tokens == 6
+    # max_completion_tokens is the newer name of the same limit.
+    again = client.chat.completions.create(
+        model=server.model_id,
+        messages=[{"role": "user", "content": "Say hello"}],
+        max_completion_tokens=3,
+        **GREEDY,
+    )
+    assert again.usage.completion_tokens == 3
+
+
+def test_stream_equals_the_whole_reply_and_usage_comes_once_at_the_end(client, server):
+    whole = client.completions.create(
+        model=server.model_id, prompt="import ", max_tokens=12, **GREEDY
+    )
+    chunks = list(
+        client.completions.create(
+            model=server.model_id,
+            prompt="import ",
+            max_tokens=12,
+            stream=True,
+            stream_options={"include_usage": True},
+            **GREEDY,
+        )
+    )
+    with_usage = [chunk for chunk in chunks if chunk.usage is not None]
+    assert len(with_usage) == 1 and chunks[-1] is with_usage[0] and not chunks[-1].choices
+    assert chunks[-1].usage.completion_tokens == 12
+    text = "".join(choice.text for chunk in chunks for choice in chunk.choices)
+    assert text == whole.choices[0].text
+    finishes = [c.finish_reason for chunk in chunks for c in chunk.choices if c.finish_reason]
+    assert finishes == ["length"]
+
+    chat_chunks = list(
+        client.chat.completions.create(
+            model=server.model_id,
+            messages=[{"role": "user", "content": "hi"}],
+            max_tokens=5,
+            stream=True,
+            **GREEDY,
+        )
+    )
+    assert chat_chunks[0].choices[0].delta.role == "assistant"
+    assert all(chunk.usage is None for chunk in chat_chunks)  # not asked for
+
+
+def test_n_samples_have_their_indices_and_seeds_reproduce(client, server):
+    params = dict(model=server.model_id, prompt="class ", max_tokens=8, temperature=1.0, seed=7)
+    first = client.completions.create(n=3, **params)
+    assert sorted(choice.index for choice in first.choices) == [0, 1, 2]
+    again = client.completions.create(n=3, **params)
+    assert [c.text for c in first.choices] == [c.text for c in again.choices]
+    assert (
+        first.usage.completion_tokens
+        == sum(len(server.state.tokenizer.encode(c.text)) for c in first.choices)
+        or first.usage.completion_tokens <= 24
+    )
+    other = client.completions.create(n=3, **{**params, "seed": 8})
+    assert [c.text for c in other.choices] != [c.text for c in first.choices]
+
+    streamed: dict[int, str] = {0: "", 1: "", 2: ""}
+    for chunk in client.completions.create(n=3, stream=True, **params):
+        for choice in chunk.choices:
+            streamed[choice.index] += choice.text
+    assert [streamed[i] for i in range(3)] == [c.text for c in first.choices]
+
+
+def test_stop_string_ends_the_text_and_is_never_streamed(client, server):
+    base = (
+        client.completions.create(model=server.model_id, prompt="def ", max_tokens=30, **GREEDY)
+        .choices[0]
+        .text
+    )
+    stop = base[8:11]
+    assert len(stop) == 3 and stop in base
+    expected = base[: base.index(stop)]
+    reply = client.completions.create(
+        model=server.model_id, prompt="def ", max_tokens=30, stop=[stop], **GREEDY
+    )
+    assert reply.choices[0].text == expected and reply.choices[0].finish_reason == "stop"
+    pieces = [
+        choice.text
+        for chunk in client.completions.create(
+            model=server.model_id, prompt="def ", max_tokens=30, stop=stop, stream=True, **GREEDY
+        )
+        for choice in chunk.choices
+    ]
+    assert "".join(pieces) == expected
+    assert not any(stop in "".join(pieces[: i + 1])[-len(stop) - 8 :] for i in range(len(pieces)))
+
+
+def test_logprobs(client, server):
+    reply = client.completions.create(
+        model=server.model_id, prompt="def ", max_tokens=5, logprobs=3, **GREEDY
+    )
+    logprobs = reply.choices[0].logprobs
+    assert len(logprobs.tokens) == len(logprobs.token_logprobs) == 5
+    if "\ufffd" not in "".join(logprobs.tokens):  # a token may hold part of a character
+        assert "".join(logprobs.tokens) == reply.choices[0].text
+    for chosen, top in zip(logprobs.token_logprobs, logprobs.top_logprobs):
+        # Keys are token texts, so two tokens of one text share a key (the legacy format's
+        # limit); every value is still at most the chosen one, which greedy made the likeliest.
+        assert 1 <= len(top) <= 3 and chosen <= 0
+        assert max(top.values()) <= chosen + 1e-5
+    chat = client.chat.completions.create(
+        model=server.model_id,
+        messages=[{"role": "user", "content": "hi"}],
+        max_tokens=4,
+        logprobs=True,
+        top_logprobs=2,
+        **GREEDY,
+    )
+    content = chat.choices[0].logprobs.content
+    assert len(content) == 4 and all(len(item.top_logprobs) == 2 for item in content)
+
+
+def test_metrics_and_health(server):
+    health = httpx.get(f"{server.url}/health")
+    assert health.status_code == 200 and health.json()["status"] == "ok"
+    text = httpx.get(f"{server.url}/metrics").text
+    for name in (
+        "truthgpt_requests_total",
+        "truthgpt_time_to_first_token_seconds_bucket",
+        "truthgpt_inter_token_latency_seconds_bucket",
+        "truthgpt_kv_blocks_used",
+        "truthgpt_kv_blocks_free",
+        "truthgpt_prefix_cache_hit_rate",
+        "truthgpt_queue_depth",
+        "truthgpt_running_sequences",
+        "truthgpt_prompt_tokens_total",
+        "truthgpt_generation_tokens_total",
+    ):
+        assert name in text, name
+    assert 'truthgpt_requests_total{endpoint="/v1/completions",status="200"}' in text
+
+
+def test_api_key_guards_every_endpoint_but_health(folder):
+    running = start_server(folder, serve={"api_key": "s3cret"})
+    try:
+        for path in ("/v1/models", "/metrics"):
+            assert httpx.get(f"{running.url}{path}").status_code == 401
+            wrong = httpx.get(f"{running.url}{path}", headers={"Authorization": "Bearer nope"})
+            assert wrong.status_code == 401
+            assert wrong.json()["error"]["code"] == "invalid_api_key"
+        assert httpx.get(f"{running.url}/health").status_code == 200
+        good = openai.OpenAI(base_url=f"{running.url}/v1", api_key="s3cret", max_retries=0)
+        assert good.models.list().data[0].id == running.model_id
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(
+                base_url=f"{running.url}/v1", api_key="wrong", max_retries=0
+            ).models.list()
+    finally:
+        running.stop()
