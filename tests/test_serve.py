@@ -225,3 +225,26 @@ def test_api_key_guards_every_endpoint_but_health(folder):
             ).models.list()
     finally:
         running.stop()
+
+
+def test_result_cache_answers_repeated_deterministic_requests(folder):
+    running = start_server(folder, serve={"result_cache": True})
+    try:
+        client = openai.OpenAI(base_url=f"{running.url}/v1", api_key="x", max_retries=0)
+        ask = dict(model=running.model_id, prompt="def ", max_tokens=8, **GREEDY)
+        first, second = client.completions.create(**ask), client.completions.create(**ask)
+        assert first.choices[0].text == second.choices[0].text and first.id != second.id
+        streamed = "".join(
+            c.text for chunk in client.completions.create(stream=True, **ask) for c in chunk.choices
+        )
+        assert streamed == first.choices[0].text
+        echoed = client.completions.create(echo=True, **ask)  # a different reply: not a hit
+        assert echoed.choices[0].text == "def " + first.choices[0].text
+        sampled = dict(ask, temperature=1.0)  # unseeded sampling is never cached
+        client.completions.create(**sampled)
+        client.completions.create(**sampled)
+        metrics = httpx.get(f"{running.url}/metrics").text
+        assert "truthgpt_result_cache_hits_total 2.0" in metrics
+        assert "truthgpt_result_cache_misses_total 2.0" in metrics
+    finally:
+        running.stop()

@@ -51,6 +51,7 @@ class ServerState:
     settings: ServeConfig
     api_key: str | None = None
     cache: Any = None  # serving.result_cache.ResultCache when serve.result_cache is on
+    model_fingerprint: str = ""  # changes when the weights do (keys the result cache)
     metrics: Metrics = field(default_factory=Metrics)
     in_flight: int = 0  # admitted requests not yet answered
     waiting_tokens: int = 0  # prompt tokens of admitted requests with no first token yet
@@ -328,7 +329,7 @@ def _admit(state: ServerState, prompt_tokens: int) -> None:
 
 async def _respond(request, state, body, ids, params, reply, echo, endpoint) -> Response:
     prompt_tokens = sum(len(prompt) for prompt in ids)
-    cache_key = _cache_key(state, endpoint, ids, params)
+    cache_key = _cache_key(state, endpoint, ids, params, echo is not None)
     if cache_key is not None:
         cached = await asyncio.to_thread(state.cache.get, cache_key)
         if cached is not None:
@@ -359,17 +360,20 @@ async def _respond(request, state, body, ids, params, reply, echo, endpoint) -> 
     return JSONResponse(response)
 
 
-def _cache_key(state, endpoint: str, ids, params: SamplingParams) -> str | None:
-    if state.cache is None:
+def _cache_key(state, endpoint: str, ids, params: SamplingParams, echo: bool) -> str | None:
+    """The result cache's key of a deterministic single-prompt request, else None. The model
+    part is the served id plus a fingerprint of the weights, so a retrained model never answers
+    from its predecessor's entries."""
+    if state.cache is None or len(ids) != 1:
         return None
     from dataclasses import asdict
 
     from truthgpt.serving.result_cache import cache_key, is_deterministic
 
-    fields = {"endpoint": endpoint, **asdict(params)}
+    fields = {"endpoint": endpoint, "echo": echo, **asdict(params)}
     if not is_deterministic(fields):
         return None
-    return cache_key(state.model_id, ids if len(ids) > 1 else ids[0], fields)
+    return cache_key(f"{state.model_id}@{state.model_fingerprint}", ids[0], fields)
 
 
 def _from_cache(body, reply: Reply, cached: dict) -> Response:

@@ -56,6 +56,7 @@ def build_state(model: str, config: Config):
             max_entries=settings.result_cache_entries,
         )
     return ServerState(
+        model_fingerprint=weights_fingerprint(model),
         engine=engine,
         tokenizer=tokenizer,
         model_id=settings.served_model_name or Path(model).expanduser().resolve().name,
@@ -63,6 +64,21 @@ def build_state(model: str, config: Config):
         api_key=settings.api_key or os.environ.get(API_KEY_ENV) or None,
         cache=cache,
     )
+
+
+def weights_fingerprint(model: str) -> str:
+    """Names, sizes and modification times of the weight files that `model` resolves to: cheap,
+    and different whenever a checkpoint is rewritten."""
+    import hashlib
+
+    from truthgpt.models import resolve_model_folder
+
+    folder = resolve_model_folder(model)
+    digest = hashlib.sha256()
+    for path in sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin")):
+        stat = path.stat()
+        digest.update(f"{path.name}:{stat.st_size}:{stat.st_mtime_ns};".encode())
+    return digest.hexdigest()[:16]
 
 
 def run_server(model: str, config: Config) -> None:
