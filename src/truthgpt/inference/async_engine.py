@@ -17,7 +17,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from truthgpt.errors import TruthGPTError
@@ -37,7 +37,7 @@ class _Add:
     request_id: str
     prompt: str | list[int]
     params: SamplingParams
-    sink: asyncio.Queue
+    deliver: Callable[[RequestOutput | BaseException], None]
     loop: asyncio.AbstractEventLoop
 
 
@@ -50,7 +50,7 @@ class AsyncEngine:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
-        self._sinks: dict[str, tuple[asyncio.Queue, asyncio.AbstractEventLoop]] = {}
+        self._sinks: dict[str, tuple[Callable, asyncio.AbstractEventLoop]] = {}
         self._ids = itertools.count()
         self._stop = threading.Event()
         self.heartbeat = time.monotonic()
@@ -94,7 +94,7 @@ class AsyncEngine:
         request_id = request_id or f"req-{next(self._ids)}"
         sink: asyncio.Queue = asyncio.Queue()
         loop = asyncio.get_running_loop()
-        self._commands.put(_Add(request_id, prompt, params or SamplingParams(), sink, loop))
+        self.submit(request_id, prompt, params or SamplingParams(), sink.put_nowait, loop)
         finished = False
         try:
             while True:
@@ -110,6 +110,19 @@ class AsyncEngine:
             if not finished:
                 self.abort(request_id)
 
+    def submit(
+        self,
+        request_id: str,
+        prompt: str | list[int],
+        params: SamplingParams,
+        deliver: Callable[[RequestOutput | BaseException], None],
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
+        """The callback form under `generate` (the server's, which merges many requests into
+        one queue): `deliver` runs on `loop` with each output, or with the error that ends the
+        request (a RequestError for bad input, an EngineDeadError). The caller aborts."""
+        self._commands.put(_Add(request_id, prompt, params, deliver, loop))
+
     def abort(self, request_id: str) -> None:
         self._commands.put(_Abort(request_id))
 
@@ -121,25 +134,33 @@ class AsyncEngine:
     # -- the loop thread --------------------------------------------------------------------
 
     def _deliver(self, request_id: str, item) -> None:
-        target = self._sinks.get(request_id)
-        if target is None:
-            return
-        sink, loop = target
-        if loop.is_closed():
-            self._sinks.pop(request_id, None)
-            return
-        loop.call_soon_threadsafe(sink.put_nowait, item)
-        if isinstance(item, BaseException) or item.finished:
-            self._sinks.pop(request_id, None)
+        self._deliver_all([(request_id, item)])
+
+    def _deliver_all(self, items: list[tuple[str, RequestOutput | BaseException]]) -> None:
+        """Hand a step's outputs over with one wake-up per event loop, not one per request."""
+        batches: dict[asyncio.AbstractEventLoop, list] = {}
+        for request_id, item in items:
+            target = self._sinks.get(request_id)
+            if target is None:
+                continue
+            deliver, loop = target
+            if isinstance(item, BaseException) or item.finished:
+                self._sinks.pop(request_id, None)
+            if loop.is_closed():
+                self._sinks.pop(request_id, None)
+                continue
+            batches.setdefault(loop, []).append((deliver, item))
+        for loop, batch in batches.items():
+            loop.call_soon_threadsafe(_run_deliveries, batch)
 
     def _handle(self, command) -> None:
         if isinstance(command, _Add):
             try:
                 self.engine.add_request(command.request_id, command.prompt, command.params)
             except TruthGPTError as exc:
-                command.loop.call_soon_threadsafe(command.sink.put_nowait, exc)
+                command.loop.call_soon_threadsafe(command.deliver, exc)
                 return
-            self._sinks[command.request_id] = (command.sink, command.loop)
+            self._sinks[command.request_id] = (command.deliver, command.loop)
         elif isinstance(command, _Abort):
             self.engine.abort(command.request_id)
             self._sinks.pop(command.request_id, None)
@@ -163,8 +184,7 @@ class AsyncEngine:
             except Exception as exc:  # a failed step must not kill the server: fail its requests
                 self._fail_all(exc)
                 continue
-            for output in outputs:
-                self._deliver(output.request_id, output)
+            self._deliver_all([(output.request_id, output) for output in outputs])
 
     def _fail_all(self, exc: Exception) -> None:
         self.errors += 1
@@ -176,3 +196,8 @@ class AsyncEngine:
         for request_id in list(self._sinks):  # added but never reached the engine
             self._deliver(request_id, error)
         self.engine.blocks.reset_prefix_cache()
+
+
+def _run_deliveries(batch: list[tuple[Callable, RequestOutput | BaseException]]) -> None:
+    for deliver, item in batch:
+        deliver(item)

@@ -11,6 +11,7 @@ cancels its handler, which aborts its engine requests and frees their KV blocks.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
 import logging
 import time
@@ -341,7 +342,7 @@ async def _respond(request, state, body, ids, params, reply, echo, endpoint) -> 
     try:
         first = await run.first()
     except BaseException:
-        await run.close()
+        run.close()
         raise
     include_usage = bool(body.stream and body.stream_options and body.stream_options.include_usage)
     if body.stream:
@@ -353,7 +354,7 @@ async def _respond(request, state, body, ids, params, reply, echo, endpoint) -> 
     try:
         await run.drain(first)
     finally:
-        await run.close()
+        run.close()
     response = reply.final(run.choices, prompt_tokens, echo)
     if cache_key is not None:
         await asyncio.to_thread(state.cache.put, cache_key, response)
@@ -408,37 +409,50 @@ class _Run:
         self.prompt_tokens = sum(len(prompt) for prompt in ids)
         self.choices = [Choice(i) for i in range(len(ids) * params.n)]
         self.events: asyncio.Queue = asyncio.Queue()
-        self.deadline = time.monotonic() + state.settings.request_timeout_s
         self.started = time.monotonic()
         self.last_token: dict[int, float] = {}
         self.waiting = True
         state.in_flight += 1
         state.waiting_tokens += self.prompt_tokens
         state.metrics.prompt_tokens.inc(self.prompt_tokens)
-        self.tasks = [
-            asyncio.create_task(self._pump(index, prompt)) for index, prompt in enumerate(ids)
-        ]
-        self.pending = len(self.tasks)
+        # The engine calls back on this loop (no task per prompt); a timer ends a request
+        # that runs past its deadline.
+        loop = asyncio.get_running_loop()
+        self.request_ids = [f"{reply.id}-{index}" for index in range(len(ids))]
+        self.done = [False] * len(ids)
+        for index, (request_id, prompt) in enumerate(zip(self.request_ids, ids)):
+            deliver = functools.partial(self._deliver, index)
+            state.engine.submit(request_id, prompt, params, deliver, loop)
+        self.timer = loop.call_later(state.settings.request_timeout_s, self._expire)
+        self.pending = len(ids)
         self.closed = False
 
-    async def _pump(self, index: int, prompt: list[int]) -> None:
-        try:
-            async for output in self.state.engine.generate(prompt, self.params):
-                self.events.put_nowait((index, output))
-        except Exception as exc:  # delivered in order, after the outputs before it
-            self.events.put_nowait((index, exc))
-        finally:
-            self.events.put_nowait((index, None))
+    def _deliver(self, index: int, item: RequestOutput | BaseException) -> None:
+        self.events.put_nowait((index, item))
+        if isinstance(item, BaseException) or item.finished:
+            self.done[index] = True
+            if not isinstance(item, BaseException):
+                self.events.put_nowait((index, None))
+
+    def _expire(self) -> None:
+        limit = self.state.settings.request_timeout_s
+        message = f"the request ran past serve.request_timeout_s ({limit} s)"
+        self.events.put_nowait((-1, APIError(504, message, kind="timeout_error")))
 
     async def next(self) -> tuple[int, RequestOutput | None]:
         """The next engine output (None: a prompt is done); raises the engine's errors."""
-        remaining = self.deadline - time.monotonic()
+        return self._take(*await self.events.get())
+
+    def poll(self) -> tuple[int, RequestOutput | None] | None:
+        """`next` without waiting: None when nothing is queued."""
         try:
-            index, item = await asyncio.wait_for(self.events.get(), max(remaining, 0))
-        except asyncio.TimeoutError:
-            limit = self.state.settings.request_timeout_s
-            message = f"the request ran past serve.request_timeout_s ({limit} s)"
-            raise APIError(504, message, kind="timeout_error") from None
+            return self._take(*self.events.get_nowait())
+        except asyncio.QueueEmpty:
+            return None
+
+    def _take(self, index: int, item) -> tuple[int, RequestOutput | None]:
+        if isinstance(item, APIError):
+            raise item
         if isinstance(item, EngineDeadError):
             raise APIError(500, str(item), kind="server_error", code="engine_error")
         if isinstance(item, RequestError):
@@ -479,41 +493,51 @@ class _Run:
                     return
             item = await self.next()
 
-    async def close(self) -> None:
+    def close(self) -> None:
         if self.closed:
             return
         self.closed = True
-        # Bookkeeping first: when a client disconnects, this runs inside a cancelled scope,
-        # where the await below may be cut short.
+        # Synchronous on purpose: when a client disconnects this runs in a cancelled scope.
         if self.waiting:
             self.waiting = False
             self.state.waiting_tokens -= self.prompt_tokens
         self.state.in_flight -= 1
-        for task in self.tasks:  # a task still running aborts its engine request on cancel
-            task.cancel()
-        await asyncio.gather(*self.tasks, return_exceptions=True)
+        self.timer.cancel()
+        for request_id, done in zip(self.request_ids, self.done):
+            if not done:  # the client left or an error ended the run: free its KV blocks now
+                self.state.engine.abort(request_id)
 
 
 async def _stream(run: _Run, first, include_usage: bool, cache_key) -> AsyncIterator[str]:
+    """SSE events: each wake-up takes every output already queued and sends one chunk per
+    choice that changed. Under load a chunk then carries several tokens, so the event loop's
+    work per second stays bounded instead of falling behind the engine one token at a time."""
     reply, started, ended = run.reply, set(), set()
     item = first
     try:
         while True:
-            index, output = item
-            if output is None:
-                run.pending -= 1
-                if run.pending == 0:
+            touched: dict[int, Choice] = {}
+            while True:  # this output and everything queued behind it
+                index, output = item
+                if output is None:
+                    run.pending -= 1
+                else:
+                    for out in output.outputs:
+                        choice = run.choices[index * run.params.n + out.index]
+                        touched[choice.index] = choice
+                item = run.poll()
+                if item is None:
                     break
-            else:
-                for out in output.outputs:
-                    choice = run.choices[index * run.params.n + out.index]
-                    text, logprobs = choice.take_delta()
-                    ends = choice.finish_reason is not None and choice.index not in ended
-                    if text or logprobs or ends or choice.index not in started:
-                        yield sse(reply.chunk(choice, text, logprobs, choice.index not in started))
-                        started.add(choice.index)
-                        if ends:
-                            ended.add(choice.index)
+            for choice in touched.values():
+                text, logprobs = choice.take_delta()
+                ends = choice.finish_reason is not None and choice.index not in ended
+                if text or logprobs or ends or choice.index not in started:
+                    yield sse(reply.chunk(choice, text, logprobs, choice.index not in started))
+                    started.add(choice.index)
+                    if ends:
+                        ended.add(choice.index)
+            if run.pending == 0:
+                break
             item = await run.next()
         if include_usage:
             yield sse(reply.usage_chunk(run.choices, run.prompt_tokens))
@@ -525,4 +549,4 @@ async def _stream(run: _Run, first, include_usage: bool, cache_key) -> AsyncIter
         yield sse(exc.body())
         yield sse("[DONE]")
     finally:
-        await run.close()
+        run.close()
