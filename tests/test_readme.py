@@ -24,8 +24,6 @@ SKIPPED = {
     "pip install": "environment setup: .ci/run runs it in a clean clone",
     "python -m pytest": "the test suite itself",
     "truthgpt image": "needs a diffusers pipeline folder; tests/test_diffusion.py covers image",
-    "truthgpt serve": "a server runs until stopped; tests/test_serve.py starts and drives it",
-    "curl": "talks to a running server; tests/test_serve.py sends the same requests",
 }
 TINY = {
     "model": {"hidden_size": 32, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2},
@@ -77,17 +75,72 @@ def skip_reason(command: list[str]) -> str | None:
     return next((why for start, why in SKIPPED.items() if line.startswith(start)), None)
 
 
+def start_server(command: list[str], port: int):
+    """`truthgpt serve MODEL ...` as the README types it, on a free port, in a thread."""
+    import threading
+    import time
+
+    import uvicorn
+
+    from truthgpt.serving.openai_api import build_app
+    from truthgpt.serving.server import build_state, serve_config
+
+    model = command[2]
+    config = serve_config(model, None, [f"serve.port={port}"])
+    state = build_state(model, config)
+    server = uvicorn.Server(uvicorn.Config(build_app(state), port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        assert thread.is_alive(), "the README's server did not start"
+        time.sleep(0.05)
+    return server, thread, state
+
+
 def test_readme_runs_as_written(tmp_path: Path, monkeypatch) -> None:
+    import shutil
+    import subprocess
+
+    from serving_fixtures import free_port
+
     tiny_quickstart(tmp_path)
     monkeypatch.chdir(tmp_path)
     runner = CliRunner()
     ran = 0
+    port = str(free_port())  # the README's 8000 may be taken on a test machine
+    servers = []
+    try:
+        ran = _run_blocks(runner, port, servers, shutil, subprocess)
+    finally:
+        for server, thread, state in servers:
+            server.should_exit = True
+            thread.join(10)
+            state.engine.shutdown()
+    assert servers, "the README's serve command did not run"
+    assert ran >= 7  # quickstart train + generate, four Use commands, the Python snippet
+
+
+def _run_blocks(runner, port: str, servers: list, shutil, subprocess) -> int:
+    ran = 0
     for language, code in readme_blocks():
+        code = code.replace("8000", port)
         if language == "python":
             exec(compile(code, "README.md", "exec"), {})
             ran += 1
             continue
         for command in commands(code):
+            if command[:2] == ["truthgpt", "serve"]:
+                servers.append(start_server(command, int(port)))
+                ran += 1
+                continue
+            if command[0] == "curl":
+                if shutil.which("curl") is None:
+                    print("skipped curl: not installed here")
+                    continue
+                done = subprocess.run(command, capture_output=True, text=True, timeout=60)
+                assert done.returncode == 0 and '"choices"' in done.stdout, done.stdout
+                ran += 1
+                continue
             reason = skip_reason(command)
             if reason:
                 print(f"skipped {' '.join(command)!r}: {reason}")
@@ -101,4 +154,4 @@ def test_readme_runs_as_written(tmp_path: Path, monkeypatch) -> None:
             result = runner.invoke(app, command[1:])
             assert result.exit_code == 0, f"{' '.join(command)}\n{result.output}"
             ran += 1
-    assert ran >= 7  # quickstart train + generate, four Use commands, the Python snippet
+    return ran
