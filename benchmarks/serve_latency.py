@@ -193,7 +193,8 @@ def main() -> None:
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1))
     print(f"\ndevice {report['device']}, torch {torch.__version__}, {shape}, prompt {prompt_len}")
-    print("clients | path | TTFT p50/p99 ms | ITL p50/p99 ms | output tok/s [min-max] | HTTP/direct")
+    header = "TTFT p50/p99 ms | ITL p50/p99 ms | output tok/s [min-max] | HTTP/direct"
+    print(f"clients | path | {header}")
     for c, name, s in table:
         ratio = ""
         if name == "HTTP streaming":
