@@ -180,12 +180,19 @@ def main() -> None:
             args=(url, [loads[c]] * (args.repeats + 1), new, queue),
         )
         client.start()
-        http = queue.get()[1:]
+        http = None
+        while http is None:  # a crashed client must not hang the benchmark
+            try:
+                http = queue.get(timeout=5)[1:]
+            except Exception:
+                if not client.is_alive():
+                    raise RuntimeError(f"the HTTP client died ({client.exitcode})") from None
         client.join()
         for name, runs in (("engine direct", direct), ("HTTP streaming", http)):
             summary = summarize(runs)
             report[f"{c}/{name}"] = summary
             table.append((c, name, summary))
+            print(c, name, summary, flush=True)
     server.should_exit = True
     thread.join(10)
     engine.shutdown()

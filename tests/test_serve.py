@@ -248,3 +248,16 @@ def test_result_cache_answers_repeated_deterministic_requests(folder):
         assert "truthgpt_result_cache_misses_total 2.0" in metrics
     finally:
         running.stop()
+
+
+def test_stream_events_survive_clients_that_split_on_unicode_line_breaks(server):
+    """Each SSE event is one line for any client: JSON that carried U+2028 or U+0085 raw
+    would be cut in two by clients that split lines like str.splitlines (httpx's aiter_lines)."""
+    from truthgpt.serving.responses import sse
+
+    event = sse({"text": "a\u2028b\x85c\u2029d"})
+    assert event.endswith("\n\n") and len(event.rstrip("\n").splitlines()) == 1
+    body = {"model": server.model_id, "prompt": "def ", "max_tokens": 4, "stream": True}
+    with httpx.stream("POST", f"{server.url}/v1/completions", json=body) as response:
+        lines = [line for line in response.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]" and all(line.startswith("data: ") for line in lines)

@@ -23,7 +23,10 @@ def new_id(prefix: str) -> str:
 
 
 def sse(payload: dict[str, Any] | str) -> str:
-    data = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)
+    # ASCII-only JSON: an SSE event ends at a line break, and clients that split lines the way
+    # Python's str.splitlines does (httpx's aiter_lines) also break at U+2028, U+0085 and
+    # others that JSON may carry raw; escaped, they cannot cut an event in two.
+    data = payload if isinstance(payload, str) else json.dumps(payload)
     return f"data: {data}\n\n"
 
 

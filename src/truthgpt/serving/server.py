@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 from pathlib import Path
 
 from truthgpt.config import CONFIG_FILE, Config, load
@@ -110,6 +111,9 @@ def run_server(model: str, config: Config) -> None:
         "Ctrl-C or SIGTERM stops it",
         flush=True,
     )
+    # uvicorn re-raises the signal it caught once it has drained; under SIGTERM's default action
+    # that killed the process (exit -15) before the finally below. A handler makes it exit 0.
+    signal.signal(signal.SIGTERM, lambda _signum, _frame: None)
     try:
         server.run()
     finally:
