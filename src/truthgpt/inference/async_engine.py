@@ -15,6 +15,7 @@ import asyncio
 import itertools
 import logging
 import queue
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -26,6 +27,8 @@ from truthgpt.inference.request import RequestOutput
 from truthgpt.inference.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
+
+_SWITCH_INTERVAL_S = 0.0005
 
 
 class EngineDeadError(TruthGPTError):
@@ -48,6 +51,11 @@ class _Abort:
 
 class AsyncEngine:
     def __init__(self, engine: Engine) -> None:
+        # The engine thread gives up the GIL while the GPU runs a step; when the step ends it
+        # must get it back from the event loop's thread, which by default keeps it up to 5 ms.
+        # A busy server (many streams to feed) would stretch every step by that much.
+        if sys.getswitchinterval() > _SWITCH_INTERVAL_S:
+            sys.setswitchinterval(_SWITCH_INTERVAL_S)
         self.engine = engine
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._sinks: dict[str, tuple[Callable, asyncio.AbstractEventLoop]] = {}

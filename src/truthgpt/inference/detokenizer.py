@@ -105,6 +105,9 @@ class IncrementalDetokenizer:
     # --- decoding layer -----------------------------------------------------------------------
 
     def _decode(self, ids: list[int]) -> str:
+        backend = _rust_backend(self._tokenizer)
+        if backend is not None:
+            return backend.decode(ids, skip_special_tokens=self._skip_special_tokens)
         return self._tokenizer.decode(ids, skip_special_tokens=self._skip_special_tokens)
 
     def _decode_next(self, token_id: int) -> str:
@@ -184,3 +187,16 @@ class IncrementalDetokenizer:
                     longest = length
                     break
         return longest
+
+
+def _rust_backend(tokenizer: PreTrainedTokenizerBase):
+    """The `tokenizers.Tokenizer` behind a fast tokenizer whose `decode` adds nothing to the
+    backend's (no clean-up of spaces), else None. Calling it directly skips transformers'
+    argument conversion, most of the cost of decoding a few ids: the engine decodes every
+    sequence on every step."""
+    backend = getattr(tokenizer, "_tokenizer", None)
+    if getattr(tokenizer, "clean_up_tokenization_spaces", False) or not hasattr(backend, "decode"):
+        return None
+    if not type(tokenizer).decode.__module__.startswith("transformers."):
+        return None  # a subclass decodes its own way: respect it
+    return backend

@@ -239,7 +239,8 @@ async def _read_json(request: Request, state: ServerState) -> Any:
         chunks.append(chunk)
     try:
         return json.loads(b"".join(chunks))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    # RecursionError: a kB of nested brackets exhausts json's recursion (was a bare 500).
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
         raise APIError(400, f"the request body is not valid JSON: {exc}") from None
 
 
