@@ -145,7 +145,8 @@ def build_app(state: ServerState) -> FastAPI:
         if body.echo:
             echo = [p if isinstance(p, str) else state.tokenizer.decode(p) for p in prompts]
         logprobs = body.logprobs
-        params = _sampling(body, ids, body.max_tokens, logprobs, state)
+        max_tokens = 16 if body.max_tokens is None else body.max_tokens  # OpenAI's default
+        params = _sampling(body, ids, max_tokens, logprobs, state)
         reply = Reply(state.model_id, False, logprobs is not None, state.token_text)
         return await _respond(request, state, body, ids, params, reply, echo, "completions")
 
@@ -353,13 +354,30 @@ async def _respond(request, state, body, ids, params, reply, echo, endpoint) -> 
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
     try:
-        await run.drain(first)
+        if not await _drain_unless_client_leaves(request, run, first):
+            return Response(status_code=499)  # nobody is listening; the sequences are freed
     finally:
         run.close()
     response = reply.final(run.choices, prompt_tokens, echo)
     if cache_key is not None:
         await asyncio.to_thread(state.cache.put, cache_key, response)
     return JSONResponse(response)
+
+
+async def _drain_unless_client_leaves(request: Request, run: _Run, first) -> bool:
+    """Run a plain (non-streamed) request to its end; False if the client disconnected first,
+    which stops it at once rather than at max_tokens or the timeout."""
+    drain = asyncio.ensure_future(run.drain(first))
+    try:
+        while True:
+            done, _ = await asyncio.wait({drain}, timeout=0.25)
+            if done:
+                drain.result()  # the request's own error, if it ended in one
+                return True
+            if await request.is_disconnected():
+                return False
+    finally:
+        drain.cancel()
 
 
 def _cache_key(state, endpoint: str, ids, params: SamplingParams, echo: bool) -> str | None:

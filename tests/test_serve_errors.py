@@ -1,0 +1,579 @@
+"""The server under bad input and a failing engine, over raw HTTP: every bad request is a 4xx with
+an OpenAI error body naming its field, every engine fault a 5xx (or an error event in a stream
+that has started), and afterwards the server answers the next request as if nothing happened.
+
+Faults are injected by wrapping the real engine's `step` (a SystemExit, an exception, a stall);
+the rest is the real server on loopback, a tiny random Llama on the CPU."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+
+import httpx
+import pytest
+from serving_fixtures import CONTEXT, free_port, make_model_folder, start_server
+
+COMPLETIONS, CHAT = "/v1/completions", "/v1/chat/completions"
+HI = [{"role": "user", "content": "hi"}]
+LONG_TEXT = "def " * CONTEXT  # several tokens a word: far past the context
+TOOL = {"type": "function", "function": {"name": "f", "parameters": {}}}
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return make_model_folder(tmp_path_factory.mktemp("model"))
+
+
+@pytest.fixture(scope="module")
+def server(folder):
+    running = start_server(folder)
+    yield running
+    running.stop()
+
+
+def error_of(response: httpx.Response) -> dict:
+    """The OpenAI error body, checked for shape: exactly message, type, param and code."""
+    assert response.headers["content-type"].startswith("application/json"), response.text
+    body = response.json()
+    assert set(body) == {"error"}, body
+    error = body["error"]
+    assert set(error) == {"message", "type", "param", "code"}, error
+    assert isinstance(error["message"], str) and error["message"]
+    assert isinstance(error["type"], str) and error["type"]
+    return error
+
+
+def case(path, body, param, says=None, status=400, code=None, *, id):
+    """One bad request: what it sends, the status and the field its error must name."""
+    return pytest.param(path, body, status, param, code, says or param, id=id)
+
+
+BAD_REQUESTS = [
+    # The body itself.
+    case(COMPLETIONS, b'{"prompt": "a",', None, "not valid JSON", id="bad-json"),
+    case(COMPLETIONS, b"\xff\xfe{}", None, "not valid JSON", id="not-utf8"),
+    case(COMPLETIONS, b'["prompt", "a"]', None, "JSON object", id="body-list"),
+    case(CHAT, b'"hello"', None, "JSON object", id="body-string"),
+    case(CHAT, b"null", None, "JSON object", id="body-null"),
+    case(COMPLETIONS, b"[" * 100_000, None, "not valid JSON", id="deep-nesting"),
+    case(CHAT, b'{"messages": ' + b"[" * 5000, None, "not valid JSON", id="deep-field"),
+    # Wrong types: strict, a string is not a number and true is not 1.
+    case(COMPLETIONS, {"prompt": "a", "max_tokens": "5"}, "max_tokens", id="max_tokens-str"),
+    case(CHAT, {"messages": HI, "max_tokens": "5"}, "max_tokens", id="chat-max_tokens-str"),
+    case(COMPLETIONS, {"prompt": "a", "temperature": "hot"}, "temperature", id="temperature-str"),
+    case(COMPLETIONS, {"prompt": "a", "stream": 1}, "stream", id="stream-int"),
+    case(CHAT, {"messages": HI, "stream": "yes"}, "stream", id="chat-stream-str"),
+    case(COMPLETIONS, {"prompt": "a", "n": True}, "n", id="n-bool"),
+    case(COMPLETIONS, {"prompt": 5}, "prompt", id="prompt-int"),
+    case(CHAT, {"messages": "hi"}, "messages", id="messages-str"),
+    case(
+        CHAT, {"messages": [{"role": "user", "content": 5}]}, "messages.0.content", id="content-int"
+    ),
+    # Missing or empty.
+    case(COMPLETIONS, {"max_tokens": 5}, "prompt", "prompt is required", id="no-prompt"),
+    case(CHAT, {"max_tokens": 5}, "messages", "messages is required", id="no-messages"),
+    case(CHAT, {"messages": []}, "messages", id="messages-empty"),
+    case(CHAT, {"messages": [{"content": "hi"}]}, "messages.0.role", id="no-role"),
+    case(CHAT, {"messages": [{"role": "wizard", "content": "hi"}]}, "messages.0.role", id="role"),
+    case(COMPLETIONS, {"prompt": ""}, "prompt", id="prompt-empty-str"),
+    case(COMPLETIONS, {"prompt": []}, "prompt", id="prompt-empty-list"),
+    # Longer than the context (256 tokens), or token ids out of the vocabulary.
+    case(COMPLETIONS, {"prompt": LONG_TEXT}, "prompt", code="context_length_exceeded", id="long"),
+    case(
+        CHAT,
+        {"messages": [{"role": "user", "content": LONG_TEXT}]},
+        "messages",
+        code="context_length_exceeded",
+        id="chat-long",
+    ),
+    case(
+        COMPLETIONS,
+        {"prompt": [1] * CONTEXT},
+        "prompt",
+        code="context_length_exceeded",
+        id="long-ids",
+    ),
+    case(COMPLETIONS, {"prompt": [1, 2, 10**6]}, "prompt", "1000000", id="id-past-vocab"),
+    case(COMPLETIONS, {"prompt": [-1]}, "prompt", "-1", id="id-negative"),
+    case(COMPLETIONS, {"prompt": [[1, 2], [3, 10**6]]}, "prompt", "1000000", id="ids-batch"),
+    # max_tokens: at least 1, and it must fit beside the prompt.
+    case(COMPLETIONS, {"prompt": "a", "max_tokens": 0}, "max_tokens", id="max_tokens-0"),
+    case(COMPLETIONS, {"prompt": "a", "max_tokens": -3}, "max_tokens", id="max_tokens-neg"),
+    case(CHAT, {"messages": HI, "max_completion_tokens": 0}, "max_completion_tokens", id="mct-0"),
+    case(
+        COMPLETIONS,
+        {"prompt": [1] * 200, "max_tokens": 100},
+        "max_tokens",
+        code="context_length_exceeded",
+        id="max_tokens-no-room",
+    ),
+    case(
+        CHAT,
+        {"messages": HI, "max_completion_tokens": CONTEXT},
+        "max_completion_tokens",
+        code="context_length_exceeded",
+        id="chat-no-room",
+    ),
+    # The model and the field names.
+    case(
+        COMPLETIONS,
+        {"prompt": "a", "model": "gpt-4"},
+        "model",
+        "gpt-4",
+        404,
+        "model_not_found",
+        id="model",
+    ),
+    case(
+        CHAT,
+        {"messages": HI, "model": "x"},
+        "model",
+        "'x'",
+        404,
+        "model_not_found",
+        id="chat-model",
+    ),
+    case(COMPLETIONS, {"prompt": "a", "max_token": 5}, "max_token", id="typo"),
+    case(CHAT, {"messages": HI, "max_token": 5}, "max_token", id="chat-typo"),
+    # Ranges.
+    case(COMPLETIONS, {"prompt": "a", "top_p": 0}, "top_p", id="top_p-0"),
+    case(COMPLETIONS, {"prompt": "a", "top_p": 1.5}, "top_p", id="top_p-big"),
+    case(COMPLETIONS, {"prompt": "a", "temperature": -0.5}, "temperature", id="temperature-neg"),
+    case(COMPLETIONS, {"prompt": "a", "n": 0}, "n", id="n-0"),
+    case(CHAT, {"messages": HI, "n": 0}, "n", id="chat-n-0"),
+    case(COMPLETIONS, {"prompt": "a", "logprobs": 21}, "logprobs", id="logprobs-21"),
+    case(CHAT, {"messages": HI, "logprobs": True, "top_logprobs": 21}, "top_logprobs", id="top21"),
+    case(CHAT, {"messages": HI, "top_logprobs": 2}, "top_logprobs", id="top-without-logprobs"),
+    case(COMPLETIONS, {"prompt": "a", "stop": [1]}, "stop", id="stop-int"),
+    case(CHAT, {"messages": HI, "stop": ["x", None]}, "stop", id="stop-null"),
+    case(COMPLETIONS, {"prompt": "a", "stop": ""}, "stop", id="stop-empty"),
+    case(CHAT, {"messages": HI, "stop": ["x", ""]}, "stop", id="stop-list-empty"),
+    case(COMPLETIONS, {"prompt": "a", "stop_token_ids": [-1]}, "stop_token_ids", id="stop-id"),
+    # Features this server does not have are refused by name, not ignored.
+    case(CHAT, {"messages": HI, "tools": [TOOL]}, "tools", id="tools"),
+    case(
+        CHAT,
+        {"messages": HI, "response_format": {"type": "json_object"}},
+        "response_format",
+        "json_object",
+        id="json-mode",
+    ),
+    case(COMPLETIONS, {"prompt": "a", "logit_bias": {"1": 5}}, "logit_bias", id="logit_bias"),
+    case(COMPLETIONS, {"prompt": "a", "suffix": "x"}, "suffix", id="suffix"),
+    case(
+        COMPLETIONS,
+        {"prompt": "a", "stream_options": {"include_usage": True}},
+        "stream_options",
+        id="stream_options-without-stream",
+    ),
+]
+
+
+@pytest.mark.parametrize("path,body,status,param,code,says", BAD_REQUESTS)
+def test_a_bad_request_gets_a_4xx_naming_its_field(server, path, body, status, param, code, says):
+    if isinstance(body, bytes):
+        response = httpx.post(
+            server.url + path, content=body, headers={"Content-Type": "application/json"}
+        )
+    else:
+        response = httpx.post(server.url + path, json=body)
+    assert response.status_code == status, response.text
+    error = error_of(response)
+    assert error["param"] == param
+    assert error["code"] == code
+    assert says in error["message"]
+    if status == 400:
+        assert error["type"] == "invalid_request_error"
+    # Refused before admission: nothing is left counted as running or waiting.
+    assert server.state.in_flight == 0 and server.state.waiting_tokens == 0
+
+
+@pytest.mark.parametrize(
+    "method,path,status,code",
+    [
+        ("GET", COMPLETIONS, 405, "method_not_allowed"),
+        ("PUT", CHAT, 405, "method_not_allowed"),
+        ("POST", "/health", 405, "method_not_allowed"),
+        ("GET", "/v1/nothing", 404, "not_found"),
+        ("POST", "/v2/completions", 404, "not_found"),
+    ],
+)
+def test_wrong_method_and_unknown_route_are_json(server, method, path, status, code):
+    response = httpx.request(method, server.url + path)
+    assert response.status_code == status
+    error = error_of(response)
+    assert error["code"] == code and path in error["message"]
+
+
+def test_the_server_still_serves_after_bad_requests(server):
+    # Runs after the parametrized cases above (pytest keeps file order).
+    response = httpx.post(
+        server.url + COMPLETIONS, json={"prompt": "def ", "max_tokens": 5, "ignore_eos": True}
+    )
+    assert response.status_code == 200, response.text
+    assert response.json()["usage"]["completion_tokens"] == 5
+    chat = httpx.post(
+        server.url + CHAT, json={"messages": HI, "max_tokens": 3, "ignore_eos": True}, timeout=30
+    )
+    assert chat.status_code == 200 and chat.json()["usage"]["completion_tokens"] == 3
+    assert httpx.get(server.url + "/health").status_code == 200
+
+
+# -- limits of a small server ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def small_server(folder):
+    # 2 KiB bodies; 8 KV blocks of 16 tokens, so 7 * 16 = 112 tokens per request at most.
+    running = start_server(folder, serve={"max_body_bytes": 2048}, inference={"num_blocks": 8})
+    yield running
+    running.stop()
+
+
+def test_an_oversized_body_gets_a_413(small_server):
+    body = json.dumps({"prompt": "x" * 4000, "max_tokens": 1}).encode()
+    declared = httpx.post(small_server.url + COMPLETIONS, content=body)
+    assert declared.status_code == 413
+    assert error_of(declared)["code"] == "too_large"
+
+    # Chunked, with no Content-Length to check up front: counted as it arrives.
+    def pieces() -> Iterator[bytes]:
+        for start in range(0, len(body), 512):
+            yield body[start : start + 512]
+
+    chunked = httpx.post(small_server.url + COMPLETIONS, content=pieces())
+    assert chunked.status_code == 413
+    assert error_of(chunked)["code"] == "too_large"
+
+    small = httpx.post(small_server.url + COMPLETIONS, json={"prompt": "a", "max_tokens": 2})
+    assert small.status_code == 200, small.text
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_request_too_big_for_the_kv_pool_is_a_plain_400(small_server, stream):
+    # Fits the 256-token context but not the 112 tokens of the pool: the engine refuses it, and
+    # since a stream opens only at its first token, a streaming request still gets a plain 400.
+    body = {"prompt": "a", "max_tokens": 200, "ignore_eos": True, "stream": stream}
+    response = httpx.post(small_server.url + COMPLETIONS, json=body)
+    assert response.status_code == 400, response.text
+    error = error_of(response)
+    assert "max_tokens" in error["message"]
+    assert small_server.state.in_flight == 0
+
+
+# -- the engine misbehaving -----------------------------------------------------------------------
+
+
+@contextmanager
+def wrapped_step(running, before: Callable[[int], None]) -> Iterator[None]:
+    """Call `before(call_number)` ahead of every real engine step (to raise, or to sleep)."""
+    engine = running.state.engine.engine
+    real_step, calls = engine.step, itertools.count()
+
+    def step():
+        before(next(calls))
+        return real_step()
+
+    engine.step = step
+    try:
+        yield
+    finally:
+        del engine.step  # the class's own method again
+
+
+def slow_steps(seconds: float) -> Callable[[int], None]:
+    return lambda _call: time.sleep(seconds)
+
+
+def metric_values(url: str) -> dict[str, float]:
+    values = {}
+    for line in httpx.get(url + "/metrics").text.splitlines():
+        if line and not line.startswith("#") and "{" not in line:
+            name, value = line.rsplit(" ", 1)
+            values[name] = float(value)
+    return values
+
+
+IDLE = (
+    "truthgpt_running_sequences",
+    "truthgpt_kv_blocks_used",
+    "truthgpt_requests_in_flight",
+    "truthgpt_queue_depth",
+)
+
+
+def wait_until_idle(url: str, timeout_s: float = 5.0) -> dict[str, float]:
+    """Poll /metrics until nothing runs, waits or holds a KV block; fails after timeout_s."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        values = metric_values(url)
+        if all(values[name] == 0 for name in IDLE):
+            return values
+        if time.monotonic() > deadline:
+            raise AssertionError(f"still busy after {timeout_s} s: {values}")
+        time.sleep(0.05)
+
+
+def sse_events(response: httpx.Response) -> Iterator[dict | str]:
+    for line in response.iter_lines():
+        if line.startswith("data: "):
+            data = line[len("data: ") :]
+            yield data if data == "[DONE]" else json.loads(data)
+
+
+LONG_STREAM = {"prompt": "a", "max_tokens": 200, "ignore_eos": True, "stream": True}
+
+
+def test_a_full_queue_answers_429_with_retry_after(folder):
+    running = start_server(folder, serve={"max_queued_requests": 0}, inference={"max_num_seqs": 1})
+    try:
+        with wrapped_step(running, slow_steps(0.01)), httpx.Client(timeout=30) as client:
+            with client.stream("POST", running.url + COMPLETIONS, json=LONG_STREAM) as first:
+                assert first.status_code == 200
+                events = sse_events(first)  # kept: dropping it would close the stream
+                next(events)  # admitted and running
+                for body in ({"prompt": "b", "max_tokens": 2}, {**LONG_STREAM, "prompt": "b"}):
+                    refused = client.post(running.url + COMPLETIONS, json=body)
+                    assert refused.status_code == 429
+                    assert refused.headers["Retry-After"] == "1"
+                    error = error_of(refused)
+                    assert error["type"] == "rate_limit_error" and error["code"] == "queue_full"
+            # The first one left early; its place is free again.
+            wait_until_idle(running.url)
+            again = client.post(running.url + COMPLETIONS, json={"prompt": "b", "max_tokens": 2})
+            assert again.status_code == 200, again.text
+    finally:
+        running.stop()
+
+
+def test_a_request_past_its_timeout_gets_504_or_an_error_event(folder):
+    running = start_server(folder, serve={"request_timeout_s": 0.3})
+    try:
+        with wrapped_step(running, slow_steps(0.01)), httpx.Client(timeout=30) as client:
+            started = time.monotonic()
+            plain = client.post(running.url + COMPLETIONS, json={**LONG_STREAM, "stream": False})
+            assert time.monotonic() - started < 1.5  # cut at 0.3 s, not after 200 steps
+            assert plain.status_code == 504
+            assert error_of(plain)["type"] == "timeout_error"
+            assert "request_timeout_s" in error_of(plain)["message"]
+
+            with client.stream("POST", running.url + COMPLETIONS, json=LONG_STREAM) as response:
+                assert response.status_code == 200  # the first token came in time
+                events = list(sse_events(response))
+            assert events[-1] == "[DONE]" and events.count("[DONE]") == 1
+            assert set(events[-2]) == {"error"} and events[-2]["error"]["type"] == "timeout_error"
+            assert all("choices" in event for event in events[:-2])
+            # Both were aborted in the engine: their sequences and KV blocks are gone.
+            wait_until_idle(running.url)
+        ok = httpx.post(running.url + COMPLETIONS, json={"prompt": "a", "max_tokens": 3})
+        assert ok.status_code == 200, ok.text
+    finally:
+        running.stop()
+
+
+@pytest.fixture
+def faulty_server(folder):
+    running = start_server(folder, serve={"stall_after_s": 0.5})
+    yield running
+    running.stop()
+
+
+def health(url: str) -> int:
+    return httpx.get(url + "/health").status_code
+
+
+def wait_for_health(url: str, status: int, timeout_s: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while health(url) != status:
+        assert time.monotonic() < deadline, f"/health never answered {status}"
+        time.sleep(0.01)
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_a_dead_engine_loop_is_restarted_by_the_watchdog(faulty_server):
+    running, url = faulty_server, faulty_server.url
+    died, seen_down = threading.Event(), threading.Event()
+
+    def exit_once(call: int) -> None:
+        if call == 0:
+            died.set()
+            raise SystemExit  # not an Exception: past the loop's own handler, the thread ends
+
+    # The watchdog looks every 0.5 s, so the dead window is anywhere in 0..0.5 s: hold its
+    # restart until this test has seen /health fail.
+    engine = running.state.engine
+    real_restart = engine.restart
+    engine.restart = lambda: seen_down.is_set() and real_restart()
+    body = {"prompt": "a", "max_tokens": 20, "ignore_eos": True}
+    try:
+        with wrapped_step(running, exit_once), ThreadPoolExecutor(2) as pool:
+            in_flight = pool.submit(httpx.post, url + COMPLETIONS, json=body, timeout=30)
+            assert died.wait(10)
+            wait_for_health(url, 503)
+            assert httpx.get(url + "/health").json()["status"] == "engine loop is down"
+            # Sent while the loop is down: it waits for the new loop instead of failing.
+            waiting = pool.submit(httpx.post, url + COMPLETIONS, json=body, timeout=30)
+            deadline = time.monotonic() + 5
+            while running.state.in_flight < 2:
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+            seen_down.set()
+            failed = in_flight.result()
+            assert failed.status_code == 500, failed.text
+            error = error_of(failed)
+            assert error["type"] == "server_error" and error["code"] == "engine_error"
+            wait_for_health(url, 200)
+            served = waiting.result()
+            assert served.status_code == 200, served.text
+            assert served.json()["usage"]["completion_tokens"] == 20
+    finally:
+        del engine.restart
+    assert engine.restarts == 1 and metric_values(url)["truthgpt_engine_restarts"] == 1
+    after = httpx.post(url + COMPLETIONS, json=body, timeout=30)
+    assert after.status_code == 200 and after.json()["usage"]["completion_tokens"] == 20
+    wait_until_idle(url)
+
+
+def test_a_failing_step_fails_the_requests_in_flight_and_serving_goes_on(faulty_server):
+    running, url = faulty_server, faulty_server.url
+    engine = running.state.engine.engine
+    failed_once = threading.Event()
+
+    def fail_with_two_requests(_call: int) -> None:
+        if len(engine.requests) >= 2 and not failed_once.is_set():
+            failed_once.set()
+            raise RuntimeError("injected fault")
+        time.sleep(0.005)  # keep the stream going until the second request arrives
+
+    with wrapped_step(running, fail_with_two_requests), httpx.Client(timeout=30) as client:
+        with client.stream("POST", url + COMPLETIONS, json=LONG_STREAM) as streaming:
+            events = sse_events(streaming)
+            assert "choices" in next(events)
+            plain = client.post(url + COMPLETIONS, json={**LONG_STREAM, "stream": False})
+            rest = list(events)
+    assert failed_once.is_set()
+    assert plain.status_code == 500, plain.text
+    error = error_of(plain)
+    assert error["type"] == "server_error" and "injected fault" in error["message"]
+    # The stream had started: the error comes as its last event, then [DONE].
+    assert rest[-1] == "[DONE]" and rest.count("[DONE]") == 1
+    assert "injected fault" in rest[-2]["error"]["message"]
+    assert health(url) == 200 and running.state.engine.restarts == 0
+    ok = httpx.post(url + COMPLETIONS, json={"prompt": "a", "max_tokens": 4, "ignore_eos": True})
+    assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 4
+    wait_until_idle(url)
+
+
+def test_a_stalled_loop_fails_health_until_it_moves_again(faulty_server):
+    url = faulty_server.url
+    stalling = threading.Event()
+
+    def stall_once(call: int) -> None:
+        if call == 0:
+            stalling.set()
+            time.sleep(2.0)
+
+    with wrapped_step(faulty_server, stall_once), ThreadPoolExecutor(1) as pool:
+        body = {"prompt": "a", "max_tokens": 5, "ignore_eos": True}
+        pending = pool.submit(httpx.post, url + COMPLETIONS, json=body, timeout=30)
+        assert stalling.wait(10)
+        assert health(url) == 200  # silent for less than stall_after_s (0.5 s) so far
+        time.sleep(0.8)
+        stalled = httpx.get(url + "/health")
+        assert stalled.status_code == 503 and stalled.json()["status"] == "engine loop is stalled"
+        reply = pending.result()
+    assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] == 5
+    assert health(url) == 200
+
+
+def test_a_client_leaving_a_plain_request_frees_its_sequence(faulty_server):
+    url = faulty_server.url
+    body = {"prompt": "a", "max_tokens": 200, "ignore_eos": True}
+    with wrapped_step(faulty_server, slow_steps(0.02)):  # 200 steps: 4 s if never aborted
+        with pytest.raises(httpx.TimeoutException):
+            httpx.post(url + COMPLETIONS, json=body, timeout=0.3)
+        wait_until_idle(url, timeout_s=1.0)
+
+
+# -- SIGTERM on the real command ------------------------------------------------------------------
+
+
+def test_sigterm_lets_the_stream_in_flight_finish_then_exits_0(folder):
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    command = [sys.executable, "-m", "truthgpt.cli", "serve", str(folder), "--port", str(port)]
+    command += ["--device", "cpu", "--set", "serve.shutdown_grace_s=10"]
+    process = subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert process.poll() is None, process.communicate()[1]
+            try:
+                if health(url) == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "the server did not come up"
+            time.sleep(0.1)
+
+        max_tokens = CONTEXT - 6
+        body = {**LONG_STREAM, "max_tokens": max_tokens, "stream_options": {"include_usage": True}}
+        with httpx.stream("POST", url + COMPLETIONS, json=body, timeout=30) as response:
+            events = sse_events(response)
+            first = next(events)
+            process.send_signal(signal.SIGTERM)
+            sent_at = time.monotonic()
+            # While it drains: /health fails and new requests are refused (503 while the port is
+            # still open, then no connection at all). Checked from a thread, the stream read here.
+            with ThreadPoolExecutor(1) as pool:
+                probe = pool.submit(_statuses_until_refused, url, 10.0)
+                rest = list(events)
+                statuses = probe.result()
+        assert rest[-1] == "[DONE]" and rest.count("[DONE]") == 1
+        assert not any("error" in event for event in rest[:-1])
+        usage = rest[-2]["usage"]
+        assert usage["completion_tokens"] == max_tokens
+        assert all(event["id"] == first["id"] for event in rest[:-1])
+        assert all(status == 503 for status in statuses), statuses
+
+        code = process.wait(timeout=15)
+        stderr = process.stderr.read()
+        assert time.monotonic() - sent_at < 10  # within serve.shutdown_grace_s
+        assert code == 0, stderr
+        assert "Traceback" not in stderr, stderr
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(url + "/health")
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def _statuses_until_refused(url: str, timeout_s: float) -> list[int]:
+    """/health statuses seen until the server stops taking connections."""
+    statuses, deadline = [], time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            statuses.append(health(url))
+        # Refused, or accepted just before the port closed and then closed unanswered (uvicorn
+        # closes connections with no request under way when it shuts down).
+        except (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadError):
+            return statuses
+        time.sleep(0.01)
+    raise AssertionError(f"new connections still taken {timeout_s} s after SIGTERM: {statuses}")
