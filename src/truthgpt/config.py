@@ -15,7 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from truthgpt.errors import ConfigError
-from truthgpt.registry import ARCHS, CALLBACKS, OPTIMIZERS, SCHEDULES, SOURCES, Registry
+from truthgpt.registry import ARCHS, CALLBACKS, OPTIMIZERS, SCHEDULES, SOURCES, TASKS, Registry
 
 CONFIG_FILE = "config.yaml"
 
@@ -436,7 +436,7 @@ class Config(Section):
     run_name: str = Field("run", min_length=1, description="name of the run folder")
     output_dir: str = Field("runs", description="the run folder is <output_dir>/<run_name>")
     seed: int = Field(1337, description="seeds python, numpy, torch and the data order")
-    task: Literal["causal_lm", "sft"] = Field(
+    task: str = Field(
         "causal_lm", description="causal_lm: next-token on all text; sft: loss on answers only"
     )
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -449,6 +449,11 @@ class Config(Section):
     inference: InferenceConfig = Field(default_factory=InferenceConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
     diffusion: DiffusionConfig = Field(default_factory=DiffusionConfig)
+
+    @field_validator("task")
+    @classmethod
+    def _known_task(cls, value: str) -> str:
+        return _check_registered(TASKS, value)
 
     @field_validator("run_name")
     @classmethod

@@ -84,6 +84,7 @@ SOURCES = Registry("data source", "truthgpt.data.sources", ("python-stdlib", "te
 ARCHS = Registry("model arch", "truthgpt.models.build", ("llama", "gpt2", "hf"))
 OPTIMIZERS = Registry("optimizer", "truthgpt.training.optim", ("adamw", "lion", "adafactor", "sgd"))
 SCHEDULES = Registry("lr schedule", "truthgpt.training.optim", ("cosine", "linear", "constant"))
+TASKS = Registry("task", "truthgpt.training.tasks", ("causal_lm", "sft"))
 CALLBACKS = Registry(
     "callback",
     "truthgpt.training.callbacks",

@@ -83,14 +83,22 @@ def resolve_batching(config: Config) -> str:
 def prepare_data(
     config: Config, run_dir: Path | None, log: Callable[[str], None] = print
 ) -> PreparedData:
-    """Read the data, build the tokenizer and make the train / val datasets `config.task` needs.
+    """Read the data, build the tokenizer and make the train / val datasets of the language
+    task `config.task` names: `prepare_sft_data` for sft, else `prepare_causal_lm_data`.
 
     With a `run_dir`, the tokenizer is saved to `run_dir/tokenizer`; if that folder already
     exists it is loaded instead of trained, so a resumed run tokenizes exactly as before.
     """
-    batching = resolve_batching(config)
     if config.task == "sft":
-        return _prepare_sft(config, run_dir, log, batching)
+        return prepare_sft_data(config, run_dir, log)
+    return prepare_causal_lm_data(config, run_dir, log)
+
+
+def prepare_causal_lm_data(
+    config: Config, run_dir: Path | None, log: Callable[[str], None] = print
+) -> PreparedData:
+    """Documents -> tokenizer -> `PackedDataset` blocks of `data.max_seq_len` (see prepare_data)."""
+    resolve_batching(config)  # only to refuse data.batching: bucket
     data = config.data
     started = time.perf_counter()
     corpus: Corpus = SOURCES.get_builder(data.source, "data.source")(data)
@@ -119,9 +127,11 @@ def prepare_data(
     return PreparedData(tokenizer, train, val, train_tokens, val_tokens)
 
 
-def _prepare_sft(
-    config: Config, run_dir: Path | None, log: Callable[[str], None], batching: str
+def prepare_sft_data(
+    config: Config, run_dir: Path | None, log: Callable[[str], None] = print
 ) -> PreparedData:
+    """Rows -> tokenizer (with a chat template) -> answer-only examples, bucketed or packed."""
+    batching = resolve_batching(config)
     data = config.data
     started = time.perf_counter()
     train_rows, val_rows = read_sft_rows(data)

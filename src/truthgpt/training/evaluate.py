@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,17 +22,21 @@ def perplexity(loss: float | None) -> float | None:
     return None if loss is None else math.exp(min(loss, 50.0))
 
 
+Batch = dict[str, torch.Tensor]
+
+
 @torch.no_grad()
 def mean_loss(
+    loss_fn: Callable[[nn.Module, Batch], tuple[torch.Tensor, torch.Tensor]],
     model: nn.Module,
-    batches: list[dict[str, torch.Tensor]],
+    batches: list[Batch],
     device: torch.device,
     dtype: torch.dtype = torch.float32,
 ) -> float:
-    """Mean next-token loss over every predicted token of `batches` (not a mean of means).
+    """Mean loss over every target of `batches` (not a mean of means).
 
-    The model's loss is a mean over the batch's predicted positions (labels shifted by one,
-    -100 ignored), so each batch is weighted by its count of predicted tokens.
+    `loss_fn` (a task's `loss`) returns a batch's mean loss and the count of targets it is
+    over (predicted tokens, for a language model), which weights the batch.
     """
     was_training = model.training
     model.eval()
@@ -44,8 +49,8 @@ def mean_loss(
     with autocast:
         for batch in batches:
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-            loss = model(**batch).loss
-            targets = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+            loss, target_count = loss_fn(model, batch)
+            targets = int(target_count)
             loss_sum += float(loss) * targets
             count += targets
     model.train(was_training)
@@ -65,9 +70,9 @@ def evaluate_run(
     `data_paths` (text or .jsonl files/globs) replace the run's data: every document in them is
     evaluated. Otherwise the run's `split` ("val" or "train") is used.
     """
-    from truthgpt.data import prepare_data
     from truthgpt.data.loader import val_batches
     from truthgpt.models import load_model, resolve_model_folder
+    from truthgpt.training.tasks import build_task
     from truthgpt.training.trainer import resolve_device, resolve_precision
 
     run_dir = Path(run)
@@ -91,7 +96,8 @@ def evaluate_run(
             ],
         )
         split = "val"
-    data = prepare_data(config, run_dir if not data_paths else None, log=lambda message: None)
+    task = build_task(config)
+    data = task.build_data(run_dir if not data_paths else None, lambda message: None)
     dataset = data.val if split == "val" else data.train
     if dataset is None or len(dataset) == 0:
         raise DataError(f"the {split} split of {run_dir} is empty")
@@ -100,7 +106,7 @@ def evaluate_run(
     torch_device = resolve_device(device)
     model = load_model(folder, device=torch_device)
     dtype = resolve_precision(config.training.precision, torch_device)
-    loss = mean_loss(model, batches, torch_device, dtype)
+    loss = mean_loss(task.loss, model, batches, torch_device, dtype)
     tokens = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
     return {
         "checkpoint": str(folder),

@@ -1,9 +1,12 @@
-"""The training loop, one for every model: native decoder or any AutoModelForCausalLM.
+"""The training loop, one for every task (`training/tasks.py`) and model.
 
-`train(config)` builds the pieces from the config (data, model, optimizer, schedule,
-callbacks) and runs `Trainer.fit()`. The step reads like the textbook: forward, loss, backward,
-unscale, clip, step, schedule, log. The guards that keep work from being lost are named calls in
-that loop: the non-finite check, EMA, evaluation, early stopping and checkpoints.
+`train(config)` builds the pieces from the config (the task, its data and model, optimizer,
+schedule, callbacks) and runs `Trainer.fit()`. The task owns what is specific to what is
+learned (data, model, loss, what a checkpoint holds beside the weights); the loop names none.
+
+The step reads like the textbook: forward, loss, backward, unscale, clip, step, schedule, log.
+The guards that keep work from being lost are named calls in that loop: the non-finite check,
+EMA, evaluation, early stopping and checkpoints.
 """
 
 from __future__ import annotations
@@ -23,13 +26,11 @@ import torch
 from torch import nn
 
 from truthgpt.config import Config
-from truthgpt.data import PreparedData, prepare_data
+from truthgpt.data import PreparedData
 from truthgpt.data.loader import EpochBatches, val_batches
 from truthgpt.errors import ConfigError, TrainingError
 from truthgpt.guard import CHECKPOINTS
 from truthgpt.hardware import apply_threads
-from truthgpt.models import load_model, save_model
-from truthgpt.registry import ARCHS
 from truthgpt.training.callbacks import Callback, build_callbacks
 from truthgpt.training.checkpoint import (
     find_resumable,
@@ -43,6 +44,8 @@ from truthgpt.training.ema import EMA
 from truthgpt.training.evaluate import mean_loss, perplexity
 from truthgpt.training.optim import build_optimizer, build_scheduler
 from truthgpt.training.run_folder import RUN_CONFIG, prepare_run_dir
+from truthgpt.training.tasks import Task, build_task
+from truthgpt.training.tasks import build_model as build_model  # re-exported for tests, benchmarks
 
 # Dense bf16 tensor-core peaks (NVIDIA datasheets, SXM parts), for MFU. fp32 runs use TF32,
 # which is half the bf16 rate on these parts.
@@ -153,8 +156,10 @@ class Trainer:
         device: torch.device,
         run_dir: Path,
         callbacks: list[Callback],
+        task: Task | None = None,
     ) -> None:
         self.config = config
+        self.task = task if task is not None else build_task(config)
         self.train_cfg = config.training
         self.model = model
         self.data = data
@@ -281,10 +286,10 @@ class Trainer:
         for _ in range(accum):
             batch = self._to_device(next(self.batches))
             with self._autocast():
-                loss = self.forward_model(**batch).loss
+                loss, _ = self.task.loss(self.forward_model, batch)
             self.scaler.scale(loss / accum).backward()
             loss_total += loss.detach() / accum
-            tokens += int(batch["input_ids"].numel())
+            tokens += self.task.count_tokens(batch)
         self.scaler.unscale_(self.optimizer)
         max_norm = self.train_cfg.grad_clip if self.train_cfg.grad_clip is not None else math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable_params, max_norm)
@@ -358,7 +363,9 @@ class Trainer:
         """Mean loss over the same validation blocks every time, and perplexity."""
         use_ema = self.ema is not None and self.train_cfg.ema.evaluate
         with self.ema.applied() if use_ema else contextlib.nullcontext():
-            val_loss = mean_loss(self.forward_model, self.val_batches, self.device, self.dtype)
+            val_loss = mean_loss(
+                self.task.loss, self.forward_model, self.val_batches, self.device, self.dtype
+            )
         return {"step": self.step, "val_loss": val_loss, "val_ppl": perplexity(val_loss)}
 
     def should_stop_early(self, metrics: dict[str, float]) -> bool:
@@ -414,11 +421,9 @@ class Trainer:
         return path
 
     def _write_model(self, folder: Path) -> None:
-        save_model(self.model, folder)
+        self.task.save(self.model, self.data, folder)
         # What this checkpoint was trained with, for the resume check (run_folder.py).
         (folder / RUN_CONFIG).write_text(self.config.to_yaml())
-        if self.data.tokenizer is not None:
-            self.data.tokenizer.save_pretrained(folder)
 
     def train_state(self) -> dict[str, Any]:
         return {
@@ -447,8 +452,7 @@ class Trainer:
         """Continue from a checkpoint's training state (and its weights, when asked)."""
         state = load_train_state(folder)
         if load_weights:
-            native = None if self.config.model.arch != "hf" else False
-            reloaded = load_model(folder, device=self.device, trainable=True, native=native)
+            reloaded = self.task.load_model(folder, self.device)
             own = self.model.state_dict()
             own.update({k: v for k, v in reloaded.state_dict().items() if k in own})
             self.model.load_state_dict(own)
@@ -500,9 +504,9 @@ class Trainer:
             metrics["grad_norm"] = float(grad_norm)
         if self.nonfinite_skipped:
             metrics["nonfinite_skipped"] = self.nonfinite_skipped
-        if self.peak_flops and hasattr(self.model, "flops_per_token"):
-            flops = self.model.flops_per_token(self.config.data.max_seq_len) * tokens_per_second
-            metrics["mfu"] = flops / self.peak_flops
+        flops_per_token = self.task.flops_per_token(self.model) if self.peak_flops else None
+        if flops_per_token is not None:
+            metrics["mfu"] = flops_per_token * tokens_per_second / self.peak_flops
         if self.device.type == "cuda":
             metrics["peak_mem_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         return metrics
@@ -535,39 +539,6 @@ class Trainer:
 # ---------------------------------------------------------------------------------------------
 
 
-def build_model(config: Config, vocab_size: int) -> nn.Module:
-    """The model the config names, built by the ARCHS registry, with LoRA and checkpointing."""
-    builder = ARCHS.get_builder(config.model.arch, "model.arch")
-    model = builder(config.model, vocab_size)
-    return prepare_model_for_training(model, config)
-
-
-def prepare_model_for_training(model: nn.Module, config: Config) -> nn.Module:
-    if config.training.gradient_checkpointing:
-        set_gradient_checkpointing(model)
-    if config.model.lora.enabled and not _is_peft(model):
-        from truthgpt.models.lora import apply_lora
-
-        model = apply_lora(model, config.model.lora, config.model.arch)
-    return model
-
-
-def _is_peft(model: nn.Module) -> bool:
-    return hasattr(model, "peft_config")
-
-
-def set_gradient_checkpointing(model: nn.Module) -> None:
-    base = model.get_base_model() if _is_peft(model) else model
-    if hasattr(base, "set_gradient_checkpointing"):  # our Decoder
-        base.set_gradient_checkpointing(True)
-    else:  # transformers
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if _is_peft(model) or not any(
-            p.requires_grad for p in base.get_input_embeddings().parameters()
-        ):
-            base.enable_input_require_grads()
-
-
 def train(
     config: Config,
     callbacks: list[Callback] | None = None,
@@ -594,13 +565,12 @@ def train(
         for callback in all_callbacks:
             callback.on_log(message)
 
-    data = prepare_data(config, run_dir, log=log)
+    task = build_task(config)
+    data = task.build_data(run_dir, log)
     if resume_from is not None:
-        native = None if config.model.arch != "hf" else False
-        model = load_model(resume_from, trainable=True, native=native)
-        model = prepare_model_for_training(model, config).to(device)
+        model = task.prepare_model(task.load_model(resume_from)).to(device)
     else:
-        model = build_model(config, vocab_size=len(data.tokenizer)).to(device)
+        model = task.build_model(data).to(device)
     n_params = sum(p.numel() for p in model.parameters())
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     trainable = f", {n_trainable / 1e6:.3f}M trainable" if n_trainable != n_params else ""
@@ -608,7 +578,7 @@ def train(
         f"model {config.model.arch}: {n_params / 1e6:.2f}M parameters{trainable} on {device} "
         f"({resolve_precision(config.training.precision, device)}, {threads} CPU threads)"
     )
-    trainer = Trainer(config, model, data, device, run_dir, all_callbacks)
+    trainer = Trainer(config, model, data, device, run_dir, all_callbacks, task)
     if resume_from is not None:
         trainer.restore(resume_from)
         log(f"resumed from {resume_from} at step {trainer.step}")

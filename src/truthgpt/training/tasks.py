@@ -1,0 +1,152 @@
+"""Training tasks (the TASKS registry): what a run learns, as the Trainer asks for it.
+
+A task builds the data and the model, computes the loss of a batch, counts what throughput and
+FLOPs are measured in, and saves the model with what a checkpoint needs beside it (the
+tokenizer). Everything that guards a run (resume, non-finite guard, EMA, checkpoints,
+callbacks, progress) is the Trainer's, which names no task: `config.task` picks one here.
+
+- `causal_lm`: next-token loss on every token of text packed into `data.max_seq_len` blocks.
+- `sft`: next-token loss on the answers of chat rows only (bucketed or packed examples).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from truthgpt.config import Config
+from truthgpt.data.packing import IGNORE_INDEX
+from truthgpt.data.prepare import PreparedData, prepare_causal_lm_data, prepare_sft_data
+from truthgpt.models import load_model, save_model
+from truthgpt.registry import ARCHS, TASKS
+
+Batch = dict[str, torch.Tensor]
+
+
+class Task(Protocol):
+    """What the Trainer needs from a task. `TASKS` builders take the `Config` and return one.
+
+    `loss` returns (mean loss, target count): the count of targets the mean is over, which
+    weights each batch of an evaluation. `count_tokens` is what throughput counts
+    (`tokens_per_second`, `tokens_seen`) and `flops_per_token` its cost, for MFU.
+    """
+
+    def build_data(self, run_dir: Path | None, log: Callable[[str], None]) -> PreparedData: ...
+
+    def build_model(self, data: PreparedData) -> nn.Module:
+        """A fresh model, ready to train (`prepare_model` applied)."""
+        ...
+
+    def load_model(self, folder: Path, device: str | torch.device = "cpu") -> nn.Module:
+        """The trainable model a checkpoint folder holds, before `prepare_model`."""
+        ...
+
+    def prepare_model(self, model: nn.Module) -> nn.Module: ...
+
+    def save(self, model: nn.Module, data: PreparedData, folder: Path) -> None:
+        """Write the model and what using it needs (the tokenizer) into a checkpoint folder."""
+        ...
+
+    def loss(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def count_tokens(self, batch: Batch) -> int: ...
+
+    def flops_per_token(self, model: nn.Module) -> float | None: ...
+
+
+def build_task(config: Config) -> Task:
+    """The task `config.task` names, from the TASKS registry."""
+    return TASKS.get_builder(config.task, "task")(config)
+
+
+class LanguageModelTask:
+    """Next-token prediction with a decoder from `model.arch`; the subclasses differ in data."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+
+    def build_data(self, run_dir: Path | None, log: Callable[[str], None]) -> PreparedData:
+        raise NotImplementedError
+
+    def build_model(self, data: PreparedData) -> nn.Module:
+        return build_model(self.config, vocab_size=len(data.tokenizer))
+
+    def load_model(self, folder: Path, device: str | torch.device = "cpu") -> nn.Module:
+        # A run trained with `arch: hf` resumes on the transformers modules its optimizer
+        # state belongs to, even where the native decoder could open the weights.
+        native = None if self.config.model.arch != "hf" else False
+        return load_model(folder, device=device, trainable=True, native=native)
+
+    def prepare_model(self, model: nn.Module) -> nn.Module:
+        return prepare_model_for_training(model, self.config)
+
+    def save(self, model: nn.Module, data: PreparedData, folder: Path) -> None:
+        save_model(model, folder)
+        if data.tokenizer is not None:
+            data.tokenizer.save_pretrained(folder)
+
+    def loss(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        # The model's loss averages over the labels that are not -100, shifted by one.
+        targets = (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
+        return model(**batch).loss, targets
+
+    def count_tokens(self, batch: Batch) -> int:
+        return int(batch["input_ids"].numel())
+
+    def flops_per_token(self, model: nn.Module) -> float | None:
+        if not hasattr(model, "flops_per_token"):  # a transformers model
+            return None
+        return model.flops_per_token(self.config.data.max_seq_len)
+
+
+@TASKS.register("causal_lm")
+class CausalLMTask(LanguageModelTask):
+    def build_data(self, run_dir: Path | None, log: Callable[[str], None]) -> PreparedData:
+        return prepare_causal_lm_data(self.config, run_dir, log)
+
+
+@TASKS.register("sft")
+class SFTTask(LanguageModelTask):
+    def build_data(self, run_dir: Path | None, log: Callable[[str], None]) -> PreparedData:
+        return prepare_sft_data(self.config, run_dir, log)
+
+
+# ---------------------------------------------------------------------------------------------
+# Model assembly for the language tasks
+
+
+def build_model(config: Config, vocab_size: int) -> nn.Module:
+    """The model the config names, built by the ARCHS registry, with LoRA and checkpointing."""
+    builder = ARCHS.get_builder(config.model.arch, "model.arch")
+    model = builder(config.model, vocab_size)
+    return prepare_model_for_training(model, config)
+
+
+def prepare_model_for_training(model: nn.Module, config: Config) -> nn.Module:
+    if config.training.gradient_checkpointing:
+        set_gradient_checkpointing(model)
+    if config.model.lora.enabled and not _is_peft(model):
+        from truthgpt.models.lora import apply_lora
+
+        model = apply_lora(model, config.model.lora, config.model.arch)
+    return model
+
+
+def _is_peft(model: nn.Module) -> bool:
+    return hasattr(model, "peft_config")
+
+
+def set_gradient_checkpointing(model: nn.Module) -> None:
+    base = model.get_base_model() if _is_peft(model) else model
+    if hasattr(base, "set_gradient_checkpointing"):  # our Decoder
+        base.set_gradient_checkpointing(True)
+    else:  # transformers
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if _is_peft(model) or not any(
+            p.requires_grad for p in base.get_input_embeddings().parameters()
+        ):
+            base.enable_input_require_grads()
