@@ -60,18 +60,21 @@ class PreparedData:
     batching: str = "pack"  # "pack" or "bucket"
 
 
-def resolve_batching(config: Config) -> str:
-    """`data.batching` with auto resolved ("pack" for causal_lm, "bucket" for sft), checked
-    against the task and the model."""
-    batching = config.data.batching
-    if batching == "auto":
-        return "pack" if config.task == "causal_lm" else "bucket"
-    if config.task == "causal_lm" and batching == "bucket":
+def _check_text_batching(config: Config) -> None:
+    """causal_lm data is always packed: `data.batching` may be auto or pack."""
+    if config.data.batching == "bucket":
         raise ConfigError(
             "data.batching: bucket is for task: sft; task causal_lm packs documents into "
             "blocks (data.batching: pack or auto)"
         )
-    if config.task == "sft" and batching == "pack" and config.model.arch == "hf":
+
+
+def _sft_batching(config: Config) -> str:
+    """`data.batching` for sft, auto resolved to bucket, checked against the model."""
+    batching = config.data.batching
+    if batching == "auto":
+        return "bucket"
+    if batching == "pack" and config.model.arch == "hf":
         raise ConfigError(
             "data.batching: pack keeps packed sft examples apart with document ids, which only "
             "the native decoder (model.arch llama or gpt2) takes; with model.arch: hf use "
@@ -98,7 +101,7 @@ def prepare_causal_lm_data(
     config: Config, run_dir: Path | None, log: Callable[[str], None] = print
 ) -> PreparedData:
     """Documents -> tokenizer -> `PackedDataset` blocks of `data.max_seq_len` (see prepare_data)."""
-    resolve_batching(config)  # only to refuse data.batching: bucket
+    _check_text_batching(config)
     data = config.data
     started = time.perf_counter()
     corpus: Corpus = SOURCES.get_builder(data.source, "data.source")(data)
@@ -131,7 +134,7 @@ def prepare_sft_data(
     config: Config, run_dir: Path | None, log: Callable[[str], None] = print
 ) -> PreparedData:
     """Rows -> tokenizer (with a chat template) -> answer-only examples, bucketed or packed."""
-    batching = resolve_batching(config)
+    batching = _sft_batching(config)
     data = config.data
     started = time.perf_counter()
     train_rows, val_rows = read_sft_rows(data)
