@@ -437,7 +437,8 @@ class Config(Section):
     output_dir: str = Field("runs", description="the run folder is <output_dir>/<run_name>")
     seed: int = Field(1337, description="seeds python, numpy, torch and the data order")
     task: str = Field(
-        "causal_lm", description="causal_lm: next-token on all text; sft: loss on answers only"
+        "causal_lm",
+        description="causal_lm: next-token on all text; sft: loss on answers only; or a plugin's",
     )
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
