@@ -158,3 +158,34 @@ def test_generate_chat_uses_the_template_or_says_why_not(tmp_path: Path) -> None
     chat = runner.invoke(app, [*args, "--temperature", "0"])
     assert chat.exit_code == 0, chat.output
     assert chat.stdout.startswith("[hi]=>")
+
+
+def test_generate_out_never_writes_over_a_run_or_an_existing_file(tmp_path: Path) -> None:
+    path = write_config(tmp_path)
+    assert runner.invoke(app, ["train", str(path), "--set", "training.max_steps=2"]).exit_code == 0
+    run_dir = tmp_path / "runs" / "tiny"
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("def \nimport \n")
+    config_before = (run_dir / "config.yaml").read_bytes()
+    args = ["generate", str(run_dir), "--prompts-file", str(prompts), "--max-new-tokens", "3"]
+    for inside in (run_dir / "config.yaml", run_dir / "checkpoints" / "last" / "x.jsonl", prompts):
+        refused = runner.invoke(app, [*args, "--out", str(inside)])
+        assert refused.exit_code == 1 and "nothing was written" in refused.output
+    assert (run_dir / "config.yaml").read_bytes() == config_before
+    out = tmp_path / "results.jsonl"
+    assert runner.invoke(app, [*args, "--out", str(out)]).exit_code == 0
+    again = runner.invoke(app, [*args, "--out", str(out)])
+    assert again.exit_code == 1 and "--overwrite" in again.output
+    assert runner.invoke(app, [*args, "--out", str(out), "--overwrite"]).exit_code == 0
+    alone = runner.invoke(app, ["generate", str(run_dir), "--prompt", "x", "--out", str(out)])
+    assert alone.exit_code == 1 and "--prompts-file" in alone.output
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n")
+    none = runner.invoke(app, ["generate", str(run_dir), "--prompts-file", str(empty)])
+    assert none.exit_code == 1 and "holds no prompts" in none.output
+    # --stop "\n" (as a shell passes it: backslash, n) stops at the first newline.
+    stopped = runner.invoke(
+        app,
+        ["generate", str(run_dir), "--prompt", "def ", "--stop", "\\n", "--temperature", "0"],
+    )
+    assert stopped.exit_code == 0 and stopped.stdout.count("\n") <= 1

@@ -136,8 +136,12 @@ def generate(
     seed: Annotated[int | None, typer.Option(help="Fix the sampling RNG.")] = None,
     n: Annotated[int, typer.Option(min=1, help="Samples per prompt.")] = 1,
     stop: Annotated[
-        list[str] | None, typer.Option("--stop", help="Stop at this string (repeatable).")
+        list[str] | None,
+        typer.Option("--stop", help="Stop at this string (repeatable); \\n is a newline."),
     ] = None,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Let --out replace an existing file.")
+    ] = False,
     device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:N, mps or auto.")] = None,
     chat: Annotated[
         bool, typer.Option(help="Send the prompt as a user message through the chat template.")
@@ -160,9 +164,16 @@ def generate(
     try:
         if (prompt is None) == (prompts_file is None):
             raise ValueError("give exactly one of --prompt and --prompts-file")
-        llm, params = gen.open_llm(model, config, given, set_ or [], n, seed, stop or [])
-        if prompts_file is not None:
-            prompts = gen.read_prompts(prompts_file)
+        if out is not None and prompts_file is None:
+            raise ValueError("--out goes with --prompts-file (a --prompt streams to the terminal)")
+        if out is not None:
+            from truthgpt.guard import check_output_file
+
+            check_output_file(out, "generate", overwrite, sources=[model, prompts_file])
+        prompts = gen.read_prompts(prompts_file) if prompts_file is not None else None
+        stop = [gen.unescape(item) for item in stop or []]
+        llm, params = gen.open_llm(model, config, given, set_ or [], n, seed, stop)
+        if prompts is not None:
             if chat:
                 prompts = [gen.chat_prompt(llm.tokenizer, p) for p in prompts]
             written = gen.write_results(llm, prompts, params, out)

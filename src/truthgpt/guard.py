@@ -139,6 +139,37 @@ def check_output(
     return path
 
 
+def check_output_file(
+    path: str | Path, command: str, overwrite: bool = False, sources: Iterable[str | Path] = ()
+) -> Path:
+    """Raise CheckpointError (one line) unless writing the file `path` destroys nothing: it may
+    not be or lie inside what the command reads, a run folder or a checkpoint, and an existing
+    file is replaced only with --overwrite. Returns `path` resolved."""
+    path = Path(path).expanduser().resolve()
+    for source in sources:
+        source = Path(source).expanduser().resolve()
+        if path == source or source in path.parents:
+            raise CheckpointError(
+                f"{path} is or lies inside {source}, which `truthgpt {command}` reads; nothing "
+                "was written. Choose another output file."
+            )
+    for parent in path.parents:
+        reason = _protected(parent)
+        if reason:
+            raise CheckpointError(
+                f"{path} lies inside {parent}, {reason}; nothing was written. "
+                "Choose an output file outside it."
+            )
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a folder; give a file name for the output")
+    if path.exists() and not overwrite:
+        raise CheckpointError(
+            f"{path} already exists; nothing was written. Choose another name or pass "
+            "--overwrite to replace it."
+        )
+    return path
+
+
 def check_prunable(folder: Path) -> None:
     """Raise CheckpointError unless `folder` is a step_N/ checkpoint of a run folder (the only
     folders pruning may delete)."""

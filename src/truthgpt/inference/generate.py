@@ -42,6 +42,11 @@ def chat_prompt(tokenizer: PreTrainedTokenizerBase, user_message: str) -> str:
     return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
 
+def unescape(text: str) -> str:
+    """`\\n` typed in a shell argument or a prompts file line means a newline."""
+    return text.replace("\\n", "\n")
+
+
 def read_prompts(path: str | Path) -> list[str]:
     """Prompts from a file: .jsonl rows with a "prompt" field, else one prompt per line."""
     import json
@@ -50,8 +55,10 @@ def read_prompts(path: str | Path) -> list[str]:
     if not file.is_file():
         raise RequestError(f"prompt file {str(file)!r} does not exist")
     lines = [line for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not lines:
+        raise RequestError(f"prompt file {str(file)!r} holds no prompts")
     if file.suffix != ".jsonl":
-        return [line.replace("\\n", "\n") for line in lines]
+        return [unescape(line) for line in lines]
     prompts = []
     for number, line in enumerate(lines, start=1):
         try:
