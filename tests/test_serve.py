@@ -261,3 +261,26 @@ def test_stream_events_survive_clients_that_split_on_unicode_line_breaks(server)
     with httpx.stream("POST", f"{server.url}/v1/completions", json=body) as response:
         lines = [line for line in response.iter_lines() if line]
     assert lines[-1] == "data: [DONE]" and all(line.startswith("data: ") for line in lines)
+
+
+def test_a_taken_port_or_unknown_host_is_a_one_line_error_before_loading():
+    import socket
+
+    from truthgpt.errors import ConfigError
+    from truthgpt.serving.server import check_can_listen
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(ConfigError, match="serve.port: cannot listen"):
+            check_can_listen("127.0.0.1", port)
+    with pytest.raises(ConfigError, match="serve.host: cannot resolve"):
+        check_can_listen("nonexistent.invalid", 8000)
+
+
+def test_metrics_count_known_routes_only(server):
+    for path in ("/v1/nope-1", "/v1/nope-2", "/nowhere"):
+        assert httpx.get(f"{server.url}{path}").status_code == 404
+    text = httpx.get(f"{server.url}/metrics").text
+    assert "nope" not in text and "nowhere" not in text

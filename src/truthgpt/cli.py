@@ -59,9 +59,12 @@ def train(
     from truthgpt.training.trainer import train as run_training
 
     try:
-        run_training(load(config, set_ or []), overwrite=overwrite, resume=resume or None)
+        result = run_training(load(config, set_ or []), overwrite=overwrite, resume=resume or None)
     except TruthGPTError as exc:
         _fail(exc)
+    if result.interrupted:
+        # Not a finished run: a `train ... && generate ...` chain must not go on as if it were.
+        raise typer.Exit(code=130)
 
 
 @app.command(name="eval")

@@ -66,7 +66,7 @@ class LLM:
         if inference is not None and options:
             raise ConfigError("give either inference= or keyword options, not both")
         self.options = inference if inference is not None else inference_options(options)
-        device = resolve_device(self.options.device)
+        device = resolve_device(self.options.device, "inference.device")
         dtype = inference_dtype(self.options.dtype, device)
         if isinstance(model, nn.Module):
             if tokenizer is None:

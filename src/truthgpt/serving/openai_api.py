@@ -175,6 +175,9 @@ async def _watch_engine(state: ServerState, every_s: float = 0.5) -> None:
 # -- checks ---------------------------------------------------------------------------------------
 
 
+_COUNTED_ROUTES = frozenset({"/v1/completions", "/v1/chat/completions", "/v1/models"})
+
+
 class _Guard:
     """API key on every route but /health, and request counts by status (plain ASGI, so
     streams and client disconnects pass through untouched)."""
@@ -187,7 +190,8 @@ class _Guard:
             await self.app(scope, receive, send)
             return
         path = scope["path"]
-        counted = path.startswith("/v1/")
+        # Known routes only: a label per path a client invents would grow /metrics forever.
+        counted = path in _COUNTED_ROUTES
         if path != "/health" and self.state.api_key is not None:
             header = next(
                 (v.decode("latin-1") for k, v in scope["headers"] if k.lower() == b"authorization"),

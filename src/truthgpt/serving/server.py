@@ -36,7 +36,7 @@ def build_state(model: str, config: Config):
 
     apply_threads(config.hardware.threads)
     options, settings = config.inference, config.serve
-    device = resolve_device(options.device)
+    device = resolve_device(options.device, "inference.device")
     loaded, tokenizer = load_for_generation(model, device, inference_dtype(options.dtype, device))
     if not isinstance(loaded, Decoder):
         raise ConfigError(
@@ -82,16 +82,49 @@ def weights_fingerprint(model: str) -> str:
     return digest.hexdigest()[:16]
 
 
+def check_can_listen(host: str, port: int) -> None:
+    """A one-line error now for a port in use or a host that does not resolve, rather than
+    uvicorn's log line after the model has loaded."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise ConfigError(f"serve.host: cannot resolve {host!r} ({exc.strerror})") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(address)
+        except OSError as exc:
+            raise ConfigError(
+                f"serve.port: cannot listen on {host}:{port} ({exc.strerror}); another server "
+                "may hold it: pick another --port"
+            ) from None
+
+
 def run_server(model: str, config: Config) -> None:
     """Serve until SIGINT/SIGTERM; in-flight requests get serve.shutdown_grace_s to finish."""
     import uvicorn
 
     from truthgpt.serving.openai_api import build_app
 
-    state = build_state(model, config)
     settings = config.serve
+    check_can_listen(settings.host, settings.port)  # before the model loads, not after
+    state = build_state(model, config)
+    key_note = "API key required" if state.api_key else "no API key"
 
     class Server(uvicorn.Server):
+        async def startup(self, sockets=None) -> None:
+            await super().startup(sockets)
+            if self.started:  # the real port: with --port 0 the system picked it
+                port = self.servers[0].sockets[0].getsockname()[1]
+                print(
+                    f"serving {state.model_id!r} on http://{settings.host}:{port}/v1 "
+                    f"({key_note}); Ctrl-C or SIGTERM stops it",
+                    flush=True,
+                )
+
         def handle_exit(self, sig, frame) -> None:
             state.draining = True  # /health fails at once, new requests get a 503
             super().handle_exit(sig, frame)
@@ -104,12 +137,6 @@ def run_server(model: str, config: Config) -> None:
             log_level="warning",
             timeout_graceful_shutdown=settings.shutdown_grace_s,
         )
-    )
-    key_note = "API key required" if state.api_key else "no API key"
-    print(
-        f"serving {state.model_id!r} on http://{settings.host}:{settings.port}/v1 ({key_note}); "
-        "Ctrl-C or SIGTERM stops it",
-        flush=True,
     )
     # uvicorn re-raises the signal it caught once it has drained; under SIGTERM's default action
     # that killed the process (exit -15) before the finally below. A handler makes it exit 0.

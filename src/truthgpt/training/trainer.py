@@ -62,6 +62,7 @@ class TrainResult:
     tokens_per_second: float
     stopped_early: bool = False
     nonfinite_skipped: int = 0
+    interrupted: bool = False  # stopped by Ctrl-C / SIGTERM before max_steps (resumable)
 
     @property
     def initial_val_ppl(self) -> float | None:
@@ -72,7 +73,7 @@ class TrainResult:
         return perplexity(self.final_val_loss)
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, key: str = "hardware.device") -> torch.device:
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
@@ -80,7 +81,7 @@ def resolve_device(name: str) -> torch.device:
             return torch.device("mps")
         return torch.device("cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"hardware.device: {name!r} asked for, but CUDA is not available")
+        raise ConfigError(f"{key}: {name!r} asked for, but CUDA is not available")
     return torch.device(name)
 
 
@@ -271,6 +272,7 @@ class Trainer:
             tokens_per_second=(self.tokens_seen - start_tokens) / max(elapsed, 1e-9),
             stopped_early=stopped_early,
             nonfinite_skipped=self.nonfinite_skipped,
+            interrupted=stop.requested,
         )
 
     def train_step(self) -> tuple[torch.Tensor, torch.Tensor | None, int, bool]:
