@@ -87,6 +87,7 @@ BAD_REQUESTS = [
     case(CHAT, {"messages": [{"role": "wizard", "content": "hi"}]}, "messages.0.role", id="role"),
     case(COMPLETIONS, {"prompt": ""}, "prompt", id="prompt-empty-str"),
     case(COMPLETIONS, {"prompt": []}, "prompt", id="prompt-empty-list"),
+    case(COMPLETIONS, {"prompt": [[]]}, "prompt", "prompt is empty", id="prompt-empty-ids"),
     # Longer than the context (256 tokens), or token ids out of the vocabulary.
     case(COMPLETIONS, {"prompt": LONG_TEXT}, "prompt", code="context_length_exceeded", id="long"),
     case(

@@ -267,9 +267,11 @@ async def _tokens(state: ServerState, prompt: str | list[int], param: str) -> li
         ids = await asyncio.to_thread(state.tokenizer.encode, prompt)
     else:
         ids = list(prompt)
+        if not ids:
+            raise APIError(400, f"{param}: the prompt is empty", param=param)
         vocab = len(state.tokenizer)
         bad = next((t for t in ids if not 0 <= t < vocab), None)
-        if not ids or bad is not None:
+        if bad is not None:
             message = f"{param}: token ids must be in [0, {vocab}), got {bad}"
             raise APIError(400, message, param=param)
     if len(ids) >= state.max_model_len:
