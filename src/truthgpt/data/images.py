@@ -56,9 +56,12 @@ def _val_count(n: int, val_fraction: float) -> int:
 class DigitsDataset(Dataset):
     """scikit-learn's 8x8 digits, upsampled to `size` x `size` on access."""
 
-    def __init__(self, images: torch.Tensor, labels: list[int], size: int, channels: int):
+    def __init__(
+        self, images: torch.Tensor, labels: list[int], indices: list[int], size: int, channels: int
+    ):
         self.images = images  # [N, 1, 8, 8], already in [-1, 1]
         self.labels = labels
+        self.indices = indices  # rows of sklearn's load_digits(), to tell splits apart
         self.size = size
         self.channels = channels
 
@@ -114,7 +117,7 @@ def digits_dataset(
             order = torch.randperm(len(members), generator=generator).tolist()
             val.update(members[j] for j in order[: _val_count(len(members), val_fraction)])
         indices = [i for i in indices if (i in val) == (split == "val")]
-    return DigitsDataset(images[indices], [labels[i] for i in indices], size, channels)
+    return DigitsDataset(images[indices], [labels[i] for i in indices], indices, size, channels)
 
 
 class ImageFolderDataset(Dataset):
