@@ -10,6 +10,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import torch
 import transformers
 import uvicorn
@@ -83,3 +84,32 @@ def start_server(folder: Path, serve: dict | None = None, inference: dict | None
             raise RuntimeError("the test server did not start")
         time.sleep(0.02)
     return RunningServer(f"http://127.0.0.1:{config.serve.port}", state, server, thread)
+
+
+def metric_values(url: str) -> dict[str, float]:
+    values = {}
+    for line in httpx.get(url + "/metrics").text.splitlines():
+        if line and not line.startswith("#") and "{" not in line:
+            name, value = line.rsplit(" ", 1)
+            values[name] = float(value)
+    return values
+
+
+IDLE = (
+    "truthgpt_running_sequences",
+    "truthgpt_kv_blocks_used",
+    "truthgpt_requests_in_flight",
+    "truthgpt_queue_depth",
+)
+
+
+def wait_until_idle(url: str, timeout_s: float = 5.0) -> dict[str, float]:
+    """Poll /metrics until nothing runs, waits or holds a KV block; fails after timeout_s."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        values = metric_values(url)
+        if all(values[name] == 0 for name in IDLE):
+            return values
+        if time.monotonic() > deadline:
+            raise AssertionError(f"still busy after {timeout_s} s: {values}")
+        time.sleep(0.05)

@@ -21,7 +21,14 @@ from contextlib import contextmanager
 
 import httpx
 import pytest
-from serving_fixtures import CONTEXT, free_port, make_model_folder, start_server
+from serving_fixtures import (
+    CONTEXT,
+    free_port,
+    make_model_folder,
+    metric_values,
+    start_server,
+    wait_until_idle,
+)
 
 COMPLETIONS, CHAT = "/v1/completions", "/v1/chat/completions"
 HI = [{"role": "user", "content": "hi"}]
@@ -294,35 +301,6 @@ def wrapped_step(running, before: Callable[[int], None]) -> Iterator[None]:
 
 def slow_steps(seconds: float) -> Callable[[int], None]:
     return lambda _call: time.sleep(seconds)
-
-
-def metric_values(url: str) -> dict[str, float]:
-    values = {}
-    for line in httpx.get(url + "/metrics").text.splitlines():
-        if line and not line.startswith("#") and "{" not in line:
-            name, value = line.rsplit(" ", 1)
-            values[name] = float(value)
-    return values
-
-
-IDLE = (
-    "truthgpt_running_sequences",
-    "truthgpt_kv_blocks_used",
-    "truthgpt_requests_in_flight",
-    "truthgpt_queue_depth",
-)
-
-
-def wait_until_idle(url: str, timeout_s: float = 5.0) -> dict[str, float]:
-    """Poll /metrics until nothing runs, waits or holds a KV block; fails after timeout_s."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        values = metric_values(url)
-        if all(values[name] == 0 for name in IDLE):
-            return values
-        if time.monotonic() > deadline:
-            raise AssertionError(f"still busy after {timeout_s} s: {values}")
-        time.sleep(0.05)
 
 
 def sse_events(response: httpx.Response) -> Iterator[dict | str]:

@@ -7,11 +7,10 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-import time
 
 import httpx
 import pytest
-from serving_fixtures import make_model_folder, start_server
+from serving_fixtures import make_model_folder, start_server, wait_until_idle
 
 STREAMS = 200
 DROPPED_EVERY = 4  # one stream in four is left after its first events
@@ -26,35 +25,6 @@ def server(tmp_path_factory):
     )
     yield running
     running.stop()
-
-
-def metric_values(url: str) -> dict[str, float]:
-    values = {}
-    for line in httpx.get(url + "/metrics").text.splitlines():
-        if line and not line.startswith("#") and "{" not in line:
-            name, value = line.rsplit(" ", 1)
-            values[name] = float(value)
-    return values
-
-
-IDLE = (
-    "truthgpt_running_sequences",
-    "truthgpt_kv_blocks_used",
-    "truthgpt_requests_in_flight",
-    "truthgpt_queue_depth",
-)
-
-
-def wait_until_idle(url: str, timeout_s: float = 5.0) -> dict[str, float]:
-    """Poll /metrics until nothing runs, waits or holds a KV block; fails after timeout_s."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        values = metric_values(url)
-        if all(values[name] == 0 for name in IDLE):
-            return values
-        if time.monotonic() > deadline:
-            raise AssertionError(f"still busy after {timeout_s} s: {values}")
-        time.sleep(0.05)
 
 
 def stream_body(index: int, max_tokens: int) -> tuple[str, dict]:
