@@ -49,7 +49,7 @@ def train(config: Config | str | Path, overwrite: bool = False, resume: bool | s
 
 def load_model(path: str | Path, device: str = "cpu"):
     """(model, tokenizer) from a run folder, a checkpoint folder or any local HF model folder."""
-    from truthgpt.inference.generate import load_for_generation
+    from truthgpt.inference.llm import load_for_generation
 
     return load_for_generation(path, device=device)
 

@@ -1,8 +1,17 @@
-"""CPU threads: how many torch may use, so two jobs on one machine do not each take every core."""
+"""The machine a job runs on: the device and precision it asked for (shared by training,
+evaluation, the engine and the server), and how many CPU threads torch may use, so two jobs on
+one machine do not each take every core. torch is imported inside the functions: config
+validation imports this module and must stay light."""
 
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
+
+from truthgpt.errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
 
 
 def usable_cores() -> int:
@@ -29,3 +38,29 @@ def apply_threads(threads: int | None) -> int:
     if torch.get_num_threads() != count:
         torch.set_num_threads(count)
     return count
+
+
+def resolve_device(name: str, key: str = "hardware.device") -> torch.device:
+    """`auto` -> cuda, else mps, else cpu; a CUDA device asked for without CUDA is an error
+    naming the config key that asked."""
+    import torch
+
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"{key}: {name!r} asked for, but CUDA is not available")
+    return torch.device(name)
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
+    """`auto` -> bf16 where the GPU supports it, else fp32; or the named dtype."""
+    import torch
+
+    if precision == "auto":
+        bf16_ok = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if bf16_ok else torch.float32
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]

@@ -9,27 +9,10 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
-import torch
-from torch import nn
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
-from truthgpt.errors import CheckpointError, RequestError
-from truthgpt.models import load_model, resolve_model_folder
-
-
-def load_for_generation(
-    path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
-) -> tuple[nn.Module, PreTrainedTokenizerBase]:
-    folder = resolve_model_folder(path)
-    model = load_model(folder, device=device, dtype=dtype)
-    if hasattr(model, "merge_and_unload"):  # LoRA: fold the adapters in, generate at full speed
-        model = model.merge_and_unload()
-    model = model.eval()
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{folder} has no usable tokenizer: {exc}") from None
-    return model, tokenizer
+from truthgpt.errors import RequestError
+from truthgpt.inference.llm import load_for_generation  # noqa: F401  (re-exported)
 
 
 def chat_prompt(tokenizer: PreTrainedTokenizerBase, user_message: str) -> str:

@@ -19,12 +19,13 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import PreTrainedTokenizerBase
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from truthgpt.config import InferenceConfig
-from truthgpt.errors import ConfigError, RequestError
+from truthgpt.errors import CheckpointError, ConfigError, RequestError
 from truthgpt.inference.request import RequestOutput
 from truthgpt.inference.sampling_params import SamplingParams
+from truthgpt.models import load_model, resolve_model_folder
 from truthgpt.models.decoder import Decoder
 
 log = logging.getLogger(__name__)
@@ -47,6 +48,22 @@ def inference_dtype(choice: str, device: torch.device) -> torch.dtype:
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[choice]
 
 
+def load_for_generation(
+    path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+) -> tuple[nn.Module, PreTrainedTokenizerBase]:
+    """A run, checkpoint or HF folder -> (model in eval mode, LoRA merged; its tokenizer)."""
+    folder = resolve_model_folder(path)
+    model = load_model(folder, device=device, dtype=dtype)
+    if hasattr(model, "merge_and_unload"):  # LoRA: fold the adapters in, generate at full speed
+        model = model.merge_and_unload()
+    model = model.eval()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{folder} has no usable tokenizer: {exc}") from None
+    return model, tokenizer
+
+
 class LLM:
     """A model loaded for generation, with the engine (native models) behind `generate`."""
 
@@ -60,8 +77,7 @@ class LLM:
         """model: a run, checkpoint or HF folder (or a loaded module with `tokenizer`);
         options: `inference:` config keys (block_size, max_num_seqs, device, dtype, ...), or
         a whole validated `inference` section."""
-        from truthgpt.inference.generate import load_for_generation
-        from truthgpt.training.trainer import resolve_device
+        from truthgpt.hardware import resolve_device
 
         if inference is not None and options:
             raise ConfigError("give either inference= or keyword options, not both")

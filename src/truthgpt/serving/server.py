@@ -25,14 +25,12 @@ def serve_config(model: str, config: str | Path | None, overrides: list[str]) ->
 
 def build_state(model: str, config: Config):
     """Load the model and start the engine loop; returns the app's ServerState."""
-    from truthgpt.hardware import apply_threads
+    from truthgpt.hardware import apply_threads, resolve_device
     from truthgpt.inference.async_engine import AsyncEngine
     from truthgpt.inference.engine import Engine
-    from truthgpt.inference.generate import load_for_generation
-    from truthgpt.inference.llm import inference_dtype
+    from truthgpt.inference.llm import inference_dtype, load_for_generation
     from truthgpt.models.decoder import Decoder
     from truthgpt.serving.openai_api import ServerState
-    from truthgpt.training.trainer import resolve_device
 
     apply_threads(config.hardware.threads)
     options, settings = config.inference, config.serve

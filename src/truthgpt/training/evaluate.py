@@ -71,9 +71,9 @@ def evaluate_run(
     evaluated. Otherwise the run's `split` ("val" or "train") is used.
     """
     from truthgpt.data.loader import val_batches
+    from truthgpt.hardware import resolve_device, resolve_precision
     from truthgpt.models import load_model, resolve_model_folder
     from truthgpt.training.tasks import build_task
-    from truthgpt.training.trainer import resolve_device, resolve_precision
 
     run_dir = Path(run)
     if not (run_dir / config_module.CONFIG_FILE).is_file():

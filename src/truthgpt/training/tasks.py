@@ -66,11 +66,14 @@ def build_task(config: Config) -> Task:
 class LanguageModelTask:
     """Next-token prediction with a decoder from `model.arch`; the subclasses differ in data."""
 
+    # How the subclass reads its data: (config, run_dir, log) -> PreparedData.
+    prepare_data: Callable[[Config, Path | None, Callable[[str], None]], PreparedData]
+
     def __init__(self, config: Config) -> None:
         self.config = config
 
     def build_data(self, run_dir: Path | None, log: Callable[[str], None]) -> PreparedData:
-        raise NotImplementedError
+        return type(self).prepare_data(self.config, run_dir, log)
 
     def build_model(self, data: PreparedData) -> nn.Module:
         return build_model(self.config, vocab_size=len(data.tokenizer))
@@ -105,14 +108,12 @@ class LanguageModelTask:
 
 @TASKS.register("causal_lm")
 class CausalLMTask(LanguageModelTask):
-    def build_data(self, run_dir: Path | None, log: Callable[[str], None]) -> PreparedData:
-        return prepare_causal_lm_data(self.config, run_dir, log)
+    prepare_data = staticmethod(prepare_causal_lm_data)
 
 
 @TASKS.register("sft")
 class SFTTask(LanguageModelTask):
-    def build_data(self, run_dir: Path | None, log: Callable[[str], None]) -> PreparedData:
-        return prepare_sft_data(self.config, run_dir, log)
+    prepare_data = staticmethod(prepare_sft_data)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -28,9 +28,9 @@ from torch import nn
 from truthgpt.config import Config
 from truthgpt.data import PreparedData
 from truthgpt.data.loader import EpochBatches, val_batches
-from truthgpt.errors import ConfigError, TrainingError
+from truthgpt.errors import TrainingError
 from truthgpt.guard import CHECKPOINTS
-from truthgpt.hardware import apply_threads
+from truthgpt.hardware import apply_threads, resolve_device, resolve_precision
 from truthgpt.training.callbacks import Callback, build_callbacks
 from truthgpt.training.checkpoint import (
     find_resumable,
@@ -71,25 +71,6 @@ class TrainResult:
     @property
     def final_val_ppl(self) -> float | None:
         return perplexity(self.final_val_loss)
-
-
-def resolve_device(name: str, key: str = "hardware.device") -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"{key}: {name!r} asked for, but CUDA is not available")
-    return torch.device(name)
-
-
-def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
-    if precision == "auto":
-        bf16_ok = device.type == "cuda" and torch.cuda.is_bf16_supported()
-        return torch.bfloat16 if bf16_ok else torch.float32
-    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
 def seed_everything(seed: int) -> None:
