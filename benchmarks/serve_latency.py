@@ -1,10 +1,11 @@
 """Serving latency and throughput: streaming clients over loopback HTTP vs the engine directly.
 
-One process serves (the engine thread plus uvicorn in a thread, as `truthgpt serve` runs); the
-HTTP clients run in a separate process (httpx, asyncio) so their parsing does not compete with
-the server for the GIL, as a real client would not. The same load also runs through the
-engine's asyncio front end directly, in the server process: the difference is what the HTTP
-layer costs (JSON, SSE, uvicorn).
+Two servers answer the same load over HTTP: one with the engine in its own process (`serve.engine:
+process`, the default of `truthgpt serve`), one with the engine in a thread of the server process
+(`serve.engine: thread`). The HTTP clients run in a separate process (httpx, asyncio) so their
+parsing does not compete with the server for the GIL, as a real client would not. The same load
+also runs through the engine's asyncio front end directly, in this process: the difference is
+what the HTTP layer costs (JSON, SSE, uvicorn, and for the process engine the pipe).
 
 Per concurrency C: C requests at once, each a random 128-token prompt and 256 new tokens
 (greedy, EOS ignored); time to first token (TTFT) and inter-token latency (ITL) per request,
@@ -120,6 +121,54 @@ async def _direct_load(engine, prompts: list[list[int]], new: int) -> dict:
     return record
 
 
+def build_engine(shape: str, device_type: str, dtype_name: str, options, spare_core: bool = False):
+    """The benchmark's engine (random weights), built in whichever process calls it: the
+    process engine's child builds its own from this picklable recipe (on a CPU it leaves the
+    server a core, as `truthgpt serve` does)."""
+    import torch
+
+    from truthgpt.hardware import default_threads
+
+    if spare_core and device_type == "cpu":
+        torch.set_num_threads(max(1, default_threads() - 1))
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from generate_throughput import build_model, tokenizer
+
+    from truthgpt.inference.engine import Engine
+
+    model = build_model(shape, torch.device(device_type), getattr(torch, dtype_name))
+    return Engine(model, tokenizer(), options)
+
+
+def start_http(state, build_app, uvicorn):
+    server = uvicorn.Server(uvicorn.Config(build_app(state), port=0, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    return server, thread, f"http://127.0.0.1:{port}"
+
+
+def http_load(context, url: str, prompts, new: int, repeats: int) -> list[dict]:
+    queue = context.Queue()
+    # One warm-up load (connections, JIT of the client's own code), then the timed repeats.
+    client = context.Process(
+        target=http_client_process, args=(url, [prompts] * (repeats + 1), new, queue)
+    )
+    client.start()
+    runs = None
+    while runs is None:  # a crashed client must not hang the benchmark
+        try:
+            runs = queue.get(timeout=5)[1:]
+        except Exception:
+            if not client.is_alive():
+                raise RuntimeError(f"the HTTP client died ({client.exitcode})") from None
+    client.join()
+    return runs
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--concurrency", default="1,16,64,256")
@@ -128,42 +177,47 @@ def main() -> None:
     parser.add_argument("--json", help="write all numbers here")
     args = parser.parse_args()
 
+    import functools
     import multiprocessing
 
     import torch
     import uvicorn
 
     sys.path.insert(0, str(Path(__file__).parent))
-    from generate_throughput import build_model, random_prompts, tokenizer
+    from generate_throughput import random_prompts, tokenizer
 
     from truthgpt.config import InferenceConfig, ServeConfig
     from truthgpt.inference.async_engine import AsyncEngine
-    from truthgpt.inference.engine import Engine
+    from truthgpt.inference.engine_process import EngineProcess
     from truthgpt.serving.openai_api import ServerState, build_app
 
     device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype_name = "bfloat16" if device.type == "cuda" else "float32"
     shape = "tiny" if args.tiny else "tinyllama"
     prompt_len, new = (16, 8) if args.tiny else (128, 256)
     levels = [int(c) for c in args.concurrency.split(",")]
     tok = tokenizer()
-    model = build_model(shape, device, dtype)
     options = InferenceConfig(
         device=device.type,
-        max_model_len=min(2048, model.config.max_position_embeddings),
+        max_model_len=2048 if not args.tiny else 256,
         max_num_seqs=max(levels),
-        gpu_memory_fraction=0.5,
+        gpu_memory_fraction=0.35,  # two engines share the GPU: this process's and the child's
         cuda_graphs=device.type == "cuda",
     )
-    engine = AsyncEngine(Engine(model, tok, options))
-    state = ServerState(engine, tok, "bench", ServeConfig(max_queued_requests=4096))
-    server = uvicorn.Server(uvicorn.Config(build_app(state), port=0, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.05)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    url = f"http://127.0.0.1:{port}"
+    recipe = functools.partial(build_engine, shape, device.type, dtype_name, options)
+    engine = AsyncEngine(recipe())
+    servers = {
+        "HTTP, engine process": ServerState(
+            EngineProcess(functools.partial(recipe, spare_core=True)),
+            tok,
+            "bench",
+            ServeConfig(max_queued_requests=4096),
+        ),
+        "HTTP, engine thread": ServerState(
+            engine, tok, "bench", ServeConfig(max_queued_requests=4096, engine="thread")
+        ),
+    }
+    running = {name: start_http(state, build_app, uvicorn) for name, state in servers.items()}
 
     vocab = len(tok)
     loads = {c: random_prompts(c, prompt_len, vocab, seed=c) for c in levels}
@@ -172,30 +226,23 @@ def main() -> None:
     table = []
     context = multiprocessing.get_context("spawn")
     for c in levels:
-        direct = [asyncio.run(_direct_load(engine, loads[c], new)) for _ in range(args.repeats)]
-        queue = context.Queue()
-        # One warm-up load (connections, JIT of the client's own code), then the timed repeats.
-        client = context.Process(
-            target=http_client_process,
-            args=(url, [loads[c]] * (args.repeats + 1), new, queue),
-        )
-        client.start()
-        http = None
-        while http is None:  # a crashed client must not hang the benchmark
-            try:
-                http = queue.get(timeout=5)[1:]
-            except Exception:
-                if not client.is_alive():
-                    raise RuntimeError(f"the HTTP client died ({client.exitcode})") from None
-        client.join()
-        for name, runs in (("engine direct", direct), ("HTTP streaming", http)):
+        results = {
+            "engine direct": [
+                asyncio.run(_direct_load(engine, loads[c], new)) for _ in range(args.repeats)
+            ]
+        }
+        for name, (_server, _thread, url) in running.items():
+            results[name] = http_load(context, url, loads[c], new, args.repeats)
+        for name, runs in results.items():
             summary = summarize(runs)
             report[f"{c}/{name}"] = summary
             table.append((c, name, summary))
             print(c, name, summary, flush=True)
-    server.should_exit = True
-    thread.join(10)
-    engine.shutdown()
+    for server, thread, _url in running.values():
+        server.should_exit = True
+        thread.join(10)
+    for state in servers.values():
+        state.engine.shutdown()
 
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1))
@@ -204,7 +251,7 @@ def main() -> None:
     print(f"clients | path | {header}")
     for c, name, s in table:
         ratio = ""
-        if name == "HTTP streaming":
+        if name.startswith("HTTP"):
             ratio = f"{s['tok_s'][0] / report[f'{c}/engine direct']['tok_s'][0]:.2f}"
         print(
             f"{c} | {name} | {s['ttft_ms'][0]:.1f} / {s['ttft_ms'][1]:.1f} | "

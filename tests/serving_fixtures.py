@@ -23,7 +23,7 @@ from truthgpt.serving.server import build_state
 CONTEXT = 256
 
 
-def make_model_folder(folder: Path) -> Path:
+def make_model_folder(folder: Path, context: int = CONTEXT) -> Path:
     """A random tiny Llama and a BPE tokenizer trained on stdlib source, saved as HF files."""
     source = Path(inspect.__file__).read_text()[:80_000]
     tokenizer = train_bpe_tokenizer([source], vocab_size=320, max_chars=80_000)
@@ -35,7 +35,7 @@ def make_model_folder(folder: Path) -> Path:
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=CONTEXT,
+        max_position_embeddings=context,
         tie_word_embeddings=False,
     )
     model = transformers.LlamaForCausalLM(config).eval()
@@ -68,8 +68,11 @@ class RunningServer:
 
 
 def start_server(folder: Path, serve: dict | None = None, inference: dict | None = None):
+    """The engine runs in a thread unless `serve` says `engine: process` (the default of
+    `truthgpt serve`): a thread starts in no time, and the fault tests reach into its engine."""
     settings = {"device": "cpu", "max_num_seqs": 64, "block_size": 16, **(inference or {})}
-    config = load({"inference": settings, "serve": {"port": free_port(), **(serve or {})}})
+    serve = {"port": free_port(), "engine": "thread", **(serve or {})}
+    config = load({"inference": settings, "serve": serve})
     state = build_state(str(folder), config)
     server = uvicorn.Server(
         uvicorn.Config(

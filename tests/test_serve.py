@@ -19,9 +19,10 @@ def folder(tmp_path_factory):
     return make_model_folder(tmp_path_factory.mktemp("model"))
 
 
-@pytest.fixture(scope="module")
-def server(folder):
-    running = start_server(folder)
+@pytest.fixture(scope="module", params=["thread", "process"])
+def server(folder, request):
+    """Every test runs against both engine front ends: a thread here, a process of its own."""
+    running = start_server(folder, serve={"engine": request.param})
     yield running
     running.stop()
 
@@ -284,3 +285,22 @@ def test_metrics_count_known_routes_only(server):
         assert httpx.get(f"{server.url}{path}").status_code == 404
     text = httpx.get(f"{server.url}/metrics").text
     assert "nope" not in text and "nowhere" not in text
+
+
+def test_preformatted_stream_events_equal_the_full_encoding():
+    """The streaming fast path (an envelope formatted once per reply) sends the same JSON as
+    the dict + json.dumps path, in ASCII, one event per line pair, for both APIs."""
+    import json
+
+    from truthgpt.serving.responses import Choice, Reply, sse
+
+    for chat in (False, True):
+        reply = Reply('model "x"', chat, False, token_text=None)
+        for finish in (None, "stop", "length"):
+            choice = Choice(2, finish_reason=finish)
+            for first in (True, False):
+                for text in ("h\u00e9llo\u2028\n\"x\\", ""):
+                    fast = reply.chunk_event(choice, text, [], first)
+                    full = sse(reply.chunk(choice, text, [], first))
+                    assert json.loads(fast[len("data: ") :]) == json.loads(full[len("data: ") :])
+                    assert fast.isascii() and fast.endswith("\n\n") and fast.count("\n") == 2

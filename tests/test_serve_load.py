@@ -18,10 +18,12 @@ DROPPED_MAX_TOKENS = 200  # long, so that a dropped stream is surely still runni
 BURST = 50
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
+@pytest.fixture(scope="module", params=["thread", "process"])
+def server(tmp_path_factory, request):
     running = start_server(
-        make_model_folder(tmp_path_factory.mktemp("model")), inference={"max_num_seqs": 64}
+        make_model_folder(tmp_path_factory.mktemp("model")),
+        serve={"engine": request.param},
+        inference={"max_num_seqs": 64},
     )
     yield running
     running.stop()
@@ -100,7 +102,7 @@ def test_concurrent_streams_with_early_disconnects(server):
     dropped = {index for index in range(STREAMS) if index % DROPPED_EVERY == 1}
     for index in dropped:
         max_tokens[index] = DROPPED_MAX_TOKENS
-    engine = server.state.engine.engine
+    engine = server.state.engine  # a thread's or a process's front end: both report stats
     generated_before = engine.stats().generated_tokens
 
     async def run_all() -> list:

@@ -357,6 +357,11 @@ class ServeConfig(Section):
     stall_after_s: float = Field(
         30, gt=0, description="/health fails when the engine loop is silent this long"
     )
+    engine: Literal["process", "thread"] = Field(
+        "process",
+        description="process: the engine in its own process (HTTP work never slows it); "
+        "thread: in the server's process (starts faster, one process to watch)",
+    )
 
 
 # The names diffusion/schedulers.py maps to diffusers classes, listed here so a config is checked

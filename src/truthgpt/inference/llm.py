@@ -56,12 +56,15 @@ def load_for_generation(
     model = load_model(folder, device=device, dtype=dtype)
     if hasattr(model, "merge_and_unload"):  # LoRA: fold the adapters in, generate at full speed
         model = model.merge_and_unload()
-    model = model.eval()
+    return model.eval(), load_tokenizer(folder)
+
+
+def load_tokenizer(folder: Path) -> PreTrainedTokenizerBase:
+    """The tokenizer saved beside a model (a run's checkpoint or an HF folder)."""
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+        return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"{folder} has no usable tokenizer: {exc}") from None
-    return model, tokenizer
 
 
 class LLM:

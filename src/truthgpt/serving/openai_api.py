@@ -73,6 +73,8 @@ def build_app(state: ServerState) -> FastAPI:
         engine = state.engine
         if not engine.is_alive:
             return JSONResponse({"status": "engine loop is down"}, status_code=503)
+        if not engine.ready:
+            return JSONResponse({"status": "engine is loading"}, status_code=503)
         if engine.stalled(state.settings.stall_after_s):
             return JSONResponse({"status": "engine loop is stalled"}, status_code=503)
         if state.draining:
@@ -81,9 +83,7 @@ def build_app(state: ServerState) -> FastAPI:
 
     @app.get("/metrics")
     async def metrics() -> Response:
-        body = state.metrics.render(
-            state.engine.engine.stats(), state.in_flight, state.engine.restarts
-        )
+        body = state.metrics.render(state.engine.stats(), state.in_flight, state.engine.restarts)
         return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.get("/v1/models")

@@ -124,6 +124,7 @@ class Reply:
     token_text: TokenText
     id: str = ""
     created: int = 0
+    _event_head: str | None = None  # chunk_event's envelope up to the choice index
 
     def __post_init__(self) -> None:
         self.id = self.id or new_id("chatcmpl" if self.chat else "cmpl")
@@ -191,6 +192,28 @@ class Reply:
             )
         entry["finish_reason"] = choice.finish_reason
         return self._envelope("chat.completion.chunk" if self.chat else "text_completion", [entry])
+
+    def chunk_event(self, choice: Choice, text: str, logprobs: list[dict], first: bool) -> str:
+        """`sse(self.chunk(...))`, built from a preformatted envelope when there are no
+        logprobs: a stream sends one of these per choice per step, and a dict plus
+        `json.dumps` for each was most of the server's own work under load."""
+        if self.want_logprobs:
+            return sse(self.chunk(choice, text, logprobs, first))
+        if self._event_head is None:
+            object_type = "chat.completion.chunk" if self.chat else "text_completion"
+            self._event_head = (
+                f'data: {{"id": {json.dumps(self.id)}, "object": "{object_type}", '
+                f'"created": {self.created}, "model": {json.dumps(self.model)}, '
+                '"choices": [{"index": '
+            )
+        finish = "null" if choice.finish_reason is None else f'"{choice.finish_reason}"'
+        if self.chat:
+            role = ', "role": "assistant"' if first else ""
+            body = f'"delta": {{"content": {json.dumps(text)}{role}}}'
+        else:
+            body = f'"text": {json.dumps(text)}'
+        tail = f', "logprobs": null, "finish_reason": {finish}}}]}}\n\n'
+        return f"{self._event_head}{choice.index}, {body}{tail}"
 
     def usage_chunk(self, choices: list[Choice], prompt_tokens: int) -> dict:
         body = self._envelope("chat.completion.chunk" if self.chat else "text_completion", [])

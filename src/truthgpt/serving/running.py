@@ -21,7 +21,7 @@ from transformers import PreTrainedTokenizerBase
 
 from truthgpt.config import ServeConfig
 from truthgpt.errors import RequestError
-from truthgpt.inference.async_engine import AsyncEngine, EngineDeadError
+from truthgpt.inference.async_engine import EngineDeadError, EngineStartingError, FrontEnd
 from truthgpt.inference.request import RequestOutput
 from truthgpt.inference.sampling_params import SamplingParams
 from truthgpt.serving.metrics import Metrics
@@ -33,7 +33,7 @@ from truthgpt.serving.responses import Choice, Reply, TokenText, sse
 class ServerState:
     """What the routes share: the engine, the tokenizer, the limits, the counters."""
 
-    engine: AsyncEngine
+    engine: FrontEnd  # AsyncEngine (a thread) or EngineProcess
     tokenizer: PreTrainedTokenizerBase
     model_id: str
     settings: ServeConfig
@@ -46,8 +46,8 @@ class ServerState:
     draining: bool = False
 
     def __post_init__(self) -> None:
-        self.max_model_len = self.engine.engine.max_model_len
-        self.max_running = self.engine.engine.options.max_num_seqs
+        self.max_model_len = self.engine.max_model_len
+        self.max_running = self.engine.max_num_seqs
         self.token_text = TokenText(self.tokenizer)
 
 
@@ -208,6 +208,11 @@ class _Run:
     def _take(self, index: int, item) -> tuple[int, RequestOutput | None]:
         if isinstance(item, APIError):
             raise item
+        if isinstance(item, EngineStartingError):
+            raise APIError(
+                503, str(item), kind="server_error", code="engine_starting",
+                headers={"Retry-After": "5"},
+            )  # fmt: skip
         if isinstance(item, EngineDeadError):
             raise APIError(500, str(item), kind="server_error", code="engine_error")
         if isinstance(item, RequestError):
@@ -287,7 +292,7 @@ async def _stream(run: _Run, first, include_usage: bool, cache_key) -> AsyncIter
                 text, logprobs = choice.take_delta()
                 ends = choice.finish_reason is not None and choice.index not in ended
                 if text or logprobs or ends or choice.index not in started:
-                    yield sse(reply.chunk(choice, text, logprobs, choice.index not in started))
+                    yield reply.chunk_event(choice, text, logprobs, choice.index not in started)
                     started.add(choice.index)
                     if ends:
                         ended.add(choice.index)

@@ -23,18 +23,22 @@ def serve_config(model: str, config: str | Path | None, overrides: list[str]) ->
     return load(source, list(overrides))
 
 
-def build_state(model: str, config: Config):
-    """Load the model and start the engine loop; returns the app's ServerState."""
-    from truthgpt.hardware import apply_threads, resolve_device
-    from truthgpt.inference.async_engine import AsyncEngine
+def load_engine(model: str, config: Config):
+    """Load the model and build its Engine (in the engine process, or in this one)."""
+    from truthgpt.hardware import apply_threads, default_threads, resolve_device
     from truthgpt.inference.engine import Engine
     from truthgpt.inference.llm import inference_dtype, load_for_generation
     from truthgpt.models.decoder import Decoder
-    from truthgpt.serving.openai_api import ServerState
 
-    apply_threads(config.hardware.threads)
-    options, settings = config.inference, config.serve
+    options = config.inference
     device = resolve_device(options.device, "inference.device")
+    threads = config.hardware.threads
+    if threads is None and config.serve.engine == "process" and device.type == "cpu":
+        # The engine's torch threads meet at a barrier after every op; one of them waiting
+        # for a core that the HTTP process holds stalls them all (measured on 2 cores: steps
+        # 10-20x slower with every core given to torch). Leave the server one core.
+        threads = max(1, default_threads() - 1)
+    apply_threads(threads)
     loaded, tokenizer = load_for_generation(model, device, inference_dtype(options.dtype, device))
     if not isinstance(loaded, Decoder):
         raise ConfigError(
@@ -43,7 +47,31 @@ def build_state(model: str, config: Config):
             "time: use `truthgpt generate` for it"
         )
     loaded.fuse_for_inference()
-    engine = AsyncEngine(Engine(loaded, tokenizer, options))
+    return Engine(loaded, tokenizer, options)
+
+
+def start_engine(model: str, config: Config):
+    """The engine's front end that `serve.engine` names: its own process, or a thread here."""
+    import functools
+
+    if config.serve.engine == "process":
+        from truthgpt.inference.engine_process import EngineProcess
+
+        return EngineProcess(functools.partial(load_engine, model, config))
+    from truthgpt.inference.async_engine import AsyncEngine
+
+    return AsyncEngine(load_engine(model, config))
+
+
+def build_state(model: str, config: Config):
+    """Start the engine (the model loads there) and the tokenizer; returns the ServerState."""
+    from truthgpt.inference.llm import load_tokenizer
+    from truthgpt.models import resolve_model_folder
+    from truthgpt.serving.openai_api import ServerState
+
+    settings = config.serve
+    tokenizer = load_tokenizer(resolve_model_folder(model))
+    engine = start_engine(model, config)
     cache = None
     if settings.result_cache:
         from truthgpt.serving.result_cache import ResultCache
