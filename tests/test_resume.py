@@ -128,7 +128,9 @@ def test_kill_9_mid_training_then_resume(tmp_path: Path) -> None:
     killed_after = None
     while time.time() < deadline and proc.poll() is None:
         if metrics.is_file():
-            steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines() if line]
+            # Whole lines only: the writer may be half way through the last one.
+            lines = metrics.read_text().split("\n")[:-1]
+            steps = [json.loads(line)["step"] for line in lines if line]
             if steps and max(steps) >= 25:
                 proc.send_signal(signal.SIGKILL)
                 killed_after = max(steps)
