@@ -10,6 +10,7 @@ at any world size, and into a plain (unsharded) model in a single process too.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -80,21 +81,27 @@ def save_sharded(
 def load_sharded(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
     """Load the shards of `folder` into `model` (and `optimizer`), sharded or not, at any world
     size: DCP reads the slices each rank's tensors cover."""
-    alone = not dist.is_initialized()  # one plain process: read every slice itself
     if optimizer is None:
         model_state = get_model_state_dict(model)
-        dcp.load({"model": model_state}, checkpoint_id=folder / SHARDED_DIR, no_dist=alone)
+        _read_shards({"model": model_state}, folder)
         set_model_state_dict(model, model_state)
         return
     model_state, optimizer_state = get_state_dict(model, optimizer)
     state = {"model": model_state, "optimizer": optimizer_state}
-    dcp.load(state, checkpoint_id=folder / SHARDED_DIR, no_dist=alone)
+    _read_shards(state, folder)
     set_state_dict(
         model,
         optimizer,
         model_state_dict=state["model"],
         optim_state_dict=state["optimizer"],
     )
+
+
+def _read_shards(state: dict[str, Any], folder: Path) -> None:
+    with warnings.catch_warnings():
+        # One plain process reads every slice itself: what DCP warns about is what we want.
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single")
+        dcp.load(state, checkpoint_id=folder / SHARDED_DIR, no_dist=not dist.is_initialized())
 
 
 def export_checkpoint(
