@@ -1,8 +1,9 @@
 """Training across processes on the CPU (gloo), launched as users do: `truthgpt train --nproc 2`.
 
-The reference is always one process with the same global batch (grad_accum_steps x 2): two
-processes under DDP or FSDP, a run one of whose ranks was killed and resumed, and an FSDP
-checkpoint resumed by a single process all give its per-step losses.
+The reference is always one process with the same global batch (twice the grad_accum_steps):
+two processes under DDP or FSDP (each accumulating two micro-batches, so the gradient sync
+skipped on the first is exercised), a run one of whose ranks was killed and resumed, and an
+FSDP checkpoint resumed by a single process all give its per-step losses.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from truthgpt.config import load
 from truthgpt.errors import CheckpointError, ConfigError
 from truthgpt.models import load_model
 from truthgpt.training.checkpoint import find_resumable
+from truthgpt.training.distributed import resolve_parallel
 from truthgpt.training.sharded import export_checkpoint
 from truthgpt.training.trainer import train
 
@@ -44,6 +46,7 @@ def dist_config(tmp_path: Path, name: str, **training: object) -> dict:
         training={
             "max_steps": STEPS,
             "batch_size": 4,
+            "grad_accum_steps": 2,
             "eval_every": 4,
             "eval_batches": 3,
             "log_every": 1,
@@ -90,7 +93,7 @@ def run_two(tmp_path: Path, raw: dict, *args: str) -> None:
 def reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One process, the global batch of two ranks by accumulation: the run to match."""
     tmp_path = tmp_path_factory.mktemp("reference")
-    return train(load(dist_config(tmp_path, "reference", grad_accum_steps=2))).run_dir
+    return train(load(dist_config(tmp_path, "reference", grad_accum_steps=4))).run_dir
 
 
 @pytest.fixture(scope="module")
@@ -142,7 +145,7 @@ def test_an_fsdp_checkpoint_resumes_in_one_process_and_exports_merged(
     assert torch.allclose(got, expected, rtol=1e-4, atol=1e-5)
     # One process, no FSDP: accumulation keeps the global batch, the shards are read whole.
     one = {**fsdp_run, "training": {**fsdp_run["training"], "max_steps": STEPS}}
-    one["training"].update(parallel="none", grad_accum_steps=2)
+    one["training"].update(parallel="none", grad_accum_steps=4)
     result = train(load(one), resume=True)
     assert result.steps == STEPS
     assert_close(losses(run_dir), losses(reference))
@@ -186,7 +189,7 @@ def test_kill_9_of_one_rank_then_resume_matches(tmp_path: Path) -> None:
     assert torch.load(last / "train_state.pt", weights_only=True)["step"] < steps
 
     run_two(tmp_path, raw, "--resume")
-    reference = train(load({**raw, "run_name": "reference"}, ["training.grad_accum_steps=2"]))
+    reference = train(load({**raw, "run_name": "reference"}, ["training.grad_accum_steps=4"]))
     assert_close(losses(run_dir), losses(reference.run_dir))
 
 
@@ -197,3 +200,8 @@ def test_bad_process_settings_are_errors_naming_the_key(tmp_path: Path) -> None:
         load({"training": {"parallel": "zero3"}})
     with pytest.raises(ConfigError, match="training.parallel: fsdp does not support .*fp16"):
         train(load(dist_config(tmp_path, "fp16", parallel="fsdp", precision="fp16")))
+    config = load(dist_config(tmp_path, "alone", parallel="none"))
+    with pytest.raises(ConfigError, match="training.parallel: none, but 2 processes"):
+        resolve_parallel(config, world_size=2)
+    assert resolve_parallel(load(dist_config(tmp_path, "auto")), world_size=2) == "ddp"
+    assert resolve_parallel(load(dist_config(tmp_path, "auto")), world_size=1) == "none"

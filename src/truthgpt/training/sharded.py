@@ -34,6 +34,7 @@ from truthgpt.manifest import write_manifest
 from truthgpt.models.build import resolve_model_folder
 from truthgpt.models.export import export_hf
 from truthgpt.training import distributed
+from truthgpt.training.checkpoint import verify_checkpoint
 
 
 def save_sharded(
@@ -109,10 +110,11 @@ def export_checkpoint(
 ) -> Path:
     """`truthgpt export`: the model of a run or checkpoint folder as a transformers folder;
     a sharded checkpoint is merged first (export_merged), any other goes to models/export.py."""
-    folder = resolve_model_folder(source)  # the one verification, hashes included
-    if (folder / SHARDED_DIR).is_dir():
-        return export_merged(folder, Path(out_dir), overwrite)
-    return export_hf(source, out_dir, merge_lora=merge_lora, overwrite=overwrite)
+    folder = resolve_model_folder(source, hashes=False)  # which one; each path hashes it once
+    if not (folder / SHARDED_DIR).is_dir():
+        return export_hf(source, out_dir, merge_lora=merge_lora, overwrite=overwrite)
+    verify_checkpoint(folder)
+    return export_merged(folder, Path(out_dir), overwrite)
 
 
 def export_merged(folder: Path, out_dir: Path, overwrite: bool = False) -> Path:
