@@ -249,11 +249,11 @@ class Trainer:
                 self.ema.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
-        return StepResult(loss, grad_norm, tokens, not skip, stop)
+        return StepResult(loss, grad_norm, int(tokens), not skip, stop)  # synced already
 
-    def accumulate_gradients(self) -> tuple[torch.Tensor, int]:
+    def accumulate_gradients(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Forward and backward over the step's micro-batches; returns (loss, tokens), both
-        over all ranks.
+        over all ranks, as tensors (read on the host after the step's one sync).
 
         Every target of the step weighs the same, however micro-batches and ranks split them
         (SFT batches hold different numbers of answer tokens): each micro-batch adds its summed
@@ -286,7 +286,7 @@ class Trainer:
         grads = [p.grad for p in self.trainable_params if p.grad is not None]
         if grads:
             torch._foreach_mul_(grads, per_target)
-        return loss_sum / targets.clamp(min=1.0), int(all_tokens)
+        return loss_sum / targets.clamp(min=1.0), all_tokens
 
     def handle_nonfinite(self, loss: torch.Tensor, grad_norm: torch.Tensor | None) -> bool:
         """Count a skipped update; after too many in a row, stop or roll back (returns True)."""
