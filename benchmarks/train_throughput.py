@@ -20,8 +20,9 @@ from pathlib import Path
 import torch
 
 from truthgpt.config import load
+from truthgpt.hardware import PEAK_BF16_FLOPS
 from truthgpt.models.hf_io import save_hf
-from truthgpt.training.trainer import PEAK_BF16_FLOPS, Trainer, build_model, prepare_run_dir
+from truthgpt.training.trainer import Trainer, build_model, prepare_run_dir
 
 
 def peak_flops() -> float | None:
@@ -99,8 +100,7 @@ def run_ours(args, workdir: Path, dataset: RandomBlocks) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
-        loss, _, tokens, _ = trainer.train_step()
-        float(loss)
+        loss = float(trainer.train_step().loss)
         times.append(time.perf_counter() - start)
         if step + 1 == args.warmup and device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()

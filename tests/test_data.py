@@ -347,6 +347,20 @@ def test_epoch_batches_resume_exactly_across_an_epoch_boundary() -> None:
     assert first.state_dict() == {"epoch": 2, "batch_index": 1}  # 2 batches per epoch
 
 
+def test_ranks_share_out_the_batches_and_resume_at_another_world_size() -> None:
+    dataset = index_dataset(40)
+    alone = take(EpochBatches(dataset, batch_size=2, seed=5), 12)
+    ranks = [EpochBatches(dataset, batch_size=2, seed=5, rank=r, world_size=2) for r in (0, 1)]
+    firsts = [take(ranks[0], 4), take(ranks[1], 4)]
+    # Rank r takes batches r, r + 2, ...: together the ranks take what one process takes.
+    assert [batch for pair in zip(*firsts) for batch in pair] == alone[:8]
+    state = ranks[0].state_dict()
+    assert state == {"epoch": 0, "batch_index": 4, "world_size": 2}
+    resumed = EpochBatches(dataset, batch_size=2, seed=5)
+    resumed.load_state_dict(state)
+    assert take(resumed, 4) == alone[8:]
+
+
 def test_epoch_batches_fill_a_batch_from_a_small_dataset() -> None:
     batches = EpochBatches(index_dataset(3), batch_size=8, seed=0)
     assert batches.batches_per_epoch == 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -53,8 +54,26 @@ def train(
         bool,
         typer.Option(help="Continue from the newest complete checkpoint of the run folder."),
     ] = False,
+    nproc: Annotated[
+        int | None,
+        typer.Option(
+            help="Train on N processes (GPUs) of this machine: runs this command under torchrun."
+        ),
+    ] = None,
 ) -> None:
     """Train the model a YAML config describes; writes the run folder."""
+    if nproc is not None:
+        from truthgpt.training.distributed import torchrun_command
+
+        args = ["train", str(config), *[f"--set={item}" for item in set_ or []]]
+        args += ["--overwrite"] * overwrite + ["--resume"] * resume
+        try:
+            command = torchrun_command(nproc, args)
+        except TruthGPTError as exc:
+            _fail(exc)
+        sys.stdout.flush()
+        os.execv(command[0], command)  # torchrun takes this process's place (and its signals)
+
     from truthgpt.config import load
     from truthgpt.training.trainer import train as run_training
 
@@ -110,12 +129,12 @@ def export(
     ] = False,
 ) -> None:
     """Write a Hugging Face folder (config.json, model.safetensors, tokenizer) from a run."""
-    from truthgpt.models.export import export_hf
+    from truthgpt.training.sharded import export_checkpoint
 
     if format != "hf":
         _fail(ValueError(f"--format {format!r} is not supported; use hf"))
     try:
-        folder = export_hf(run, out, merge_lora=merge_lora, overwrite=overwrite)
+        folder = export_checkpoint(run, out, merge_lora=merge_lora, overwrite=overwrite)
     except TruthGPTError as exc:
         _fail(exc)
     typer.echo(f"wrote {folder}")

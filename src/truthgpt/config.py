@@ -190,6 +190,11 @@ class TrainingConfig(Section):
         False,
         description="recompute activations in backward: less memory, one extra forward per step",
     )
+    parallel: Literal["auto", "none", "ddp", "fsdp"] = Field(
+        "auto",
+        description="across torchrun processes: ddp (replicas), fsdp (FSDP2 shards of weights, "
+        "gradients and optimizer state) or none; auto: ddp with more than one process, else none",
+    )
     resume: bool | Literal["auto"] = Field(
         False,
         description="true: continue from checkpoints/last (error if none); auto: continue if "

@@ -23,6 +23,7 @@ from truthgpt.manifest import MANIFEST
 CONFIG_FILE = "config.yaml"  # the resolved config of a run (config.CONFIG_FILE)
 CHECKPOINTS = "checkpoints"
 TRAIN_STATE = "train_state.pt"
+SHARDED_DIR = "sharded"  # an FSDP checkpoint's model and optimizer shards (training/sharded.py)
 STEP_PREFIX = "step_"
 STEP_FOLDER = re.compile(rf"{STEP_PREFIX}\d+")
 MARKERS = {"run": ".truthgpt-run", "export": ".truthgpt-export", "image": ".truthgpt-image"}
@@ -53,7 +54,7 @@ def is_checkpoint_folder(folder: Path) -> bool:
     """A folder written as a checkpoint: training state, our manifest beside a config.json, or
     a place in a run's checkpoints/."""
     folder = Path(folder)
-    if (folder / TRAIN_STATE).is_file():
+    if (folder / TRAIN_STATE).is_file() or (folder / SHARDED_DIR).is_dir():
         return True
     if (folder / "config.json").is_file() and _is_our_manifest(folder / MANIFEST):
         return True

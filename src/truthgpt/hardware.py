@@ -64,3 +64,21 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
         bf16_ok = device.type == "cuda" and torch.cuda.is_bf16_supported()
         return torch.bfloat16 if bf16_ok else torch.float32
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+# Dense bf16 tensor-core peaks (NVIDIA datasheets, SXM parts), for MFU. fp32 runs use TF32,
+# which is half the bf16 rate on these parts.
+PEAK_BF16_FLOPS = {"H100": 989.4e12, "H200": 989.4e12, "A100": 312e12, "L4": 121e12}
+
+
+def peak_flops(device: torch.device, dtype: torch.dtype) -> float | None:
+    """The accelerator's dense peak FLOP/s at `dtype` (for MFU), or None when unknown."""
+    import torch
+
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, flops in PEAK_BF16_FLOPS.items():
+        if key in name:
+            return flops if dtype != torch.float32 else flops / 2
+    return None

@@ -171,12 +171,25 @@ class EpochBatches:
         return batch
 
     def state_dict(self) -> dict[str, int]:
-        """The position of the next batch: {"epoch", "batch_index"}."""
-        return {"epoch": self.epoch, "batch_index": self.batch_index}
+        """The position of the next batch: {"epoch", "batch_index"}, and "world_size" when the
+        batches are shared by more than one rank."""
+        state = {"epoch": self.epoch, "batch_index": self.batch_index}
+        if self.world_size > 1:
+            state["world_size"] = self.world_size
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue from a `state_dict()`: the next batch is the one that would have followed."""
+        """Continue from a `state_dict()`: the next batch is the one that would have followed.
+
+        A position saved at another world size is carried over as the count of the epoch's
+        batches all ranks took together (rank r takes batches r, r + world_size, ...); when that
+        count does not divide by this world size, the few batches after the last whole round
+        are taken again.
+        """
         epoch, batch_index = int(state["epoch"]), int(state["batch_index"])
+        saved_world = int(state.get("world_size", 1))
+        if saved_world != self.world_size:
+            batch_index = batch_index * saved_world // self.world_size
         if epoch < 0 or not 0 <= batch_index < self.batches_per_epoch:
             raise CheckpointError(
                 f"data position epoch {epoch}, batch {batch_index} does not fit this dataset "

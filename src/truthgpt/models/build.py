@@ -20,7 +20,7 @@ from torch import nn
 
 from truthgpt.config import CONFIG_FILE, ModelConfig
 from truthgpt.errors import CheckpointError, ConfigError
-from truthgpt.guard import CHECKPOINTS, STEP_FOLDER, is_checkpoint_folder
+from truthgpt.guard import CHECKPOINTS, SHARDED_DIR, STEP_FOLDER, is_checkpoint_folder
 from truthgpt.manifest import check_manifest
 from truthgpt.models.decoder import Decoder, DecoderConfig
 from truthgpt.models.hf_io import is_native, load_hf, read_hf_config, save_hf
@@ -201,6 +201,11 @@ def load_model(
     trainable=True leaves the adapter weights trainable (to resume training).
     """
     folder = Path(path).expanduser()
+    if (folder / SHARDED_DIR).is_dir():
+        raise CheckpointError(
+            f"{folder} holds FSDP shards, not a model folder: write one with "
+            "`truthgpt export RUN --out DIR`, then use DIR"
+        )
     hf_config = read_hf_config(folder)  # CheckpointError when the folder or config.json is missing
     if is_checkpoint_folder(folder):
         # Sizes only (one stat per file): resolve_model_folder or find_resumable did the hashes.

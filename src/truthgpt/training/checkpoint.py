@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import shutil
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ import torch
 
 from truthgpt.atomic import publish_folder
 from truthgpt.errors import CheckpointError
-from truthgpt.guard import STEP_FOLDER, STEP_PREFIX, TRAIN_STATE, check_prunable
+from truthgpt.guard import SHARDED_DIR, STEP_FOLDER, STEP_PREFIX, TRAIN_STATE, check_prunable
 from truthgpt.manifest import check_manifest, write_manifest
 
 
@@ -44,11 +45,33 @@ def save_checkpoint(
         ) from exc
 
 
-def load_train_state(folder: Path) -> dict[str, Any]:
-    """The training state of a checkpoint that find_resumable chose (and so hashed already):
-    only the sizes are checked again, not every byte."""
-    check_manifest(folder, hashes=False)
+@dataclass(frozen=True)
+class Resumable:
+    """A checkpoint chosen to resume from: verified once (sizes and hashes, by find_resumable)
+    and its training state read once; whoever resumes takes both from here."""
+
+    folder: Path
+    state: dict[str, Any]
+
+    @property
+    def step(self) -> int:
+        return int(self.state["step"])
+
+    @property
+    def sharded(self) -> bool:
+        """Written under FSDP: model and optimizer in `sharded/` (training/sharded.py)."""
+        return (self.folder / SHARDED_DIR).is_dir()
+
+
+def read_train_state(folder: Path) -> dict[str, Any]:
+    """train_state.pt of a checkpoint already verified (find_resumable): no second check."""
     return torch.load(Path(folder) / TRAIN_STATE, map_location="cpu", weights_only=True)
+
+
+def open_resumable(checkpoints: Path, warn: Callable[[str], None]) -> Resumable | None:
+    """The newest complete checkpoint with training state (find_resumable), its state read."""
+    folder = find_resumable(checkpoints, warn)
+    return Resumable(folder, read_train_state(folder)) if folder is not None else None
 
 
 def verify_checkpoint(folder: Path) -> None:
@@ -126,7 +149,3 @@ def find_resumable(checkpoints: Path, warn: Callable[[str], None]) -> Path | Non
         if (folder / TRAIN_STATE).is_file():
             return folder
     return None
-
-
-def checkpoint_step(folder: Path) -> int:
-    return int(load_train_state(folder)["step"])

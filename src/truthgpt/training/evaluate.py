@@ -13,6 +13,7 @@ from torch import nn
 
 from truthgpt import config as config_module
 from truthgpt.errors import CheckpointError, DataError
+from truthgpt.training import distributed
 
 IGNORE_INDEX = -100
 
@@ -32,11 +33,16 @@ def mean_loss(
     batches: list[Batch],
     device: torch.device,
     dtype: torch.dtype = torch.float32,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> float:
     """Mean loss over every target of `batches` (not a mean of means).
 
     `loss_fn` (a task's `loss`) returns a batch's mean loss and the count of targets it is
-    over (predicted tokens, for a language model), which weights the batch.
+    over (predicted tokens, for a language model), which weights the batch. With `world_size`
+    ranks, rank r evaluates batches r, r + world_size, ... and the sums are all-reduced; every
+    rank runs the same number of forwards (FSDP gathers weights in each), a rank short of a
+    batch repeats its first one uncounted.
     """
     was_training = model.training
     model.eval()
@@ -45,15 +51,19 @@ def mean_loss(
         if dtype == torch.float32
         else torch.autocast(device.type, dtype=dtype)
     )
-    loss_sum, count = 0.0, 0
+    totals = torch.zeros(2, dtype=torch.float64, device=device)  # loss sum, target count
+    rounds = -(-len(batches) // world_size)
     with autocast:
-        for batch in batches:
+        for index in range(rank, rounds * world_size, world_size):
+            counted = index < len(batches)
+            batch = batches[index if counted else rank % len(batches)]
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             loss, target_count = loss_fn(model, batch)
-            targets = int(target_count)
-            loss_sum += float(loss) * targets
-            count += targets
+            if counted:
+                count = torch.as_tensor(target_count, device=device, dtype=torch.float64)
+                totals += torch.stack([loss.double() * count, count])
     model.train(was_training)
+    loss_sum, count = distributed.all_reduce_sum(totals).tolist()
     return loss_sum / max(count, 1)
 
 

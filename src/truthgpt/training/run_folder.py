@@ -25,7 +25,7 @@ from truthgpt.atomic import atomic_write_text
 from truthgpt.config import Config
 from truthgpt.errors import CheckpointError, ConfigError
 from truthgpt.guard import CHECKPOINTS, check_output, mark
-from truthgpt.training.checkpoint import checkpoint_step, find_resumable
+from truthgpt.training.checkpoint import Resumable, open_resumable
 
 RUN_CONFIG = "run_config.yaml"  # in each checkpoint: the resolved config it was trained with
 HISTORY = "config_history.jsonl"
@@ -39,6 +39,10 @@ STEERING_KEYS = (
     "training.eval_batches",
     "training.log_every",
     "training.resume",
+    "training.parallel",
+    # With the world size (torchrun's, not the config's) it sets the global batch: a resume on
+    # another number of processes keeps the global batch by changing it.
+    "training.grad_accum_steps",
     "training.compile",
     "training.gradient_checkpointing",
     "training.early_stopping.",
@@ -59,8 +63,9 @@ def prepare_run_dir(
     overwrite: bool,
     resume: bool | str = False,
     log: Callable[[str], None] | None = None,
-) -> Path | None:
-    """Create or reuse the run folder; returns the checkpoint to resume from, if any.
+) -> Resumable | None:
+    """Create or reuse the run folder; returns the checkpoint to resume from, if any (verified,
+    its training state read: pass it on rather than reading it again).
 
     Refuses a folder that is not a run's, a run folder that holds a run unless told to resume
     or overwrite, and a resume whose config changes what is trained.
@@ -77,7 +82,7 @@ def prepare_run_dir(
     )
     resume_from = None
     if has_run and resume and not overwrite:
-        resume_from = find_resumable(checkpoints, warn=log)
+        resume_from = open_resumable(checkpoints, warn=log)
         if resume_from is None:
             raise CheckpointError(
                 f"{run_dir} holds checkpoints but none is complete with its training state; "
@@ -102,8 +107,9 @@ def prepare_run_dir(
         mark(run_dir, "run")
         _append_history(run_dir, {"step": 0, "event": "start", "changes": {}})
     else:
-        step = checkpoint_step(resume_from)
-        changes = resume_changes(saved_config(resume_from, run_dir, log), config, resume_from)
+        step = resume_from.step
+        folder = resume_from.folder
+        changes = resume_changes(saved_config(folder, run_dir, log), config, folder)
         mark(run_dir, "run")  # a run from before markers becomes a marked one
         truncate_metrics(run_dir, step)
         _append_history(run_dir, {"step": step, "event": "resume", "changes": changes})

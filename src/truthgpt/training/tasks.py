@@ -30,8 +30,10 @@ Batch = dict[str, torch.Tensor]
 class Task(Protocol):
     """What the Trainer needs from a task. `TASKS` builders take the `Config` and return one.
 
-    `loss` returns (mean loss, target count): the count of targets the mean is over, which
-    weights each batch of an evaluation. `count_tokens` is what throughput counts
+    `loss` returns (mean loss, target count): the count of targets the mean is over (a tensor
+    or an int). It weights each batch: the Trainer sums mean x count over a step's micro-batches
+    and ranks and divides by the summed count, so every target of a step weighs the same, and
+    an evaluation weighs its batches the same way. `count_tokens` is what throughput counts
     (`tokens_per_second`, `tokens_seen`) and `flops_per_token` its cost, for MFU.
     """
 

@@ -7,49 +7,50 @@ learned (data, model, loss, what a checkpoint holds beside the weights); the loo
 The step reads like the textbook: forward, loss, backward, unscale, clip, step, schedule, log.
 The guards that keep work from being lost are named calls in that loop: the non-finite check,
 EMA, evaluation, early stopping and checkpoints.
+
+Under torchrun every rank runs this same loop on its share of the batches (`distributed.py`);
+rank 0 alone writes the run folder, logs and calls the callbacks.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-import random
-import signal
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
-import numpy as np
 import torch
 from torch import nn
 
 from truthgpt.config import Config
 from truthgpt.data import PreparedData
 from truthgpt.data.loader import EpochBatches, val_batches
-from truthgpt.errors import TrainingError
+from truthgpt.errors import CheckpointError, TrainingError
 from truthgpt.guard import CHECKPOINTS
-from truthgpt.hardware import apply_threads, resolve_device, resolve_precision
+from truthgpt.hardware import apply_threads, peak_flops, resolve_device, resolve_precision
+from truthgpt.training import distributed
 from truthgpt.training.callbacks import Callback, build_callbacks
 from truthgpt.training.checkpoint import (
+    Resumable,
     find_resumable,
     link_checkpoint,
-    load_train_state,
     prune_step_checkpoints,
+    read_train_state,
     save_checkpoint,
     step_folder_name,
 )
+from truthgpt.training.distributed import World, gradient_sync
 from truthgpt.training.ema import EMA
 from truthgpt.training.evaluate import mean_loss, perplexity
 from truthgpt.training.optim import build_optimizer, build_scheduler
+from truthgpt.training.rng import rng_state, seed_everything, set_rng_state
 from truthgpt.training.run_folder import RUN_CONFIG, prepare_run_dir
+from truthgpt.training.sharded import load_sharded, save_sharded
+from truthgpt.training.signals import StopRequested
 from truthgpt.training.tasks import Task, build_task
 from truthgpt.training.tasks import build_model as build_model  # re-exported for tests, benchmarks
-
-# Dense bf16 tensor-core peaks (NVIDIA datasheets, SXM parts), for MFU. fp32 runs use TF32,
-# which is half the bf16 rate on these parts.
-PEAK_BF16_FLOPS = {"H100": 989.4e12, "H200": 989.4e12, "A100": 312e12, "L4": 121e12}
 
 
 @dataclass
@@ -73,58 +74,12 @@ class TrainResult:
         return perplexity(self.final_val_loss)
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)  # also seeds every CUDA device
-
-
-def rng_state() -> dict[str, Any]:
-    """Every RNG a step may draw from, as tensors and plain values (loadable weights_only)."""
-    np_state = np.random.get_state()
-    state = {
-        "python": random.getstate(),
-        "numpy": (np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]),
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    kind, keys, *rest = state["numpy"]
-    np.random.set_state((kind, keys.numpy(), *rest))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-class StopRequested:
-    """SIGINT/SIGTERM set a flag; the loop saves a checkpoint at the next step boundary.
-
-    A second signal falls through to the default behaviour (immediate stop), so a stuck run
-    can still be killed.
-    """
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self) -> StopRequested:
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        self.requested = True
-        signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
-
-    def __exit__(self, *exc: Any) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+class StepResult(NamedTuple):
+    loss: torch.Tensor  # the mean over every target of the step, all ranks together
+    grad_norm: torch.Tensor | None
+    tokens: int  # all ranks together
+    finite: bool  # the update was applied (on every rank alike)
+    stop: bool  # a stop was requested on some rank: every rank stops after this step
 
 
 class Trainer:
@@ -139,10 +94,12 @@ class Trainer:
         run_dir: Path,
         callbacks: list[Callback],
         task: Task | None = None,
+        world: World | None = None,
     ) -> None:
         self.config = config
         self.task = task if task is not None else build_task(config)
         self.train_cfg = config.training
+        self.world = world or World()
         self.model = model
         self.data = data
         self.device = device
@@ -150,6 +107,10 @@ class Trainer:
         self.checkpoints = run_dir / CHECKPOINTS
         self.callbacks = callbacks
         self.dtype = resolve_precision(self.train_cfg.precision, device)
+        # Before the optimizer: FSDP replaces the parameters by their shards.
+        self.forward_model = distributed.wrap_model(model, self.world, device)
+        if self.train_cfg.compile:
+            self.forward_model = torch.compile(self.forward_model)
         self.optimizer = build_optimizer(model, config.optim, device)
         self.scheduler = build_scheduler(self.optimizer, config.optim, self.train_cfg.max_steps)
         # fp16 has too little range for raw gradients; bf16 and fp32 need no scaling.
@@ -160,6 +121,8 @@ class Trainer:
             seed=config.seed,
             num_workers=config.data.num_workers,
             pin_memory=device.type == "cuda",
+            rank=self.world.rank,
+            world_size=self.world.size,
         )
         self.val_batches = (
             val_batches(data.val, self.train_cfg.batch_size, self.train_cfg.eval_batches)
@@ -168,7 +131,6 @@ class Trainer:
         )
         self.trainable_params = [p for p in model.parameters() if p.requires_grad]
         self.ema = EMA(model, self.train_cfg.ema.decay) if self.train_cfg.ema.enabled else None
-        self.forward_model = torch.compile(model) if self.train_cfg.compile else model
         self.step = 0
         self.tokens_seen = 0
         self.best_metric: float | None = None
@@ -179,7 +141,7 @@ class Trainer:
         self.lr_scale = 1.0
         self.early_best: float | None = None
         self.evals_without_improvement = 0
-        self.peak_flops = self._peak_flops()
+        self.peak_flops = peak_flops(device, self.dtype)
 
     # -- the loop --------------------------------------------------------------------------
 
@@ -194,10 +156,10 @@ class Trainer:
         window_start, window_tokens, window_steps = time.perf_counter(), 0, 0
         loss_sum = torch.zeros((), device=self.device)
         run_start, start_tokens = time.perf_counter(), self.tokens_seen
-        stopped_early = False
+        stopped_early = stopped = False
         with StopRequested() as stop:
             while self.step < max_steps:
-                loss, grad_norm, tokens, finite = self.train_step()
+                loss, grad_norm, tokens, finite, stopped = self.train_step(stop.requested)
                 self.step += 1
                 self.tokens_seen += tokens
                 window_tokens += tokens
@@ -213,6 +175,8 @@ class Trainer:
                     self._emit("on_step_end", self.step, metrics)
                     window_start, window_tokens, window_steps = time.perf_counter(), 0, 0
                     loss_sum.zero_()
+                # Ranks agree on a stop in train_step; alone, a signal since then counts too.
+                stopped = stopped or (self.world.size == 1 and stop.requested)
                 evaluated = self.val_batches and (
                     self.step % self.train_cfg.eval_every == 0 or self.step == max_steps
                 )
@@ -225,7 +189,7 @@ class Trainer:
                     self.step % self.config.checkpoint.save_every == 0
                     or self.step == max_steps
                     or stopped_early
-                    or stop.requested
+                    or stopped
                 ):
                     self.save_resumable()
                 if stopped_early:
@@ -234,7 +198,7 @@ class Trainer:
                         f"{self.evals_without_improvement} evaluations"
                     )
                     break
-                if stop.requested:
+                if stopped:
                     self.log(
                         f"stopped at step {self.step} on request; checkpoint saved. "
                         "Continue with --resume."
@@ -253,44 +217,76 @@ class Trainer:
             tokens_per_second=(self.tokens_seen - start_tokens) / max(elapsed, 1e-9),
             stopped_early=stopped_early,
             nonfinite_skipped=self.nonfinite_skipped,
-            interrupted=stop.requested,
+            interrupted=stopped,
         )
 
-    def train_step(self) -> tuple[torch.Tensor, torch.Tensor | None, int, bool]:
-        """One optimizer step over grad_accum_steps micro-batches.
+    def train_step(self, stop_requested: bool = False) -> StepResult:
+        """One optimizer step over grad_accum_steps micro-batches (on every rank).
 
-        Returns (mean loss, grad norm, tokens, finite). A non-finite loss or gradient norm
-        skips the update: the weights and optimizer state are left as they were.
+        A non-finite loss or gradient norm skips the update: the weights and optimizer state
+        are left as they were. `stop_requested` (this rank's Ctrl-C) rides along with the
+        non-finite verdict, so all ranks agree on both with one small all-reduce.
         """
         self.model.train()
-        accum = self.train_cfg.grad_accum_steps
-        loss_total = torch.zeros((), device=self.device)
-        tokens = 0
-        for _ in range(accum):
-            batch = self._to_device(next(self.batches))
-            with self._autocast():
-                loss, _ = self.task.loss(self.forward_model, batch)
-            self.scaler.scale(loss / accum).backward()
-            loss_total += loss.detach() / accum
-            tokens += self.task.count_tokens(batch)
+        loss, tokens = self.accumulate_gradients()
         self.scaler.unscale_(self.optimizer)
-        max_norm = self.train_cfg.grad_clip if self.train_cfg.grad_clip is not None else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable_params, max_norm)
+        grad_norm = distributed.grad_norm(self.trainable_params)
+        if self.train_cfg.grad_clip is not None:
+            torch.nn.utils.clip_grads_with_norm_(
+                self.trainable_params, self.train_cfg.grad_clip, grad_norm
+            )
         if self._wants_histograms():
             self._emit("on_gradients", self.step + 1, self.model)
         # One host sync per step: the price of never applying a NaN update. With fp16 an
         # infinite gradient is the scaler's business (it skips the step and lowers the scale).
-        loss_ok = bool(torch.isfinite(loss_total))
+        loss_ok = bool(torch.isfinite(loss))
         grads_ok = self.scaler.is_enabled() or bool(torch.isfinite(grad_norm))
-        finite = loss_ok and grads_ok
-        if finite:
+        skip, stop = distributed.any_rank([not (loss_ok and grads_ok), stop_requested], self.device)
+        if not skip:
             self.scaler.step(self.optimizer)
             self.scaler.update()
             if self.ema is not None and (self.step + 1) % self.train_cfg.ema.every == 0:
                 self.ema.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
-        return loss_total, grad_norm, tokens, finite
+        return StepResult(loss, grad_norm, int(tokens), not skip, stop)  # synced already
+
+    def accumulate_gradients(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Forward and backward over the step's micro-batches; returns (loss, tokens), both
+        over all ranks, as tensors (read on the host after the step's one sync).
+
+        Every target of the step weighs the same, however micro-batches and ranks split them
+        (SFT batches hold different numbers of answer tokens): each micro-batch adds its summed
+        loss (mean x count), and the gradients are divided once by the step's target count,
+        summed over the ranks. DDP and FSDP average gradients over the ranks; the world size
+        in the factor turns that average back into the sum.
+        """
+        accum = self.train_cfg.grad_accum_steps
+        # The most targets a language micro-batch holds: backward sees a loss of about the
+        # size of a mean, not of a sum (a sum's gradients would overflow fp16 at once).
+        unit = self.train_cfg.batch_size * self.config.data.max_seq_len
+        loss_sum = torch.zeros((), device=self.device)
+        targets = torch.zeros((), device=self.device)
+        tokens = 0
+        for micro in range(accum):
+            batch = self._to_device(next(self.batches))
+            # Gradients are reduced across ranks on the last micro-batch only.
+            with gradient_sync(self.forward_model, self.world, enabled=micro == accum - 1):
+                with self._autocast():
+                    mean, count = self.task.loss(self.forward_model, batch)
+                count = torch.as_tensor(count, device=self.device, dtype=torch.float32)
+                summed = mean * count
+                self.scaler.scale(summed / unit).backward()
+            loss_sum += summed.detach().float()
+            targets += count
+            tokens += self.task.count_tokens(batch)
+        totals = torch.stack([loss_sum, targets, torch.tensor(float(tokens), device=self.device)])
+        loss_sum, targets, all_tokens = distributed.all_reduce_sum(totals)
+        per_target = unit * self.world.size / targets.clamp(min=1.0)
+        grads = [p.grad for p in self.trainable_params if p.grad is not None]
+        if grads:
+            torch._foreach_mul_(grads, per_target)
+        return loss_sum / targets.clamp(min=1.0), all_tokens
 
     def handle_nonfinite(self, loss: torch.Tensor, grad_norm: torch.Tensor | None) -> bool:
         """Count a skipped update; after too many in a row, stop or roll back (returns True)."""
@@ -305,7 +301,7 @@ class Trainer:
         if self.nonfinite_in_a_row < nonfinite.max_consecutive:
             return False
         if nonfinite.action == "stop" or self.rollbacks >= nonfinite.max_rollbacks:
-            folder = find_resumable(self.checkpoints, self.log)
+            folder = find_resumable(self.checkpoints, self.log) if self.world.is_main else None
             where = f"the last good checkpoint is {folder}" if folder else "no checkpoint yet"
             raise TrainingError(
                 f"{self.nonfinite_in_a_row} non-finite updates in a row at step {self.step} "
@@ -321,15 +317,16 @@ class Trainer:
         The data position is not restored: the batches that blew up are not replayed (the
         PaLM recipe: restart from before the spike and skip the offending batches).
         """
-        folder = find_resumable(self.checkpoints, self.log)
-        if folder is None:
+        found = distributed.from_main(lambda: find_resumable(self.checkpoints, self.log))
+        if found is None:
             raise TrainingError(
                 f"non-finite updates at step {self.step} and no checkpoint to roll back to; "
                 "lower optim.lr or checkpoint.save_every"
             )
+        folder = Path(found)
         data_position = self.batches.state_dict()
         skipped, rollbacks, lr_scale = self.nonfinite_skipped, self.rollbacks, self.lr_scale
-        self.restore(folder, load_weights=True)
+        self.restore(Resumable(folder, read_train_state(folder)), load_weights=True)
         self.batches.load_state_dict(data_position)
         self.nonfinite_skipped, self.rollbacks = skipped, rollbacks + 1
         self.lr_scale = lr_scale * self.train_cfg.nonfinite.rollback_lr_factor
@@ -343,11 +340,18 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Mean loss over the same validation blocks every time, and perplexity."""
+        """Mean loss over the same validation blocks every time (shared out among the ranks),
+        and perplexity."""
         use_ema = self.ema is not None and self.train_cfg.ema.evaluate
         with self.ema.applied() if use_ema else contextlib.nullcontext():
             val_loss = mean_loss(
-                self.task.loss, self.forward_model, self.val_batches, self.device, self.dtype
+                self.task.loss,
+                self.forward_model,
+                self.val_batches,
+                self.device,
+                self.dtype,
+                rank=self.world.rank,
+                world_size=self.world.size,
             )
         return {"step": self.step, "val_loss": val_loss, "val_ppl": perplexity(val_loss)}
 
@@ -365,6 +369,8 @@ class Trainer:
         return self.evals_without_improvement >= rule.patience
 
     # -- checkpoints -----------------------------------------------------------------------
+    # Every rank calls these. Under FSDP every rank writes its shard (sharded.py); otherwise
+    # rank 0 writes the single-process format (model.safetensors + train_state.pt) alone.
 
     def maybe_save_best(self, metrics: dict[str, float]) -> None:
         ckpt = self.config.checkpoint
@@ -387,38 +393,52 @@ class Trainer:
         """step_N/ with the full training state, then last/ as its hard-linked twin; prune."""
         keep_last = self.config.checkpoint.keep_last
         state = self.train_state()
-        if keep_last == 0:
-            path = save_checkpoint(self.checkpoints / "last", self._write_model, state)
-        else:
-            step_path = save_checkpoint(
-                self.checkpoints / step_folder_name(self.step), self._write_model, state
-            )
-            path = link_checkpoint(step_path, self.checkpoints / "last")
-        prune_step_checkpoints(self.checkpoints, keep_last)
-        self._emit("on_checkpoint", self.step, path)
+        name = "last" if keep_last == 0 else step_folder_name(self.step)
+        path = self._save(self.checkpoints / name, state)
+        if self.world.is_main:
+            if keep_last:
+                path = link_checkpoint(path, self.checkpoints / "last")
+            prune_step_checkpoints(self.checkpoints, keep_last)
+            self._emit("on_checkpoint", self.step, path)
         return path
 
     def save_model_only(self, name: str) -> Path:
-        path = save_checkpoint(self.checkpoints / name, self._write_model, None)
+        path = self._save(self.checkpoints / name, None)
         self._emit("on_checkpoint", self.step, path)
         return path
 
+    def _save(self, folder: Path, state: dict[str, Any] | None) -> Path:
+        if self.world.parallel == "fsdp":
+            optimizer = self.optimizer if state is not None else None
+            return save_sharded(
+                folder, self.model, optimizer, state, self._write_config, self.world.is_main
+            )
+        if self.world.is_main:
+            save_checkpoint(folder, self._write_model, state)
+        return folder
+
     def _write_model(self, folder: Path) -> None:
         self.task.save(self.model, self.data, folder)
+        self._write_config(folder)
+
+    def _write_config(self, folder: Path) -> None:
         # What this checkpoint was trained with, for the resume check (run_folder.py).
         (folder / RUN_CONFIG).write_text(self.config.to_yaml())
 
     def train_state(self) -> dict[str, Any]:
-        return {
+        """What a resume needs beside the weights. Under FSDP the optimizer state is in the
+        shards. With more than one rank, every rank's RNG state is kept (a collective)."""
+        rng = rng_state()
+        state = {
             "step": self.step,
             "tokens_seen": self.tokens_seen,
             "best_metric": self.best_metric,
             "initial_val_loss": self.initial_val_loss,
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": None if self.world.parallel == "fsdp" else self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
             "data": self.batches.state_dict(),
-            "rng": rng_state(),
+            "rng": rng,
             "ema": self.ema.state_dict() if self.ema is not None else None,
             "early_stopping": {
                 "best": self.early_best,
@@ -430,24 +450,38 @@ class Trainer:
                 "lr_scale": self.lr_scale,
             },
         }
+        if self.world.size > 1:
+            state["rng_by_rank"] = distributed.gather(rng)
+        return state
 
-    def restore(self, folder: Path, load_weights: bool = False) -> None:
-        """Continue from a checkpoint's training state (and its weights, when asked)."""
-        state = load_train_state(folder)
-        if load_weights:
-            reloaded = self.task.load_model(folder, self.device)
-            own = self.model.state_dict()
-            own.update({k: v for k, v in reloaded.state_dict().items() if k in own})
-            self.model.load_state_dict(own)
+    def restore(self, checkpoint: Resumable, load_weights: bool = False) -> None:
+        """Continue from a checkpoint's training state (and its weights, when asked; a sharded
+        checkpoint always loads them, with the optimizer state, at any world size)."""
+        folder, state = checkpoint.folder, checkpoint.state
+        if checkpoint.sharded:
+            load_sharded(folder, self.model, self.optimizer)
+        elif self.world.parallel == "fsdp":
+            raise CheckpointError(
+                f"{folder} was written without FSDP; resume it with training.parallel: ddp or "
+                "none (FSDP resumes its own sharded checkpoints, at any number of processes)"
+            )
+        else:
+            if load_weights:
+                reloaded = self.task.load_model(folder, self.device)
+                own = self.model.state_dict()
+                own.update({k: v for k, v in reloaded.state_dict().items() if k in own})
+                self.model.load_state_dict(own)
+            self.optimizer.load_state_dict(state["optimizer"])
         self.step = int(state["step"])
         self.tokens_seen = int(state["tokens_seen"])
         self.best_metric = state["best_metric"]
         self.initial_val_loss = state["initial_val_loss"]
-        self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         self.batches.load_state_dict(state["data"])
-        set_rng_state(state["rng"])
+        by_rank = state.get("rng_by_rank")
+        same_world = by_rank is not None and len(by_rank) == self.world.size
+        set_rng_state(by_rank[self.world.rank] if same_world else state["rng"])
         if self.ema is not None:
             if state["ema"] is None:
                 self.log("warning: the checkpoint has no EMA state; the average restarts here")
@@ -489,19 +523,12 @@ class Trainer:
             metrics["nonfinite_skipped"] = self.nonfinite_skipped
         flops_per_token = self.task.flops_per_token(self.model) if self.peak_flops else None
         if flops_per_token is not None:
-            metrics["mfu"] = flops_per_token * tokens_per_second / self.peak_flops
+            # Tokens of all ranks over the peak of all their accelerators.
+            peak = self.peak_flops * self.world.size
+            metrics["mfu"] = flops_per_token * tokens_per_second / peak
         if self.device.type == "cuda":
             metrics["peak_mem_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         return metrics
-
-    def _peak_flops(self) -> float | None:
-        if self.device.type != "cuda":
-            return None
-        name = torch.cuda.get_device_name(self.device)
-        for key, flops in PEAK_BF16_FLOPS.items():
-            if key in name:
-                return flops if self.dtype != torch.float32 else flops / 2
-        return None
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.dtype == torch.float32:
@@ -532,39 +559,64 @@ def train(
 
     `resume` (default: `training.resume`): True continues from the newest complete
     checkpoint (error if none), "auto" continues if there is one, False refuses a used folder.
+    Under torchrun (or with `training.parallel` ddp / fsdp) this process joins the others
+    (distributed.py); rank 0 alone writes the run folder and calls `callbacks`.
     """
     resume = config.training.resume if resume is None else resume
-    resume_from = prepare_run_dir(config, overwrite, resume)
+    world, device = distributed.start(config, resolve_device(config.hardware.device))
+    try:
+        return _train(config, world, device, callbacks or [], overwrite, resume)
+    finally:
+        distributed.stop(world)
+
+
+def _train(
+    config: Config,
+    world: World,
+    device: torch.device,
+    callbacks: list[Callback],
+    overwrite: bool,
+    resume: bool | str,
+) -> TrainResult:
     run_dir = config.run_dir
-    seed_everything(config.seed)
+    resume_from = distributed.from_main(
+        lambda: prepare_run_dir(config, overwrite, resume),
+        share=lambda found: str(found.folder) if found else None,
+    )
+    if not world.is_main and resume_from is not None:  # rank 0 verified it already
+        resume_from = Resumable(Path(resume_from), read_train_state(resume_from))
+    seed_everything(config.seed)  # the same initial weights on every rank
     threads = apply_threads(config.hardware.threads)
-    device = resolve_device(config.hardware.device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = config.training.tf32
         torch.backends.cudnn.allow_tf32 = config.training.tf32
-    all_callbacks = build_callbacks(config, run_dir) + list(callbacks or [])
+    all_callbacks = build_callbacks(config, run_dir) + callbacks if world.is_main else []
 
     def log(message: str) -> None:
         for callback in all_callbacks:
             callback.on_log(message)
 
     task = build_task(config)
-    data = task.build_data(run_dir, log)
-    if resume_from is not None:
-        model = task.prepare_model(task.load_model(resume_from)).to(device)
-    else:
+    # Rank 0 first: it writes what the others read (the run's tokenizer).
+    data = distributed.main_first(lambda: task.build_data(run_dir, log))
+    if resume_from is not None and not resume_from.sharded:
+        model = task.prepare_model(task.load_model(resume_from.folder)).to(device)
+    else:  # fresh, or weights that restore() reads from the shards
         model = task.build_model(data).to(device)
     n_params = sum(p.numel() for p in model.parameters())
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     trainable = f", {n_trainable / 1e6:.3f}M trainable" if n_trainable != n_params else ""
+    across = f" x {world.size} processes ({world.parallel})" if world.grouped else ""
     log(
-        f"model {config.model.arch}: {n_params / 1e6:.2f}M parameters{trainable} on {device} "
-        f"({resolve_precision(config.training.precision, device)}, {threads} CPU threads)"
+        f"model {config.model.arch}: {n_params / 1e6:.2f}M parameters{trainable} on {device}"
+        f"{across} ({resolve_precision(config.training.precision, device)}, {threads} CPU threads)"
     )
-    trainer = Trainer(config, model, data, device, run_dir, all_callbacks, task)
+    trainer = Trainer(config, model, data, device, run_dir, all_callbacks, task, world)
+    if world.size > 1:
+        torch.manual_seed(config.seed + world.rank)  # dropout masks differ between ranks
     if resume_from is not None:
         trainer.restore(resume_from)
-        log(f"resumed from {resume_from} at step {trainer.step}")
+        log(f"resumed from {resume_from.folder} at step {trainer.step}")
     result = trainer.fit()
     if result.initial_val_loss is not None and result.final_val_loss is not None:
         log(

@@ -1,0 +1,280 @@
+"""Processes that train together: torchrun's environment, the process group, the model wrapped
+in DDP or FSDP2, and the few collectives the loop needs (sums and agreements).
+
+`torchrun` sets RANK, LOCAL_RANK and WORLD_SIZE; `start()` reads them and joins the group
+(gloo on the CPU, nccl on CUDA). With one process and `training.parallel` none (or auto) no
+group is made, and every helper here is a no-op, so the single-process path stays as it was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import io
+import os
+import pickle
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from truthgpt.config import Config
+from truthgpt.errors import ConfigError
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class World:
+    """Where this process stands: its rank among `size` processes and how the model is split."""
+
+    rank: int = 0
+    local_rank: int = 0
+    size: int = 1
+    parallel: str = "none"  # none | ddp | fsdp
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0 alone writes the run folder, logs and checkpoints (its shard aside)."""
+        return self.rank == 0
+
+    @property
+    def grouped(self) -> bool:
+        return self.parallel != "none"
+
+
+def env_world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def resolve_parallel(config: Config, world_size: int) -> str:
+    """`training.parallel` with auto resolved: ddp under torchrun with more than one process,
+    else none. ConfigError for combinations that cannot train correctly."""
+    training = config.training
+    parallel = training.parallel
+    if parallel == "auto":
+        parallel = "ddp" if world_size > 1 else "none"
+    if parallel == "none" and world_size > 1:
+        raise ConfigError(
+            f"training.parallel: none, but {world_size} processes were started (torchrun / "
+            "--nproc): each would train its own copy. Allowed: auto, ddp, fsdp."
+        )
+    if parallel == "fsdp":
+        unsupported = {
+            "training.precision: fp16": training.precision == "fp16",
+            "training.ema.enabled: true": training.ema.enabled,
+            "model.lora.enabled: true": config.model.lora.enabled,
+        }
+        for key, present in unsupported.items():
+            if present:
+                raise ConfigError(
+                    f"training.parallel: fsdp does not support {key} yet; use "
+                    "training.parallel: ddp (or none), or turn that setting off (fp16: use bf16)"
+                )
+    return parallel
+
+
+def start(config: Config, device: torch.device) -> tuple[World, torch.device]:
+    """Join the process group torchrun describes (or a group of one for `parallel` ddp/fsdp
+    in a plain process); returns the World and this rank's device (cuda:LOCAL_RANK)."""
+    size = env_world_size()
+    parallel = resolve_parallel(config, size)
+    if parallel == "none":
+        return World(), device
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    elif device.type != "cpu":
+        raise ConfigError(
+            f"training.parallel: {parallel} runs on cuda or cpu, not {device.type} "
+            "(hardware.device); use training.parallel: none there"
+        )
+    if not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if "MASTER_ADDR" in os.environ:
+            dist.init_process_group(backend, timeout=datetime.timedelta(minutes=10))
+        else:  # a plain process (no torchrun): a group of one, no network needed
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    return World(rank, local_rank, dist.get_world_size(), parallel), device
+
+
+def stop(world: World) -> None:
+    """Leave the process group this process joined in `start`."""
+    if world.grouped and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------------------------------------
+# Collectives: no-ops without a process group.
+
+
+def _active() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum `tensor` over every rank, in place; returns it."""
+    if _active():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def any_rank(flags: list[bool], device: torch.device) -> list[bool]:
+    """Each flag, true when it is true on any rank: one small all-reduce, so every rank takes
+    the same branch (skip a step, stop) and none waits for a collective the others skipped."""
+    if not _active():
+        return flags
+    tensor = torch.tensor([int(f) for f in flags], device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return [bool(v) for v in tensor.tolist()]
+
+
+def barrier() -> None:
+    if _active():
+        dist.barrier()
+
+
+def broadcast(value: Any) -> Any:
+    """Rank 0's `value` on every rank (a picklable object)."""
+    if not _active():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def gather(value: Any) -> list[Any]:
+    """Every rank's `value` (tensors and plain data, as a checkpoint holds), in rank order, on
+    every rank."""
+    if not _active():
+        return [value]
+    # As bytes of torch.save, read back weights_only: object collectives' own pickling of
+    # tensors fails on some versions, and plain bytes unpickle nothing but data.
+    buffer = io.BytesIO()
+    torch.save(value, buffer)
+    payloads: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(payloads, buffer.getvalue())
+    return [torch.load(io.BytesIO(payload), weights_only=True) for payload in payloads]
+
+
+# ---------------------------------------------------------------------------------------------
+# The model across ranks
+
+
+def wrap_model(model: nn.Module, world: World, device: torch.device) -> nn.Module:
+    """The module the loop runs forward through: DDP around `model`, or `model` itself after
+    FSDP2 sharded it in place (each repeated block, then the root), or `model` unchanged."""
+    if world.parallel == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        device_ids = [device.index] if device.type == "cuda" else None
+        return DistributedDataParallel(model, device_ids=device_ids)
+    if world.parallel == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        # Per block, so only one block's full weights are gathered at a time (ZeRO-3).
+        for block in repeated_blocks(model):
+            fully_shard(block)
+        fully_shard(model)
+    return model
+
+
+def repeated_blocks(model: nn.Module) -> list[nn.Module]:
+    """The transformer blocks: the children of the ModuleList holding the most parameters
+    (our Decoder's `layers`, transformers' `model.layers` or `transformer.h`); [] if none."""
+    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m)]
+    if not lists:
+        return []
+    biggest = max(lists, key=lambda m: sum(p.numel() for p in m.parameters()))
+    return list(biggest)
+
+
+@contextlib.contextmanager
+def gradient_sync(model: nn.Module, world: World, enabled: bool) -> Iterator[None]:
+    """Around forward and backward of a micro-batch: with `enabled` False the gradients stay
+    local (accumulated), and only the step's last micro-batch pays for the reduction."""
+    if enabled or world.parallel == "none":
+        yield
+    elif world.parallel == "ddp":
+        with model.no_sync():
+            yield
+    else:  # fsdp
+        model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)
+
+
+def grad_norm(params: list[torch.Tensor]) -> torch.Tensor:
+    """The global L2 norm of the gradients of `params` (all ranks' shards under FSDP)."""
+    from torch.distributed.tensor import DTensor
+
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    norm = torch.nn.utils.get_total_norm(grads)
+    return norm.full_tensor() if isinstance(norm, DTensor) else norm
+
+
+def torchrun_command(nproc: int, cli_args: list[str]) -> list[str]:
+    """The command `truthgpt train --nproc N ...` runs: torchrun on this Python, one node."""
+    if nproc < 1:
+        raise ConfigError(f"--nproc must be a positive number of processes, got {nproc}")
+    if env_world_size() > 1 or "TORCHELASTIC_RUN_ID" in os.environ:
+        raise ConfigError("--nproc given inside a torchrun launch: drop --nproc (or torchrun)")
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        "-m",
+        "truthgpt",
+        *cli_args,
+    ]
+
+
+def from_main(fn: Callable[[], T], share: Callable[[T], Any] = lambda result: result) -> Any:
+    """Rank 0 runs `fn` (it prepares the run folder, say) and gets its result; the other ranks
+    get `share(result)`. An error on rank 0 is raised on every rank, so none waits forever."""
+    if not _active():
+        return fn()
+    if dist.get_rank() == 0:
+        try:
+            result = fn()
+        except Exception as exc:
+            broadcast(("error", _portable(exc)))
+            raise
+        broadcast(("ok", share(result)))
+        return result
+    status, value = broadcast(None)
+    if status == "error":
+        raise value
+    return value
+
+
+def main_first(fn: Callable[[], T]) -> T:
+    """Rank 0 runs `fn` first (it writes what the others then read, a tokenizer say), then the
+    other ranks run it; an error on rank 0 is raised on every rank."""
+    if not _active():
+        return fn()
+    if dist.get_rank() == 0:
+        return from_main(fn, share=lambda result: None)
+    from_main(fn)
+    return fn()
+
+
+def _portable(exc: Exception) -> Exception:
+    """`exc` if it survives pickling to the other ranks, else a RuntimeError with its text."""
+    try:
+        pickle.loads(pickle.dumps(exc))
+    except Exception:
+        return RuntimeError(f"rank 0 failed: {type(exc).__name__}: {exc}")
+    return exc

@@ -1,0 +1,207 @@
+"""Training across processes on the CPU (gloo), launched as users do: `truthgpt train --nproc 2`.
+
+The reference is always one process with the same global batch (twice the grad_accum_steps):
+two processes under DDP or FSDP (each accumulating two micro-batches, so the gradient sync
+skipped on the first is exercised), a run one of whose ranks was killed and resumed, and an
+FSDP checkpoint resumed by a single process all give its per-step losses.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import tiny_raw_config
+from typer.testing import CliRunner
+
+from truthgpt.cli import app
+from truthgpt.config import load
+from truthgpt.errors import CheckpointError, ConfigError
+from truthgpt.models import load_model
+from truthgpt.training.checkpoint import find_resumable
+from truthgpt.training.distributed import resolve_parallel
+from truthgpt.training.sharded import export_checkpoint
+from truthgpt.training.trainer import train
+
+pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="reads /proc to find ranks")
+
+STEPS = 8
+
+
+def dist_config(tmp_path: Path, name: str, **training: object) -> dict:
+    return tiny_raw_config(
+        tmp_path,
+        run_name=name,
+        data={"max_documents": 12},
+        # constant after warm-up: a resume that raises max_steps keeps the schedule
+        optim={"lr": 3e-3, "warmup_steps": 2, "schedule": "constant"},
+        training={
+            "max_steps": STEPS,
+            "batch_size": 4,
+            "grad_accum_steps": 2,
+            "eval_every": 4,
+            "eval_batches": 3,
+            "log_every": 1,
+            **training,
+        },
+        checkpoint={"save_every": 4, "keep_last": 2},
+        logging={"progress": "none", "tensorboard": False, "plot": False},
+    )
+
+
+def losses(run_dir: Path, kind: str = "train") -> dict[int, float]:
+    key = "loss" if kind == "train" else "val_loss"
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r[key] for r in records if r["kind"] == kind}
+
+
+def assert_close(got: dict[int, float], expected: dict[int, float]) -> None:
+    assert sorted(got) == sorted(expected)
+    for step, value in expected.items():
+        assert got[step] == pytest.approx(value, rel=1e-5, abs=1e-6), step
+
+
+def launch(tmp_path: Path, raw: dict, *args: str) -> subprocess.Popen:
+    """`truthgpt train CONFIG --nproc 2 ...` in the background (torchrun, gloo)."""
+    path = tmp_path / f"{raw['run_name']}.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",  # two ranks on two cores
+        "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")]),
+    }
+    command = [sys.executable, "-m", "truthgpt", "train", str(path), "--nproc", "2", *args]
+    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def run_two(tmp_path: Path, raw: dict, *args: str) -> None:
+    proc = launch(tmp_path, raw, *args)
+    output, _ = proc.communicate(timeout=240)
+    assert proc.returncode == 0, output.decode()[-4000:]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One process, the global batch of two ranks by accumulation: the run to match."""
+    tmp_path = tmp_path_factory.mktemp("reference")
+    return train(load(dist_config(tmp_path, "reference", grad_accum_steps=4))).run_dir
+
+
+@pytest.fixture(scope="module")
+def fsdp_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Two FSDP processes for the first half of the reference's steps."""
+    tmp_path = tmp_path_factory.mktemp("fsdp")
+    raw = dist_config(tmp_path, "fsdp", parallel="fsdp", max_steps=STEPS // 2)
+    run_two(tmp_path, raw)
+    return raw
+
+
+def test_two_ddp_processes_give_the_one_process_losses(tmp_path: Path, reference: Path) -> None:
+    raw = dist_config(tmp_path, "ddp")  # parallel auto: ddp under torchrun
+    run_two(tmp_path, raw)
+    run_dir = Path(raw["output_dir"]) / "ddp"
+    assert_close(losses(run_dir), losses(reference))
+    assert_close(losses(run_dir, "eval"), losses(reference, "eval"))
+    # Rank 0 alone wrote the single-process checkpoint format.
+    assert (run_dir / "checkpoints" / "last" / "model.safetensors").is_file()
+    history = (run_dir / "config_history.jsonl").read_text().splitlines()
+    assert len(history) == 1  # one start, written once
+
+
+def test_two_fsdp_processes_give_the_one_process_losses(fsdp_run: dict, reference: Path) -> None:
+    run_dir = Path(fsdp_run["output_dir"]) / "fsdp"
+    expected = {s: v for s, v in losses(reference).items() if s <= STEPS // 2}
+    assert_close(losses(run_dir), expected)
+    last = run_dir / "checkpoints" / "last"
+    assert sorted(p.name for p in (last / "sharded").glob("*.distcp")) == [
+        "__0_0.distcp",
+        "__1_0.distcp",
+    ]
+    assert not (last / "model.safetensors").exists()
+    with pytest.raises(CheckpointError, match="truthgpt export"):
+        load_model(last)
+
+
+def test_an_fsdp_checkpoint_resumes_in_one_process_and_exports_merged(
+    tmp_path: Path, fsdp_run: dict, reference: Path
+) -> None:
+    run_dir = Path(fsdp_run["output_dir"]) / "fsdp"
+    sharded = run_dir / "checkpoints" / f"step_{STEPS // 2:06d}"
+    # The merged export of the step-4 shards is the reference's step-4 model.
+    out = export_checkpoint(sharded, tmp_path / "merged")
+    batch = torch.arange(24).reshape(2, 12)
+    with torch.no_grad():
+        got = load_model(out).eval()(batch).logits
+        expected = load_model(reference / "checkpoints" / sharded.name).eval()(batch).logits
+    assert torch.allclose(got, expected, rtol=1e-4, atol=1e-5)
+    # One process, no FSDP: accumulation keeps the global batch, the shards are read whole.
+    one = {**fsdp_run, "training": {**fsdp_run["training"], "max_steps": STEPS}}
+    one["training"].update(parallel="none", grad_accum_steps=4)
+    result = train(load(one), resume=True)
+    assert result.steps == STEPS
+    assert_close(losses(run_dir), losses(reference))
+    assert_close(losses(run_dir, "eval"), losses(reference, "eval"))
+
+
+def rank_pids(torchrun_pid: int) -> dict[int, int]:
+    """{rank: pid} of the workers torchrun started."""
+    ranks = {}
+    children = Path(f"/proc/{torchrun_pid}/task/{torchrun_pid}/children").read_text().split()
+    for pid in map(int, children):
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        for entry in environ:
+            if entry.startswith(b"RANK="):
+                ranks[int(entry[5:])] = pid
+    return ranks
+
+
+def test_kill_9_of_one_rank_then_resume_matches(tmp_path: Path) -> None:
+    steps = 40
+    raw = dist_config(tmp_path, "killed", max_steps=steps, eval_every=20)
+    raw["checkpoint"]["save_every"] = 5
+    proc = launch(tmp_path, raw)
+    metrics = Path(raw["output_dir"]) / "killed" / "metrics.jsonl"
+    killed_after = None
+    deadline = time.time() + 180
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.is_file():
+            done = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+            if done and max(done) >= 12:
+                os.kill(rank_pids(proc.pid)[1], signal.SIGKILL)
+                killed_after = max(done)
+                break
+        time.sleep(0.005)
+    proc.communicate(timeout=120)
+    assert killed_after is not None, "the run finished before a rank could be killed"
+    assert proc.returncode != 0
+    run_dir = metrics.parent
+    last = find_resumable(run_dir / "checkpoints", warn=print)
+    assert last is not None
+    assert torch.load(last / "train_state.pt", weights_only=True)["step"] < steps
+
+    run_two(tmp_path, raw, "--resume")
+    reference = train(load({**raw, "run_name": "reference"}, ["training.grad_accum_steps=4"]))
+    assert_close(losses(run_dir), losses(reference.run_dir))
+
+
+def test_bad_process_settings_are_errors_naming_the_key(tmp_path: Path) -> None:
+    result = CliRunner().invoke(app, ["train", str(tmp_path / "x.yaml"), "--nproc", "0"])
+    assert result.exit_code == 1 and "--nproc must be a positive number" in result.output
+    with pytest.raises(ConfigError, match="training.parallel.*allowed: auto, none, ddp, fsdp"):
+        load({"training": {"parallel": "zero3"}})
+    with pytest.raises(ConfigError, match="training.parallel: fsdp does not support .*fp16"):
+        train(load(dist_config(tmp_path, "fp16", parallel="fsdp", precision="fp16")))
+    config = load(dist_config(tmp_path, "alone", parallel="none"))
+    with pytest.raises(ConfigError, match="training.parallel: none, but 2 processes"):
+        resolve_parallel(config, world_size=2)
+    assert resolve_parallel(load(dist_config(tmp_path, "auto")), world_size=2) == "ddp"
+    assert resolve_parallel(load(dist_config(tmp_path, "auto")), world_size=1) == "none"
