@@ -83,7 +83,7 @@ def run_ours(args, workdir: Path, dataset: RandomBlocks) -> dict:
         "checkpoint": {"save_every": 10_000},
         "logging": {"progress": "none", "tensorboard": False, "plot": False},
     }
-    config = load(raw)
+    config = load(raw, args.set)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = build_model(config, vocab_size=config.model.vocab_size).to(device)
 
@@ -104,6 +104,8 @@ def run_ours(args, workdir: Path, dataset: RandomBlocks) -> dict:
         times.append(time.perf_counter() - start)
         if step + 1 == args.warmup and device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
+    if args.profile:
+        profile_steps(trainer, device)
     timed = sum(times[args.warmup :])
     tokens_per_step = args.batch_size * args.accum * args.seq_len
     tps = tokens_per_step * (args.steps - args.warmup) / timed
@@ -114,6 +116,20 @@ def run_ours(args, workdir: Path, dataset: RandomBlocks) -> dict:
         "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0,
         "loss": float(loss),
     }
+
+
+def profile_steps(trainer, device: torch.device, steps: int = 3) -> None:
+    """Where the time of a few more steps goes: the kernels by total device time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            trainer.train_step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    key = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+    print(prof.key_averages().table(sort_by=key, row_limit=25, max_name_column_width=70))
 
 
 def run_hf(args, workdir: Path, dataset: RandomBlocks) -> dict:
@@ -193,6 +209,10 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="CPU smoke test with a tiny model")
     parser.add_argument("--skip-hf", action="store_true")
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument(
+        "--set", action="append", default=[], help="a truthgpt config override, key=value"
+    )
+    parser.add_argument("--profile", action="store_true", help="print the top kernels")
     args = parser.parse_args()
     if args.tiny:
         args.seq_len, args.batch_size, args.accum = 64, 4, 1
