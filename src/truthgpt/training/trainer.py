@@ -113,11 +113,6 @@ class Trainer:
             self.forward_model = torch.compile(
                 self.forward_model, mode=self.train_cfg.compile_mode
             )
-        self.replays_graphs = (
-            self.train_cfg.compile
-            and device.type == "cuda"
-            and self.train_cfg.compile_mode in ("reduce-overhead", "max-autotune")
-        )
         self.optimizer = build_optimizer(model, config.optim, device)
         self.scheduler = build_scheduler(self.optimizer, config.optim, self.train_cfg.max_steps)
         # fp16 has too little range for raw gradients; bf16 and fp32 need no scaling.
@@ -278,10 +273,6 @@ class Trainer:
         for micro in range(accum):
             batch = self._to_device(next(self.batches))
             # Gradients are reduced across ranks on the last micro-batch only.
-            if self.replays_graphs:
-                # The graphs' output buffers are reused by the next replay; tell them that the
-                # last micro-batch's backward is done with them.
-                torch.compiler.cudagraph_mark_step_begin()
             with gradient_sync(self.forward_model, self.world, enabled=micro == accum - 1):
                 with self._autocast():
                     mean, count = self.task.loss(self.forward_model, batch)
