@@ -24,6 +24,8 @@ SKIPPED = {
     "pip install": "environment setup: .ci/run runs it in a clean clone",
     "python -m pytest": "the test suite itself",
     "truthgpt image": "needs a diffusers pipeline folder; tests/test_diffusion.py covers image",
+    "truthgpt train configs/digits-diffusion.yaml": "about 12 minutes on a CPU; "
+    "tests/test_diffusion_training.py trains a shortened copy",
 }
 TINY = {
     "model": {"hidden_size": 32, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2},

@@ -125,7 +125,8 @@ class ModelConfig(Section):
     arch: str = Field("llama", description="llama | gpt2 (native decoder) | hf (any AutoModel)")
     init_from: str | None = Field(
         None,
-        description="local HF model folder to start from; its shape overrides the fields below",
+        description="local HF model folder to start from; its shape overrides the fields below "
+        "(task image-generation: a diffusers pipeline folder to fine-tune)",
     )
     hidden_size: int = Field(256, ge=8, description="width of the residual stream")
     num_layers: int = Field(4, ge=1, description="transformer blocks")
@@ -224,7 +225,9 @@ class TrainingConfig(Section):
 
 
 class OptimConfig(Section):
-    name: str = Field("adamw", description="adamw | lion | adafactor | sgd, or a plugin's")
+    name: str = Field(
+        "adamw", description="adamw | adamw8bit (bitsandbytes, CUDA) | lion | adafactor | sgd"
+    )
     lr: float = Field(3e-4, gt=0, description="peak learning rate")
     weight_decay: float = Field(0.1, ge=0, description="not applied to norms, biases, embeddings")
     betas: tuple[float, float] = Field((0.9, 0.95), description="Adam beta1, beta2")

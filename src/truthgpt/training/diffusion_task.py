@@ -178,6 +178,7 @@ class ImageGenerationTask:
         return self.prepare_model(model)
 
     def load_model(self, folder: Path, device: str | torch.device = "cpu") -> nn.Module:
+        self._base = None  # a resumed run trains the checkpoint's model, not the base
         if self.config.model.lora.enabled:
             # A LoRA checkpoint holds the adapters; the base is model.init_from.
             model = load_components(self.config.model.init_from, self.config)
