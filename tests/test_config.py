@@ -12,7 +12,7 @@ from pydantic import ValidationError
 
 from truthgpt.config import Config, describe_fields, load, parse_override
 from truthgpt.errors import ConfigError
-from truthgpt.registry import ARCHS, CALLBACKS, OPTIMIZERS, SCHEDULES, SOURCES
+from truthgpt.registry import ARCHS, CALLBACKS, IMAGE_SOURCES, OPTIMIZERS, SCHEDULES, SOURCES
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -153,7 +153,7 @@ def test_image_size_must_be_a_multiple_of_8() -> None:
 def test_registry_builtins_match_the_registered_builders() -> None:
     # The static lists let config.py check names without importing torch; they must name
     # exactly what each built-in module registers.
-    for registry in (SOURCES, ARCHS, OPTIMIZERS, SCHEDULES, CALLBACKS):
+    for registry in (SOURCES, IMAGE_SOURCES, ARCHS, OPTIMIZERS, SCHEDULES, CALLBACKS):
         registry.load()
         own = {n for n, b in registry.items() if b.__module__ == registry.builtin_module}
         assert own == set(registry.builtins), registry.kind

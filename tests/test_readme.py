@@ -26,6 +26,8 @@ SKIPPED = {
     "truthgpt image": "needs a diffusers pipeline folder; tests/test_diffusion.py covers image",
     "truthgpt train configs/quickstart.yaml --nproc": "several processes: test_distributed.py",
     "torchrun": "several processes: test_distributed.py",
+    "truthgpt train configs/digits-diffusion.yaml": "about 12 minutes on a CPU; "
+    "tests/test_diffusion_training.py trains a shortened copy",
 }
 TINY = {
     "model": {"hidden_size": 32, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2},

@@ -120,10 +120,10 @@ class CrashAt(Callback):
 
 
 def test_registry_lists_the_builtin_tasks_and_matches_its_static_list() -> None:
-    assert {"causal_lm", "sft"} <= set(TASKS.names())
+    assert {"causal_lm", "sft", "image-generation"} <= set(TASKS.names())
     TASKS.load()
     own = {n for n, b in TASKS.items() if b.__module__ == TASKS.builtin_module}
-    assert own == set(TASKS.builtins) == {"causal_lm", "sft"}
+    assert own == set(TASKS.builtins) == {"causal_lm", "sft", "image-generation"}
     assert type(build_task(load({"task": "sft"}))).__name__ == "SFTTask"
 
 
@@ -133,7 +133,8 @@ def test_an_unknown_task_is_a_config_error_naming_the_allowed_ones() -> None:
     message = str(info.value)
     assert "task" in message and "'casual_lm'" in message
     assert "did you mean 'causal_lm'" in message
-    assert "causal_lm, mean_token_id, sft" in message  # the plugin's name is allowed too
+    # the plugin's name is allowed too
+    assert "causal_lm, image-generation, mean_token_id, sft" in message
 
 
 def test_a_third_party_task_trains_checkpoints_and_resumes_through_the_trainer(

@@ -15,7 +15,16 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from truthgpt.errors import ConfigError
-from truthgpt.registry import ARCHS, CALLBACKS, OPTIMIZERS, SCHEDULES, SOURCES, TASKS, Registry
+from truthgpt.registry import (
+    ARCHS,
+    CALLBACKS,
+    IMAGE_SOURCES,
+    OPTIMIZERS,
+    SCHEDULES,
+    SOURCES,
+    TASKS,
+    Registry,
+)
 
 CONFIG_FILE = "config.yaml"
 
@@ -49,8 +58,13 @@ class TokenizerConfig(Section):
 
 
 class DataConfig(Section):
-    source: str = Field("python-stdlib", description="python-stdlib | text | jsonl | hf")
-    paths: list[str] = Field(default_factory=list, description="text/jsonl/hf: files or globs")
+    source: str = Field(
+        "python-stdlib",
+        description="text: python-stdlib | text | jsonl | hf; images: digits | imagefolder",
+    )
+    paths: list[str] = Field(
+        default_factory=list, description="text/jsonl/hf: files or globs; imagefolder: one folder"
+    )
     val_paths: list[str] = Field(
         default_factory=list, description="explicit validation files; empty: split off val_fraction"
     )
@@ -83,7 +97,16 @@ class DataConfig(Section):
     @field_validator("source")
     @classmethod
     def _known_source(cls, value: str) -> str:
-        return _check_registered(SOURCES, value)
+        if IMAGE_SOURCES.knows(value):
+            return value
+        if not SOURCES.knows(value):
+            names = sorted(set(SOURCES.names()) | set(IMAGE_SOURCES.names()))
+            hint = difflib.get_close_matches(value, names, n=1)
+            did_you_mean = f"; did you mean {hint[0]!r}?" if hint else ""
+            raise ValueError(
+                f"unknown data source {value!r}{did_you_mean} (allowed: {', '.join(names)})"
+            )
+        return value
 
 
 class LoraConfig(Section):
@@ -102,7 +125,8 @@ class ModelConfig(Section):
     arch: str = Field("llama", description="llama | gpt2 (native decoder) | hf (any AutoModel)")
     init_from: str | None = Field(
         None,
-        description="local HF model folder to start from; its shape overrides the fields below",
+        description="local HF model folder to start from; its shape overrides the fields below "
+        "(task image-generation: a diffusers pipeline folder to fine-tune)",
     )
     hidden_size: int = Field(256, ge=8, description="width of the residual stream")
     num_layers: int = Field(4, ge=1, description="transformer blocks")
@@ -213,7 +237,9 @@ class TrainingConfig(Section):
 
 
 class OptimConfig(Section):
-    name: str = Field("adamw", description="adamw | lion | adafactor | sgd, or a plugin's")
+    name: str = Field(
+        "adamw", description="adamw | adamw8bit (bitsandbytes, CUDA) | lion | adafactor | sgd"
+    )
     lr: float = Field(3e-4, gt=0, description="peak learning rate")
     weight_decay: float = Field(0.1, ge=0, description="not applied to norms, biases, embeddings")
     betas: tuple[float, float] = Field((0.9, 0.95), description="Adam beta1, beta2")
@@ -397,6 +423,17 @@ SCHEDULER_NAMES = (
 LATENT_MULTIPLE = 8
 
 
+def _check_scheduler(value: str | None) -> str | None:
+    if value and value not in SCHEDULER_NAMES:
+        hint = difflib.get_close_matches(value, SCHEDULER_NAMES, n=1)
+        did_you_mean = f"; did you mean {hint[0]!r}?" if hint else ""
+        raise ValueError(
+            f"unknown scheduler {value!r}{did_you_mean} (allowed: {', '.join(SCHEDULER_NAMES)};"
+            " empty keeps the pipeline's own)"
+        )
+    return value
+
+
 class DiffusionConfig(Section):
     model: str | None = Field(
         None, description="local diffusers pipeline folder (or a hub id with allow_download)"
@@ -428,14 +465,7 @@ class DiffusionConfig(Section):
     @field_validator("scheduler")
     @classmethod
     def _known_scheduler(cls, value: str | None) -> str | None:
-        if value and value not in SCHEDULER_NAMES:
-            hint = difflib.get_close_matches(value, SCHEDULER_NAMES, n=1)
-            did_you_mean = f"; did you mean {hint[0]!r}?" if hint else ""
-            raise ValueError(
-                f"unknown scheduler {value!r}{did_you_mean} (allowed: {', '.join(SCHEDULER_NAMES)};"
-                " empty keeps the pipeline's own)"
-            )
-        return value
+        return _check_scheduler(value)
 
     @field_validator("width", "height")
     @classmethod
@@ -449,13 +479,91 @@ class DiffusionConfig(Section):
         return value
 
 
+# Tasks that learn from images read `data.source` from IMAGE_SOURCES; the others from SOURCES.
+IMAGE_TASKS = ("image-generation",)
+# LoRA on a UNet adapts the attention projections (q, k, v and the output projection).
+UNET_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+
+
+class SamplesConfig(Section):
+    """Validation images drawn during diffusion training: same prompts and seeds every time."""
+
+    every: int = Field(
+        0, ge=0, description="optimizer steps between sample grids (and at the end); 0: off"
+    )
+    prompts: list[str] = Field(
+        default_factory=list, description="prompts to draw; empty: up to 8 captions of the data"
+    )
+    seed: int = Field(0, description="prompt i is drawn with seed + i")
+    steps: int = Field(25, ge=1, description="denoising steps per sample")
+    guidance: float = Field(4.0, ge=0, description="classifier-free guidance scale (1: off)")
+
+
+class DiffusionTrainingConfig(Section):
+    """task image-generation: what the denoiser learns and from which inputs."""
+
+    space: Literal["latent", "pixel"] = Field(
+        "latent",
+        description="latent: denoise the VAE latents of model.init_from's pipeline; pixel: no "
+        "VAE, denoise pixels (small images; saved as a DeepFloyd-IF-layout pipeline)",
+    )
+    resolution: int | None = Field(
+        None, ge=8, description="training image size in pixels; empty: what the UNet was made for"
+    )
+    center_crop: bool = Field(True, description="imagefolder: crop the middle (else a random one)")
+    random_flip: bool = Field(False, description="imagefolder: mirror half of the images")
+    caption_dropout: float = Field(
+        0.0,
+        ge=0.0,
+        lt=1.0,
+        description="share of captions replaced by the empty one, which classifier-free "
+        "guidance needs (0.1 is usual)",
+    )
+    prediction_type: Literal["auto", "epsilon", "v_prediction"] = Field(
+        "auto", description="what the UNet predicts; auto: the pipeline's own, else epsilon"
+    )
+    snr_gamma: float | None = Field(
+        None, gt=0, description="min-SNR-gamma loss weighting (5 is the paper's); empty: off"
+    )
+    noise_offset: float = Field(
+        0.0, ge=0.0, description="add this much per-channel constant noise (darker/brighter)"
+    )
+    train_text_encoder: bool = Field(False, description="also train the text encoder (full)")
+    cache: bool = Field(
+        True,
+        description="encode frozen inputs once: caption embeddings (text encoder frozen) and "
+        "VAE latents (fixed crops, no flips)",
+    )
+    unet: dict[str, Any] = Field(
+        default_factory=dict,
+        description="from scratch: UNet2DConditionModel config fields (block_out_channels, ...)",
+    )
+    text_encoder: dict[str, Any] = Field(
+        default_factory=dict, description="from scratch: CLIPTextConfig fields (hidden_size, ...)"
+    )
+    noise_schedule: dict[str, Any] = Field(
+        default_factory=dict,
+        description="from scratch: DDPMScheduler config (num_train_timesteps, beta_schedule)",
+    )
+    sampler: str | None = Field(
+        None, description="scheduler saved with the pipeline; empty: the pipeline's own, or ddim"
+    )
+    samples: SamplesConfig = Field(default_factory=SamplesConfig)
+
+    @field_validator("sampler")
+    @classmethod
+    def _known_sampler(cls, value: str | None) -> str | None:
+        return _check_scheduler(value)
+
+
 class Config(Section):
     run_name: str = Field("run", min_length=1, description="name of the run folder")
     output_dir: str = Field("runs", description="the run folder is <output_dir>/<run_name>")
     seed: int = Field(1337, description="seeds python, numpy, torch and the data order")
     task: str = Field(
         "causal_lm",
-        description="causal_lm: next-token on all text; sft: loss on answers only; or a plugin's",
+        description="causal_lm: next-token on all text; sft: loss on answers only; "
+        "image-generation: a diffusion model from captioned images; or a plugin's",
     )
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
@@ -467,6 +575,7 @@ class Config(Section):
     inference: InferenceConfig = Field(default_factory=InferenceConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
     diffusion: DiffusionConfig = Field(default_factory=DiffusionConfig)
+    diffusion_training: DiffusionTrainingConfig = Field(default_factory=DiffusionTrainingConfig)
 
     @field_validator("task")
     @classmethod
@@ -508,9 +617,56 @@ def load(source: str | Path | dict[str, Any] | None = None, overrides: list[str]
 
 def validate(raw: dict[str, Any]) -> Config:
     try:
-        return Config.model_validate(raw)
+        config = Config.model_validate(raw)
     except ValidationError as exc:
         raise ConfigError(format_errors(exc, raw)) from None
+    problems = cross_section_problems(config)
+    if problems:
+        lines = [f"{len(problems)} config error(s):", *(f"  {p}" for p in problems)]
+        raise ConfigError("\n".join(lines))
+    return config
+
+
+def cross_section_problems(config: Config) -> list[str]:
+    """Errors that involve two sections (the task and its data source...), as `key: message`."""
+    problems = []
+    source, image_task = config.data.source, config.task in IMAGE_TASKS
+    if image_task and not IMAGE_SOURCES.knows(source):
+        problems.append(
+            f"data.source: {source!r} is a text source; task {config.task} reads captioned "
+            f"images (allowed: {', '.join(IMAGE_SOURCES.names())})"
+        )
+    elif not image_task and IMAGE_SOURCES.knows(source) and not SOURCES.knows(source):
+        problems.append(
+            f"data.source: {source!r} is an image source, for task image-generation; task "
+            f"{config.task} reads text (allowed: {', '.join(SOURCES.names())})"
+        )
+    if not image_task:
+        return problems
+    train = config.diffusion_training
+    if train.space == "latent" and not config.model.init_from:
+        problems.append(
+            "diffusion_training.space: 'latent' needs the VAE of a pretrained pipeline: set "
+            "model.init_from to a diffusers pipeline folder, or train in pixel space "
+            "(allowed: latent, pixel)"
+        )
+    if config.model.lora.enabled and train.train_text_encoder:
+        problems.append(
+            "diffusion_training.train_text_encoder: with model.lora.enabled the adapters go on "
+            "the UNet only; set train_text_encoder: false, or train without LoRA"
+        )
+    if config.model.lora.enabled and not config.model.init_from:
+        problems.append(
+            "model.lora.enabled: LoRA adapts a pretrained UNet; set model.init_from to a "
+            "diffusers pipeline folder, or train from scratch without LoRA"
+        )
+    if config.model.init_from and (train.unet or train.text_encoder or train.noise_schedule):
+        given = [k for k in ("unet", "text_encoder", "noise_schedule") if getattr(train, k)]
+        problems.append(
+            f"diffusion_training.{given[0]}: configures a model built from scratch, but "
+            f"model.init_from ({config.model.init_from!r}) gives the pipeline; remove one"
+        )
+    return problems
 
 
 def save(config: Config, path: Path) -> None:

@@ -81,12 +81,16 @@ def load_plugins() -> None:
 
 # The registries. Upper layers fill them with `@NAME.register(...)`.
 SOURCES = Registry("data source", "truthgpt.data.sources", ("python-stdlib", "text", "jsonl", "hf"))
+# Image sources (task image-generation) share `data.source` with the text ones above.
+IMAGE_SOURCES = Registry("image source", "truthgpt.data.images", ("digits", "imagefolder"))
 ARCHS = Registry("model arch", "truthgpt.models.build", ("llama", "gpt2", "hf"))
-OPTIMIZERS = Registry("optimizer", "truthgpt.training.optim", ("adamw", "lion", "adafactor", "sgd"))
+OPTIMIZERS = Registry(
+    "optimizer", "truthgpt.training.optim", ("adamw", "adamw8bit", "lion", "adafactor", "sgd")
+)
 SCHEDULES = Registry("lr schedule", "truthgpt.training.optim", ("cosine", "linear", "constant"))
-TASKS = Registry("task", "truthgpt.training.tasks", ("causal_lm", "sft"))
+TASKS = Registry("task", "truthgpt.training.tasks", ("causal_lm", "sft", "image-generation"))
 CALLBACKS = Registry(
     "callback",
     "truthgpt.training.callbacks",
-    ("rich", "tqdm", "none", "jsonl", "tensorboard", "plot", "histograms", "wandb"),
+    ("rich", "tqdm", "none", "jsonl", "images", "tensorboard", "plot", "histograms", "wandb"),
 )

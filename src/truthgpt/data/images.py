@@ -24,7 +24,9 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
-from truthgpt.errors import DataError
+from truthgpt.config import DataConfig
+from truthgpt.errors import ConfigError, DataError
+from truthgpt.registry import IMAGE_SOURCES
 
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 SPLITS = ("train", "val", "all")
@@ -67,6 +69,11 @@ class DigitsDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.labels)
+
+    @property
+    def captions(self) -> list[str]:
+        """Every item's caption, in order, without touching the pixels."""
+        return [digit_caption(label) for label in self.labels]
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         image = self.images[index : index + 1]
@@ -139,6 +146,11 @@ class ImageFolderDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.rows)
+
+    @property
+    def captions(self) -> list[str]:
+        """Every item's caption, in order, without loading an image."""
+        return [text for _, text, _ in self.rows]
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         path, text, line = self.rows[index]
@@ -287,3 +299,67 @@ def collate_images(items: list[dict[str, Any]]) -> dict[str, Any]:
         "text": [item["text"] for item in items],
         "label": None if any(label is None for label in labels) else torch.tensor(labels),
     }
+
+
+# ---------------------------------------------------------------------------------------------
+# `data.source` builders for task image-generation: (DataConfig, size, channels, seed, crop and
+# flip settings) -> (train, val or None).
+
+ImageSplits = tuple[Dataset, Dataset | None]
+
+
+@IMAGE_SOURCES.register("digits")
+def digits_source(
+    data: DataConfig,
+    size: int,
+    channels: int,
+    seed: int,
+    center_crop: bool = True,
+    random_flip: bool = False,
+) -> ImageSplits:
+    """The bundled digits, split by `data.val_fraction` (digits are never cropped or flipped:
+    a mirrored 7 is no digit)."""
+    val = (
+        digits_dataset(size, "val", data.val_fraction, seed, channels)
+        if data.val_fraction > 0
+        else None
+    )
+    split = "train" if val is not None else "all"
+    return digits_dataset(size, split, data.val_fraction, seed, channels), val
+
+
+@IMAGE_SOURCES.register("imagefolder")
+def imagefolder_source(
+    data: DataConfig,
+    size: int,
+    channels: int,
+    seed: int,
+    center_crop: bool = True,
+    random_flip: bool = False,
+) -> ImageSplits:
+    """`data.paths`: one folder with metadata.jsonl; val is `data.val_paths` (one folder) or a
+    `data.val_fraction` share of it. Images are RGB, so `channels` must be 3."""
+    if len(data.paths) != 1:
+        raise ConfigError(
+            f"data.paths: source imagefolder reads exactly one folder with {METADATA_FILE}, "
+            f"got {len(data.paths)} paths ({data.paths!r})"
+        )
+    if len(data.val_paths) > 1:
+        raise ConfigError(
+            f"data.val_paths: source imagefolder takes at most one val folder, got {data.val_paths}"
+        )
+    if channels != 3:
+        raise ConfigError(
+            f"diffusion_training: source imagefolder gives RGB images, but the model takes "
+            f"{channels} channel(s); use a UNet (or VAE) with 3 input channels"
+        )
+    crop = dict(size=size, center_crop=center_crop, random_flip=random_flip)
+    if data.val_paths:
+        train = imagefolder_dataset(data.paths[0], **crop)
+        # Validation images are always center-cropped and never flipped: the same every time.
+        return train, imagefolder_dataset(data.val_paths[0], size)
+    if data.val_fraction == 0:
+        return imagefolder_dataset(data.paths[0], **crop), None
+    split = dict(val_fraction=data.val_fraction, seed=seed)
+    train = imagefolder_dataset(data.paths[0], **crop, split="train", **split)
+    return train, imagefolder_dataset(data.paths[0], size, split="val", **split)

@@ -7,6 +7,7 @@ on what the memory level left in place.
 
 from __future__ import annotations
 
+import inspect
 import math
 import random
 import re
@@ -105,6 +106,10 @@ def generate_images(
         height=height,
         num_images_per_prompt=cfg.batch,
     )
+    if "clean_caption" in inspect.signature(pipe.__call__).parameters:
+        # IF-layout pipelines (pixel-space runs of task image-generation) were trained on
+        # prompts lower-cased and stripped, which is IF's behaviour without its caption cleaner.
+        call["clean_caption"] = False
     if cfg.speed:
         # Same shapes as the real call, so the compiled graphs are reused; two steps suffice.
         warm_up = dict(call, num_inference_steps=2, output_type="latent")

@@ -1,4 +1,5 @@
-"""Load a diffusers pipeline: a local folder written by `save_pretrained`, or a hub id on request.
+"""Load a diffusers pipeline: a local folder written by `save_pretrained`, a run folder of task
+image-generation (its best checkpoint; a LoRA run's adapter on its base), or a hub id on request.
 
 Nothing reaches the hub unless `allow_download` is set. The pipeline comes back on the CPU in the
 asked dtype; placing it on a GPU is the memory level's job (`memory.apply_memory_level`).
@@ -12,13 +13,16 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import yaml
 from diffusers import AutoPipelineForText2Image, DiffusionPipeline
 
 from truthgpt.errors import CheckpointError, ConfigError
+from truthgpt.guard import is_run_folder
 from truthgpt.quiet import no_load_save_bars, no_numpy_copy_notices
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # diffusers' name for a LoRA adapter file
 # owner/name, the shape of a hub repository id; anything else that is not a folder is a typo.
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
@@ -43,8 +47,19 @@ def resolve_dtype(
 def load_pipeline(
     model: str | Path, dtype: torch.dtype = torch.float16, allow_download: bool = False
 ) -> DiffusionPipeline:
-    """A text-to-image pipeline from a local diffusers folder, or a hub id if `allow_download`."""
+    """A text-to-image pipeline from a local diffusers folder, a run folder, or a hub id if
+    `allow_download`."""
     path = Path(model).expanduser()
+    if path.exists() and is_run_folder(path):
+        folder, base = run_pipeline(path)
+        if base is None:
+            return load_pipeline(folder, dtype)
+        pipe = load_pipeline(base, dtype)
+        try:
+            pipe.load_lora_weights(str(folder))
+        except (OSError, ValueError, KeyError, RuntimeError) as exc:
+            raise CheckpointError(f"{folder}: could not load the LoRA adapter: {exc}") from exc
+        return pipe
     if path.exists():
         if not path.is_dir():
             raise CheckpointError(
@@ -87,6 +102,29 @@ def load_pipeline(
     except _LOAD_ERRORS as exc:
         raise CheckpointError(f"{source}: could not load the diffusers pipeline: {exc}") from exc
     return pipe
+
+
+def run_pipeline(run: Path) -> tuple[Path, Path | None]:
+    """(checkpoint folder, None) for a run that saved whole pipelines; (adapter folder, base
+    pipeline) for a LoRA run, the base being the `model.init_from` it was trained on."""
+    from truthgpt.models import resolve_model_folder
+
+    folder = resolve_model_folder(run)
+    if (folder / "model_index.json").is_file():
+        return folder, None
+    if not (folder / LORA_WEIGHTS).is_file():
+        raise CheckpointError(
+            f"{run} is a run folder, but its checkpoint {folder.name}/ holds neither a diffusers "
+            "pipeline nor a LoRA adapter: it was not trained with task image-generation"
+        )
+    run_config = yaml.safe_load((run / "config.yaml").read_text()) or {}
+    base = (run_config.get("model") or {}).get("init_from")
+    if not base or not Path(base).expanduser().is_dir():
+        raise CheckpointError(
+            f"{run} holds a LoRA adapter whose base pipeline (model.init_from: {base!r}) is "
+            f"gone; load it on its base with --lora {folder}"
+        )
+    return folder, Path(base).expanduser()
 
 
 def denoiser_of(pipe: DiffusionPipeline) -> tuple[str, torch.nn.Module]:

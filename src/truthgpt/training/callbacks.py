@@ -46,6 +46,9 @@ class Callback:
 
     def on_checkpoint(self, step: int, path: Path) -> None: ...
 
+    def on_image(self, step: int, name: str, image: Any) -> None:
+        """A PIL image the task drew to show its progress (diffusion samples)."""
+
     def on_log(self, message: str) -> None:
         """A line for the user (a stage finished, a checkpoint written)."""
 
@@ -260,9 +263,30 @@ class TensorBoardLog(Callback):
     def on_eval(self, step: int, metrics: Metrics) -> None:
         self._scalars("eval", step, metrics)
 
+    def on_image(self, step: int, name: str, image: Any) -> None:
+        import numpy as np
+
+        self.writer.add_image(name, np.asarray(image.convert("RGB")), step, dataformats="HWC")
+        self.writer.flush()
+
     def on_train_end(self, step: int) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+class ImageFiles(Callback):
+    """The task's images as PNGs: `<run>/<name>/step_000500.png` (e.g. samples/)."""
+
+    def __init__(self, config: Config, run_dir: Path) -> None:
+        self.run_dir = run_dir
+
+    def on_image(self, step: int, name: str, image: Any) -> None:
+        folder = self.run_dir / name
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"step_{step:06d}.png"
+        tmp = path.with_suffix(".tmp.png")
+        image.save(tmp)
+        os.replace(tmp, path)
 
 
 class HistogramLog(Callback):
@@ -396,6 +420,7 @@ def _rich(config: Config, run_dir: Path) -> Callback:
 CALLBACKS.register("tqdm")(TqdmProgress)
 CALLBACKS.register("none")(PlainLog)
 CALLBACKS.register("jsonl")(JsonlLog)
+CALLBACKS.register("images")(ImageFiles)
 CALLBACKS.register("tensorboard")(TensorBoardLog)
 CALLBACKS.register("plot")(LossPlot)
 CALLBACKS.register("histograms")(HistogramLog)
@@ -403,10 +428,11 @@ CALLBACKS.register("wandb")(WandbLog)
 
 
 def build_callbacks(config: Config, run_dir: Path) -> list[Callback]:
-    """The callbacks the config asks for: progress style, jsonl, TensorBoard, histograms, plot,
+    """The callbacks the config asks for: progress style, jsonl, image PNGs, TensorBoard,
+    histograms, plot,
     wandb, then each name of `logging.callbacks` (each name once)."""
     logging = config.logging
-    names = [logging.progress, "jsonl"]
+    names = [logging.progress, "jsonl", "images"]
     if logging.tensorboard:
         names.append("tensorboard")
     if logging.histograms_every:

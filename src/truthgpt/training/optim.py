@@ -99,6 +99,29 @@ def build_sgd(model: nn.Module, cfg: OptimConfig, device: torch.device) -> torch
     )
 
 
+@OPTIMIZERS.register("adamw8bit")
+def build_adamw8bit(
+    model: nn.Module, cfg: OptimConfig, device: torch.device
+) -> torch.optim.Optimizer:
+    """bitsandbytes' AdamW with 8-bit block-wise quantized moments (Dettmers et al. 2022):
+    a quarter of AdamW's optimizer memory. Needs bitsandbytes and a CUDA GPU."""
+    if device.type != "cuda":
+        raise ConfigError(
+            f"optim.name: 'adamw8bit' runs on a CUDA GPU only (this run is on {device.type}); "
+            "use optim.name: adamw here"
+        )
+    try:
+        import bitsandbytes
+    except ImportError:
+        raise ConfigError(
+            "optim.name: 'adamw8bit' needs bitsandbytes (pip install bitsandbytes), or use "
+            "optim.name: adamw"
+        ) from None
+    return bitsandbytes.optim.AdamW8bit(
+        param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps
+    )
+
+
 def build_optimizer(
     model: nn.Module, cfg: OptimConfig, device: torch.device
 ) -> torch.optim.Optimizer:

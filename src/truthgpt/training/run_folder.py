@@ -53,9 +53,10 @@ STEERING_KEYS = (
     "hardware.",
     "inference.",
     "diffusion.",
+    "diffusion_training.samples.",
 )
 # What an earlier attempt without a checkpoint left: not work to keep on a fresh start.
-_STALE = (CHECKPOINTS, "tb", "metrics.jsonl", "loss.png", "tokenizer", HISTORY)
+_STALE = (CHECKPOINTS, "tb", "metrics.jsonl", "loss.png", "tokenizer", "samples", HISTORY)
 
 
 def prepare_run_dir(

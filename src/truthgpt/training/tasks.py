@@ -7,6 +7,12 @@ callbacks, progress) is the Trainer's, which names no task: `config.task` picks 
 
 - `causal_lm`: next-token loss on every token of text packed into `data.max_seq_len` blocks.
 - `sft`: next-token loss on the answers of chat rows only (bucketed or packed examples).
+- `image-generation`: the denoising loss of a text-to-image diffusion model
+  (`diffusion_task.py`).
+
+A task may also draw pictures of its progress: a `sample_every` attribute (steps; 0: never) and
+a `samples(model, step)` method returning named PIL images, which the Trainer hands to the
+callbacks' `on_image` (TensorBoard, PNGs in the run folder).
 """
 
 from __future__ import annotations
@@ -116,6 +122,14 @@ class CausalLMTask(LanguageModelTask):
 @TASKS.register("sft")
 class SFTTask(LanguageModelTask):
     prepare_data = staticmethod(prepare_sft_data)
+
+
+@TASKS.register("image-generation")
+def image_generation_task(config: Config) -> Task:
+    """Text-to-image diffusion (training/diffusion_task.py); diffusers is imported only here."""
+    from truthgpt.training.diffusion_task import ImageGenerationTask
+
+    return ImageGenerationTask(config)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -144,6 +144,8 @@ class Trainer:
         self.early_best: float | None = None
         self.evals_without_improvement = 0
         self.peak_flops = peak_flops(device, self.dtype)
+        # A task that draws pictures of its progress (image generation) says how often.
+        self.sample_every = getattr(self.task, "sample_every", 0)
 
     # -- the loop --------------------------------------------------------------------------
 
@@ -187,6 +189,10 @@ class Trainer:
                     self._emit("on_eval", self.step, last_eval)
                     self.maybe_save_best(last_eval)
                     stopped_early = self.should_stop_early(last_eval)
+                if self.sample_every and (
+                    self.step % self.sample_every == 0 or self.step == max_steps
+                ):
+                    self.draw_samples()
                 if (
                     self.step % self.config.checkpoint.save_every == 0
                     or self.step == max_steps
@@ -356,6 +362,14 @@ class Trainer:
                 world_size=self.world.size,
             )
         return {"step": self.step, "val_loss": val_loss, "val_ppl": perplexity(val_loss)}
+
+    def draw_samples(self) -> None:
+        """The task's pictures of its progress, drawn with the weights evaluation uses."""
+        use_ema = self.ema is not None and self.train_cfg.ema.evaluate
+        with self.ema.applied() if use_ema else contextlib.nullcontext():
+            images = self.task.samples(self.model, self.step)
+        for name, image in images.items():
+            self._emit("on_image", self.step, name, image)
 
     def should_stop_early(self, metrics: dict[str, float]) -> bool:
         rule = self.train_cfg.early_stopping

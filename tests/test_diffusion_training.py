@@ -1,0 +1,367 @@
+"""Task image-generation through the one Trainer: digits from scratch (loss falls, the run folder
+is a pipeline diffusers and `truthgpt image` load), a LoRA fine-tune of a tiny Stable Diffusion
+pipeline (exact resume, adapter loaded by diffusers' own `load_lora_weights`), the objective
+against diffusers' scheduler, and config errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import tiny_raw_config
+from diffusers import (
+    AutoencoderKL,
+    DDPMScheduler,
+    DiffusionPipeline,
+    PNDMScheduler,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
+from PIL import Image
+from transformers import CLIPTextConfig, CLIPTextModel
+
+from truthgpt.config import load
+from truthgpt.diffusion import load_pipeline
+from truthgpt.errors import ConfigError
+from truthgpt.training.callbacks import Callback
+from truthgpt.training.checkpoint import verify_checkpoint
+from truthgpt.training.denoising import denoising_loss, snr
+from truthgpt.training.diffusion_model import LORA_WEIGHTS, char_clip_tokenizer
+from truthgpt.training.tasks import build_task
+from truthgpt.training.trainer import train
+
+
+def records(run_dir: Path, kind: str) -> dict[int, dict]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return {r["step"]: r for r in map(json.loads, lines) if r["kind"] == kind}
+
+
+def digits_config(tmp_path: Path, **sections: dict) -> dict:
+    """A tiny pixel-space digits model: 16x16, one channel, a 2-level UNet."""
+    raw = {
+        "run_name": "digits",
+        "output_dir": str(tmp_path / "runs"),
+        "seed": 0,
+        "task": "image-generation",
+        "data": {"source": "digits", "val_fraction": 0.1},
+        "diffusion_training": {
+            "space": "pixel",
+            "resolution": 16,
+            "caption_dropout": 0.1,
+            "unet": {
+                "in_channels": 1,
+                "block_out_channels": [16, 32],
+                "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
+                "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"],
+                "norm_num_groups": 8,
+            },
+            "text_encoder": {"hidden_size": 32, "intermediate_size": 64},
+            "samples": {"every": 40, "prompts": ["a handwritten digit one"], "steps": 3},
+        },
+        "training": {
+            "max_steps": 40,
+            "batch_size": 16,
+            "eval_every": 40,
+            "eval_batches": 2,
+            "log_every": 10,
+        },
+        "optim": {"lr": 2e-3, "warmup_steps": 5, "weight_decay": 0.0},
+        "checkpoint": {"save_every": 40},
+        "logging": {"progress": "none", "plot": False},
+        "hardware": {"device": "cpu"},
+    }
+    for name, values in sections.items():
+        raw[name] = {**raw.get(name, {}), **values}
+    return raw
+
+
+# ---------------------------------------------------------------------------------------------
+# From scratch: digits
+
+
+def test_digits_from_scratch_loss_falls_and_the_run_is_a_diffusers_pipeline(
+    tmp_path: Path,
+) -> None:
+    result = train(load(digits_config(tmp_path)))
+    assert result.steps == 40
+    # The validation loss uses fixed noise and timesteps: the same weights give the same
+    # number, so a lower one is learning, not luck.
+    assert result.final_val_loss < 0.8 * result.initial_val_loss
+    train_losses = [r["loss"] for r in records(result.run_dir, "train").values()]
+    assert train_losses[-1] < train_losses[0]
+    assert (result.run_dir / "samples" / "step_000040.png").is_file()
+    assert any((result.run_dir / "tb").iterdir())
+
+    best = result.run_dir / "checkpoints" / "best"
+    verify_checkpoint(best)
+    # Plain diffusers reads the checkpoint as a pipeline, and draws 16x16 single-channel images.
+    pipe = DiffusionPipeline.from_pretrained(best, local_files_only=True)
+    assert type(pipe).__name__ == "IFPipeline"
+    generator = torch.Generator().manual_seed(0)
+    image = pipe(
+        "a handwritten digit one", num_inference_steps=2, generator=generator, clean_caption=False
+    ).images[0]
+    assert image.size == (16, 16)
+    # `truthgpt image RUN` resolves the run folder to the same checkpoint.
+    ours = load_pipeline(result.run_dir, torch.float32)
+    reference = dict(pipe.unet.state_dict())
+    assert all(torch.equal(v, reference[k]) for k, v in ours.unet.state_dict().items())
+
+
+def test_caption_embeddings_match_the_pipelines_own_encode_prompt(tmp_path: Path) -> None:
+    config = load(digits_config(tmp_path))
+    task = build_task(config)
+    model = task.build_model(task.build_data(None, lambda message: None))
+    prompt = "A Handwritten digit seven "  # the pipeline lower-cases and strips it
+    ours = model.encode_text(*model.tokenize([prompt]))
+    reference, _ = model.pipeline().encode_prompt(prompt, do_classifier_free_guidance=False)
+    torch.testing.assert_close(ours, reference, rtol=0, atol=0)
+    index = task.captions.index("a handwritten digit seven")
+    torch.testing.assert_close(model.caption_embeddings[index], reference[0], rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# LoRA fine-tune of a tiny Stable Diffusion pipeline
+
+
+@pytest.fixture(scope="module")
+def tiny_sd(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("tiny-sd")
+    torch.manual_seed(0)
+    tokenizer = char_clip_tokenizer()
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=37,
+            num_attention_heads=4,
+            num_hidden_layers=2,
+            max_position_embeddings=77,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+    vae = AutoencoderKL(
+        block_out_channels=(16, 32),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=32,
+    )
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        sample_size=16,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=4,
+        cross_attention_dim=32,
+    )
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=PNDMScheduler(skip_prk_steps=True, steps_offset=1),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(root / "sd")
+    return root / "sd"
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory) -> Path:
+    """Twelve 40x36 pictures of two kinds, with captions in metadata.jsonl."""
+    folder = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(12):
+        kind = ("red square", "blue stripes")[i % 2]
+        pixels = rng.integers(0, 60, (36, 40, 3), dtype=np.uint8)
+        if i % 2 == 0:
+            pixels[8:28, 10:30, 0] = 230
+        else:
+            pixels[:, ::6, 2] = 230
+        Image.fromarray(pixels).save(folder / f"{i}.png")
+        rows.append(json.dumps({"file_name": f"{i}.png", "text": f"a {kind}"}))
+    (folder / "metadata.jsonl").write_text("\n".join(rows) + "\n")
+    return folder
+
+
+def lora_config(tmp_path: Path, name: str, sd: Path, images: Path) -> dict:
+    return tiny_raw_config(
+        tmp_path,
+        run_name=name,
+        task="image-generation",
+        model={"init_from": str(sd), "lora": {"enabled": True, "r": 4, "alpha": 4}},
+        data={"source": "imagefolder", "paths": [str(images)], "val_fraction": 0.25},
+        diffusion_training={
+            "resolution": 32,
+            "caption_dropout": 0.2,
+            "prediction_type": "v_prediction",
+            "snr_gamma": 5.0,
+            "noise_offset": 0.05,
+        },
+        training={"max_steps": 10, "batch_size": 4, "log_every": 1, "eval_every": 5},
+        optim={"lr": 1e-3, "warmup_steps": 2},
+        checkpoint={"save_every": 5, "keep_last": 2},
+        logging={"progress": "none", "tensorboard": False, "plot": False},
+        hardware={"device": "cpu"},
+    )
+
+
+class CrashAt(Callback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_checkpoint(self, step: int, path: Path) -> None:
+        if step == self.step and path.name == "last":
+            raise RuntimeError("simulated crash")
+
+
+def test_lora_finetune_resumes_exactly_and_diffusers_loads_the_adapter(
+    tmp_path: Path, tiny_sd: Path, image_folder: Path
+) -> None:
+    full_config = load(lora_config(tmp_path, "full", tiny_sd, image_folder))
+    full = train(full_config)
+    assert full.steps == 10
+    # The reference is the uninterrupted run: a crash after step 5 and a resume give its curve.
+    broken = load(lora_config(tmp_path, "broken", tiny_sd, image_folder))
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(broken, callbacks=[CrashAt(5)])
+    resumed = train(broken, resume=True)
+    assert resumed.steps == 10
+    full_losses = {s: r["loss"] for s, r in records(full.run_dir, "train").items()}
+    assert {s: r["loss"] for s, r in records(broken.run_dir, "train").items()} == full_losses
+    assert resumed.final_val_loss == full.final_val_loss
+
+    last = full.run_dir / "checkpoints" / "last"
+    assert (last / LORA_WEIGHTS).is_file() and not (last / "unet").exists()
+    # diffusers' own loader puts the adapter on the base pipeline; its UNet must compute what
+    # the trained one does.
+    task = build_task(full_config)
+    task.build_data(None, lambda message: None)
+    ours = task.load_model(last)
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd, local_files_only=True)
+    pipe.load_lora_weights(last)
+    generator = torch.Generator().manual_seed(0)
+    sample = torch.randn(2, 4, 16, 16, generator=generator)
+    text = torch.randn(2, 77, 32, generator=generator)
+    timesteps = torch.tensor([10, 500])
+    with torch.no_grad():
+        expected = ours.unet(sample, timesteps, encoder_hidden_states=text).sample
+        got = pipe.unet(sample, timesteps, encoder_hidden_states=text).sample
+        base = (
+            StableDiffusionPipeline.from_pretrained(tiny_sd, local_files_only=True)
+            .unet(sample, timesteps, encoder_hidden_states=text)
+            .sample
+        )
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(base, expected)  # the adapter did learn something
+    # `truthgpt image RUN` of a LoRA run: the base of model.init_from with the adapter on it.
+    through_run = load_pipeline(full.run_dir, torch.float32)
+    with torch.no_grad():
+        drawn = through_run.unet(sample, timesteps, encoder_hidden_states=text).sample
+    torch.testing.assert_close(drawn, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_full_finetune_with_the_text_encoder_saves_a_stable_diffusion_pipeline(
+    tmp_path: Path, tiny_sd: Path, image_folder: Path
+) -> None:
+    raw = lora_config(tmp_path, "full-ft", tiny_sd, image_folder)
+    raw["model"]["lora"] = {"enabled": False}
+    # Random flips: latents are encoded every step; a trained encoder: captions too.
+    raw["diffusion_training"] |= {"train_text_encoder": True, "random_flip": True}
+    raw["training"] |= {"max_steps": 3, "gradient_checkpointing": True}
+    result = train(load(raw))
+    pipe = load_pipeline(result.run_dir, torch.float32)
+    assert type(pipe).__name__ == "StableDiffusionPipeline"
+    assert pipe.scheduler.config.prediction_type == "v_prediction"  # what the UNet learned
+    base = StableDiffusionPipeline.from_pretrained(tiny_sd, local_files_only=True)
+    for part in ("unet", "text_encoder", "vae"):
+        trained = dict(getattr(pipe, part).state_dict())
+        same = all(torch.equal(v, trained[k]) for k, v in getattr(base, part).state_dict().items())
+        assert same == (part == "vae"), part  # the VAE is frozen, the others learned
+
+
+# ---------------------------------------------------------------------------------------------
+# The objective against diffusers' scheduler
+
+
+def test_denoising_loss_targets_and_min_snr_weights() -> None:
+    torch.manual_seed(0)
+    latents, noise, prediction = torch.randn(3, 4, 2, 8, 8).unbind(0)
+    timesteps = torch.tensor([5, 300, 900, 999])
+    eps = DDPMScheduler(prediction_type="epsilon")
+    v = DDPMScheduler(prediction_type="v_prediction")
+    plain = denoising_loss(prediction, latents, noise, timesteps, eps)
+    torch.testing.assert_close(plain, F.mse_loss(prediction, noise))
+    velocity = v.get_velocity(latents, noise, timesteps)
+    torch.testing.assert_close(
+        denoising_loss(prediction, latents, noise, timesteps, v), F.mse_loss(prediction, velocity)
+    )
+    # min-SNR-gamma: examples whose SNR is under gamma keep weight 1 (epsilon), the others
+    # are scaled by gamma / SNR.
+    ratio = snr(eps, timesteps)
+    alphas = eps.alphas_cumprod[timesteps]
+    torch.testing.assert_close(ratio, alphas / (1 - alphas))
+    gamma = 5.0
+    per_example = ((prediction - noise) ** 2).mean(dim=(1, 2, 3))
+    weights = torch.where(ratio > gamma, gamma / ratio, torch.ones_like(ratio))
+    weighted = denoising_loss(prediction, latents, noise, timesteps, eps, snr_gamma=gamma)
+    torch.testing.assert_close(weighted, (per_example * weights).mean())
+
+
+# ---------------------------------------------------------------------------------------------
+# Config errors
+
+
+@pytest.mark.parametrize(
+    ("changes", "expected"),
+    [
+        ({"data": {"source": "python-stdlib"}}, ["data.source", "digits, imagefolder"]),
+        ({"diffusion_training": {"space": "latent"}}, ["diffusion_training.space", "pixel"]),
+        ({"diffusion_training": {"space": "latnt"}}, ["diffusion_training.space", "latent"]),
+        ({"diffusion_training": {"sampler": "dim"}}, ["diffusion_training.sampler", "'ddim'"]),
+        ({"diffusion_training": {"caption_drop": 0.1}}, ["caption_dropout"]),
+        ({"diffusion_training": {"caption_dropout": 1.5}}, ["diffusion_training.caption_dropout"]),
+        (
+            {"diffusion_training": {"prediction_type": "x0"}},
+            ["diffusion_training.prediction_type", "epsilon, v_prediction"],
+        ),
+        ({"model": {"lora": {"enabled": True}}}, ["model.lora.enabled", "model.init_from"]),
+        ({"data": {"source": "digitz"}}, ["data.source", "did you mean 'digits'"]),
+    ],
+)
+def test_bad_diffusion_training_config_names_the_key(
+    tmp_path: Path, changes: dict, expected: list[str]
+) -> None:
+    with pytest.raises(ConfigError) as info:
+        load(digits_config(tmp_path, **changes))
+    for text in expected:
+        assert text in str(info.value)
+
+
+def test_an_image_source_for_a_text_task_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="data.source: 'digits' is an image source"):
+        load(tiny_raw_config(tmp_path, data={"source": "digits"}))
+
+
+def test_a_bad_unet_config_is_a_config_error(tmp_path: Path) -> None:
+    config = load(digits_config(tmp_path, diffusion_training={"unet": {"no_such_field": 1}}))
+    with pytest.raises(ConfigError, match="diffusion_training.unet"):
+        build_task(config).build_data(None, lambda message: None)
+
+
+def test_adamw8bit_without_a_gpu_is_a_clear_config_error(tmp_path: Path) -> None:
+    config = load(digits_config(tmp_path, optim={"name": "adamw8bit"}))
+    with pytest.raises(ConfigError, match="optim.name: 'adamw8bit' runs on a CUDA GPU only"):
+        train(config)
