@@ -29,19 +29,26 @@ from PIL import Image
 def write_clip_tokenizer(folder: Path):
     """A CLIP BPE tokenizer over the 256 byte symbols and no merges (offline, real code)."""
     from transformers import CLIPTokenizer
-    from transformers.models.clip.tokenization_clip import bytes_to_unicode
 
     folder.mkdir(parents=True, exist_ok=True)
-    symbols = list(bytes_to_unicode().values())
+    # GPT-2/CLIP byte-level BPE's byte -> unicode map: printable bytes stand for themselves.
+    printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
+    symbols = [chr(c) for c in printable + [256 + n for n in range(256 - len(printable))]]
     vocab = {s: i for i, s in enumerate(symbols + [s + "</w>" for s in symbols])}
     vocab |= {"<|startoftext|>": len(vocab), "<|endoftext|>": len(vocab) + 1}
     (folder / "vocab.json").write_text(json.dumps(vocab))
     (folder / "merges.txt").write_text("#version: 0.2\n")
+    (folder / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 77}))
     return CLIPTokenizer.from_pretrained(folder)
 
 
 def build_pipeline_folder(folder: Path, tiny: bool) -> Path:
-    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import (
+        AutoencoderKL,
+        DDPMScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
     from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(0)
@@ -161,9 +168,9 @@ def run_ours(args, sd: Path, images: Path, workdir: Path, checkpointing: bool, d
     data = task.build_data(config.run_dir, lambda message: None)
     model = task.build_model(data).to(device)
     trainer = Trainer(config, model, data, device, config.run_dir, callbacks=[], task=task)
-    times = timed_steps(trainer.train_step, args.steps, args.warmup, device)
-    del trainer, model
-    return summary(times, args.batch_size, device)
+    return summary(
+        timed_steps(trainer.train_step, args.steps, args.warmup, device), args.batch_size, device
+    )
 
 
 def run_peer(args, sd: Path, images: Path, checkpointing: bool, device) -> dict:
@@ -199,9 +206,10 @@ def run_peer(args, sd: Path, images: Path, checkpointing: bool, device) -> dict:
             ]
         )
         pixels = pixels.float().div(127.5).sub(1).to(device)
-        latents = torch.cat(
-            [vae.encode(chunk).latent_dist.sample() for chunk in pixels.split(4)]
-        ) * vae.config.scaling_factor
+        latents = (
+            torch.cat([vae.encode(chunk).latent_dist.sample() for chunk in pixels.split(4)])
+            * vae.config.scaling_factor
+        )
         ids = tokenizer(
             [row["text"] for row in rows],
             padding="max_length",
@@ -232,9 +240,7 @@ def run_peer(args, sd: Path, images: Path, checkpointing: bool, device) -> dict:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
-    times = timed_steps(step, args.steps, args.warmup, device)
-    del unet, optimizer
-    return summary(times, args.batch_size, device)
+    return summary(timed_steps(step, args.steps, args.warmup, device), args.batch_size, device)
 
 
 def summary(times: list[float], batch_size: int, device: torch.device) -> dict:
@@ -266,10 +272,15 @@ def main() -> None:
         sd = build_pipeline_folder(root, args.tiny)
         images = write_images(root / "images", 32, args.resolution)
         for checkpointing in (False, True):
-            for name, run in (
-                ("truthgpt", lambda: run_ours(args, sd, images, root / "runs", checkpointing, device)),
-                ("diffusers+accelerate", lambda: run_peer(args, sd, images, checkpointing, device)),
-            ):
+            runs = {
+                "truthgpt": lambda ckpt=checkpointing: run_ours(
+                    args, sd, images, root / "runs", ckpt, device
+                ),
+                "diffusers+accelerate": lambda ckpt=checkpointing: run_peer(
+                    args, sd, images, ckpt, device
+                ),
+            }
+            for name, run in runs.items():
                 result = run()
                 report[f"{name}/ckpt={checkpointing}"] = result
                 print(name, f"gradient checkpointing {checkpointing}", result, flush=True)
@@ -282,7 +293,9 @@ def main() -> None:
         ours = report[f"truthgpt/ckpt={checkpointing}"]
         peer = report[f"diffusers+accelerate/ckpt={checkpointing}"]
         for label, r in (("truthgpt", ours), ("diffusers+accelerate", peer)):
-            ratio = f"{ours['images_per_second'] / peer['images_per_second']:.2f}" if r is ours else ""
+            ratio = (
+                f"{ours['images_per_second'] / peer['images_per_second']:.2f}" if r is ours else ""
+            )
             print(
                 f"{checkpointing} | {label} | {r['images_per_second']:.2f} "
                 f"[{r['min']:.2f}-{r['max']:.2f}] | {r['peak_gib']:.1f} | {ratio}"
