@@ -206,7 +206,11 @@ class TrainingConfig(Section):
 
 
 class OptimConfig(Section):
-    name: str = Field("adamw", description="adamw | lion | adafactor | sgd, or a plugin's")
+    name: str = Field(
+        "adamw",
+        description="adamw | muon | lion | adafactor | sgd, or a plugin's; muon: Muon on the "
+        "hidden weight matrices, AdamW (lr, betas, eps, weight_decay) on the rest",
+    )
     lr: float = Field(3e-4, gt=0, description="peak learning rate")
     weight_decay: float = Field(0.1, ge=0, description="not applied to norms, biases, embeddings")
     betas: tuple[float, float] = Field((0.9, 0.95), description="Adam beta1, beta2")
@@ -217,6 +221,13 @@ class OptimConfig(Section):
     momentum: float = Field(0.9, ge=0, lt=1, description="sgd: momentum")
     fused: bool | None = Field(
         None, description="adamw: fused kernel; empty: fused on CUDA, foreach elsewhere"
+    )
+    muon_lr: float = Field(
+        0.02, gt=0, description="muon: peak lr of the hidden matrices (scaled by the schedule)"
+    )
+    muon_momentum: float = Field(0.95, ge=0, lt=1, description="muon: Nesterov momentum")
+    muon_weight_decay: float = Field(
+        0.01, ge=0, description="muon: decoupled weight decay of the hidden matrices"
     )
 
     @field_validator("name")

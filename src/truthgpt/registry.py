@@ -82,7 +82,9 @@ def load_plugins() -> None:
 # The registries. Upper layers fill them with `@NAME.register(...)`.
 SOURCES = Registry("data source", "truthgpt.data.sources", ("python-stdlib", "text", "jsonl", "hf"))
 ARCHS = Registry("model arch", "truthgpt.models.build", ("llama", "gpt2", "hf"))
-OPTIMIZERS = Registry("optimizer", "truthgpt.training.optim", ("adamw", "lion", "adafactor", "sgd"))
+OPTIMIZERS = Registry(
+    "optimizer", "truthgpt.training.optim", ("adamw", "muon", "lion", "adafactor", "sgd")
+)
 SCHEDULES = Registry("lr schedule", "truthgpt.training.optim", ("cosine", "linear", "constant"))
 TASKS = Registry("task", "truthgpt.training.tasks", ("causal_lm", "sft"))
 CALLBACKS = Registry(
