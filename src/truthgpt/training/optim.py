@@ -135,22 +135,22 @@ def split_for_muon(model: nn.Module, weight_decay: float) -> tuple[list[Tensor],
 class MuonWithAdamW(torch.optim.Optimizer):
     """`torch.optim.Muon` and `torch.optim.AdamW` stepped as one optimizer.
 
-    `param_groups` holds the two optimizers' own group dicts (Muon's first), so the LR
-    schedule, the grad scaler and a rollback that set `group["lr"]` reach both; `state` is a
-    live view of both states. `state_dict()` is the standard format over the groups in that
-    order (so torch.distributed.checkpoint reads and writes it too); `load_state_dict` hands
-    each optimizer its own groups.
+    `param_groups` holds the two optimizers' own group dicts (AdamW's first, so the logged lr
+    is `optim.lr`'s, as with adamw): the LR schedule, the grad scaler and a rollback that set
+    `group["lr"]` reach both. `state` is a live view of both states. `state_dict()` is the
+    standard format over the groups in that order (so torch.distributed.checkpoint reads and
+    writes it too); `load_state_dict` hands each optimizer its own groups.
     """
 
     def __init__(self, muon: torch.optim.Optimizer, adamw: torch.optim.Optimizer) -> None:
         self.muon, self.adamw = muon, adamw
-        super().__init__([*muon.param_groups, *adamw.param_groups], defaults={})
+        super().__init__([*adamw.param_groups, *muon.param_groups], defaults={})
         self._share_children()
 
     def _share_children(self) -> None:
         # load_state_dict gives each child new group dicts and a new state: point at them again.
-        self.param_groups = [*self.muon.param_groups, *self.adamw.param_groups]
-        self.state = _JointState(self.muon, self.adamw)  # type: ignore[assignment]
+        self.param_groups = [*self.adamw.param_groups, *self.muon.param_groups]
+        self.state = _JointState(self.adamw, self.muon)  # type: ignore[assignment]
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
@@ -164,15 +164,15 @@ class MuonWithAdamW(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         groups = state_dict["param_groups"]
-        muon_count = len(self.muon.param_groups)
+        adamw_count = len(self.adamw.param_groups)
         if len(groups) != len(self.param_groups):
             raise ValueError(
-                f"the saved muon optimizer state has {len(groups)} parameter groups, this one "
-                f"{len(self.param_groups)}"
+                f"the saved optimizer state (optim.name muon) has {len(groups)} parameter "
+                f"groups, this one {len(self.param_groups)}"
             )
         for child, saved_groups in (
-            (self.muon, groups[:muon_count]),
-            (self.adamw, groups[muon_count:]),
+            (self.adamw, groups[:adamw_count]),
+            (self.muon, groups[adamw_count:]),
         ):
             ids = {i for group in saved_groups for i in group["params"]}
             state = {i: v for i, v in state_dict["state"].items() if i in ids}
