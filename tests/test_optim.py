@@ -5,6 +5,10 @@ hidden matrices while AdamW keeps embeddings, head, norms and biases."""
 from __future__ import annotations
 
 import copy
+import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -177,3 +181,20 @@ def test_muon_with_lora_is_a_config_error() -> None:
     model = apply_lora(tiny_llama(), LoraConfig(enabled=True), "llama")
     with pytest.raises(ConfigError, match="optim.name: 'muon' does not train LoRA adapters"):
         build_optimizer(model, OptimConfig(name="muon"), torch.device("cpu"))
+
+
+def test_muon_vs_adamw_benchmark_runs_on_cpu(tmp_path: Path) -> None:
+    # Keeps benchmarks/muon_vs_adamw.py in step with the Trainer (a smoke run: the numbers are
+    # the GPU's business).
+    out = tmp_path / "bench.json"
+    script = Path(__file__).parents[1] / "benchmarks" / "muon_vs_adamw.py"
+    args = ["--tiny", "--steps", "20", "--json", str(out)]
+    done = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "time to target, adamw / muon" in done.stdout
+    results = json.loads(out.read_text())
+    for name in ("adamw", "muon"):
+        first, last = results[name]["evals"][0], results[name]["evals"][-1]
+        assert last[0] == 20 and last[2] < first[2]  # both trained downhill
+    # Same initial weights and validation blocks: the step-0 losses are the same number.
+    assert results["adamw"]["evals"][0] == results["muon"]["evals"][0]
