@@ -49,12 +49,18 @@ class TokenizerConfig(Section):
 
 
 class DataConfig(Section):
-    source: str = Field("python-stdlib", description="python-stdlib | text | jsonl | hf")
-    paths: list[str] = Field(default_factory=list, description="text/jsonl/hf: files or globs")
+    source: str = Field(
+        "python-stdlib", description="python-stdlib | text | jsonl | hf | webdataset (tar shards)"
+    )
+    paths: list[str] = Field(
+        default_factory=list, description="text/jsonl/hf: files or globs; webdataset: .tar shards"
+    )
     val_paths: list[str] = Field(
         default_factory=list, description="explicit validation files; empty: split off val_fraction"
     )
-    field: str = Field("text", description="jsonl/hf: the field that holds the text")
+    field: str = Field(
+        "text", description="jsonl/hf (webdataset: .json members): the field that holds the text"
+    )
     hf_name: str | None = Field(
         None, description="hf: dataset name or builder (json, text, parquet, csv)"
     )
@@ -66,7 +72,9 @@ class DataConfig(Section):
         None, ge=1, description="read at most this many documents (quick runs)"
     )
     max_seq_len: int = Field(256, ge=8, description="tokens per packed training block")
-    num_workers: int = Field(0, ge=0, description="DataLoader worker processes")
+    num_workers: int = Field(
+        0, ge=0, description="DataLoader worker processes (webdataset: one stream each)"
+    )
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
     sft_format: Literal["auto", "messages", "prompt_completion"] = Field(
         "auto", description="task sft: jsonl rows with `messages`, or `prompt`/`completion`"

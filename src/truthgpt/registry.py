@@ -80,7 +80,11 @@ def load_plugins() -> None:
 
 
 # The registries. Upper layers fill them with `@NAME.register(...)`.
-SOURCES = Registry("data source", "truthgpt.data.sources", ("python-stdlib", "text", "jsonl", "hf"))
+SOURCES = Registry(
+    "data source",
+    "truthgpt.data.sources",
+    ("python-stdlib", "text", "jsonl", "hf", "webdataset"),
+)
 ARCHS = Registry("model arch", "truthgpt.models.build", ("llama", "gpt2", "hf"))
 OPTIMIZERS = Registry(
     "optimizer", "truthgpt.training.optim", ("adamw", "muon", "lion", "adafactor", "sgd")
