@@ -24,6 +24,7 @@ from truthgpt.data.tokenizer import train_bpe_tokenizer
 from truthgpt.errors import CheckpointError, ConfigError, DataError
 from truthgpt.registry import SOURCES
 from truthgpt.training.callbacks import Callback
+from truthgpt.training.evaluate import evaluate_run
 from truthgpt.training.trainer import train
 
 # Stdlib text, cut into samples: every sample starts with its own key, so the decoded stream
@@ -186,6 +187,9 @@ def test_a_webdataset_run_resumes_exactly(tmp_path: Path) -> None:
 
     full = train(load(raw("full")))
     assert full.final_val_loss < full.initial_val_loss
+    assert evaluate_run(full.run_dir, device="cpu")["loss"] > 0  # val: packed blocks
+    with pytest.raises(DataError, match="streamed from tar shards"):
+        evaluate_run(full.run_dir, split="train", device="cpu")
     broken = load(raw("broken"))
     with pytest.raises(RuntimeError, match="simulated crash"):
         train(broken, callbacks=[CrashAt(10)])
