@@ -83,6 +83,20 @@ def test_resumed_run_reproduces_the_uninterrupted_loss_curve(tmp_path: Path, ema
     assert resumed.initial_val_loss == full.initial_val_loss
 
 
+def test_a_muon_run_resumes_exactly(tmp_path: Path) -> None:
+    # Both halves of optim.name muon (Muon's momentum, AdamW's moments) must come back.
+    optim = {"name": "muon", "muon_lr": 0.02}
+    full = train(load(resume_config(tmp_path, "muonfull", optim=optim)))
+    broken = load(resume_config(tmp_path, "muonbroken", optim=optim))
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(broken, callbacks=[CrashAt(10)])
+    train(broken, resume=True)
+    expected, got = step_losses(full.run_dir), step_losses(broken.run_dir)
+    assert sorted(got) == list(range(1, 21)) and got == expected
+    assert eval_losses(broken.run_dir) == eval_losses(full.run_dir)
+    assert full.final_val_loss < full.initial_val_loss
+
+
 def test_resume_of_an_hf_arch_run_keeps_the_transformers_model(tmp_path: Path) -> None:
     # A gpt2-typed HF model could open as our decoder; resume must not switch modules under
     # the optimizer state (GPT-2's Conv1D weights are stored transposed).

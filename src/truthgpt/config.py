@@ -60,15 +60,19 @@ class TokenizerConfig(Section):
 class DataConfig(Section):
     source: str = Field(
         "python-stdlib",
-        description="text: python-stdlib | text | jsonl | hf; images: digits | imagefolder",
+        description="text: python-stdlib | text | jsonl | hf | webdataset (tar shards); "
+        "images: digits | imagefolder",
     )
     paths: list[str] = Field(
-        default_factory=list, description="text/jsonl/hf: files or globs; imagefolder: one folder"
+        default_factory=list,
+        description="text/jsonl/hf: files or globs; webdataset: .tar shards; imagefolder: one folder",
     )
     val_paths: list[str] = Field(
         default_factory=list, description="explicit validation files; empty: split off val_fraction"
     )
-    field: str = Field("text", description="jsonl/hf: the field that holds the text")
+    field: str = Field(
+        "text", description="jsonl/hf (webdataset: .json members): the field that holds the text"
+    )
     hf_name: str | None = Field(
         None, description="hf: dataset name or builder (json, text, parquet, csv)"
     )
@@ -80,7 +84,9 @@ class DataConfig(Section):
         None, ge=1, description="read at most this many documents (quick runs)"
     )
     max_seq_len: int = Field(256, ge=8, description="tokens per packed training block")
-    num_workers: int = Field(0, ge=0, description="DataLoader worker processes")
+    num_workers: int = Field(
+        0, ge=0, description="DataLoader worker processes (webdataset: one stream each)"
+    )
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
     sft_format: Literal["auto", "messages", "prompt_completion"] = Field(
         "auto", description="task sft: jsonl rows with `messages`, or `prompt`/`completion`"
@@ -238,7 +244,10 @@ class TrainingConfig(Section):
 
 class OptimConfig(Section):
     name: str = Field(
-        "adamw", description="adamw | adamw8bit (bitsandbytes, CUDA) | lion | adafactor | sgd"
+        "adamw",
+        description="adamw | adamw8bit (bitsandbytes, CUDA) | muon | lion | adafactor | sgd, or a "
+        "plugin's; muon: Muon on the hidden weight matrices, AdamW (lr, betas, eps, "
+        "weight_decay) on the rest",
     )
     lr: float = Field(3e-4, gt=0, description="peak learning rate")
     weight_decay: float = Field(0.1, ge=0, description="not applied to norms, biases, embeddings")
@@ -250,6 +259,13 @@ class OptimConfig(Section):
     momentum: float = Field(0.9, ge=0, lt=1, description="sgd: momentum")
     fused: bool | None = Field(
         None, description="adamw: fused kernel; empty: fused on CUDA, foreach elsewhere"
+    )
+    muon_lr: float = Field(
+        0.02, gt=0, description="muon: peak lr of the hidden matrices (scaled by the schedule)"
+    )
+    muon_momentum: float = Field(0.95, ge=0, lt=1, description="muon: Nesterov momentum")
+    muon_weight_decay: float = Field(
+        0.01, ge=0, description="muon: decoupled weight decay of the hidden matrices"
     )
 
     @field_validator("name")

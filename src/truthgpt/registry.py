@@ -80,12 +80,18 @@ def load_plugins() -> None:
 
 
 # The registries. Upper layers fill them with `@NAME.register(...)`.
-SOURCES = Registry("data source", "truthgpt.data.sources", ("python-stdlib", "text", "jsonl", "hf"))
+SOURCES = Registry(
+    "data source",
+    "truthgpt.data.sources",
+    ("python-stdlib", "text", "jsonl", "hf", "webdataset"),
+)
 # Image sources (task image-generation) share `data.source` with the text ones above.
 IMAGE_SOURCES = Registry("image source", "truthgpt.data.images", ("digits", "imagefolder"))
 ARCHS = Registry("model arch", "truthgpt.models.build", ("llama", "gpt2", "hf"))
 OPTIMIZERS = Registry(
-    "optimizer", "truthgpt.training.optim", ("adamw", "adamw8bit", "lion", "adafactor", "sgd")
+    "optimizer",
+    "truthgpt.training.optim",
+    ("adamw", "adamw8bit", "muon", "lion", "adafactor", "sgd"),
 )
 SCHEDULES = Registry("lr schedule", "truthgpt.training.optim", ("cosine", "linear", "constant"))
 TASKS = Registry("task", "truthgpt.training.tasks", ("causal_lm", "sft", "image-generation"))

@@ -1,5 +1,8 @@
 """Batches: an endless, resumable shuffled stream for training and a fixed list for evaluation.
 
+Training batches come from `EpochBatches` (blocks in memory, shuffled by epoch) or, for tar
+shards, `StreamBatches` (blocks streamed from the shards); `train_batches` picks.
+
 Fixed-length blocks are stacked as they are. A dataset of variable-length examples (SFT) says
 so with two attributes, which both classes below pick up: `lengths` (one per item: batches are
 grouped by length, "bucketing") and `collate` (how to pad a batch, usually `pad_collate`).
@@ -14,6 +17,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, default_collate
 
 from truthgpt.data.packing import IGNORE_INDEX
+from truthgpt.data.shards import START, Position, ShardBlocks, TokenShards
 from truthgpt.errors import CheckpointError
 
 # Bucketing sorts by length within chunks of this many batches: the whole epoch sorted would
@@ -215,3 +219,110 @@ def val_batches(
         collate([dataset[i] for i in range(start, min(start + batch_size, count))])
         for start in range(0, count, batch_size)
     ]
+
+
+class StreamBatches:
+    """Endless training batches streamed from tar shards (`shards.TokenShards`), resumable.
+
+    This rank's share is `max(1, num_workers)` streams (`shards.py` says how streams split the
+    shards); a DataLoader worker runs each, and the DataLoader hands out their batches in
+    turn. `state_dict()` holds every local stream's position after the batches handed out so
+    far (not what workers have prefetched) and which stream's batch comes next.
+    """
+
+    def __init__(
+        self,
+        source: TokenShards,
+        batch_size: int,
+        seed: int,
+        num_workers: int = 0,
+        pin_memory: bool | None = None,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        if batch_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"bad batch_size {batch_size} or rank {rank} of {world_size}")
+        self.source = source
+        self.batch_size = batch_size
+        self.seed = seed
+        self.num_workers = num_workers
+        self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
+        self.rank = rank
+        self.world_size = world_size
+        self.local_streams = max(1, num_workers)
+        self.positions: list[Position] = [START] * self.local_streams
+        self.next_stream = 0
+        self._batches: Iterator[dict[str, torch.Tensor]] | None = None
+
+    def _start(self) -> Iterator[dict[str, torch.Tensor]]:
+        blocks = ShardBlocks(
+            self.source,
+            self.batch_size,
+            self.seed,
+            self.rank,
+            self.world_size,
+            self.local_streams,
+            list(self.positions),
+            self.next_stream,
+        )
+        loader = DataLoader(
+            blocks,
+            batch_size=None,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            # Not the global RNG (see EpochBatches._start): a resume would shift dropout.
+            generator=torch.Generator().manual_seed(self.seed),
+        )
+        return iter(loader)
+
+    def __iter__(self) -> StreamBatches:
+        return self
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        if self._batches is None:
+            self._batches = self._start()
+        batch = next(self._batches)
+        local, *position = batch.pop("stream_position").tolist()
+        self.positions[local] = tuple(position)
+        self.next_stream = (local + 1) % self.local_streams
+        return batch
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "streams": [list(position) for position in self.positions],
+            "next_stream": self.next_stream,
+            "world_size": self.world_size,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from a `state_dict()` saved with the same ranks and data.num_workers."""
+        if "streams" not in state:
+            raise CheckpointError(
+                "the checkpoint's data position is not a webdataset stream position; was "
+                "data.source changed?"
+            )
+        saved = (int(state["world_size"]), len(state["streams"]))
+        if saved != (self.world_size, self.local_streams):
+            raise CheckpointError(
+                f"the webdataset stream position was saved with {saved[0]} process(es) x "
+                f"{saved[1]} stream(s) (data.num_workers, at least 1) each; resume with the "
+                f"same (this run: {self.world_size} x {self.local_streams}): each stream's "
+                "place in its shards is its own"
+            )
+        self.positions = [tuple(int(v) for v in position) for position in state["streams"]]
+        self.next_stream = int(state["next_stream"])
+        self._batches = None  # the next __next__ starts a DataLoader at these positions
+
+
+def train_batches(
+    dataset: Dataset | TokenShards,
+    batch_size: int,
+    seed: int,
+    num_workers: int = 0,
+    pin_memory: bool | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+) -> EpochBatches | StreamBatches:
+    """The training batches of `dataset`: streamed for tar shards, else `EpochBatches`."""
+    make = StreamBatches if isinstance(dataset, TokenShards) else EpochBatches
+    return make(dataset, batch_size, seed, num_workers, pin_memory, rank, world_size)

@@ -33,6 +33,7 @@ from truthgpt.data.sft import (
     read_sft_rows,
     sft_texts,
 )
+from truthgpt.data.shards import TarShards, TokenShards
 from truthgpt.data.sources import Corpus
 from truthgpt.data.tokenizer import build_tokenizer, load_tokenizer
 from truthgpt.errors import ConfigError, DataError
@@ -46,13 +47,14 @@ class PreparedData:
     """What training needs from the data: the tokenizer and a dataset per split.
 
     `train` / `val` are `PackedDataset` (causal_lm), `ExampleDataset` (sft, bucket) or
-    `DocumentPackedDataset` (sft, pack; items also carry `document_ids`). `collate` turns a list
-    of items into a batch; `EpochBatches` and `val_batches` find it (and the lengths that
-    bucketing needs) on the dataset themselves.
+    `DocumentPackedDataset` (sft, pack; items also carry `document_ids`); a webdataset train
+    split is `TokenShards`, streamed from disk (train_tokens is then 0: not counted).
+    `collate` turns a list of items into a batch; `EpochBatches` and `val_batches` find it (and
+    the lengths that bucketing needs) on the dataset themselves.
     """
 
     tokenizer: PreTrainedTokenizerBase
-    train: Dataset
+    train: Dataset | TokenShards
     val: Dataset | None  # None only when the source gave no val documents
     train_tokens: int
     val_tokens: int
@@ -112,6 +114,8 @@ def prepare_causal_lm_data(
     )
 
     tokenizer = _tokenizer(config, run_dir, corpus, log, chat=False)
+    if isinstance(corpus.train, TarShards):
+        return _streamed(tokenizer, corpus, data.max_seq_len, log)
 
     started = time.perf_counter()
     train = _pack(tokenizer, corpus.train, data.max_seq_len)
@@ -128,6 +132,26 @@ def prepare_causal_lm_data(
         f"{val_blocks:,} val blocks of {data.max_seq_len} ({_seconds_since(started)})"
     )
     return PreparedData(tokenizer, train, val, train_tokens, val_tokens)
+
+
+def _streamed(
+    tokenizer: PreTrainedTokenizerBase,
+    corpus: Corpus,
+    max_seq_len: int,
+    log: Callable[[str], None],
+) -> PreparedData:
+    """Tar shards stay on disk: training streams their blocks (`TokenShards`); val is packed."""
+    shards = corpus.train
+    train = TokenShards(
+        shards, tokenizer, max_seq_len, tokenizer.eos_token_id, tokenizer.pad_token_id
+    )
+    val = _pack(tokenizer, corpus.val, max_seq_len) if corpus.val else None
+    val_tokens = val.num_tokens if val is not None else 0
+    log(
+        f"data: train streamed from {len(shards.files)} shard(s) in blocks of {max_seq_len}; "
+        f"{val_tokens:,} val tokens -> {len(val) if val is not None else 0:,} val blocks"
+    )
+    return PreparedData(tokenizer, train, val, train_tokens=0, val_tokens=val_tokens)
 
 
 def prepare_sft_data(

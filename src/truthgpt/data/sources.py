@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from truthgpt.config import DataConfig
-from truthgpt.errors import DataError
+from truthgpt.errors import ConfigError, DataError
 from truthgpt.registry import SOURCES
 
 # Streaming datasets have no length to take a fraction of: without data.max_documents this
@@ -346,4 +346,45 @@ def hf_dataset(cfg: DataConfig) -> Corpus:
             f"data.source 'hf': the stream of {where} has no non-empty train document after "
             f"the {held_out} held out for val. Lower data.val_fraction or check data.field."
         )
+    return Corpus(train=train, val=val)
+
+
+# ---------------------------------------------------------------------------------------------
+# webdataset: tar shards, streamed
+
+
+@SOURCES.register("webdataset")
+def webdataset_shards(cfg: DataConfig) -> Corpus:
+    """Tar shards in the WebDataset layout (`paths`: files or globs), streamed by `shards.py`:
+    a sample's text is its `.txt` member, else `field` of its `.json` member.
+
+    Val: the samples of the `val_paths` shards; else the first `val_fraction` of the first
+    shard's samples (at least one, when it has two or more), which train then skips. Only that
+    shard is read here; the others are opened just far enough to see that they are tar files.
+    """
+    # Here, not at the top: shards.py imports torch, which validating a config must not.
+    from truthgpt.data.shards import TarShards, check_shards, read_shard, sample_text
+
+    if not cfg.paths:
+        raise DataError("data.paths is empty: source 'webdataset' needs .tar shards or globs")
+    if cfg.max_documents is not None:
+        raise ConfigError(
+            "data.max_documents does not apply to data.source webdataset (it streams whole "
+            "shards); list fewer shards in data.paths instead"
+        )
+    files = expand_paths(cfg.paths, "data.paths")
+    check_shards(files)
+    held_out = 0
+    if cfg.val_paths:
+        val_files = expand_paths(cfg.val_paths, "data.val_paths")
+        check_shards(val_files)
+        val = [text for text in TarShards(val_files, cfg.field) if not _is_empty(text)]
+    else:
+        first = [sample_text(key, item, cfg.field, files[0]) for key, item in read_shard(files[0])]
+        if cfg.val_fraction > 0 and len(first) >= 2:
+            held_out = min(max(1, round(cfg.val_fraction * len(first))), len(first) - 1)
+        val = [text for text in first[:held_out] if not _is_empty(text)]
+    train = TarShards(files, cfg.field, held_out)
+    if next(iter(train), None) is None:  # reads up to the first train text
+        _check_train([], "webdataset", f"{len(files)} shard(s) matching {cfg.paths}")
     return Corpus(train=train, val=val)

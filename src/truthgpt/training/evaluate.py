@@ -109,6 +109,11 @@ def evaluate_run(
     task = build_task(config)
     data = task.build_data(run_dir if not data_paths else None, lambda message: None)
     dataset = data.val if split == "val" else data.train
+    if dataset is not None and not hasattr(dataset, "__len__"):
+        raise DataError(
+            f"the {split} split of {run_dir} is streamed from tar shards (data.source "
+            "webdataset) and has no fixed blocks to evaluate; evaluate val, or give files"
+        )
     if dataset is None or len(dataset) == 0:
         raise DataError(f"the {split} split of {run_dir} is empty")
     batch_size = config.training.batch_size

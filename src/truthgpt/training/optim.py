@@ -2,13 +2,13 @@
 
 An optimizer builder takes `(model, OptimConfig, device)` and returns a torch.optim.Optimizer
 over the model's trainable parameters (LoRA leaves most of them frozen), in the two weight-decay
-groups of `param_groups`.
+groups of `param_groups`. `muon` is two torch optimizers stepped as one (`MuonWithAdamW`).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -120,6 +120,157 @@ def build_adamw8bit(
     return bitsandbytes.optim.AdamW8bit(
         param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps
     )
+def output_head_ids(model: nn.Module) -> set[int]:
+    """Ids of the output head's weights: `get_output_embeddings()` (transformers, peft) and
+    every module named `lm_head` (our Decoder). Tied to the embedding, it is the same tensor."""
+    heads = [module for name, module in model.named_modules() if name.split(".")[-1] == "lm_head"]
+    get_output = getattr(model, "get_output_embeddings", None)
+    if callable(get_output):
+        try:
+            heads.append(get_output())
+        except (AttributeError, NotImplementedError):
+            pass  # a transformers model without a head
+    return {id(p) for head in heads if isinstance(head, nn.Module) for p in head.parameters()}
+
+
+def split_for_muon(model: nn.Module, weight_decay: float) -> tuple[list[Tensor], list[dict]]:
+    """(hidden matrices for Muon, AdamW groups for the rest), over trainable parameters.
+
+    Muon orthogonalises the update of a matrix that maps one hidden space to another (Jordan
+    et al. 2024, "Muon: An optimizer for hidden layers in neural networks"); an embedding is a
+    lookup table and the head maps into the vocabulary, so both stay with AdamW, as do norms
+    and biases (modded-nanogpt's split). A head tied to the embedding is one AdamW parameter.
+    The AdamW groups decay as `param_groups` says (an untied head is decayed).
+    """
+    embedding_ids = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    not_hidden = embedding_ids | output_head_ids(model)
+    groups = param_groups(model, weight_decay)
+    decay = groups[0]["params"]
+    hidden = [p for p in decay if p.ndim == 2 and id(p) not in not_hidden]
+    hidden_ids = {id(p) for p in hidden}
+    groups[0]["params"] = [p for p in decay if id(p) not in hidden_ids]
+    adamw_groups = [group for group in groups if group["params"]]
+    return hidden, adamw_groups
+
+
+class MuonWithAdamW(torch.optim.Optimizer):
+    """`torch.optim.Muon` and `torch.optim.AdamW` stepped as one optimizer.
+
+    `param_groups` holds the two optimizers' own group dicts (AdamW's first, so the logged lr
+    is `optim.lr`'s, as with adamw): the LR schedule, the grad scaler and a rollback that set
+    `group["lr"]` reach both. `state` is a live view of both states. `state_dict()` is the
+    standard format over the groups in that order (so torch.distributed.checkpoint reads and
+    writes it too); `load_state_dict` hands each optimizer its own groups.
+    """
+
+    def __init__(self, muon: torch.optim.Optimizer, adamw: torch.optim.Optimizer) -> None:
+        self.muon, self.adamw = muon, adamw
+        super().__init__([*adamw.param_groups, *muon.param_groups], defaults={})
+        self._share_children()
+
+    def _share_children(self) -> None:
+        # load_state_dict gives each child new group dicts and a new state: point at them again.
+        self.param_groups = [*self.adamw.param_groups, *self.muon.param_groups]
+        self.state = _JointState(self.adamw, self.muon)  # type: ignore[assignment]
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self.muon.step()
+        self.adamw.step()
+        return loss
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        groups = state_dict["param_groups"]
+        adamw_count = len(self.adamw.param_groups)
+        if len(groups) != len(self.param_groups):
+            raise ValueError(
+                f"the saved optimizer state (optim.name muon) has {len(groups)} parameter "
+                f"groups, this one {len(self.param_groups)}"
+            )
+        for child, saved_groups in (
+            (self.adamw, groups[:adamw_count]),
+            (self.muon, groups[adamw_count:]),
+        ):
+            ids = {i for group in saved_groups for i in group["params"]}
+            state = {i: v for i, v in state_dict["state"].items() if i in ids}
+            child.load_state_dict({"state": state, "param_groups": saved_groups})
+        self._share_children()
+
+
+class _JointState(Mapping):
+    """The per-parameter states of several optimizers as one mapping. Each lookup goes to the
+    optimizer that owns the parameter (a ChainMap would ask the first one, whose defaultdict
+    would make an empty entry for every parameter it does not own)."""
+
+    def __init__(self, *optimizers: torch.optim.Optimizer) -> None:
+        self.owner = {
+            id(p): optimizer
+            for optimizer in optimizers
+            for group in optimizer.param_groups
+            for p in group["params"]
+        }
+        self.optimizers = optimizers
+
+    def __getitem__(self, param: Tensor) -> dict[str, Any]:
+        optimizer = self.owner.get(id(param))
+        if optimizer is None:
+            raise KeyError(param)
+        return optimizer.state[param]
+
+    def __iter__(self) -> Iterator[Tensor]:
+        for optimizer in self.optimizers:
+            yield from optimizer.state
+
+    def __len__(self) -> int:
+        return sum(len(optimizer.state) for optimizer in self.optimizers)
+
+
+@OPTIMIZERS.register("muon")
+def build_muon(model: nn.Module, cfg: OptimConfig, device: torch.device) -> torch.optim.Optimizer:
+    """torch.optim.Muon (`muon_lr`, `muon_momentum`, `muon_weight_decay`, Nesterov) on the
+    hidden matrices, AdamW as `adamw` builds it (`lr`, `betas`, `eps`, `weight_decay`) on the
+    embeddings, the head, norms and biases; see `split_for_muon`."""
+    if not hasattr(torch.optim, "Muon"):
+        raise ConfigError(
+            f"optim.name: 'muon' needs torch.optim.Muon (PyTorch >= 2.9); this is PyTorch "
+            f"{torch.__version__}. Upgrade PyTorch or pick adamw, lion, adafactor or sgd."
+        )
+    if hasattr(model, "peft_config"):
+        # Muon orthogonalises the update of a whole matrix; with LoRA the update is the product
+        # of two low-rank factors, and orthogonalising each factor's step is not that.
+        raise ConfigError(
+            "optim.name: 'muon' does not train LoRA adapters (model.lora.enabled: true): Muon "
+            "orthogonalises updates of whole hidden matrices, not of low-rank factors. Use "
+            "optim.name: adamw with LoRA, or turn LoRA off to train every weight with Muon."
+        )
+    hidden, adamw_groups = split_for_muon(model, cfg.weight_decay)
+    if not hidden or not adamw_groups:
+        what = "no hidden weight matrix" if not hidden else "no embedding, head, norm or bias"
+        raise ConfigError(
+            f"optim.name: 'muon': the model's trainable parameters hold {what}, so Muon or "
+            "AdamW would have nothing to train; use optim.name: adamw"
+        )
+    muon = torch.optim.Muon(
+        hidden,
+        lr=cfg.muon_lr,
+        momentum=cfg.muon_momentum,
+        weight_decay=cfg.muon_weight_decay,
+        nesterov=True,
+    )
+    fused = device.type == "cuda" if cfg.fused is None else cfg.fused
+    adamw = torch.optim.AdamW(
+        adamw_groups,
+        lr=cfg.lr,
+        betas=cfg.betas,
+        eps=cfg.eps,
+        fused=fused,
+        foreach=None if fused else True,
+    )
+    return MuonWithAdamW(muon, adamw)
 
 
 def build_optimizer(

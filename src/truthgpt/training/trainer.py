@@ -26,7 +26,7 @@ from torch import nn
 
 from truthgpt.config import Config
 from truthgpt.data import PreparedData
-from truthgpt.data.loader import EpochBatches, val_batches
+from truthgpt.data.loader import train_batches, val_batches
 from truthgpt.errors import CheckpointError, TrainingError
 from truthgpt.guard import CHECKPOINTS
 from truthgpt.hardware import apply_threads, peak_flops, resolve_device, resolve_precision
@@ -117,7 +117,7 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, config.optim, self.train_cfg.max_steps)
         # fp16 has too little range for raw gradients; bf16 and fp32 need no scaling.
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.dtype == torch.float16)
-        self.batches = EpochBatches(
+        self.batches = train_batches(
             data.train,
             batch_size=self.train_cfg.batch_size,
             seed=config.seed,
@@ -468,6 +468,8 @@ class Trainer:
         }
         if self.world.size > 1:
             state["rng_by_rank"] = distributed.gather(rng)
+            # Streamed data (webdataset) has a position per rank; epoch batches share one.
+            state["data_by_rank"] = distributed.gather(state["data"])
         return state
 
     def restore(self, checkpoint: Resumable, load_weights: bool = False) -> None:
@@ -494,9 +496,12 @@ class Trainer:
         self.initial_val_loss = state["initial_val_loss"]
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
-        self.batches.load_state_dict(state["data"])
         by_rank = state.get("rng_by_rank")
         same_world = by_rank is not None and len(by_rank) == self.world.size
+        data_by_rank = state.get("data_by_rank")
+        self.batches.load_state_dict(
+            data_by_rank[self.world.rank] if same_world and data_by_rank else state["data"]
+        )
         set_rng_state(by_rank[self.world.rank] if same_world else state["rng"])
         if self.ema is not None:
             if state["ema"] is None:
