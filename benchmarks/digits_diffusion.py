@@ -107,8 +107,9 @@ def main() -> None:
     parser.add_argument("--run", default="runs/digits", help="run folder (with --skip-train)")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     parser.add_argument("--per-digit", type=int, default=20)
-    # This small pixel-space model overshoots at truthgpt image's default of 7.5 (2.5% right).
-    parser.add_argument("--guidance", type=float, default=2.0, help="CFG scale (2.0)")
+    # Default: what `truthgpt image RUN` uses, the run's own diffusion_training.samples.guidance
+    # (2.0 in the config; this small pixel-space model overshoots at Stable Diffusion's 7.5).
+    parser.add_argument("--guidance", type=float, default=None, help="CFG scale")
     parser.add_argument("--steps", type=int, default=None, help="default: truthgpt image's")
     args = parser.parse_args()
     if args.skip_train:

@@ -110,6 +110,20 @@ def test_digits_from_scratch_loss_falls_and_the_run_is_a_diffusers_pipeline(
     ours = load_pipeline(result.run_dir, torch.float32)
     reference = dict(pipe.unet.state_dict())
     assert all(torch.equal(v, reference[k]) for k, v in ours.unet.state_dict().items())
+    # ... and draws with the run's own sampling settings unless told otherwise.
+    from truthgpt.config import DiffusionConfig
+    from truthgpt.diffusion import generate_images
+
+    def drawn(**given) -> tuple[str, str]:
+        cfg = DiffusionConfig(
+            model=str(result.run_dir), prompt="a handwritten digit one", memory="none",
+            dtype="fp32", seed=0, output_dir=str(tmp_path / f"images{len(given)}"), **given,
+        )  # fmt: skip
+        metadata = generate_images(cfg, pipe=ours, log=lambda m: None, device="cpu").metadata
+        return metadata["guidance"], metadata["steps"]
+
+    assert drawn() == ("4", "3")  # the run's samples: guidance 4.0 (the default), 3 steps
+    assert drawn(guidance=1.5) == ("1.5", "3")  # what the user gives wins
 
 
 def test_caption_embeddings_match_the_pipelines_own_encode_prompt(tmp_path: Path) -> None:

@@ -65,8 +65,7 @@ class DataConfig(Section):
     )
     paths: list[str] = Field(
         default_factory=list,
-        description="text/jsonl/hf: files or globs; webdataset: .tar shards; imagefolder: a "
-        "folder",
+        description="text/jsonl/hf: files or globs; webdataset: .tar shards; imagefolder: a folder",
     )
     val_paths: list[str] = Field(
         default_factory=list, description="explicit validation files; empty: split off val_fraction"

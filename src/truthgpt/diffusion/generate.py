@@ -22,7 +22,12 @@ from PIL.PngImagePlugin import PngInfo
 
 from truthgpt.config import DiffusionConfig
 from truthgpt.diffusion.memory import MemoryMonitor, MemoryStats, apply_memory_level, choose_level
-from truthgpt.diffusion.pipeline import denoiser_of, load_pipeline, resolve_dtype
+from truthgpt.diffusion.pipeline import (
+    denoiser_of,
+    load_pipeline,
+    resolve_dtype,
+    run_sampling_defaults,
+)
 from truthgpt.diffusion.schedulers import set_scheduler
 from truthgpt.diffusion.speed import compile_denoiser, prepare_for_speed
 from truthgpt.errors import CheckpointError, ConfigError
@@ -97,11 +102,15 @@ def generate_images(
     apply_memory_level(pipe, level, device, log)
 
     seed = cfg.seed if cfg.seed is not None else random.randrange(2**31)
+    # A run folder's own sampling settings stand in for the defaults the user did not set.
+    run_defaults = run_sampling_defaults(cfg.model) if cfg.model else {}
+    chosen = {key: getattr(cfg, key) for key in ("guidance", "steps")}
+    chosen |= {k: v for k, v in run_defaults.items() if k not in cfg.model_fields_set}
     call = dict(
         prompt=cfg.prompt,
         negative_prompt=cfg.negative_prompt,
-        num_inference_steps=cfg.steps,
-        guidance_scale=cfg.guidance,
+        num_inference_steps=chosen["steps"],
+        guidance_scale=chosen["guidance"],
         width=width,
         height=height,
         num_images_per_prompt=cfg.batch,
@@ -126,8 +135,8 @@ def generate_images(
     metadata = {
         "prompt": cfg.prompt,
         "negative_prompt": cfg.negative_prompt or "",
-        "steps": str(cfg.steps),
-        "guidance": f"{cfg.guidance:g}",
+        "steps": str(chosen["steps"]),
+        "guidance": f"{chosen['guidance']:g}",
         "width": str(images[0].width),
         "height": str(images[0].height),
         "seed": str(seed),

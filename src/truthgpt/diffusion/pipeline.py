@@ -127,6 +127,21 @@ def run_pipeline(run: Path) -> tuple[Path, Path | None]:
     return folder, Path(base).expanduser()
 
 
+def run_sampling_defaults(model: str | Path) -> dict[str, float | int]:
+    """The guidance and steps a run of task image-generation drew its validation samples with
+    (`diffusion_training.samples`), when `model` is such a run folder; else nothing. A model
+    trained from scratch may want other settings than Stable Diffusion's 7.5 (the digits
+    model breaks up above guidance 4)."""
+    config_file = Path(model).expanduser() / "config.yaml"
+    if not config_file.is_file():
+        return {}
+    run_config = yaml.safe_load(config_file.read_text()) or {}
+    if run_config.get("task") != "image-generation":
+        return {}
+    samples = (run_config.get("diffusion_training") or {}).get("samples") or {}
+    return {key: samples[key] for key in ("guidance", "steps") if key in samples}
+
+
 def denoiser_of(pipe: DiffusionPipeline) -> tuple[str, torch.nn.Module]:
     """(name, module) of the network that runs every step: the UNet or the transformer."""
     for name in ("unet", "transformer", "prior"):

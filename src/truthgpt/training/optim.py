@@ -120,6 +120,8 @@ def build_adamw8bit(
     return bitsandbytes.optim.AdamW8bit(
         param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps
     )
+
+
 def output_head_ids(model: nn.Module) -> set[int]:
     """Ids of the output head's weights: `get_output_embeddings()` (transformers, peft) and
     every module named `lm_head` (our Decoder). Tied to the embedding, it is the same tensor."""

@@ -110,9 +110,7 @@ class Trainer:
         # Before the optimizer: FSDP replaces the parameters by their shards.
         self.forward_model = distributed.wrap_model(model, self.world, device)
         if self.train_cfg.compile:
-            self.forward_model = torch.compile(
-                self.forward_model, mode=self.train_cfg.compile_mode
-            )
+            self.forward_model = torch.compile(self.forward_model, mode=self.train_cfg.compile_mode)
         self.optimizer = build_optimizer(model, config.optim, device)
         self.scheduler = build_scheduler(self.optimizer, config.optim, self.train_cfg.max_steps)
         # fp16 has too little range for raw gradients; bf16 and fp32 need no scaling.
