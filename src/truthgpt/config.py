@@ -223,6 +223,11 @@ class TrainingConfig(Section):
         description="torch.compile mode: max-autotune-no-cudagraphs also tries more matmul "
         "kernels (minutes to compile)",
     )
+    fused_loss: bool = Field(
+        False,
+        description="native decoder: LM head + cross-entropy in row chunks, never holding the "
+        "whole logits tensor (less memory for large vocabularies)",
+    )
     gradient_checkpointing: bool = Field(
         False,
         description="recompute activations in backward: less memory, one extra forward per step",

@@ -43,6 +43,7 @@ from torch.utils.checkpoint import checkpoint
 
 from truthgpt.errors import ConfigError, RequestError
 from truthgpt.models.attention import AttentionBatch, PagedKVCache, attend_paged, paged_attention
+from truthgpt.models.fused_loss import linear_cross_entropy
 
 FAMILIES = ("llama", "gpt2")
 IGNORE_INDEX = -100  # the label value Hugging Face (and torch's cross_entropy) skips
@@ -104,9 +105,10 @@ class DecoderConfig:
 
 @dataclass
 class DecoderOutput:
-    """Logits [B, T, vocab] in the model's dtype; loss (fp32 scalar) when labels were given."""
+    """Logits [B, T, vocab] in the model's dtype; loss (fp32 scalar) when labels were given.
+    With `fused_loss` on, a training forward returns the loss alone (logits None)."""
 
-    logits: Tensor
+    logits: Tensor | None
     loss: Tensor | None = None
 
 
@@ -451,6 +453,7 @@ class Decoder(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
         self.gradient_checkpointing = False  # see set_gradient_checkpointing
+        self.fused_loss = False  # training.fused_loss: the loss without materialised logits
 
     def init_weights(self) -> None:
         """GPT-2 init: N(0, 0.02), zero biases, unit norms; residual output projections scaled by
@@ -558,6 +561,16 @@ class Decoder(nn.Module):
                 x = checkpoint(block, x, rope, mask, kv_cache, start_pos, use_reentrant=False)
             else:
                 x = block(x, rope, mask, kv_cache, start_pos)
+        if labels is not None and self.fused_loss and torch.is_grad_enabled():
+            # Training: the loss without the logits (models/fused_loss.py).
+            hidden = self.norm(x)[:, :-1]
+            loss = linear_cross_entropy(
+                hidden.reshape(-1, hidden.shape[-1]),
+                self.lm_head.weight,
+                labels[:, 1:].reshape(-1).to(hidden.device),
+                IGNORE_INDEX,
+            )
+            return DecoderOutput(logits=None, loss=loss)
         logits = self.lm_head(self.norm(x))
         loss = causal_lm_loss(logits, labels) if labels is not None else None
         return DecoderOutput(logits=logits, loss=loss)

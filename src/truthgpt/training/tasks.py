@@ -27,6 +27,7 @@ from torch import nn
 from truthgpt.config import Config
 from truthgpt.data.packing import IGNORE_INDEX
 from truthgpt.data.prepare import PreparedData, prepare_causal_lm_data, prepare_sft_data
+from truthgpt.errors import ConfigError
 from truthgpt.models import load_model, save_model
 from truthgpt.registry import ARCHS, TASKS
 
@@ -146,6 +147,14 @@ def build_model(config: Config, vocab_size: int) -> nn.Module:
 def prepare_model_for_training(model: nn.Module, config: Config) -> nn.Module:
     if config.training.gradient_checkpointing:
         set_gradient_checkpointing(model)
+    if config.training.fused_loss:
+        base = model.get_base_model() if _is_peft(model) else model
+        if not hasattr(base, "fused_loss"):
+            raise ConfigError(
+                "training.fused_loss: needs the native decoder (model.arch llama or gpt2); "
+                f"model.arch {config.model.arch!r} computes its loss in transformers"
+            )
+        base.fused_loss = True
     if config.model.lora.enabled and not _is_peft(model):
         from truthgpt.models.lora import apply_lora
 
