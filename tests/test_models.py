@@ -365,6 +365,10 @@ def test_hf_arch_needs_a_source() -> None:
         ARCHS["hf"](model_config({"arch": "hf"}), 100)
     with pytest.raises(ConfigError, match="model.hf_config"):
         ARCHS["hf"](model_config({"arch": "hf", "hf_config": {"model_type": "no_such"}}), 100)
+    # A type alone would build its full default size (a 20B gpt_neox): the shape must be given.
+    shapeless = {"arch": "hf", "hidden_size": 32, "hf_config": {"model_type": "gpt_neox"}}
+    with pytest.raises(ConfigError, match="gives no shape"):
+        ARCHS["hf"](model_config(shapeless), 100)
 
 
 # ---------------------------------------------------------------------------------------------

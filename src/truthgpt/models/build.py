@@ -129,6 +129,18 @@ def _build_hf(cfg: ModelConfig, vocab_size: int) -> nn.Module:
     overrides.setdefault("vocab_size", round_vocab(vocab_size))
     try:
         hf_config = transformers.AutoConfig.for_model(**overrides)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"model.hf_config: {exc}") from None
+    if not set(overrides) - {"model_type", "vocab_size"}:
+        # model.hidden_size and friends are the native decoder's; transformers would build the
+        # type's full default size (a gpt_neox is 20B parameters, out of memory on most hosts).
+        raise ConfigError(
+            f"model.hf_config: gives no shape for a {overrides['model_type']!r} model, and "
+            "model.hidden_size / num_layers / num_heads are not read for model.arch hf; put the "
+            "type's own fields in model.hf_config (e.g. hidden_size, num_hidden_layers, "
+            "num_attention_heads, intermediate_size)"
+        )
+    try:
         return transformers.AutoModelForCausalLM.from_config(hf_config)
     except (ValueError, TypeError) as exc:
         raise ConfigError(f"model.hf_config: {exc}") from None
