@@ -21,6 +21,7 @@ import queue
 import sys
 import threading
 import time
+from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
@@ -121,8 +122,9 @@ class EngineLoop:
         self.engine.blocks.reset_prefix_cache()
 
 
-class FrontEnd:
-    """What both front ends share: the request callbacks and their delivery on event loops."""
+class FrontEnd(ABC):
+    """What both front ends share: the request callbacks and their delivery on event loops.
+    Each says how a command reaches its loop (`_send`): a queue in this process, or a pipe."""
 
     max_model_len: int
     max_num_seqs: int
@@ -182,8 +184,8 @@ class FrontEnd:
         if self._sinks.pop(request_id, None) is not None:
             self._send(Abort(request_id))
 
-    def _send(self, command: Add | Abort) -> None:
-        raise NotImplementedError
+    @abstractmethod
+    def _send(self, command: Add | Abort) -> None: ...
 
     def _deliver_all(self, items: Published) -> None:
         """Hand a step's outputs over with one wake-up per event loop, not one per request."""
