@@ -248,20 +248,39 @@ def poisoned_trainer(tmp_path: Path, raw: dict, poison_batches: list[int]) -> Tr
     return trainer
 
 
-def test_a_poisoned_batch_is_skipped_and_the_run_finishes(tmp_path: Path) -> None:
+# Where the skip is decided: "host" reads the verdict every step; "device" is the fused AdamW
+# path (found_inf), read by the loop only at log / eval / checkpoint steps.
+SKIP_PATHS = {
+    "host": {"training": {"nonfinite": {"decide": "host"}}},
+    "device": {"optim": {"fused": True}},
+}
+
+
+@pytest.mark.parametrize("path", SKIP_PATHS)
+def test_a_poisoned_batch_is_skipped_and_the_run_finishes(tmp_path: Path, path: str) -> None:
     raw = resume_config(tmp_path, "nan")
+    for key, values in SKIP_PATHS[path].items():
+        raw[key] = {**raw[key], **values} if key in raw else values
+    raw["training"]["log_every"] = 5  # the device path reads the counts at log steps only
     trainer = poisoned_trainer(tmp_path, raw, poison_batches=[4, 11])
+    assert trainer.skip_on_device == (path == "device")
     result = trainer.fit()
     assert result.steps == 20
     assert result.nonfinite_skipped == 2
+    # Skipped updates leave the optimizer's step count (Adam's bias correction) alone.
+    steps = {int(state["step"]) for state in trainer.optimizer.state.values()}
+    assert steps == {18}
     assert all(
         torch.isfinite(p).all() for n, p in trainer.model.named_parameters() if n != "embed.weight"
     )
     assert result.final_val_loss < result.initial_val_loss
 
 
-def test_consecutive_nonfinite_updates_stop_with_a_clear_message(tmp_path: Path) -> None:
+@pytest.mark.parametrize("path", SKIP_PATHS)
+def test_consecutive_nonfinite_updates_stop_with_a_clear_message(tmp_path: Path, path) -> None:
     raw = resume_config(tmp_path, "nanstop")
+    for key, values in SKIP_PATHS[path].items():
+        raw[key] = {**raw[key], **values} if key in raw else values
     trainer = poisoned_trainer(tmp_path, raw, poison_batches=[7, 8, 9])
     with pytest.raises(TrainingError, match="3 non-finite updates in a row at step 10"):
         trainer.fit()
@@ -274,7 +293,9 @@ def test_rollback_reloads_the_last_good_checkpoint_with_a_lower_lr(tmp_path: Pat
         "max_consecutive": 2,
         "rollback_lr_factor": 0.5,
     }
+    raw["optim"] = {**raw.get("optim", {}), "fused": True}  # skipped on the device
     trainer = poisoned_trainer(tmp_path, raw, poison_batches=[7, 8])
+    assert trainer.skip_on_device
     result = trainer.fit()
     assert trainer.rollbacks == 1 and trainer.lr_scale == 0.5
     assert result.steps == 20 and result.nonfinite_skipped == 2
@@ -294,6 +315,18 @@ def test_ema_is_the_running_average() -> None:
     with ema.applied():
         assert torch.allclose(layer.weight, start + 1.0)
     assert torch.allclose(layer.weight, start + 2.0)
+
+
+def test_a_gated_ema_update_is_skipped_or_taken_on_the_device() -> None:
+    layer = torch.nn.Linear(2, 2, bias=False)
+    gated, plain = EMA(layer, decay=0.75), EMA(layer, decay=0.75)
+    with torch.no_grad():
+        layer.weight.add_(4.0)
+    gated.update(gate=torch.tensor(False))
+    assert torch.equal(gated.shadow[0], plain.shadow[0])  # a skipped step leaves it alone
+    gated.update(gate=torch.tensor(True))
+    plain.update()
+    assert torch.allclose(gated.shadow[0], plain.shadow[0])
 
 
 def test_early_stopping_stops_after_patience(tmp_path: Path) -> None:

@@ -186,6 +186,12 @@ class NonFiniteConfig(Section):
         0.5, gt=0, le=1, description="rollback: multiply the learning rate by this"
     )
     max_rollbacks: int = Field(3, ge=0, description="rollback: give up after this many")
+    decide: Literal["auto", "host"] = Field(
+        "auto",
+        description="auto: a fused optimizer (AdamW on CUDA) skips a non-finite update on the "
+        "device and the loop reads the counts at log steps (no host sync per step); host: "
+        "read the verdict every step (one sync per step, for every optimizer)",
+    )
 
 
 class EmaConfig(Section):
@@ -227,6 +233,12 @@ class TrainingConfig(Section):
         False,
         description="native decoder: LM head + cross-entropy in row chunks, never holding the "
         "whole logits tensor (less memory for large vocabularies)",
+    )
+    fp8: Literal["none", "tensorwise", "rowwise"] = Field(
+        "none",
+        description="FP8 matmuls for the linear layers (torchao's float8 recipes; GPUs of "
+        "compute capability 8.9+, elsewhere ignored with a warning); tensorwise is the faster, "
+        "rowwise the more accurate; best with compile",
     )
     gradient_checkpointing: bool = Field(
         False,

@@ -125,6 +125,15 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def sum_over_ranks(value: int, device: torch.device) -> int:
+    """A host integer summed over every rank (itself when alone: no tensor, no sync)."""
+    if not _active():
+        return value
+    tensor = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return int(tensor.item())
+
+
 def any_rank(flags: list[bool], device: torch.device) -> list[bool]:
     """Each flag, true when it is true on any rank: one small all-reduce, so every rank takes
     the same branch (skip a step, stop) and none waits for a collective the others skipped."""

@@ -18,10 +18,18 @@ class EMA:
         self.shadow = [p.detach().float().clone() for p in self.params]
 
     @torch.no_grad()
-    def update(self) -> None:
+    def update(self, gate: torch.Tensor | None = None) -> None:
+        """One averaging step; `gate` (a bool on the device), when given and false, makes it
+        a no-op without the host reading it."""
         current = [p.detach().float() for p in self.params]
-        # lerp(ema, w, 1 - decay) == decay * ema + (1 - decay) * w, one fused kernel per list.
-        torch._foreach_lerp_(self.shadow, current, 1.0 - self.decay)
+        if gate is None:
+            # lerp(ema, w, 1 - decay) == decay * ema + (1 - decay) * w, one kernel per list.
+            torch._foreach_lerp_(self.shadow, current, 1.0 - self.decay)
+            return
+        # ema += (1 - decay) * gate * (w - ema)
+        step = torch._foreach_sub(current, self.shadow)
+        torch._foreach_mul_(step, gate.float() * (1.0 - self.decay))
+        torch._foreach_add_(self.shadow, step)
 
     @contextlib.contextmanager
     @torch.no_grad()

@@ -44,6 +44,7 @@ from truthgpt.training.checkpoint import (
 from truthgpt.training.distributed import World, gradient_sync
 from truthgpt.training.ema import EMA
 from truthgpt.training.evaluate import mean_loss, perplexity
+from truthgpt.training.fp8 import enable_fp8
 from truthgpt.training.optim import build_optimizer, build_scheduler
 from truthgpt.training.rng import rng_state, seed_everything, set_rng_state
 from truthgpt.training.run_folder import RUN_CONFIG, prepare_run_dir
@@ -77,9 +78,8 @@ class TrainResult:
 class StepResult(NamedTuple):
     loss: torch.Tensor  # the mean over every target of the step, all ranks together
     grad_norm: torch.Tensor | None
-    tokens: int  # all ranks together
-    finite: bool  # the update was applied (on every rank alike)
-    stop: bool  # a stop was requested on some rank: every rank stops after this step
+    tokens: int  # this rank's (summed over the ranks at log steps)
+    skipped: torch.Tensor  # bool, on the device: the update was skipped (on every rank alike)
 
 
 class Trainer:
@@ -107,6 +107,8 @@ class Trainer:
         self.checkpoints = run_dir / CHECKPOINTS
         self.callbacks = callbacks
         self.dtype = resolve_precision(self.train_cfg.precision, device)
+        if self.train_cfg.fp8 != "none":
+            enable_fp8(model, self.train_cfg.fp8, device, self.log)
         # Before the optimizer: FSDP replaces the parameters by their shards.
         self.forward_model = distributed.wrap_model(model, self.world, device)
         if self.train_cfg.compile:
@@ -137,6 +139,18 @@ class Trainer:
         self.initial_val_loss: float | None = None
         self.nonfinite_in_a_row = 0
         self.nonfinite_skipped = 0
+        # [skipped in total, skipped in a row], counted on the device, read when the loop checks.
+        self.skip_counts = torch.zeros(2, device=device)
+        # A fused optimizer skips an update itself when told so by a device flag (found_inf,
+        # the path GradScaler uses): then the step needs no host sync and the loop reads the
+        # counts at log steps only. Others (foreach, Muon) decide on the host every step.
+        self.skip_on_device = (
+            self.train_cfg.nonfinite.decide == "auto"
+            and getattr(self.optimizer, "_step_supports_amp_scaling", False)
+            and not self.scaler.is_enabled()
+        )
+        self.data_wait = 0.0  # seconds this window spent waiting for batches
+        self.pending_tokens = 0  # this rank's, since tokens_seen was last brought up to date
         self.rollbacks = 0
         self.lr_scale = 1.0
         self.early_best: float | None = None
@@ -155,48 +169,53 @@ class Trainer:
             last_eval = self.evaluate()
             self.initial_val_loss = last_eval["val_loss"]
             self._emit("on_eval", self.step, last_eval)
-        window_start, window_tokens, window_steps = time.perf_counter(), 0, 0
-        loss_sum = torch.zeros((), device=self.device)
+        window_start, window_tokens = time.perf_counter(), 0
+        loss_sum = torch.zeros((), device=self.device)  # over the window's applied updates
+        applied = torch.zeros((), device=self.device)
         run_start, start_tokens = time.perf_counter(), self.tokens_seen
         stopped_early = stopped = False
         with StopRequested() as stop:
             while self.step < max_steps:
-                loss, grad_norm, tokens, finite, stopped = self.train_step(stop.requested)
+                loss, grad_norm, tokens, skipped = self.train_step()
                 self.step += 1
-                self.tokens_seen += tokens
-                window_tokens += tokens
-                if finite:
-                    loss_sum += loss
-                    window_steps += 1
-                elif self.handle_nonfinite(loss, grad_norm):
-                    continue  # rolled back: self.step is the checkpoint's step again
-                if self.step % self.train_cfg.log_every == 0 or self.step == max_steps:
-                    metrics = self._train_metrics(
-                        loss_sum / max(window_steps, 1), grad_norm, window_tokens, window_start
-                    )
-                    self._emit("on_step_end", self.step, metrics)
-                    window_start, window_tokens, window_steps = time.perf_counter(), 0, 0
-                    loss_sum.zero_()
-                # Ranks agree on a stop in train_step; alone, a signal since then counts too.
-                stopped = stopped or (self.world.size == 1 and stop.requested)
-                evaluated = self.val_batches and (
+                self.pending_tokens += tokens
+                loss_sum += torch.where(skipped, 0.0, loss)
+                applied += (~skipped).float()
+                logged = self.step % self.train_cfg.log_every == 0 or self.step == max_steps
+                evaluated = bool(self.val_batches) and (
                     self.step % self.train_cfg.eval_every == 0 or self.step == max_steps
                 )
+                sampled = bool(self.sample_every) and (
+                    self.step % self.sample_every == 0 or self.step == max_steps
+                )
+                saves = self.step % self.config.checkpoint.save_every == 0 or self.step == max_steps
+                due = logged or evaluated or sampled or saves
+                # The loop reads the device only here (every step when the host decides skips).
+                if (due or not self.skip_on_device) and self.check_nonfinite():
+                    continue  # rolled back: self.step is the checkpoint's step again
+                if due:
+                    window_tokens += self._count_tokens()
+                if logged:
+                    metrics = self._train_metrics(
+                        loss_sum / applied.clamp(min=1.0), grad_norm, window_tokens, window_start
+                    )
+                    self._emit("on_step_end", self.step, metrics)
+                    window_start, window_tokens, self.data_wait = time.perf_counter(), 0, 0.0
+                    loss_sum.zero_()
+                    applied.zero_()
+                stopped = self._stop_agreed(stop.requested, logged)
+                if stopped and not due:  # asked between log steps: the checkpoint needs counts
+                    if self.check_nonfinite():
+                        continue
+                    window_tokens += self._count_tokens()
                 if evaluated:
                     last_eval = self.evaluate()
                     self._emit("on_eval", self.step, last_eval)
                     self.maybe_save_best(last_eval)
                     stopped_early = self.should_stop_early(last_eval)
-                if self.sample_every and (
-                    self.step % self.sample_every == 0 or self.step == max_steps
-                ):
+                if sampled:
                     self.draw_samples()
-                if (
-                    self.step % self.config.checkpoint.save_every == 0
-                    or self.step == max_steps
-                    or stopped_early
-                    or stopped
-                ):
+                if saves or stopped_early or stopped:
                     self.save_resumable()
                 if stopped_early:
                     self.log(
@@ -226,12 +245,28 @@ class Trainer:
             interrupted=stopped,
         )
 
-    def train_step(self, stop_requested: bool = False) -> StepResult:
+    def _count_tokens(self) -> int:
+        """Move the tokens of the steps since the last call (all ranks) into tokens_seen."""
+        tokens = distributed.sum_over_ranks(self.pending_tokens, self.device)
+        self.pending_tokens = 0
+        self.tokens_seen += tokens
+        return tokens
+
+    def _stop_agreed(self, requested: bool, logged: bool) -> bool:
+        """Alone, a Ctrl-C stops after this step. Under torchrun the ranks agree at log steps
+        (one small all-reduce there, none in between), so every rank stops at the same step."""
+        if self.world.size == 1:
+            return requested
+        return logged and distributed.any_rank([requested], self.device)[0]
+
+    def train_step(self) -> StepResult:
         """One optimizer step over grad_accum_steps micro-batches (on every rank).
 
         A non-finite loss or gradient norm skips the update: the weights and optimizer state
-        are left as they were. `stop_requested` (this rank's Ctrl-C) rides along with the
-        non-finite verdict, so all ranks agree on both with one small all-reduce.
+        are left as they were, and every rank sees the same verdict (the loss and the gradients
+        it is read from are already reduced over the ranks). A fused optimizer takes the
+        verdict as a device flag, so the step never waits for the GPU; otherwise the verdict is
+        read on the host (one sync per step, the price of never applying a NaN update).
         """
         self.model.train()
         loss, tokens = self.accumulate_gradients()
@@ -243,23 +278,35 @@ class Trainer:
             )
         if self._wants_histograms():
             self._emit("on_gradients", self.step + 1, self.model)
-        # One host sync per step: the price of never applying a NaN update. With fp16 an
-        # infinite gradient is the scaler's business (it skips the step and lowers the scale).
-        loss_ok = bool(torch.isfinite(loss))
-        grads_ok = self.scaler.is_enabled() or bool(torch.isfinite(grad_norm))
-        skip, stop = distributed.any_rank([not (loss_ok and grads_ok), stop_requested], self.device)
-        if not skip:
+        skipped = ~torch.isfinite(loss)
+        # With fp16 an infinite gradient is the scaler's business (it skips the step itself and
+        # lowers the scale).
+        if not self.scaler.is_enabled():
+            skipped |= ~torch.isfinite(grad_norm.to(skipped.device))
+        ema_due = self.ema is not None and (self.step + 1) % self.train_cfg.ema.every == 0
+        if self.skip_on_device:
+            self.optimizer.found_inf = skipped.float()  # read by the fused kernel
+            self.optimizer.grad_scale = None
+            try:
+                self.optimizer.step()
+            finally:
+                del self.optimizer.found_inf, self.optimizer.grad_scale
+            if ema_due:
+                self.ema.update(gate=~skipped)
+        elif not bool(skipped):
             self.scaler.step(self.optimizer)
             self.scaler.update()
-            if self.ema is not None and (self.step + 1) % self.train_cfg.ema.every == 0:
+            if ema_due:
                 self.ema.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
-        return StepResult(loss, grad_norm, int(tokens), not skip, stop)  # synced already
+        total, in_a_row = self.skip_counts.unbind()
+        self.skip_counts = torch.stack([total + skipped, (in_a_row + 1) * skipped])
+        return StepResult(loss, grad_norm, tokens, skipped)
 
-    def accumulate_gradients(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Forward and backward over the step's micro-batches; returns (loss, tokens), both
-        over all ranks, as tensors (read on the host after the step's one sync).
+    def accumulate_gradients(self) -> tuple[torch.Tensor, int]:
+        """Forward and backward over the step's micro-batches; returns the loss over all ranks
+        (a device tensor, read on the host only when the loop checks) and this rank's tokens.
 
         Every target of the step weighs the same, however micro-batches and ranks split them
         (SFT batches hold different numbers of answer tokens): each micro-batch adds its summed
@@ -275,42 +322,49 @@ class Trainer:
         targets = torch.zeros((), device=self.device)
         tokens = 0
         for micro in range(accum):
-            batch = self._to_device(next(self.batches))
+            waited = time.perf_counter()
+            batch = next(self.batches)
+            self.data_wait += time.perf_counter() - waited
+            batch = self._to_device(batch)
             # Gradients are reduced across ranks on the last micro-batch only.
             with gradient_sync(self.forward_model, self.world, enabled=micro == accum - 1):
                 with self._autocast():
                     mean, count = self.task.loss(self.forward_model, batch)
-                count = torch.as_tensor(count, device=self.device, dtype=torch.float32)
+                # A Python count multiplies as it is: a tensor made from it would wait for the GPU.
+                if isinstance(count, torch.Tensor):
+                    count = count.float()
                 summed = mean * count
                 self.scaler.scale(summed / unit).backward()
             loss_sum += summed.detach().float()
             targets += count
             tokens += self.task.count_tokens(batch)
-        totals = torch.stack([loss_sum, targets, torch.tensor(float(tokens), device=self.device)])
-        loss_sum, targets, all_tokens = distributed.all_reduce_sum(totals)
+        loss_sum, targets = distributed.all_reduce_sum(torch.stack([loss_sum, targets]))
         per_target = unit * self.world.size / targets.clamp(min=1.0)
         grads = [p.grad for p in self.trainable_params if p.grad is not None]
         if grads:
             torch._foreach_mul_(grads, per_target)
-        return loss_sum / targets.clamp(min=1.0), all_tokens
+        return loss_sum / targets.clamp(min=1.0), tokens
 
-    def handle_nonfinite(self, loss: torch.Tensor, grad_norm: torch.Tensor | None) -> bool:
-        """Count a skipped update; after too many in a row, stop or roll back (returns True)."""
-        self.nonfinite_in_a_row += 1
-        self.nonfinite_skipped += 1
-        nonfinite = self.train_cfg.nonfinite
+    def check_nonfinite(self) -> bool:
+        """Read the skipped-update counts (a host sync); warn about new skips, and after
+        `max_consecutive` in a row stop or roll back (returns True when rolled back)."""
+        total, in_a_row = (int(v) for v in self.skip_counts.tolist())
+        new = total - self.nonfinite_skipped
+        self.nonfinite_skipped, self.nonfinite_in_a_row = total, in_a_row
+        if new == 0:
+            return False
         self.log(
-            f"warning: step {self.step}: non-finite loss {float(loss):.4g} / grad norm "
-            f"{float(grad_norm) if grad_norm is not None else float('nan'):.4g}; update skipped "
-            f"({self.nonfinite_in_a_row} in a row, {self.nonfinite_skipped} in total)"
+            f"warning: step {self.step}: {new} update{'s' * (new > 1)} skipped for a non-finite "
+            f"loss or gradient norm ({in_a_row} in a row, {total} in total)"
         )
-        if self.nonfinite_in_a_row < nonfinite.max_consecutive:
+        nonfinite = self.train_cfg.nonfinite
+        if in_a_row < nonfinite.max_consecutive:
             return False
         if nonfinite.action == "stop" or self.rollbacks >= nonfinite.max_rollbacks:
             folder = find_resumable(self.checkpoints, self.log) if self.world.is_main else None
             where = f"the last good checkpoint is {folder}" if folder else "no checkpoint yet"
             raise TrainingError(
-                f"{self.nonfinite_in_a_row} non-finite updates in a row at step {self.step} "
+                f"{in_a_row} non-finite updates in a row at step {self.step} "
                 f"(after {self.rollbacks} rollbacks); stopped, {where}. Lower optim.lr, check "
                 "the data, or set training.nonfinite.action: rollback."
             )
@@ -342,6 +396,7 @@ class Trainer:
             group["lr"] *= factor
         self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
         self.nonfinite_in_a_row = 0
+        self.skip_counts = torch.tensor([float(skipped), 0.0], device=self.device)
         self.log(f"rolled back to {folder} (step {self.step}); learning rate x{self.lr_scale:g}")
 
     @torch.no_grad()
@@ -490,6 +545,7 @@ class Trainer:
             self.optimizer.load_state_dict(state["optimizer"])
         self.step = int(state["step"])
         self.tokens_seen = int(state["tokens_seen"])
+        self.pending_tokens = 0
         self.best_metric = state["best_metric"]
         self.initial_val_loss = state["initial_val_loss"]
         self.scheduler.load_state_dict(state["scheduler"])
@@ -511,6 +567,7 @@ class Trainer:
         self.early_best = early["best"]
         self.evals_without_improvement = early["evals_without_improvement"]
         self.nonfinite_skipped = state["nonfinite"]["skipped"]
+        self.skip_counts = torch.tensor([float(self.nonfinite_skipped), 0.0], device=self.device)
         self.rollbacks = state["nonfinite"]["rollbacks"]
         self.lr_scale = state["nonfinite"]["lr_scale"]
 
@@ -528,13 +585,17 @@ class Trainer:
         window_start: float,
     ) -> dict[str, float]:
         loss = float(mean_loss_value)
-        tokens_per_second = window_tokens / max(time.perf_counter() - window_start, 1e-9)
+        seconds = max(time.perf_counter() - window_start, 1e-9)
+        tokens_per_second = window_tokens / seconds
         metrics: dict[str, float] = {
             "step": self.step,
             "loss": loss,
             "lr": self.scheduler.get_last_lr()[0],
             "tokens_per_second": tokens_per_second,
             "tokens_seen": self.tokens_seen,
+            # The share of the window the loop waited for batches (the loader's workers and
+            # pinned memory should keep it near 0).
+            "data_wait": self.data_wait / seconds,
         }
         if grad_norm is not None and self.train_cfg.grad_clip is not None:
             metrics["grad_norm"] = float(grad_norm)
