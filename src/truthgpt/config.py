@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, Literal, get_args
+from types import UnionType
+from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -213,6 +214,12 @@ class TrainingConfig(Section):
     max_steps: int = Field(1000, ge=1, description="optimizer steps; caps the run")
     batch_size: int = Field(8, ge=1, description="sequences per micro-batch")
     grad_accum_steps: int = Field(1, ge=1, description="micro-batches per optimizer step")
+    micro_batch: Literal["auto"] | None = Field(
+        None,
+        description="auto: keep the global batch (batch_size x grad_accum_steps) and train it in "
+        "the largest micro-batches that fit in GPU memory (probed at the start; a CPU keeps the "
+        "split); empty: as given",
+    )
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="auto: bf16 on a GPU that has it, else fp32"
     )
@@ -664,6 +671,12 @@ def cross_section_problems(config: Config) -> list[str]:
     """Errors that involve two sections (the task and its data source...), as `key: message`."""
     problems = []
     source, image_task = config.data.source, config.task in IMAGE_TASKS
+    if image_task and config.training.micro_batch == "auto":
+        problems.append(
+            f"training.micro_batch: 'auto' probes memory with token sequences of the language "
+            f"tasks; task {config.task} trains on images: set training.batch_size and "
+            "grad_accum_steps yourself (allowed here: empty)"
+        )
     if image_task and not IMAGE_SOURCES.knows(source):
         problems.append(
             f"data.source: {source!r} is a text source; task {config.task} reads captioned "
@@ -803,10 +816,15 @@ def _allowed_values(loc: list[str]) -> str:
     field = cls.model_fields.get(loc[-1]) if cls and loc else None
     if field is None:
         return ""
-    choices = (
-        get_args(field.annotation) if str(field.annotation).startswith("typing.Literal") else ()
-    )
-    return ", ".join(str(c) for c in choices)
+    # A Literal, or a Literal or None (an empty value in the YAML).
+    union = get_origin(field.annotation) in (Union, UnionType)
+    parts = get_args(field.annotation) if union else (field.annotation,)
+    literals = [part for part in parts if get_origin(part) is Literal]
+    optional = type(None) in parts
+    if not literals or len(literals) + optional != len(parts):
+        return ""
+    choices = [str(choice) for part in literals for choice in get_args(part)]
+    return ", ".join(choices + ["empty"] * optional)
 
 
 def _lookup(raw: Any, loc: list[str]) -> Any:

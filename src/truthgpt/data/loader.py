@@ -208,13 +208,17 @@ def val_batches(
     batch_size: int,
     max_batches: int | None = None,
     collate_fn: Collate | None = None,
+    max_items: int | None = None,
 ) -> list[dict[str, torch.Tensor]]:
     """The first `max_batches` batches of `dataset` in index order (the last may be smaller),
-    so every evaluation sees the same blocks; collated as `EpochBatches` does."""
+    so every evaluation sees the same blocks; collated as `EpochBatches` does. `max_items`
+    (instead of `max_batches`) takes the first that many items."""
     collate = collate_fn or getattr(dataset, "collate", default_collate)
     count = len(dataset)
     if max_batches is not None:
         count = min(count, max_batches * batch_size)
+    if max_items is not None:
+        count = min(count, max_items)
     return [
         collate([dataset[i] for i in range(start, min(start + batch_size, count))])
         for start in range(0, count, batch_size)

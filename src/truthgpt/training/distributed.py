@@ -144,6 +144,15 @@ def any_rank(flags: list[bool], device: torch.device) -> list[bool]:
     return [bool(v) for v in tensor.tolist()]
 
 
+def min_over_ranks(value: int, device: torch.device) -> int:
+    """The smallest of every rank's `value` (the micro-batch that fits on every GPU)."""
+    if not _active():
+        return value
+    tensor = torch.tensor([value], device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
+    return int(tensor.item())
+
+
 def barrier() -> None:
     if _active():
         dist.barrier()

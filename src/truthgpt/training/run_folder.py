@@ -43,6 +43,8 @@ STEERING_KEYS = (
     # With the world size (torchrun's, not the config's) it sets the global batch: a resume on
     # another number of processes keeps the global batch by changing it.
     "training.grad_accum_steps",
+    # Not training.batch_size nor micro_batch: the data position counts micro-batches. Under
+    # micro_batch auto the micro-batch the run chose is kept in its train state (micro_batch.py).
     "training.compile",
     "training.gradient_checkpointing",
     "training.early_stopping.",

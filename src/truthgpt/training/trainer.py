@@ -45,6 +45,7 @@ from truthgpt.training.distributed import World, gradient_sync
 from truthgpt.training.ema import EMA
 from truthgpt.training.evaluate import mean_loss, perplexity
 from truthgpt.training.fp8 import enable_fp8
+from truthgpt.training.micro_batch import Split, resolve_split
 from truthgpt.training.optim import build_optimizer, build_scheduler
 from truthgpt.training.rng import rng_state, seed_everything, set_rng_state
 from truthgpt.training.run_folder import RUN_CONFIG, prepare_run_dir
@@ -95,10 +96,17 @@ class Trainer:
         callbacks: list[Callback],
         task: Task | None = None,
         world: World | None = None,
+        split: Split | None = None,
     ) -> None:
-        self.config = config
+        self.config = config  # as written: what a checkpoint records for the resume check
         self.task = task if task is not None else build_task(config)
-        self.train_cfg = config.training
+        # The training section as this run cuts its batch: `split` is what micro_batch auto
+        # chose (micro_batch.py); every batch_size / grad_accum_steps below is the split's.
+        given = config.training
+        split = split or Split(given.batch_size, given.grad_accum_steps)
+        self.train_cfg = given.model_copy(
+            update={"batch_size": split.batch_size, "grad_accum_steps": split.grad_accum_steps}
+        )
         self.world = world or World()
         self.model = model
         self.data = data
@@ -126,8 +134,14 @@ class Trainer:
             rank=self.world.rank,
             world_size=self.world.size,
         )
+        # The blocks eval_batches of the written batch_size hold, however the split cuts them:
+        # the validation loss does not depend on what the probe found.
         self.val_batches = (
-            val_batches(data.val, self.train_cfg.batch_size, self.train_cfg.eval_batches)
+            val_batches(
+                data.val,
+                self.train_cfg.batch_size,
+                max_items=given.batch_size * self.train_cfg.eval_batches,
+            )
             if data.val is not None
             else []
         )
@@ -507,6 +521,11 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
             "data": self.batches.state_dict(),
+            # What micro_batch auto chose: the data position above counts these micro-batches.
+            "micro_batch": {
+                "batch_size": self.train_cfg.batch_size,
+                "grad_accum_steps": self.train_cfg.grad_accum_steps,
+            },
             "rng": rng,
             "ema": self.ema.state_dict() if self.ema is not None else None,
             "early_stopping": {
@@ -691,7 +710,10 @@ def _train(
         f"model {config.model.arch}: {n_params / 1e6:.2f}M parameters{trainable} on {device}"
         f"{across} ({resolve_precision(config.training.precision, device)}, {threads} CPU threads)"
     )
-    trainer = Trainer(config, model, data, device, run_dir, all_callbacks, task, world)
+    # Before the Trainer compiles and wraps the model: the probe runs it as it is.
+    saved = resume_from.state.get("micro_batch") if resume_from is not None else None
+    split = resolve_split(config, task, data, model, world, log, saved)
+    trainer = Trainer(config, model, data, device, run_dir, all_callbacks, task, world, split)
     if world.size > 1:
         torch.manual_seed(config.seed + world.rank)  # dropout masks differ between ranks
     if resume_from is not None:
