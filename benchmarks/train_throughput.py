@@ -1,59 +1,150 @@
-"""Training throughput: truthgpt's Trainer vs Hugging Face Trainer on the same GPT-2 model.
+"""Training throughput: truthgpt's Trainer against Hugging Face's Trainer and a hand-written loop.
 
-Both train GPT-2 small (124M, seq 1024) in bf16 on the same packed blocks with AdamW, the same
-micro-batch and accumulation, for the same number of optimizer steps; the first steps are
-warm-up and not timed. Prints tokens/s, MFU and peak GPU memory for each and the ratio.
+Every runner trains the same model (built once, saved with `save_hf`, opened by each) on the
+same random token blocks with AdamW, bf16 autocast, grad clip 1.0 and the same micro-batch and
+accumulation, for the same number of optimizer steps; the first steps (compilation included)
+are warm-up and not timed:
 
-    python benchmarks/train_throughput.py --steps 40 --warmup 10 [--compile]
+- truthgpt: our Trainer, torch.compile on (--no-compile: off)
+- hf: transformers' Trainer, eager
+- hf-compile: transformers' Trainer with torch_compile=True
+- plain-compile: the tightest loop a user writes by hand over transformers' model:
+  torch.compile, fused AdamW, loss / accum backward, no host sync inside the step
 
-Needs a CUDA GPU (runs on CPU with --tiny for a smoke test).
+Shapes (--shape): gpt2 = GPT-2 small (124M, seq 1024, micro-batch 16 x accum 4); llama1b =
+Llama-3.2-1B's layers in our llama arch with a 32000-token vocabulary instead of Llama 3's
+128256 (1.0B parameters, seq 2048, 8 x 4). Prints for each runner tokens/s, MFU (our model's
+FLOPs per token for all: it is the same model), peak GPU memory, the median step time with its
+min-max spread, and truthgpt's speed over it. A runner that fails leaves an error in its row; one
+out of memory is retried once at half the micro-batch and twice the accumulation.
+
+    python benchmarks/train_throughput.py --shape llama1b --json llama1b.json
+    python benchmarks/train_throughput.py --runners truthgpt,hf --no-compile --steps 30
+
+Needs a CUDA GPU; --tiny runs every runner with a tiny model of the shape as a smoke test (on
+CPU: fp32, truthgpt uncompiled unless --compile, and the other compiled runners on
+torch.compile's eager backend, which traces the graphs but skips code generation).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import gc
 import json
+import statistics
 import tempfile
 import time
+import traceback
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
+import transformers
+from torch._dynamo.utils import counters as dynamo_counters
 
 from truthgpt.config import load
-from truthgpt.hardware import PEAK_BF16_FLOPS
+from truthgpt.data.prepare import PreparedData
+from truthgpt.hardware import peak_flops
+from truthgpt.models.build import decoder_config
+from truthgpt.models.decoder import Decoder
 from truthgpt.models.hf_io import save_hf
-from truthgpt.training.trainer import Trainer, build_model, prepare_run_dir
+from truthgpt.quiet import no_load_save_bars
+from truthgpt.training.run_folder import prepare_run_dir
+from truthgpt.training.trainer import Trainer, build_model
+
+RUNNER_NAMES = ("truthgpt", "hf", "hf-compile", "plain-compile")
 
 
-def peak_flops() -> float | None:
-    if not torch.cuda.is_available():
-        return None
-    name = torch.cuda.get_device_name()
-    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+@dataclass(frozen=True)
+class Shape:
+    about: str  # for the printout
+    model: dict  # our config's model section
+    seq_len: int
+    batch_size: int
+    accum: int
+    token_ids: int  # the data's ids are below this
 
 
-def model_section(tiny: bool) -> dict:
-    if tiny:
-        return {
+SHAPES = {
+    "gpt2": Shape(
+        "GPT-2 small (124M)",
+        {
+            "arch": "gpt2",
+            "hidden_size": 768,
+            "num_layers": 12,
+            "num_heads": 12,
+            "max_position_embeddings": 1024,
+            "vocab_size": 50304,
+        },
+        seq_len=1024,
+        batch_size=16,
+        accum=4,
+        token_ids=50257,  # GPT-2's tokenizer; the 47 rows above it are padding to a multiple of 64
+    ),
+    # Eager HF Trainer, the hungriest runner, at 8 x 2048: ~34 GiB of saved activations (measured
+    # on CPU with saved-tensor hooks) + ~17 GiB of fp32 weights, grads, Adam and bf16 weight casts.
+    "llama1b": Shape(
+        "Llama-3.2-1B layers, 32000-token vocab (Llama 3: 128256), tied embeddings",
+        {
+            "arch": "llama",
+            "hidden_size": 2048,
+            "num_layers": 16,
+            "num_heads": 32,
+            "num_kv_heads": 8,
+            "intermediate_size": 8192,
+            "max_position_embeddings": 2048,
+            "rope_theta": 500000.0,
+            "tie_embeddings": True,
+            "vocab_size": 32000,
+        },
+        seq_len=2048,
+        batch_size=8,
+        accum=4,
+        token_ids=32000,
+    ),
+}
+
+TINY_SHAPES = {
+    "gpt2": Shape(
+        "tiny gpt2",
+        {
             "arch": "gpt2",
             "hidden_size": 64,
             "num_layers": 2,
             "num_heads": 4,
             "max_position_embeddings": 128,
             "vocab_size": 512,
-        }
-    return {
-        "arch": "gpt2",
-        "hidden_size": 768,
-        "num_layers": 12,
-        "num_heads": 12,
-        "max_position_embeddings": 1024,
-        "vocab_size": 50304,
-    }
+        },
+        seq_len=64,
+        batch_size=4,
+        accum=2,
+        token_ids=512,
+    ),
+    "llama1b": Shape(
+        "tiny llama",
+        {
+            "arch": "llama",
+            "hidden_size": 64,
+            "num_layers": 2,
+            "num_heads": 4,
+            "num_kv_heads": 2,
+            "intermediate_size": 128,
+            "max_position_embeddings": 128,
+            "tie_embeddings": True,
+            "vocab_size": 512,
+        },
+        seq_len=64,
+        batch_size=4,
+        accum=2,
+        token_ids=512,
+    ),
+}
 
 
 class RandomBlocks(torch.utils.data.Dataset):
-    """Fixed random token blocks: the same data for both trainers, no tokenizer in the timing."""
+    """Fixed random token blocks: the same data for every runner, no tokenizer in the timing."""
 
     def __init__(self, n: int, seq_len: int, vocab: int) -> None:
         self.ids = torch.randint(0, vocab, (n, seq_len), generator=torch.Generator().manual_seed(0))
@@ -65,60 +156,102 @@ class RandomBlocks(torch.utils.data.Dataset):
         return {"input_ids": self.ids[i], "labels": self.ids[i]}
 
 
-def run_ours(args, workdir: Path, dataset: RandomBlocks) -> dict:
-    raw = {
-        "run_name": "ours",
-        "output_dir": str(workdir),
-        "model": model_section(args.tiny),
-        "data": {"max_seq_len": args.seq_len},
-        "training": {
-            "max_steps": args.steps,
-            "batch_size": args.batch_size,
-            "grad_accum_steps": args.accum,
-            "precision": args.precision if torch.cuda.is_available() else "fp32",
-            "compile": args.compile,
-            "log_every": 10_000,
-            "eval_every": 10_000,
-        },
-        "checkpoint": {"save_every": 10_000},
-        "logging": {"progress": "none", "tensorboard": False, "plot": False},
-    }
-    config = load(raw, args.set)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = build_model(config, vocab_size=config.model.vocab_size).to(device)
+@dataclass
+class Bench:
+    """What every runner reads: the run's settings and the model folder they all start from."""
 
-    class Data:  # what the Trainer reads from PreparedData
-        tokenizer = None
-        train = dataset
-        val = None
+    device: torch.device
+    bf16: bool
+    compile_backend: str  # the compiled runners': inductor, or eager on CPU (a smoke test)
+    steps: int
+    warmup: int
+    seq_len: int
+    batch_size: int
+    accum: int
+    hf_folder: Path
+    workdir: Path
+    dataset: RandomBlocks
+    raw_config: dict  # ours, before the --set overrides
+    overrides: list[str]
+    profile: bool
 
-    prepare_run_dir(config, overwrite=True)
-    run_dir = config.run_dir
-    trainer = Trainer(config, model, Data, device, run_dir, callbacks=[])
-    times = []
-    for step in range(args.steps):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+
+@dataclass
+class Measured:
+    step_seconds: list[float]  # every step, warm-up included
+    peak_gib: float | None
+    mean_loss: float
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_memory_gib(device: torch.device) -> float | None:
+    return torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+
+
+def free_memory() -> None:
+    """Drop what the last runner left (its cycles, cached blocks and compiled graphs), so the
+    next one starts from an empty GPU and its peak memory is its own."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    torch._dynamo.reset()
+
+
+def time_steps(bench: Bench, step: Callable[[], None]) -> list[float]:
+    """Seconds of each of bench.steps calls of `step`, the device synchronized around each;
+    peak memory counts from the end of warm-up."""
+    seconds = []
+    for index in range(bench.steps):
+        if index == bench.warmup:
+            reset_peak_memory(bench.device)
+        synchronize(bench.device)
         start = time.perf_counter()
-        loss = float(trainer.train_step().loss)
-        times.append(time.perf_counter() - start)
-        if step + 1 == args.warmup and device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-    if args.profile:
-        profile_steps(trainer, device)
-    timed = sum(times[args.warmup :])
-    tokens_per_step = args.batch_size * args.accum * args.seq_len
-    tps = tokens_per_step * (args.steps - args.warmup) / timed
-    flops = model.flops_per_token(args.seq_len) * tps
-    return {
-        "tokens_per_second": tps,
-        "flops_per_second": flops,
-        "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0,
-        "loss": float(loss),
-    }
+        step()
+        synchronize(bench.device)
+        seconds.append(time.perf_counter() - start)
+    return seconds
 
 
-def profile_steps(trainer, device: torch.device, steps: int = 3) -> None:
+# -- the runners -----------------------------------------------------------------------------
+
+
+def run_truthgpt(bench: Bench) -> Measured:
+    raw = bench.raw_config
+    model_section = {**raw["model"], "init_from": str(bench.hf_folder)}
+    training = {**raw["training"], "batch_size": bench.batch_size, "grad_accum_steps": bench.accum}
+    config = load({**raw, "model": model_section, "training": training}, bench.overrides)
+    model = build_model(config, vocab_size=config.model.vocab_size).to(bench.device)
+    data = PreparedData(
+        tokenizer=None,
+        train=bench.dataset,
+        val=None,
+        train_tokens=bench.dataset.ids.numel(),
+        val_tokens=0,
+    )
+    prepare_run_dir(config, overwrite=True, log=lambda message: None)
+    trainer = Trainer(config, model, data, bench.device, config.run_dir, callbacks=[])
+    loss_sum = torch.zeros((), device=bench.device)
+
+    def step() -> None:
+        loss_sum.add_(trainer.train_step().loss)
+
+    seconds = time_steps(bench, step)
+    peak = peak_memory_gib(bench.device)
+    if bench.profile:
+        profile_steps(trainer, bench.device)
+    return Measured(seconds, peak, float(loss_sum) / bench.steps)
+
+
+def profile_steps(trainer: Trainer, device: torch.device, steps: int = 3) -> None:
     """Where the time of a few more steps goes: the kernels by total device time."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -126,127 +259,366 @@ def profile_steps(trainer, device: torch.device, steps: int = 3) -> None:
     with profile(activities=activities) as prof:
         for _ in range(steps):
             trainer.train_step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        synchronize(device)
     key = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
     print(prof.key_averages().table(sort_by=key, row_limit=25, max_name_column_width=70))
 
 
-def run_hf(args, workdir: Path, dataset: RandomBlocks) -> dict:
-    from transformers import (
-        AutoModelForCausalLM,
-        TrainerCallback,
-        TrainingArguments,
-    )
-    from transformers import (
-        Trainer as HFTrainer,
-    )
+def open_hf_model(bench: Bench) -> torch.nn.Module:
+    with no_load_save_bars():
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            bench.hf_folder, attn_implementation="sdpa", dtype=torch.float32
+        )
+    # GPT2LMHeadModel's class name matches no loss type, and the warning that says so breaks
+    # the compiled graph on every call; name the loss it falls back to anyway.
+    model.loss_type = "ForCausalLM"
+    return model
 
-    # Same weights layout and init source: build ours, save as HF, open with transformers.
-    config = load({"model": model_section(args.tiny)})
-    folder = workdir / "hf_model"
-    save_hf(build_model(config, vocab_size=config.model.vocab_size), folder)
-    model = AutoModelForCausalLM.from_pretrained(folder, attn_implementation="sdpa")
 
-    class Timer(TrainerCallback):
+def run_hf(bench: Bench, compiled: bool) -> Measured:
+    from transformers import Trainer as HFTrainer
+    from transformers import TrainerCallback, TrainingArguments
+
+    class StepTimer(TrainerCallback):
+        """Each optimizer step's time from the end of the one before, so the batch fetching
+        that HF does before on_step_begin counts too."""
+
         def __init__(self) -> None:
-            self.times: list[float] = []
-            self.start = 0.0
+            self.seconds: list[float] = []
+            self.last = 0.0
 
-        def on_step_begin(self, *a, **k):
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            self.start = time.perf_counter()
+        def on_train_begin(self, *args, **kwargs) -> None:
+            synchronize(bench.device)
+            reset_peak_memory(bench.device)
+            self.last = time.perf_counter()
 
-        def on_step_end(self, *a, **k):
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            self.times.append(time.perf_counter() - self.start)
-            if len(self.times) == args.warmup and torch.cuda.is_available():
-                torch.cuda.reset_peak_memory_stats()
+        def on_step_end(self, *args, **kwargs) -> None:
+            synchronize(bench.device)
+            now = time.perf_counter()
+            self.seconds.append(now - self.last)
+            self.last = now
+            if len(self.seconds) == bench.warmup:
+                reset_peak_memory(bench.device)
 
-    timer = Timer()
+    cuda = bench.device.type == "cuda"
+    timer = StepTimer()
     training_args = TrainingArguments(
-        output_dir=str(workdir / "hf_out"),
-        max_steps=args.steps,
-        per_device_train_batch_size=args.batch_size,
-        gradient_accumulation_steps=args.accum,
+        output_dir=str(bench.workdir / "hf_out"),
+        max_steps=bench.steps,
+        per_device_train_batch_size=bench.batch_size,
+        gradient_accumulation_steps=bench.accum,
         learning_rate=6e-4,
         weight_decay=0.1,
         adam_beta2=0.95,
         warmup_steps=10,
         lr_scheduler_type="cosine",
-        bf16=args.precision == "bf16" and torch.cuda.is_available(),
+        bf16=bench.bf16,
         max_grad_norm=1.0,
         logging_steps=10_000,
         save_strategy="no",
         report_to=[],
+        disable_tqdm=True,
         dataloader_num_workers=2,
-        torch_compile=args.compile,
-        optim="adamw_torch_fused" if torch.cuda.is_available() else "adamw_torch",
-        use_cpu=not torch.cuda.is_available(),
+        torch_compile=compiled,
+        torch_compile_backend=bench.compile_backend if compiled else None,
+        optim="adamw_torch_fused" if cuda else "adamw_torch",
+        use_cpu=not cuda,
     )
-    HFTrainer(model=model, args=training_args, train_dataset=dataset, callbacks=[timer]).train()
-    timed = sum(timer.times[args.warmup :])
-    tps = args.batch_size * args.accum * args.seq_len * (len(timer.times) - args.warmup) / timed
+    trainer = HFTrainer(
+        model=open_hf_model(bench),
+        args=training_args,
+        train_dataset=bench.dataset,
+        callbacks=[timer],
+    )
+    output = trainer.train()
+    return Measured(timer.seconds, peak_memory_gib(bench.device), output.training_loss)
+
+
+def run_plain_compile(bench: Bench) -> Measured:
+    device, accum = bench.device, bench.accum
+    model = open_hf_model(bench).to(device)
+    model.train()
+    compiled = torch.compile(model, backend=bench.compile_backend)
+    cuda = device.type == "cuda"
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=6e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=cuda
+    )
+    loader = torch.utils.data.DataLoader(
+        bench.dataset,
+        batch_size=bench.batch_size,
+        shuffle=True,
+        drop_last=True,
+        pin_memory=cuda,
+    )
+
+    def endless() -> Iterator[dict]:
+        while True:
+            yield from loader
+
+    batches = endless()
+    bf16 = torch.autocast(device.type, dtype=torch.bfloat16)
+    autocast = bf16 if bench.bf16 else contextlib.nullcontext()
+    loss_sum = torch.zeros((), device=device)
+
+    def step() -> None:
+        for _ in range(accum):
+            batch = next(batches)
+            input_ids = batch["input_ids"].to(device, non_blocking=True)
+            labels = batch["labels"].to(device, non_blocking=True)
+            with autocast:
+                loss = compiled(input_ids=input_ids, labels=labels).loss
+            (loss / accum).backward()
+            loss_sum.add_(loss.detach())
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)  # no host sync: a tensor norm
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    seconds = time_steps(bench, step)
+    return Measured(seconds, peak_memory_gib(device), float(loss_sum) / (bench.steps * accum))
+
+
+RUNNERS: dict[str, Callable[[Bench], Measured]] = {
+    "truthgpt": run_truthgpt,
+    "hf": lambda bench: run_hf(bench, compiled=False),
+    "hf-compile": lambda bench: run_hf(bench, compiled=True),
+    "plain-compile": run_plain_compile,
+}
+
+
+# -- measuring and reporting -----------------------------------------------------------------
+
+
+def measure(name: str, bench: Bench, flops_per_token: float, peak: float | None) -> dict:
+    """Run one runner and make its row; a failure is a row with the error. Out of memory, it is
+    retried once with half the micro-batch and twice the accumulation (the same tokens/step)."""
+    row: dict = {"runner": name}
+    for attempt in range(2):
+        free_memory()
+        # What the runners before left on the GPU (should be ~0): their peaks are not this one's.
+        held = torch.cuda.memory_allocated() / 2**30 if bench.device.type == "cuda" else None
+        row.update(batch_size=bench.batch_size, accum=bench.accum, held_at_start_gib=held)
+        graphs, breaks = compile_counts()
+        try:
+            measured = RUNNERS[name](bench)
+        except Exception as exc:  # any failure: report it, keep the other runners' rows
+            traceback.print_exc()
+            # Inductor wraps an out-of-memory while compiling in its own error.
+            oom = isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc)
+            where = f" at {bench.batch_size}x{bench.accum}" if oom else ""
+            error = f"{type(exc).__name__}{where}: {first_line(exc)}"
+            if oom and attempt == 0 and bench.batch_size % 2 == 0:
+                row["note"] = f"{error}; retried at {bench.batch_size // 2}x{bench.accum * 2}"
+                print(f"{name}: {row['note']}", flush=True)
+                bench = replace(bench, batch_size=bench.batch_size // 2, accum=bench.accum * 2)
+                continue
+            row["error"] = error
+        else:
+            graphs_after, breaks_after = compile_counts()
+            row.update(summarize(bench, measured, flops_per_token, peak))
+            row.update(compiled_graphs=graphs_after - graphs, graph_breaks=breaks_after - breaks)
+        break
+    free_memory()
+    return row
+
+
+def compile_counts() -> tuple[int, int]:
+    """Graphs compiled and graph breaks met by torch.compile so far in this process."""
+    return dynamo_counters["stats"]["unique_graphs"], sum(dynamo_counters["graph_break"].values())
+
+
+def first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [""])[0][:160]
+
+
+def summarize(bench: Bench, measured: Measured, flops_per_token: float, peak: float | None) -> dict:
+    timed = measured.step_seconds[bench.warmup :]
+    tokens_per_second = bench.batch_size * bench.accum * bench.seq_len * len(timed) / sum(timed)
     return {
-        "tokens_per_second": tps,
-        "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30
-        if torch.cuda.is_available()
-        else 0,
+        "tokens_per_second": tokens_per_second,
+        "mfu": flops_per_token * tokens_per_second / peak if peak else None,
+        "peak_gib": measured.peak_gib,
+        "step_ms_median": 1000 * statistics.median(timed),
+        "step_ms_min": 1000 * min(timed),
+        "step_ms_max": 1000 * max(timed),
+        "warmup_s": sum(measured.step_seconds[: bench.warmup]),
+        "mean_loss": measured.mean_loss,
     }
 
 
+def report_row(row: dict) -> None:
+    """One runner's line as soon as it finishes: the noise and what compilation cost."""
+    if "error" in row:
+        print(f"{row['runner']}: failed: {row['error']}", flush=True)
+        return
+    peak = f"{row['peak_gib']:.2f} GiB" if row["peak_gib"] is not None else "-"
+    if row["held_at_start_gib"] is not None:
+        peak += f" ({row['held_at_start_gib']:.2f} GiB held at its start)"
+    print(
+        f"{row['runner']}: {row['tokens_per_second']:,.0f} tokens/s; step "
+        f"{row['step_ms_median']:.1f} ms median "
+        f"({row['step_ms_min']:.1f}-{row['step_ms_max']:.1f}); warm-up {row['warmup_s']:.1f} s; "
+        f"peak {peak}; {row['compiled_graphs']} graphs, "
+        f"{row['graph_breaks']} graph breaks; mean loss {row['mean_loss']:.3f}",
+        flush=True,
+    )
+
+
+def print_table(rows: list[dict]) -> None:
+    ours = next((r for r in rows if r["runner"] == "truthgpt" and "error" not in r), None)
+    print(
+        f"{'runner':<14} {'batch':>6} {'tokens/s':>11} {'MFU':>6} {'peak GiB':>9} "
+        f"{'step ms (min-max)':>24} {'truthgpt/x':>10}"
+    )
+    for row in rows:
+        batch = f"{row['batch_size']}x{row['accum']}" + ("*" if "note" in row else "")
+        if "error" in row:
+            print(f"{row['runner']:<14} {batch:>6}  failed: {row['error']}")
+            continue
+        mfu = f"{row['mfu']:.1%}" if row["mfu"] is not None else "-"
+        peak = f"{row['peak_gib']:.2f}" if row["peak_gib"] is not None else "-"
+        spread = f"{row['step_ms_median']:.1f} ({row['step_ms_min']:.1f}-{row['step_ms_max']:.1f})"
+        ratio = f"{ours['tokens_per_second'] / row['tokens_per_second']:.2f}x" if ours else "-"
+        print(
+            f"{row['runner']:<14} {batch:>6} {row['tokens_per_second']:>11,.0f} {mfu:>6} "
+            f"{peak:>9} {spread:>24} {ratio:>10}"
+        )
+    for row in rows:
+        if "note" in row:
+            print(f"* {row['runner']}: {row['note']}")
+
+
+def parse_runners(text: str, parser: argparse.ArgumentParser) -> list[str]:
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in RUNNER_NAMES]
+    if unknown or not names:
+        parser.error(f"--runners: unknown {unknown}; choose from {','.join(RUNNER_NAMES)}")
+    return names
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--steps", type=int, default=40)
-    parser.add_argument("--warmup", type=int, default=10)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--accum", type=int, default=4)
-    parser.add_argument("--seq-len", type=int, default=1024)
-    parser.add_argument("--precision", default="bf16")
-    parser.add_argument("--compile", action="store_true")
-    parser.add_argument("--tiny", action="store_true", help="CPU smoke test with a tiny model")
-    parser.add_argument("--skip-hf", action="store_true")
-    parser.add_argument("--json", type=Path, help="also write the results here")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="gpt2")
     parser.add_argument(
-        "--set", action="append", default=[], help="a truthgpt config override, key=value"
+        "--runners",
+        default=",".join(RUNNER_NAMES),
+        help=f"a comma list of {','.join(RUNNER_NAMES)} (default: all)",
     )
-    parser.add_argument("--profile", action="store_true", help="print the top kernels")
+    parser.add_argument("--steps", type=int, default=40, help="optimizer steps, warm-up included")
+    parser.add_argument("--warmup", type=int, default=10, help="untimed first steps")
+    parser.add_argument("--batch-size", type=int, help="micro-batch (default: the shape's)")
+    parser.add_argument("--accum", type=int, help="micro-batches per step (default: the shape's)")
+    parser.add_argument("--seq-len", type=int, help="default: the shape's")
+    parser.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
+    parser.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        help="torch.compile truthgpt's model (default: on with CUDA)",
+    )
+    parser.add_argument(
+        "--tiny", action="store_true", help="smoke test: a tiny model of the shape, any device"
+    )
+    parser.add_argument("--skip-hf", action="store_true", help="old spelling of --runners truthgpt")
+    parser.add_argument("--json", type=Path, help="also write every row here")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        help="a truthgpt config override, key=value (model.* keys: every runner's model)",
+    )
+    parser.add_argument("--profile", action="store_true", help="print truthgpt's top kernels")
     args = parser.parse_args()
-    if args.tiny:
-        args.seq_len, args.batch_size, args.accum = 64, 4, 1
+    runners = ["truthgpt"] if args.skip_hf else parse_runners(args.runners, parser)
+    if not 0 <= args.warmup < args.steps:
+        parser.error(f"--warmup {args.warmup} must be below --steps {args.steps} (and >= 0)")
+
+    shape = (TINY_SHAPES if args.tiny else SHAPES)[args.shape]
+    seq_len = args.seq_len or shape.seq_len
+    batch_size = args.batch_size or shape.batch_size
+    accum = args.accum or shape.accum
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    bf16 = args.precision == "bf16" and cuda
     torch.backends.cuda.matmul.allow_tf32 = True
-    vocab = model_section(args.tiny)["vocab_size"]
-    dataset = RandomBlocks(
-        args.steps * args.batch_size * args.accum + 64,
-        args.seq_len,
-        50257 if not args.tiny else vocab,
-    )
+    rows: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
-        ours = run_ours(args, workdir, dataset)
-        torch.cuda.empty_cache() if torch.cuda.is_available() else None
-        hf = None if args.skip_hf else run_hf(args, workdir, dataset)
-    peak = peak_flops()
-    rows = [("truthgpt", ours)] + ([("HF Trainer", hf)] if hf else [])
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    print(
-        f"\n{device}, torch {torch.__version__}, {args.precision}, compile={args.compile}, "
-        f"batch {args.batch_size}x{args.accum}x{args.seq_len}"
-    )
-    print(f"{'trainer':<12} {'tokens/s':>12} {'MFU':>7} {'peak GiB':>9}")
-    for name, r in rows:
-        flops = ours["flops_per_second"] / ours["tokens_per_second"] * r["tokens_per_second"]
-        mfu = f"{flops / peak:.1%}" if peak else "-"
-        print(f"{name:<12} {r['tokens_per_second']:>12,.0f} {mfu:>7} {r['peak_mem_gib']:>9.2f}")
-    if hf:
-        print(
-            "ratio truthgpt / HF Trainer: "
-            f"{ours['tokens_per_second'] / hf['tokens_per_second']:.2f}x"
+        max_positions = max(shape.model["max_position_embeddings"], seq_len)
+        raw_config = {
+            "run_name": "truthgpt",
+            "output_dir": str(workdir / "runs"),
+            "model": {**shape.model, "max_position_embeddings": max_positions},
+            "data": {"max_seq_len": seq_len},
+            "training": {
+                "max_steps": args.steps,
+                "batch_size": batch_size,
+                "grad_accum_steps": accum,
+                "precision": "bf16" if bf16 else "fp32",
+                "compile": cuda if args.compile is None else args.compile,
+                "log_every": 10_000,
+                "eval_every": 10_000,
+            },
+            "checkpoint": {"save_every": 10_000},
+            "logging": {"progress": "none", "tensorboard": False, "plot": False},
+        }
+        config = load(raw_config, args.set)
+        # One model for all: its weights saved once and opened by every runner.
+        torch.manual_seed(0)
+        model = Decoder(decoder_config(config.model, config.model.vocab_size))
+        save_hf(model, workdir / "hf_model")
+        run = {
+            "device": torch.cuda.get_device_name() if cuda else "cpu",
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "precision": "bf16" if bf16 else "fp32",
+            "shape": args.shape,
+            "about": shape.about,
+            "tiny": args.tiny,
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "seq_len": seq_len,
+            "flops_per_token": model.flops_per_token(seq_len),
+            "steps": args.steps,
+            "warmup": args.warmup,
+            "truthgpt_compile": config.training.compile,
+        }
+        del model
+        print_run(run)
+        bench = Bench(
+            device=device,
+            bf16=bf16,
+            compile_backend="inductor" if cuda else "eager",
+            steps=args.steps,
+            warmup=args.warmup,
+            seq_len=seq_len,
+            batch_size=batch_size,
+            accum=accum,
+            hf_folder=workdir / "hf_model",
+            workdir=workdir,
+            dataset=RandomBlocks(args.steps * batch_size * accum + 64, seq_len, shape.token_ids),
+            raw_config=raw_config,
+            overrides=args.set,
+            profile=args.profile,
         )
-    if args.json:
-        args.json.write_text(json.dumps({"ours": ours, "hf": hf, "device": device}, indent=1))
+        peak = peak_flops(device, torch.bfloat16 if bf16 else torch.float32)
+        for name in runners:
+            print(f"-- {name}", flush=True)
+            rows.append(measure(name, bench, run["flops_per_token"], peak))
+            report_row(rows[-1])
+            if args.json:  # after each runner: a run cut short still leaves its rows
+                args.json.write_text(json.dumps({**run, "rows": rows}, indent=1) + "\n")
+    print()
+    print_run(run)
+    print_table(rows)
+
+
+def print_run(run: dict) -> None:
+    print(
+        f"{run['device']}, torch {run['torch']}, transformers {run['transformers']}, "
+        f"{run['precision']}; {run['shape']}: {run['about']}, {run['parameters'] / 1e6:,.1f}M "
+        f"parameters, seq {run['seq_len']}, {run['flops_per_token'] / 1e9:.3f} GFLOP/token; "
+        f"{run['steps'] - run['warmup']} timed steps after {run['warmup']} warm-up; truthgpt "
+        f"compile={run['truthgpt_compile']}; batch = micro-batch x accumulation",
+        flush=True,
+    )
 
 
 if __name__ == "__main__":
