@@ -206,19 +206,48 @@ def free_memory() -> None:
     torch._dynamo.reset()
 
 
+class StepClock:
+    """Step boundaries on the device's own timeline (CUDA events), so timing adds no host sync
+    to a loop that has none: a sync per step would hide a loop's ability to queue the next
+    step while the GPU finishes this one. One sync at the end reads them all."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.marks: list = []
+
+    def _mark(self):
+        if self.device.type != "cuda":
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def start(self) -> None:
+        synchronize(self.device)
+        self.marks = [self._mark()]
+
+    def lap(self) -> None:
+        self.marks.append(self._mark())
+
+    def seconds(self) -> list[float]:
+        synchronize(self.device)
+        pairs = zip(self.marks, self.marks[1:])
+        if self.device.type != "cuda":
+            return [b - a for a, b in pairs]
+        return [a.elapsed_time(b) / 1000 for a, b in pairs]
+
+
 def time_steps(bench: Bench, step: Callable[[], None]) -> list[float]:
-    """Seconds of each of bench.steps calls of `step`, the device synchronized around each;
+    """Seconds of each of bench.steps calls of `step` (device time between step boundaries);
     peak memory counts from the end of warm-up."""
-    seconds = []
+    clock = StepClock(bench.device)
+    clock.start()
     for index in range(bench.steps):
         if index == bench.warmup:
             reset_peak_memory(bench.device)
-        synchronize(bench.device)
-        start = time.perf_counter()
         step()
-        synchronize(bench.device)
-        seconds.append(time.perf_counter() - start)
-    return seconds
+        clock.lap()
+    return clock.seconds()
 
 
 # -- the runners -----------------------------------------------------------------------------
@@ -280,25 +309,26 @@ def run_hf(bench: Bench, compiled: bool) -> Measured:
     from transformers import TrainerCallback, TrainingArguments
 
     class StepTimer(TrainerCallback):
-        """Each optimizer step's time from the end of the one before, so the batch fetching
-        that HF does before on_step_begin counts too."""
+        """Each optimizer step's time from the end of the one before (the batch fetching that
+        HF does before on_step_begin counts too), on the device's timeline like the others."""
 
         def __init__(self) -> None:
-            self.seconds: list[float] = []
-            self.last = 0.0
+            self.clock = StepClock(bench.device)
+            self.steps = 0
 
         def on_train_begin(self, *args, **kwargs) -> None:
-            synchronize(bench.device)
             reset_peak_memory(bench.device)
-            self.last = time.perf_counter()
+            self.clock.start()
 
         def on_step_end(self, *args, **kwargs) -> None:
-            synchronize(bench.device)
-            now = time.perf_counter()
-            self.seconds.append(now - self.last)
-            self.last = now
-            if len(self.seconds) == bench.warmup:
+            self.clock.lap()
+            self.steps += 1
+            if self.steps == bench.warmup:
                 reset_peak_memory(bench.device)
+
+        @property
+        def seconds(self) -> list[float]:
+            return self.clock.seconds()
 
     cuda = bench.device.type == "cuda"
     timer = StepTimer()
