@@ -62,6 +62,27 @@ def test_compiled_bf16_training_lowers_the_loss(tmp_path: Path) -> None:
     assert result.final_val_loss < result.initial_val_loss - 0.5
 
 
+def test_compile_scopes_train_the_same_steps(tmp_path: Path) -> None:
+    """Eager, whole-model and per-block compile: the same per-step losses (fp32, TF32 off, so
+    only the compiler's reordering of float sums tells them apart)."""
+    from test_resume import step_losses
+
+    losses = {}
+    for name, extra in {
+        "eager": {"compile": False},
+        "model": {"compile": True, "compile_scope": "model"},
+        "blocks": {"compile": True, "compile_scope": "blocks"},
+    }.items():
+        training = {"max_steps": 12, "log_every": 1, "eval_every": 12, "tf32": False, **extra}
+        raw = tiny_raw_config(tmp_path, run_name=name, training=training)
+        raw["hardware"] = {"device": "cuda"}
+        losses[name] = step_losses(train(load(raw)).run_dir)
+    for name in ("model", "blocks"):
+        assert losses[name].keys() == losses["eager"].keys()
+        for step, loss in losses["eager"].items():
+            assert losses[name][step] == pytest.approx(loss, rel=1e-4), (name, step)
+
+
 def test_cuda_lora_bf16_run_resumes_exactly(tmp_path: Path) -> None:
     from test_resume import CrashAt, resume_config, step_losses
 

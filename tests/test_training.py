@@ -223,3 +223,36 @@ def test_throughput_benchmark_runs_on_cpu(tmp_path: Path) -> None:
     done = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "truthgpt" in done.stdout and out.is_file()
+
+
+def test_per_block_compile_trains_the_eager_steps(tmp_path: Path) -> None:
+    """compile_scope: blocks compiles each block in place (checkpoint keys unchanged) and trains
+    the same per-step losses as the eager model (CPU inductor; the GPU test covers CUDA)."""
+    from test_resume import step_losses
+
+    losses, models = {}, {}
+    for name, extra in {
+        "eager": {"compile": False},
+        "blocks": {"compile": True, "compile_scope": "blocks"},
+    }.items():
+        training = {"max_steps": 6, "log_every": 1, "eval_every": 6, **extra}
+        config = load(tiny_raw_config(tmp_path, run_name=name, training=training))
+        losses[name] = step_losses(train(config).run_dir)
+        models[name] = load_model(config.run_dir / "checkpoints" / "last")
+    assert losses["blocks"].keys() == losses["eager"].keys() == set(range(1, 7))
+    for step, loss in losses["eager"].items():
+        assert losses["blocks"][step] == pytest.approx(loss, rel=1e-5), step
+    eager, compiled = models["eager"].state_dict(), models["blocks"].state_dict()
+    assert eager.keys() == compiled.keys()
+    for key, value in eager.items():
+        torch.testing.assert_close(compiled[key], value, rtol=1e-4, atol=1e-5)
+
+
+def test_per_block_compile_needs_repeated_blocks() -> None:
+    from truthgpt.training.compiling import compile_blocks
+
+    with pytest.raises(ConfigError, match="compile_scope: blocks found no repeated blocks"):
+        compile_blocks(torch.nn.Sequential(torch.nn.Linear(4, 4)), "default")
+    with pytest.raises(ConfigError, match="compile_scope") as error:
+        load({**tiny_raw_config(Path("/tmp")), "training": {"compile_scope": "layers"}})
+    assert "'model'" in str(error.value) and "'blocks'" in str(error.value)

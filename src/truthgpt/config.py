@@ -236,6 +236,12 @@ class TrainingConfig(Section):
         description="torch.compile mode: max-autotune-no-cudagraphs also tries more matmul "
         "kernels (minutes to compile)",
     )
+    compile_scope: Literal["model", "blocks"] = Field(
+        "model",
+        description="what torch.compile covers: model: the whole model as one graph; blocks: each "
+        "transformer block on its own, one compilation shared by all of them (a much shorter "
+        "warm-up for deep models; embedding, head and loss stay eager)",
+    )
     fused_loss: bool = Field(
         False,
         description="native decoder: LM head + cross-entropy in row chunks, never holding the "

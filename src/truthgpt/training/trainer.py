@@ -41,6 +41,7 @@ from truthgpt.training.checkpoint import (
     save_checkpoint,
     step_folder_name,
 )
+from truthgpt.training.compiling import compile_blocks
 from truthgpt.training.distributed import World, gradient_sync
 from truthgpt.training.ema import EMA
 from truthgpt.training.evaluate import mean_loss, perplexity
@@ -117,9 +118,11 @@ class Trainer:
         self.dtype = resolve_precision(self.train_cfg.precision, device)
         if self.train_cfg.fp8 != "none":
             enable_fp8(model, self.train_cfg.fp8, device, self.log)
+        if self.train_cfg.compile and self.train_cfg.compile_scope == "blocks":
+            compile_blocks(model, self.train_cfg.compile_mode)
         # Before the optimizer: FSDP replaces the parameters by their shards.
         self.forward_model = distributed.wrap_model(model, self.world, device)
-        if self.train_cfg.compile:
+        if self.train_cfg.compile and self.train_cfg.compile_scope == "model":
             self.forward_model = torch.compile(self.forward_model, mode=self.train_cfg.compile_mode)
         self.optimizer = build_optimizer(model, config.optim, device)
         self.scheduler = build_scheduler(self.optimizer, config.optim, self.train_cfg.max_steps)
