@@ -247,6 +247,13 @@ class TrainingConfig(Section):
         description="native decoder: LM head + cross-entropy in row chunks, never holding the "
         "whole logits tensor (less memory for large vocabularies)",
     )
+    packed_attention: Literal["auto", "dense", "flex"] = Field(
+        "auto",
+        description="native decoder, packed documents (data.batching: pack): dense = a boolean "
+        "[T, T] mask for SDPA (off its flash kernel), flex = a FlexAttention block mask that "
+        "skips the empty tiles (CUDA only, model.dropout 0); auto: flex on CUDA without dropout, "
+        "else dense",
+    )
     fp8: Literal["none", "tensorwise", "rowwise"] = Field(
         "none",
         description="FP8 matmuls for the linear layers (torchao's float8 recipes; GPUs of "
@@ -692,6 +699,12 @@ def cross_section_problems(config: Config) -> list[str]:
         problems.append(
             f"data.source: {source!r} is an image source, for task image-generation; task "
             f"{config.task} reads text (allowed: {', '.join(SOURCES.names())})"
+        )
+    if config.training.packed_attention == "flex" and config.model.dropout > 0:
+        problems.append(
+            f"training.packed_attention: 'flex' has no attention dropout, and model.dropout is "
+            f"{config.model.dropout}; set model.dropout: 0, or packed_attention auto or dense "
+            "(allowed: auto, dense, flex)"
         )
     if not image_task:
         return problems

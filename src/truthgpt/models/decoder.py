@@ -22,6 +22,11 @@ example sees exactly what it would see alone. `attention_mask` (HF style, 1 = to
 is for left padding: pads are hidden from every query and positions count real tokens only.
 Right padding needs no mask: causal attention never lets a real token see the pads after it.
 
+The document rule as a dense boolean mask [B, 1, T, T] keeps SDPA off its flash kernel. With
+`packed_attention` "flex" (or "auto" on CUDA) it becomes one FlexAttention `BlockMask` per
+forward instead, shared by every layer, and the kernel skips the tiles the mask leaves empty
+(models/flex_attention.py); positions restart per document exactly as on the dense path.
+
 Parameter names (the weight maps in hf_io.py depend on them):
     embed.weight, pos_embed.weight (gpt2), norm.{weight,bias}, lm_head.weight,
     layers.N.{attn_norm,mlp_norm}.{weight,bias},
@@ -43,6 +48,7 @@ from torch.utils.checkpoint import checkpoint
 
 from truthgpt.errors import ConfigError, RequestError
 from truthgpt.models.attention import AttentionBatch, PagedKVCache, attend_paged, paged_attention
+from truthgpt.models.flex_attention import BlockMask, document_block_mask, flex_attend, use_flex
 from truthgpt.models.fused_loss import linear_cross_entropy
 
 FAMILIES = ("llama", "gpt2")
@@ -255,7 +261,7 @@ class Attention(nn.Module):
         self,
         x: Tensor,
         rope: Tensor | None,
-        mask: Tensor | None,
+        mask: Tensor | BlockMask | None,
         kv_cache: tuple[Tensor, Tensor] | None,
         start_pos: int,
     ) -> Tensor:
@@ -275,6 +281,9 @@ class Attention(nn.Module):
             cache_v[:batch, :, start_pos:end] = v
             k, v = cache_k[:batch, :, :end], cache_v[:batch, :, :end]
 
+        if isinstance(mask, BlockMask):  # packed documents on FlexAttention (which has no dropout)
+            y = flex_attend(q, k, v, mask, enable_gqa=self.num_kv_heads != self.num_heads)
+            return self.out(y.transpose(1, 2).reshape(batch, seq_len, q_size))
         # Without a cache, or at a prefill from position 0, keys and queries are the same positions
         # and is_causal suffices. A single decode step sees every cached key. A chunk at
         # start_pos > 0 needs the explicit mask: SDPA's is_causal aligns to the top-left corner.
@@ -412,7 +421,7 @@ class Block(nn.Module):
         self,
         x: Tensor,
         rope: Tensor | None,
-        mask: Tensor | None,
+        mask: Tensor | BlockMask | None,
         kv_cache: tuple[Tensor, Tensor] | None,
         start_pos: int,
     ) -> Tensor:
@@ -454,6 +463,9 @@ class Decoder(nn.Module):
             self.lm_head.weight = self.embed.weight
         self.gradient_checkpointing = False  # see set_gradient_checkpointing
         self.fused_loss = False  # training.fused_loss: the loss without materialised logits
+        # training.packed_attention: how document_ids mask attention: "dense" (a boolean SDPA
+        # mask), "flex" (a FlexAttention BlockMask) or "auto" (flex on CUDA, dense elsewhere).
+        self.packed_attention = "dense"
 
     def init_weights(self) -> None:
         """GPT-2 init: N(0, 0.02), zero biases, unit norms; residual output projections scaled by
@@ -656,9 +668,10 @@ class Decoder(nn.Module):
         has_cache: bool,
         document_ids: Tensor | None,
         attention_mask: Tensor | None,
-    ) -> tuple[Tensor | None, Tensor | None]:
+    ) -> tuple[Tensor | None, Tensor | BlockMask | None]:
         """Per-row positions [B, T] (None: start_pos.. for every row) and the boolean SDPA mask
-        [B or 1, 1, T, start_pos + T] (None: plain causal, SDPA's fastest path)."""
+        [B or 1, 1, T, start_pos + T] (None: plain causal, SDPA's fastest path), or for packed
+        documents on FlexAttention their BlockMask."""
         batch, seq_len = input_ids.shape
         end = start_pos + seq_len
         device = input_ids.device
@@ -679,13 +692,18 @@ class Decoder(nn.Module):
         if document_ids is None and attention_mask is None and plain_chunk:
             return None, None
 
+        positions = None
+        if document_ids is not None:
+            segment, positions = document_positions(document_ids)
+            if attention_mask is None and use_flex(
+                self.packed_attention, device, self.config.dropout
+            ):
+                return positions, document_block_mask(segment)  # one for every layer
         query_pos = torch.arange(start_pos, end, device=device)
         key_pos = torch.arange(end, device=device)
         # Query i sits at position start_pos + i and may see keys 0..start_pos + i.
         mask = (key_pos[None, :] <= query_pos[:, None])[None, None]
-        positions = None
         if document_ids is not None:
-            segment, positions = document_positions(document_ids)
             mask = mask & (segment[:, None, :, None] == segment[:, None, None, :])
         if attention_mask is not None:
             keep = attention_mask.to(device=device, dtype=torch.bool)

@@ -155,6 +155,16 @@ def prepare_model_for_training(model: nn.Module, config: Config) -> nn.Module:
                 f"model.arch {config.model.arch!r} computes its loss in transformers"
             )
         base.fused_loss = True
+    if config.training.packed_attention != "dense":
+        base = model.get_base_model() if _is_peft(model) else model
+        if hasattr(base, "packed_attention"):
+            base.packed_attention = config.training.packed_attention
+        elif config.training.packed_attention == "flex":
+            raise ConfigError(
+                "training.packed_attention: 'flex' needs the native decoder (model.arch llama or "
+                f"gpt2); model.arch {config.model.arch!r} attends in transformers (allowed "
+                "here: auto, dense)"
+            )
     if config.model.lora.enabled and not _is_peft(model):
         from truthgpt.models.lora import apply_lora
 

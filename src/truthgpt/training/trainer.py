@@ -30,6 +30,7 @@ from truthgpt.data.loader import train_batches, val_batches
 from truthgpt.errors import CheckpointError, TrainingError
 from truthgpt.guard import CHECKPOINTS
 from truthgpt.hardware import apply_threads, peak_flops, resolve_device, resolve_precision
+from truthgpt.models.flex_attention import check_flex_training
 from truthgpt.training import distributed
 from truthgpt.training.callbacks import Callback, build_callbacks
 from truthgpt.training.checkpoint import (
@@ -118,6 +119,8 @@ class Trainer:
         self.dtype = resolve_precision(self.train_cfg.precision, device)
         if self.train_cfg.fp8 != "none":
             enable_fp8(model, self.train_cfg.fp8, device, self.log)
+        if self.train_cfg.packed_attention == "flex":
+            check_flex_training(device)
         if self.train_cfg.compile and self.train_cfg.compile_scope == "blocks":
             compile_blocks(model, self.train_cfg.compile_mode)
         # Before the optimizer: FSDP replaces the parameters by their shards.
