@@ -63,8 +63,8 @@ def test_compiled_bf16_training_lowers_the_loss(tmp_path: Path) -> None:
 
 
 def test_compile_scopes_train_the_same_steps(tmp_path: Path) -> None:
-    """Eager, whole-model and per-block compile: the same per-step losses (fp32, TF32 off, so
-    only the compiler's reordering of float sums tells them apart)."""
+    """Eager, whole-model and per-block compile, CUDA graphs: the same per-step losses (fp32,
+    TF32 off, so only the compiler's reordering of float sums tells them apart)."""
     from test_resume import step_losses
 
     losses = {}
@@ -72,12 +72,14 @@ def test_compile_scopes_train_the_same_steps(tmp_path: Path) -> None:
         "eager": {"compile": False},
         "model": {"compile": True, "compile_scope": "model"},
         "blocks": {"compile": True, "compile_scope": "blocks"},
+        "graphs": {"compile": True, "compile_mode": "reduce-overhead"},
     }.items():
-        training = {"max_steps": 12, "log_every": 1, "eval_every": 12, "tf32": False, **extra}
+        training = {"max_steps": 12, "log_every": 1, "eval_every": 6, "tf32": False, **extra}
+        training["grad_accum_steps"] = 2  # a replay per micro-batch, gradients added between
         raw = tiny_raw_config(tmp_path, run_name=name, training=training)
         raw["hardware"] = {"device": "cuda"}
         losses[name] = step_losses(train(load(raw)).run_dir)
-    for name in ("model", "blocks"):
+    for name in ("model", "blocks", "graphs"):
         assert losses[name].keys() == losses["eager"].keys()
         for step, loss in losses["eager"].items():
             assert losses[name][step] == pytest.approx(loss, rel=1e-4), (name, step)

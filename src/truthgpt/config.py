@@ -229,12 +229,11 @@ class TrainingConfig(Section):
     eval_batches: int = Field(20, ge=1, description="micro-batches per evaluation")
     log_every: int = Field(10, ge=1, description="optimizer steps between log lines")
     compile: bool = Field(False, description="torch.compile the model")
-    # No CUDA-graph modes (reduce-overhead, max-autotune): with tied embeddings the backward
-    # reads a graph output that a later replay has overwritten (measured, benchmarks/RESULTS.md).
-    compile_mode: Literal["default", "max-autotune-no-cudagraphs"] = Field(
+    compile_mode: Literal["default", "max-autotune-no-cudagraphs", "reduce-overhead"] = Field(
         "default",
         description="torch.compile mode: max-autotune-no-cudagraphs also tries more matmul "
-        "kernels (minutes to compile)",
+        "kernels (minutes to compile); reduce-overhead replays CUDA graphs (no launch cost per "
+        "kernel; gradients stay allocated between steps)",
     )
     compile_scope: Literal["model", "blocks"] = Field(
         "model",
@@ -247,8 +246,9 @@ class TrainingConfig(Section):
         description="native decoder: LM head + cross-entropy in row chunks, never holding the "
         "whole logits tensor (less memory for large vocabularies)",
     )
+    # Default dense until flex has been timed and checked on a GPU (benchmarks/RESULTS.md).
     packed_attention: Literal["auto", "dense", "flex"] = Field(
-        "auto",
+        "dense",
         description="native decoder, packed documents (data.batching: pack): dense = a boolean "
         "[T, T] mask for SDPA (off its flash kernel), flex = a FlexAttention block mask that "
         "skips the empty tiles (CUDA only, model.dropout 0); auto: flex on CUDA without dropout, "

@@ -152,6 +152,15 @@ class Trainer:
             else []
         )
         self.trainable_params = [p for p in model.parameters() if p.requires_grad]
+        # CUDA graphs replay into the same output memory: a gradient must be a tensor of its own
+        # that backward adds into, never a graph output that autograd adopted as .grad (the next
+        # micro-batch's replay would overwrite it).
+        self.cuda_graphs = (
+            self.train_cfg.compile and self.train_cfg.compile_mode == "reduce-overhead"
+        )
+        if self.cuda_graphs:
+            for param in self.trainable_params:
+                param.grad = torch.zeros_like(param)
         self.ema = EMA(model, self.train_cfg.ema.decay) if self.train_cfg.ema.enabled else None
         self.step = 0
         self.tokens_seen = 0
@@ -318,7 +327,7 @@ class Trainer:
             self.scaler.update()
             if ema_due:
                 self.ema.update()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer.zero_grad(set_to_none=not self.cuda_graphs)
         self.scheduler.step()
         total, in_a_row = self.skip_counts.unbind()
         self.skip_counts = torch.stack([total + skipped, (in_a_row + 1) * skipped])
@@ -348,6 +357,8 @@ class Trainer:
             batch = self._to_device(batch)
             # Gradients are reduced across ranks on the last micro-batch only.
             with gradient_sync(self.forward_model, self.world, enabled=micro == accum - 1):
+                if self.cuda_graphs:  # the last replay's outputs are read: new ones may go there
+                    torch.compiler.cudagraph_mark_step_begin()
                 with self._autocast():
                     mean, count = self.task.loss(self.forward_model, batch)
                 # A Python count multiplies as it is: a tensor made from it would wait for the GPU.
