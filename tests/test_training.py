@@ -225,27 +225,31 @@ def test_throughput_benchmark_runs_on_cpu(tmp_path: Path) -> None:
     assert "truthgpt" in done.stdout and out.is_file()
 
 
-def test_per_block_compile_trains_the_eager_steps(tmp_path: Path) -> None:
-    """compile_scope: blocks compiles each block in place (checkpoint keys unchanged) and trains
-    the same per-step losses as the eager model (CPU inductor; the GPU test covers CUDA)."""
+def test_compiled_variants_train_the_eager_steps(tmp_path: Path) -> None:
+    """compile_scope: blocks compiles each block in place (checkpoint keys unchanged), and
+    compile_mode: reduce-overhead keeps preallocated gradients that backward adds into: both
+    train the eager model's per-step losses and weights over accumulated micro-batches (CPU
+    inductor, where torch skips the graphs themselves; the GPU test replays them)."""
     from test_resume import step_losses
 
-    losses, models = {}, {}
+    losses, weights = {}, {}
     for name, extra in {
         "eager": {"compile": False},
         "blocks": {"compile": True, "compile_scope": "blocks"},
+        "graphs": {"compile": True, "compile_mode": "reduce-overhead"},
     }.items():
-        training = {"max_steps": 6, "log_every": 1, "eval_every": 6, **extra}
-        config = load(tiny_raw_config(tmp_path, run_name=name, training=training))
+        training = {"max_steps": 6, "log_every": 1, "eval_every": 6, "grad_accum_steps": 2}
+        config = load(tiny_raw_config(tmp_path, run_name=name, training={**training, **extra}))
         losses[name] = step_losses(train(config).run_dir)
-        models[name] = load_model(config.run_dir / "checkpoints" / "last")
-    assert losses["blocks"].keys() == losses["eager"].keys() == set(range(1, 7))
-    for step, loss in losses["eager"].items():
-        assert losses["blocks"][step] == pytest.approx(loss, rel=1e-5), step
-    eager, compiled = models["eager"].state_dict(), models["blocks"].state_dict()
-    assert eager.keys() == compiled.keys()
-    for key, value in eager.items():
-        torch.testing.assert_close(compiled[key], value, rtol=1e-4, atol=1e-5)
+        weights[name] = load_model(config.run_dir / "checkpoints" / "last").state_dict()
+    assert losses["eager"].keys() == set(range(1, 7))
+    for name in ("blocks", "graphs"):
+        assert losses[name].keys() == losses["eager"].keys()
+        for step, loss in losses["eager"].items():
+            assert losses[name][step] == pytest.approx(loss, rel=1e-5), (name, step)
+        assert weights[name].keys() == weights["eager"].keys()
+        for key, value in weights["eager"].items():
+            torch.testing.assert_close(weights[name][key], value, rtol=1e-4, atol=1e-5)
 
 
 def test_per_block_compile_needs_repeated_blocks() -> None:
