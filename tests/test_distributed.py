@@ -85,10 +85,11 @@ def launch(tmp_path: Path, raw: dict, *args: str) -> subprocess.Popen:
     return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
 
-def run_two(tmp_path: Path, raw: dict, *args: str) -> None:
+def run_two(tmp_path: Path, raw: dict, *args: str) -> str:
     proc = launch(tmp_path, raw, *args)
     output, _ = proc.communicate(timeout=240)
     assert proc.returncode == 0, output.decode()[-4000:]
+    return output.decode()
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +104,8 @@ def fsdp_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """Two FSDP processes for the first half of the reference's steps."""
     tmp_path = tmp_path_factory.mktemp("fsdp")
     raw = dist_config(tmp_path, "fsdp", parallel="fsdp", max_steps=STEPS // 2)
-    run_two(tmp_path, raw)
+    output = run_two(tmp_path, raw)
+    (tmp_path / "output.txt").write_text(output)
     return raw
 
 
@@ -122,6 +124,10 @@ def test_two_ddp_processes_give_the_one_process_losses(tmp_path: Path, reference
 def test_two_fsdp_processes_give_the_one_process_losses(fsdp_run: dict, reference: Path) -> None:
     run_dir = Path(fsdp_run["output_dir"]) / "fsdp"
     expected = {s: v for s, v in losses(reference).items() if s <= STEPS // 2}
+    # Rank 1 built its model on the meta device: its shards are rank 0's weights, or these
+    # losses (and the one-process reference's) would part from the first step.
+    output = (run_dir.parents[1] / "output.txt").read_text()
+    assert "fsdp: one full copy of the weights (rank 0's) sharded to 2 ranks" in output
     assert_close(losses(run_dir), expected)
     last = run_dir / "checkpoints" / "last"
     assert sorted(p.name for p in (last / "sharded").glob("*.distcp")) == [
@@ -247,3 +253,34 @@ def test_bad_process_settings_are_errors_naming_the_key(tmp_path: Path) -> None:
         resolve_parallel(config, world_size=2)
     assert resolve_parallel(load(dist_config(tmp_path, "auto")), world_size=2) == "ddp"
     assert resolve_parallel(load(dist_config(tmp_path, "auto")), world_size=1) == "none"
+
+
+def test_fsdp_ranks_past_0_build_on_meta_unless_buffers_need_a_full_build() -> None:
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from truthgpt.models.decoder import Decoder, DecoderConfig
+    from truthgpt.training.distributed import World, build_on_ranks
+
+    shape = {"vocab_size": 64, "hidden_size": 32, "num_layers": 2, "num_heads": 4}
+    native = lambda: Decoder(DecoderConfig(**shape))  # noqa: E731
+    rank_1 = World(rank=1, size=2, parallel="fsdp")
+    assert all(p.is_meta for p in build_on_ranks(native, rank_1).parameters())
+    assert not any(
+        p.is_meta for p in build_on_ranks(native, World(size=2, parallel="fsdp")).parameters()
+    )
+    assert not any(
+        p.is_meta
+        for p in build_on_ranks(native, World(rank=1, size=2, parallel="ddp")).parameters()
+    )
+    # transformers' rotary tables are non-persistent buffers: a broadcast of the state dict
+    # would not carry them, so such a model is built in full.
+    hf_config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    hf = build_on_ranks(lambda: AutoModelForCausalLM.from_config(hf_config), rank_1)
+    assert not any(t.is_meta for t in [*hf.parameters(), *hf.buffers()])

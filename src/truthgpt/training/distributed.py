@@ -187,20 +187,76 @@ def gather(value: Any) -> list[Any]:
 
 def wrap_model(model: nn.Module, world: World, device: torch.device) -> nn.Module:
     """The module the loop runs forward through: DDP around `model`, or `model` itself after
-    FSDP2 sharded it in place (each repeated block, then the root), or `model` unchanged."""
+    FSDP2 sharded it in place (`shard_model`), or `model` unchanged."""
     if world.parallel == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 
         device_ids = [device.index] if device.type == "cuda" else None
         return DistributedDataParallel(model, device_ids=device_ids)
     if world.parallel == "fsdp":
-        from torch.distributed.fsdp import fully_shard
-
-        # Per block, so only one block's full weights are gathered at a time (ZeRO-3).
-        for block in repeated_blocks(model):
-            fully_shard(block)
-        fully_shard(model)
+        shard_model(model, world, device)
     return model
+
+
+def build_on_ranks(build: Callable[[], nn.Module], world: World) -> nn.Module:
+    """The model to train, on the CPU. Under FSDP with several processes only rank 0 builds
+    it in full; the others build it on the meta device (no memory, no init) and `shard_model`
+    fills their shards from rank 0's weights, so host memory holds one full copy, not one per
+    process. A model with buffers outside its state dict (tables computed at init, such as
+    transformers' rotary frequencies) is built in full everywhere: no broadcast carries them."""
+    if world.parallel != "fsdp" or world.size == 1 or world.is_main:
+        return build()
+    with torch.device("meta"):
+        model = build()
+    if unsaved_buffers(model):
+        return build()
+    return model
+
+
+def unsaved_buffers(model: nn.Module) -> set[str]:
+    """Names of the buffers `model.state_dict()` leaves out (non-persistent ones)."""
+    return {name for name, _ in model.named_buffers()} - set(model.state_dict())
+
+
+def shard_model(model: nn.Module, world: World, device: torch.device) -> bool:
+    """FSDP2: shard `model` in place onto `device`, each repeated block and then the root, so
+    only one block's full weights are gathered at a time (ZeRO-3). fully_shard moves each
+    group's parameters to the device as it shards them: no GPU ever holds the whole model.
+    Ranks that built the model on the meta device (`build_on_ranks`) get their shards from
+    rank 0's weights. Returns whether they did; a model sharded already is left as it is."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    from torch.distributed.fsdp import fully_shard
+
+    if is_sharded(model):
+        return False
+    tensors = [*model.parameters(), *model.buffers()]
+    on_meta = any(t.is_meta for t in tensors)
+    from_main = any_rank([on_meta], device)[0]
+    # Rank 0's weights as they are now: the values every rank's shards start from.
+    full = model.state_dict() if from_main and world.is_main else {}
+    for block in repeated_blocks(model):
+        fully_shard(block)
+    fully_shard(model)
+    if on_meta:
+        model.to_empty(device=device)
+    if from_main:
+        options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+        set_model_state_dict(model, full, options=options)
+    return from_main
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """Whether FSDP2 has sharded `model` already (`shard_model`)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def local_numel(param: torch.Tensor) -> int:
+    """Elements this rank holds of `param`: its shard under FSDP, else all of them."""
+    from torch.distributed.tensor import DTensor
+
+    return param.to_local().numel() if isinstance(param, DTensor) else param.numel()
 
 
 def repeated_blocks(model: nn.Module) -> list[nn.Module]:

@@ -106,7 +106,8 @@ class MemoryProbe:
         keys = tuple(train[0]) if isinstance(train, Dataset) and len(train) else ()
         self.keys = keys or ("input_ids", "labels")
         self.params = [p for p in model.parameters() if p.requires_grad]
-        param_bytes = sum(p.numel() * 4 for p in self.params)  # fp32: the most they take
+        # This rank's share (its shards under FSDP), in fp32: the most they take.
+        param_bytes = sum(distributed.local_numel(p) * 4 for p in self.params)
         self.unprobed_bytes = param_bytes * OPTIMIZER_BYTES_PER_PARAM // 4
         if config.training.ema.enabled:
             self.unprobed_bytes += param_bytes  # an fp32 copy of the trainable weights

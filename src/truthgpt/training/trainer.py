@@ -117,7 +117,7 @@ class Trainer:
         self.checkpoints = run_dir / CHECKPOINTS
         self.callbacks = callbacks
         self.dtype = resolve_precision(self.train_cfg.precision, device)
-        if self.train_cfg.fp8 != "none":
+        if self.train_cfg.fp8 != "none" and not distributed.is_sharded(model):
             enable_fp8(model, self.train_cfg.fp8, device, self.log)
         if self.train_cfg.packed_attention == "flex":
             check_flex_training(device)
@@ -716,9 +716,9 @@ def _train(
     # Rank 0 first: it writes what the others read (the run's tokenizer).
     data = distributed.main_first(lambda: task.build_data(run_dir, log))
     if resume_from is not None and not resume_from.sharded:
-        model = task.prepare_model(task.load_model(resume_from.folder)).to(device)
+        model = task.prepare_model(task.load_model(resume_from.folder))
     else:  # fresh, or weights that restore() reads from the shards
-        model = task.build_model(data).to(device)
+        model = distributed.build_on_ranks(lambda: task.build_model(data), world)
     n_params = sum(p.numel() for p in model.parameters())
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     trainable = f", {n_trainable / 1e6:.3f}M trainable" if n_trainable != n_params else ""
@@ -727,6 +727,15 @@ def _train(
         f"model {config.model.arch}: {n_params / 1e6:.2f}M parameters{trainable} on {device}"
         f"{across} ({resolve_precision(config.training.precision, device)}, {threads} CPU threads)"
     )
+    if world.parallel == "fsdp":
+        # Sharded before the micro-batch probe, which then measures what a rank really holds;
+        # FP8 layers go in first, as torchao's float8 needs them under fully_shard.
+        if config.training.fp8 != "none":
+            enable_fp8(model, config.training.fp8, device, log)
+        if distributed.shard_model(model, world, device):
+            log(f"fsdp: one full copy of the weights (rank 0's) sharded to {world.size} ranks")
+    else:
+        model = model.to(device)
     # Before the Trainer compiles and wraps the model: the probe runs it as it is.
     saved = resume_from.state.get("micro_batch") if resume_from is not None else None
     split = resolve_split(config, task, data, model, world, log, saved)
