@@ -28,6 +28,7 @@ from truthgpt.errors import CheckpointError, ConfigError
 from truthgpt.models import load_model
 from truthgpt.training.checkpoint import find_resumable
 from truthgpt.training.distributed import resolve_parallel
+from truthgpt.training.ema import EMA
 from truthgpt.training.optim import build_optimizer
 from truthgpt.training.sharded import export_checkpoint, load_sharded
 from truthgpt.training.tasks import build_task
@@ -160,32 +161,49 @@ def test_an_fsdp_checkpoint_resumes_in_one_process_and_exports_merged(
     assert_close(losses(run_dir, "eval"), losses(reference, "eval"))
 
 
-def test_muon_under_fsdp_matches_one_process_and_resumes_from_its_shards(tmp_path: Path) -> None:
+def test_muon_and_ema_under_fsdp_match_one_process_and_resume_from_their_shards(
+    tmp_path: Path,
+) -> None:
     # torch.optim.Muon runs on FSDP2's DTensor shards (its Newton-Schulz matmuls gather what
-    # they need); the wrapper's optimizer state goes through DCP and back. Muon orthogonalises
-    # in bf16, which turns the last-bit differences of a sharded gradient sum into ~1e-5
-    # relative ones: the curves match to 1e-4, and the optimizer states in the shards are
-    # compared with the reference's directly (a lost momentum moves these curves only ~3e-4).
+    # they need); the wrapper's optimizer state goes through DCP and back, and so do the EMA's
+    # sharded averages. Muon orthogonalises in bf16, which turns the last-bit differences of a
+    # sharded gradient sum into ~1e-5 relative ones: the curves match to 1e-4, and the states
+    # in the shards are compared with the reference's directly (a lost momentum moves these
+    # curves only ~3e-4).
     muon = {"name": "muon", "lr": 3e-3, "warmup_steps": 2, "schedule": "constant"}
-    reference = dist_config(tmp_path, "muonref", grad_accum_steps=4)
+    ema = {"enabled": True, "decay": 0.8, "evaluate": True}  # eval losses are the EMA's
+    reference = dist_config(tmp_path, "muonref", grad_accum_steps=4, ema=ema)
     reference["optim"] = muon
     reference_dir = train(load(reference)).run_dir
     expected = losses(reference_dir)
-    raw = dist_config(tmp_path, "muonfsdp", parallel="fsdp", max_steps=STEPS // 2)
+    raw = dist_config(tmp_path, "muonfsdp", parallel="fsdp", max_steps=STEPS // 2, ema=ema)
     raw["optim"] = muon
     run_two(tmp_path, raw)
     run_dir = Path(raw["output_dir"]) / "muonfsdp"
     assert_close(losses(run_dir), {s: v for s, v in expected.items() if s <= STEPS // 2}, 1e-4)
+    expected_eval = losses(reference_dir, "eval")
+    first_eval = {s: v for s, v in expected_eval.items() if s <= STEPS // 2}
+    assert_close(losses(run_dir, "eval"), first_eval, 1e-4)
 
     config = load(raw)
     task = build_task(config)
     model = task.build_model(task.build_data(run_dir, lambda message: None))
     optimizer = build_optimizer(model, config.optim, torch.device("cpu"))
+    average = EMA(model, 0.8)
+    initial = [t.clone() for t in average.shadow]  # the fresh model's weights
     name = f"step_{STEPS // 2:06d}"
-    load_sharded(run_dir / "checkpoints" / name, model, optimizer)
+    load_sharded(run_dir / "checkpoints" / name, model, optimizer, {"ema": average.named_shadow()})
+    train_state = torch.load(
+        reference_dir / "checkpoints" / name / "train_state.pt", weights_only=True
+    )
+    # The averages read from the shards are the reference's to Muon's bf16 noise (up to ~3%
+    # on the small, zero-centred output projections), and far closer to them than the fresh
+    # weights an average that was not loaded would hold.
+    off = lambda a, b: float((a - b).norm() / b.norm().clamp(min=1e-12))  # noqa: E731
+    for got, start, want in zip(average.shadow, initial, train_state["ema"]["shadow"], strict=True):
+        assert off(got, want) < 5e-2 and off(got, want) < 0.1 * off(start, want)
     state = optimizer.state_dict()["state"]
-    train_state = reference_dir / "checkpoints" / name / "train_state.pt"
-    expected_state = torch.load(train_state, weights_only=True)["optimizer"]["state"]
+    expected_state = train_state["optimizer"]["state"]
     assert sorted(state) == sorted(expected_state)
     for index, values in expected_state.items():
         assert sorted(values) == sorted(state[index])
@@ -198,6 +216,7 @@ def test_muon_under_fsdp_matches_one_process_and_resumes_from_its_shards(tmp_pat
     one["training"].update(parallel="none", grad_accum_steps=4)
     train(load(one), resume=True)
     assert_close(losses(run_dir), expected, rel=1e-4)
+    assert_close(losses(run_dir, "eval"), expected_eval, rel=1e-4)
 
 
 def rank_pids(torchrun_pid: int) -> dict[int, int]:

@@ -14,7 +14,11 @@ class EMA:
 
     def __init__(self, model: nn.Module, decay: float) -> None:
         self.decay = decay
-        self.params = [p for p in model.parameters() if p.requires_grad]
+        named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+        self.names = [name for name, _ in named]
+        self.params = [p for _, p in named]
+        # Under FSDP the parameters are sharded DTensors, and so is their average: each rank
+        # keeps (and checkpoints, through DCP) the average of its own shards.
         self.shadow = [p.detach().float().clone() for p in self.params]
 
     @torch.no_grad()
@@ -43,6 +47,10 @@ class EMA:
         finally:
             for param, saved in zip(self.params, backup):
                 param.copy_(saved)
+
+    def named_shadow(self) -> dict[str, torch.Tensor]:
+        """The averages by parameter name: what a sharded checkpoint saves and loads in place."""
+        return dict(zip(self.names, self.shadow))
 
     def state_dict(self) -> dict:
         return {"decay": self.decay, "shadow": [t.clone() for t in self.shadow]}

@@ -44,16 +44,19 @@ def save_sharded(
     train_state: dict[str, Any] | None,
     write_rest: Callable[[Path], None],
     is_main: bool,
+    extra: dict[str, dict[str, torch.Tensor]] | None = None,
 ) -> Path:
     """Every rank calls this at once. Rank 0 makes the temporary sibling folder (atomic.py),
     every rank writes its shard into it, rank 0 writes `write_rest(tmp)`, train_state.pt (when
-    given) and the manifest, then publishes the folder. Returns when it is published."""
+    given) and the manifest, then publishes the folder. Returns when it is published.
+    `extra`: more sharded tensors by section and name (the EMA's averages), saved beside."""
     state: dict[str, Any]
     if optimizer is not None:
         model_state, optimizer_state = get_state_dict(model, optimizer)
         state = {"model": model_state, "optimizer": optimizer_state}
     else:
         state = {"model": get_model_state_dict(model)}
+    state.update(extra or {})
 
     def fill(tmp: Path) -> None:
         (tmp / SHARDED_DIR).mkdir()
@@ -79,16 +82,22 @@ def save_sharded(
     return folder
 
 
-def load_sharded(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
-    """Load the shards of `folder` into `model` (and `optimizer`), sharded or not, at any world
-    size: DCP reads the slices each rank's tensors cover."""
+def load_sharded(
+    folder: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    extra: dict[str, dict[str, torch.Tensor]] | None = None,
+) -> None:
+    """Load the shards of `folder` into `model` (and `optimizer`, and the tensors of `extra`,
+    in place), sharded or not, at any world size: DCP reads the slices each rank's tensors
+    cover."""
     if optimizer is None:
         model_state = get_model_state_dict(model)
-        _read_shards({"model": model_state}, folder)
+        _read_shards({"model": model_state, **(extra or {})}, folder)
         set_model_state_dict(model, model_state)
         return
     model_state, optimizer_state = get_state_dict(model, optimizer)
-    state = {"model": model_state, "optimizer": optimizer_state}
+    state = {"model": model_state, "optimizer": optimizer_state, **(extra or {})}
     _read_shards(state, folder)
     set_state_dict(
         model,

@@ -510,8 +510,11 @@ class Trainer:
     def _save(self, folder: Path, state: dict[str, Any] | None) -> Path:
         if self.world.parallel == "fsdp":
             optimizer = self.optimizer if state is not None else None
+            # The EMA's averages are sharded like the weights: into the shards with them.
+            ema = state is not None and self.ema is not None
+            extra = {"ema": self.ema.named_shadow()} if ema else None
             return save_sharded(
-                folder, self.model, optimizer, state, self._write_config, self.world.is_main
+                folder, self.model, optimizer, state, self._write_config, self.world.is_main, extra
             )
         if self.world.is_main:
             save_checkpoint(folder, self._write_model, state)
@@ -544,7 +547,7 @@ class Trainer:
                 "grad_accum_steps": self.train_cfg.grad_accum_steps,
             },
             "rng": rng,
-            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "ema": self._ema_state(),
             "early_stopping": {
                 "best": self.early_best,
                 "evals_without_improvement": self.evals_without_improvement,
@@ -565,8 +568,11 @@ class Trainer:
         """Continue from a checkpoint's training state (and its weights, when asked; a sharded
         checkpoint always loads them, with the optimizer state, at any world size)."""
         folder, state = checkpoint.folder, checkpoint.state
+        ema_in_shards = bool(state["ema"] and state["ema"].get("in_shards"))
         if checkpoint.sharded:
-            load_sharded(folder, self.model, self.optimizer)
+            load_ema = self.ema is not None and ema_in_shards
+            extra = {"ema": self.ema.named_shadow()} if load_ema else None
+            load_sharded(folder, self.model, self.optimizer, extra)
         elif self.world.parallel == "fsdp":
             raise CheckpointError(
                 f"{folder} was written without FSDP; resume it with training.parallel: ddp or "
@@ -597,7 +603,7 @@ class Trainer:
             if state["ema"] is None:
                 self.log("warning: the checkpoint has no EMA state; the average restarts here")
                 self.ema = EMA(self.model, self.train_cfg.ema.decay)
-            else:
+            elif not ema_in_shards:  # in the shards: load_sharded filled it above
                 self.ema.load_state_dict(state["ema"])
         early = state["early_stopping"]
         self.early_best = early["best"]
@@ -608,6 +614,14 @@ class Trainer:
         self.lr_scale = state["nonfinite"]["lr_scale"]
 
     # -- details ---------------------------------------------------------------------------
+
+    def _ema_state(self) -> dict[str, Any] | None:
+        """The EMA in the training state; under FSDP its averages go into the shards."""
+        if self.ema is None:
+            return None
+        if self.world.parallel == "fsdp":
+            return {"decay": self.ema.decay, "in_shards": True}
+        return self.ema.state_dict()
 
     def _wants_histograms(self) -> bool:
         every = self.config.logging.histograms_every
