@@ -219,6 +219,45 @@ def test_muon_and_ema_under_fsdp_match_one_process_and_resume_from_their_shards(
     assert_close(losses(run_dir, "eval"), expected_eval, rel=1e-4)
 
 
+def test_lora_under_fsdp_matches_one_process_resumes_and_exports(tmp_path: Path) -> None:
+    """Frozen base weights sharded with the adapters: the 1-process LoRA losses; the shards
+    resume in 1 process; the export of the shards is the 1-process export, merged or not."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    lora = {"enabled": True, "r": 4}
+    reference = dist_config(tmp_path, "loraref", grad_accum_steps=4, max_steps=STEPS // 2)
+    reference["model"]["lora"] = lora
+    reference_dir = train(load(reference)).run_dir
+    raw = dist_config(tmp_path, "lorafsdp", parallel="fsdp", max_steps=STEPS // 2)
+    raw["model"]["lora"] = lora
+    run_two(tmp_path, raw)
+    run_dir = Path(raw["output_dir"]) / "lorafsdp"
+    assert_close(losses(run_dir), losses(reference_dir))
+    name = f"step_{STEPS // 2:06d}"
+    batch = torch.arange(24).reshape(2, 12)
+    for merge in (True, False):
+        got = export_checkpoint(run_dir / "checkpoints" / name, tmp_path / f"got{merge}", merge)
+        want = export_checkpoint(
+            reference_dir / "checkpoints" / name, tmp_path / f"want{merge}", merge
+        )
+        assert (got / "adapter").is_dir() == (not merge)
+        logits = []
+        for folder in (got, want):
+            model = AutoModelForCausalLM.from_pretrained(folder)
+            if not merge:  # base + adapter, as peft users open it
+                model = PeftModel.from_pretrained(model, folder / "adapter")
+            with torch.no_grad():
+                logits.append(model(batch).logits)
+        torch.testing.assert_close(logits[0], logits[1], rtol=1e-4, atol=1e-5)
+    one = {**raw, "training": {**raw["training"], "max_steps": STEPS}}
+    one["training"].update(parallel="none", grad_accum_steps=4)
+    train(load(one), resume=True)
+    longer = {**reference, "training": {**reference["training"], "max_steps": STEPS}}
+    train(load(longer), resume=True)
+    assert_close(losses(run_dir), losses(reference_dir))
+
+
 def rank_pids(torchrun_pid: int) -> dict[int, int]:
     """{rank: pid} of the workers torchrun started."""
     ranks = {}

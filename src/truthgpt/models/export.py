@@ -66,7 +66,7 @@ def export_hf(
     model = load_model(folder)
 
     def fill(tmp: Path) -> None:
-        _write_model(model, tmp, merge_lora)
+        write_export_model(model, tmp, merge_lora)
         copy_tokenizer_files(folder, tmp)
         mark(tmp, "export")
 
@@ -74,7 +74,9 @@ def export_hf(
     return out_dir
 
 
-def _write_model(model: nn.Module, folder: Path, merge_lora: bool) -> None:
+def write_export_model(model: nn.Module, folder: Path, merge_lora: bool) -> None:
+    """The weights of `model` as an export holds them: LoRA merged, or base + adapter/ under
+    transformers' module names."""
     if is_peft_model(model):
         if merge_lora:
             model = model.merge_and_unload()

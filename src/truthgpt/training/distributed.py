@@ -66,7 +66,6 @@ def resolve_parallel(config: Config, world_size: int) -> str:
     if parallel == "fsdp":
         unsupported = {
             "training.precision: fp16": training.precision == "fp16",
-            "model.lora.enabled: true": config.model.lora.enabled,
         }
         for key, present in unsupported.items():
             if present:

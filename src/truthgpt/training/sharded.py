@@ -32,7 +32,8 @@ from truthgpt.errors import CheckpointError
 from truthgpt.guard import SHARDED_DIR, TRAIN_STATE, check_output, mark
 from truthgpt.manifest import write_manifest
 from truthgpt.models.build import resolve_model_folder
-from truthgpt.models.export import export_hf
+from truthgpt.models.export import export_hf, write_export_model
+from truthgpt.models.lora import is_peft_model
 from truthgpt.training import distributed
 from truthgpt.training.checkpoint import verify_checkpoint
 
@@ -123,13 +124,16 @@ def export_checkpoint(
     if not (folder / SHARDED_DIR).is_dir():
         return export_hf(source, out_dir, merge_lora=merge_lora, overwrite=overwrite)
     verify_checkpoint(folder)
-    return export_merged(folder, Path(out_dir), overwrite)
+    return export_merged(folder, Path(out_dir), overwrite, merge_lora)
 
 
-def export_merged(folder: Path, out_dir: Path, overwrite: bool = False) -> Path:
+def export_merged(
+    folder: Path, out_dir: Path, overwrite: bool = False, merge_lora: bool = True
+) -> Path:
     """Write the sharded checkpoint `folder` (checkpoints/NAME of a run, verified by the
     caller) as a plain model folder (model.safetensors, config.json, tokenizer) in one process,
-    as the task saves its models.
+    as the task saves its models; a LoRA model as `truthgpt export` writes one (merged, or
+    base + adapter/ with transformers' names: models/export.py).
 
     The model is rebuilt from the config the checkpoint was trained with and the run's data
     (its saved tokenizer), then the full weights are read from the shards.
@@ -147,7 +151,12 @@ def export_merged(folder: Path, out_dir: Path, overwrite: bool = False) -> Path:
     load_sharded(folder, model, None)
 
     def fill(tmp: Path) -> None:
-        task.save(model, data, tmp)
+        if is_peft_model(model):
+            write_export_model(model, tmp, merge_lora)
+            if data.tokenizer is not None:
+                data.tokenizer.save_pretrained(tmp)
+        else:
+            task.save(model, data, tmp)
         mark(tmp, "export")
 
     return publish_folder(out_dir, fill)
