@@ -508,9 +508,13 @@ def print_table(rows: list[dict]) -> None:
         peak = f"{row['peak_gib']:.2f}" if row["peak_gib"] is not None else "-"
         spread = f"{row['step_ms_median']:.1f} ({row['step_ms_min']:.1f}-{row['step_ms_max']:.1f})"
         ratio = f"{ours['tokens_per_second'] / row['tokens_per_second']:.2f}x" if ours else "-"
+        repeats = ""
+        if row.get("repeats", 1) > 1:
+            low, high = row["tokens_per_second_min"], row["tokens_per_second_max"]
+            repeats = f"  {row['repeats']} repeats: {low:,.0f}-{high:,.0f} tokens/s"
         print(
             f"{row['runner']:<14} {batch:>6} {row['tokens_per_second']:>11,.0f} {mfu:>6} "
-            f"{peak:>9} {spread:>24} {ratio:>10}"
+            f"{peak:>9} {spread:>24} {ratio:>10}{repeats}"
         )
     for row in rows:
         if "note" in row:
@@ -556,10 +560,19 @@ def main() -> None:
         help="a truthgpt config override, key=value (model.* keys: every runner's model)",
     )
     parser.add_argument("--profile", action="store_true", help="print truthgpt's top kernels")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="measure every runner this many times, the runners taking turns (the table gives "
+        "the median tokens/s and its range over the repeats)",
+    )
     args = parser.parse_args()
     runners = ["truthgpt"] if args.skip_hf else parse_runners(args.runners, parser)
     if not 0 <= args.warmup < args.steps:
         parser.error(f"--warmup {args.warmup} must be below --steps {args.steps} (and >= 0)")
+    if args.repeats < 1:
+        parser.error(f"--repeats {args.repeats} must be at least 1")
 
     shape = (TINY_SHAPES if args.tiny else SHAPES)[args.shape]
     seq_len = args.seq_len or shape.seq_len
@@ -629,15 +642,42 @@ def main() -> None:
             profile=args.profile,
         )
         peak = peak_flops(device, torch.bfloat16 if bf16 else torch.float32)
-        for name in runners:
-            print(f"-- {name}", flush=True)
-            rows.append(measure(name, bench, run["flops_per_token"], peak))
-            report_row(rows[-1])
-            if args.json:  # after each runner: a run cut short still leaves its rows
-                args.json.write_text(json.dumps({**run, "rows": rows}, indent=1) + "\n")
+        # Runners take turns, so a slow spell of a shared GPU falls on all of them alike.
+        for repeat in range(args.repeats):
+            for name in runners:
+                print(f"-- {name}" + (f" (repeat {repeat + 1})" if args.repeats > 1 else ""))
+                rows.append(
+                    {**measure(name, bench, run["flops_per_token"], peak), "repeat": repeat}
+                )
+                report_row(rows[-1])
+                if args.json:  # after each runner: a run cut short still leaves its rows
+                    table = combine_repeats(rows)
+                    document = {**run, "rows": table, "repeats": rows}
+                    args.json.write_text(json.dumps(document, indent=1) + "\n")
     print()
     print_run(run)
-    print_table(rows)
+    print_table(combine_repeats(rows))
+
+
+def combine_repeats(rows: list[dict]) -> list[dict]:
+    """One row per runner: its median repeat by tokens/s (the lower middle one for an even
+    count), with the range over the repeats (`tokens_per_second_min` / `_max`) and how many
+    repeats ran without error."""
+    combined = []
+    for name in dict.fromkeys(row["runner"] for row in rows):
+        mine = [row for row in rows if row["runner"] == name]
+        good = sorted((r for r in mine if "error" not in r), key=lambda r: r["tokens_per_second"])
+        if not good:
+            combined.append(mine[-1])
+            continue
+        middle = dict(good[(len(good) - 1) // 2])
+        middle.update(
+            tokens_per_second_min=good[0]["tokens_per_second"],
+            tokens_per_second_max=good[-1]["tokens_per_second"],
+            repeats=len(good),
+        )
+        combined.append(middle)
+    return combined
 
 
 def print_run(run: dict) -> None:

@@ -219,10 +219,14 @@ def test_throughput_benchmark_runs_on_cpu(tmp_path: Path) -> None:
 
     out = tmp_path / "bench.json"
     script = ROOT / "benchmarks" / "train_throughput.py"
-    args = ["--tiny", "--steps", "3", "--warmup", "1", "--skip-hf", "--json", str(out)]
+    args = ["--tiny", "--steps", "3", "--warmup", "1", "--skip-hf", "--repeats", "2"]
+    args += ["--json", str(out)]
     done = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert "truthgpt" in done.stdout and out.is_file()
+    assert "truthgpt" in done.stdout and "2 repeats" in done.stdout
+    written = json.loads(out.read_text())
+    assert [row["repeat"] for row in written["repeats"]] == [0, 1]
+    assert written["rows"][0]["repeats"] == 2
 
 
 def test_compiled_variants_train_the_eager_steps(tmp_path: Path) -> None:
