@@ -302,6 +302,22 @@ def test_kill_9_of_one_rank_then_resume_matches(tmp_path: Path) -> None:
 def test_bad_process_settings_are_errors_naming_the_key(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["train", str(tmp_path / "x.yaml"), "--nproc", "0"])
     assert result.exit_code == 1 and "--nproc must be a positive number" in result.output
+    raw = dist_config(tmp_path, "used")
+    (tmp_path / "used.yaml").write_text(yaml.safe_dump(raw))
+    args = ["train", str(tmp_path / "used.yaml"), "--nproc", "2"]
+    # Refused before any process starts: the flags contradict, or the processes would.
+    result = CliRunner().invoke(app, [*args, "--overwrite", "--resume"])
+    assert result.exit_code == 1 and "give one of them" in result.output
+    result = CliRunner().invoke(app, [*args, "--set", "training.parallel=none"])
+    assert result.exit_code == 1 and "training.parallel: none, but 2 processes" in result.output
+    # Met by the processes (a used run folder): one message, from rank 0, and no launcher
+    # traceback on top of it.
+    Path(raw["output_dir"], "used").mkdir(parents=True)
+    Path(raw["output_dir"], "used", "metrics.jsonl").write_text("")
+    proc = launch(tmp_path, raw)
+    output = proc.communicate(timeout=120)[0].decode()
+    assert proc.returncode == 1, output
+    assert output.count("error:") == 1 and "Traceback" not in output, output
     with pytest.raises(ConfigError, match="training.parallel.*allowed: auto, none, ddp, fsdp"):
         load({"training": {"parallel": "zero3"}})
     with pytest.raises(ConfigError, match="training.parallel: fsdp does not support .*fp16"):

@@ -162,7 +162,7 @@ def test_auto_on_the_cpu_trains_the_given_split_and_says_so(tmp_path: Path) -> N
     reference = train(load(run_config(tmp_path, "given")))
     lines = Lines()
     auto = train(load(run_config(tmp_path, "auto", micro_batch="auto")), callbacks=[lines])
-    assert "micro_batch auto: no GPU memory to probe; keeping the given 8 x 1 (global 8)" in (
+    assert "micro_batch auto: no GPU memory to probe; keeping the given 8 x 1 (8 per process)" in (
         lines.lines
     )
     state = read_train_state(auto.run_dir / "checkpoints" / "last")
@@ -191,7 +191,7 @@ def test_a_smaller_split_keeps_the_global_batch_and_a_resume_keeps_the_split(
     lines = Lines()
     full = train(load(run_config(tmp_path, "full", micro_batch="auto")), callbacks=[lines])
     assert any(
-        line.startswith("micro_batch auto: 4 x 2 (global 8) fits in") for line in lines.lines
+        line.startswith("micro_batch auto: 4 x 2 (8 per process) fits in") for line in lines.lines
     )
     # The same 8 blocks a step, the same validation blocks, in halves: equal up to rounding.
     for kind, key in (("train", "loss"), ("eval", "val_loss")):
@@ -208,7 +208,7 @@ def test_a_smaller_split_keeps_the_global_batch_and_a_resume_keeps_the_split(
     lines = Lines()
     train(broken, resume=True, callbacks=[lines])
     assert probe.tried == []
-    assert "micro_batch auto: 4 x 2 (global 8), as the checkpoint chose" in lines.lines
+    assert "micro_batch auto: 4 x 2 (8 per process), as the checkpoint chose" in lines.lines
     state = read_train_state(broken.run_dir / "checkpoints" / "last")
     assert state["micro_batch"] == {"batch_size": 4, "grad_accum_steps": 2}
     assert records(broken.run_dir, "train", "loss") == records(full.run_dir, "train", "loss")

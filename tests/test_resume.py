@@ -359,6 +359,32 @@ def test_sigint_saves_and_stops_at_the_step_boundary(tmp_path: Path) -> None:
     assert train(load(raw), resume=True).steps == 20
 
 
+def test_a_ctrl_c_swallowed_during_start_up_still_stops_at_the_first_step(
+    tmp_path: Path,
+) -> None:
+    # Some imports catch everything, KeyboardInterrupt included: the request is remembered.
+    from truthgpt.training import signals
+
+    previous = signal.getsignal(signal.SIGINT)
+    signals.catch_early_interrupts()
+    try:
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+        except KeyboardInterrupt:
+            pass  # swallowed, as such an import would
+        result = train(load(resume_config(tmp_path, "early_ctrl_c")))
+    finally:
+        signals._interrupted_early.clear()
+        signal.signal(signal.SIGINT, previous)
+    assert result.interrupted and result.steps == 1
+    assert (
+        torch.load(result.run_dir / "checkpoints" / "last" / "train_state.pt", weights_only=True)[
+            "step"
+        ]
+        == 1
+    )
+
+
 def test_auto_resume_never_deletes_unusable_checkpoints(tmp_path: Path) -> None:
     raw = resume_config(
         tmp_path,

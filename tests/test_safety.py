@@ -190,6 +190,8 @@ def test_resume_refuses_a_change_to_the_model_and_changes_nothing(run_copy: Path
 
 def test_resume_with_steering_changes_goes_on_and_records_them(run_copy: Path) -> None:
     raw = run_config(run_copy, training__max_steps=15, training__log_every=1)
+    # Other kernels for the same arithmetic steer too (packed_attention has no packed data here).
+    raw["training"].update(fused_loss=True, packed_attention="auto")
     result = train(load(raw), resume=True)
     assert result.steps == 15
     assert yaml.safe_load((run_copy / "config.yaml").read_text())["training"]["max_steps"] == 15
@@ -197,7 +199,13 @@ def test_resume_with_steering_changes_goes_on_and_records_them(run_copy: Path) -
     assert start["event"] == "start" and start["step"] == 0
     assert resume["event"] == "resume" and resume["step"] == 10
     changes = resume["changes"]
-    assert sorted(changes) == ["output_dir", "training.log_every", "training.max_steps"]
+    assert sorted(changes) == [
+        "output_dir",
+        "training.fused_loss",
+        "training.log_every",
+        "training.max_steps",
+        "training.packed_attention",
+    ]
     assert changes["training.max_steps"] == [10, 15] and changes["training.log_every"] == [5, 1]
     saved = yaml.safe_load((run_copy / "checkpoints" / "last" / "run_config.yaml").read_text())
     assert saved["training"]["max_steps"] == 15

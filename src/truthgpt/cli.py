@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from truthgpt.errors import TruthGPTError
+from truthgpt.errors import ConfigError, TruthGPTError
 
 app = typer.Typer(
     add_completion=False,
@@ -24,7 +24,9 @@ SetOption = Annotated[
 
 
 def _fail(exc: Exception) -> None:
-    typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+    # Under --nproc / torchrun every process meets the same user error: rank 0 says it.
+    if os.environ.get("RANK", "0") == "0":
+        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
     raise typer.Exit(code=1)
 
 
@@ -62,25 +64,41 @@ def train(
     ] = None,
 ) -> None:
     """Train the model a YAML config describes; writes the run folder."""
-    if nproc is not None:
-        from truthgpt.training.distributed import torchrun_command
+    from truthgpt.training.signals import catch_early_interrupts
 
-        args = ["train", str(config), *[f"--set={item}" for item in set_ or []]]
-        args += ["--overwrite"] * overwrite + ["--resume"] * resume
-        try:
-            command = torchrun_command(nproc, args)
-        except TruthGPTError as exc:
-            _fail(exc)
-        sys.stdout.flush()
-        os.execv(command[0], command)  # torchrun takes this process's place (and its signals)
-
+    catch_early_interrupts()
     from truthgpt.config import load
+
+    try:
+        if overwrite and resume:
+            raise ConfigError(
+                "--overwrite starts the run over and --resume continues it: give one of them"
+            )
+        if nproc is not None:
+            from truthgpt.training.distributed import check_nproc
+
+            check_nproc(nproc)
+        resolved = load(config, set_ or [])
+        if nproc is not None:
+            from truthgpt.training.distributed import launch_on_ranks, resolve_parallel
+
+            resolve_parallel(resolved, nproc)  # what every process would refuse, refused once
+            args = ["train", str(config), *[f"--set={item}" for item in set_ or []]]
+            args += ["--overwrite"] * overwrite + ["--resume"] * resume
+            sys.stdout.flush()
+            raise typer.Exit(code=launch_on_ranks(nproc, args))
+    except TruthGPTError as exc:
+        _fail(exc)
+
     from truthgpt.training.trainer import train as run_training
 
     try:
-        result = run_training(load(config, set_ or []), overwrite=overwrite, resume=resume or None)
+        result = run_training(resolved, overwrite=overwrite, resume=resume or None)
     except TruthGPTError as exc:
         _fail(exc)
+    except KeyboardInterrupt:  # Ctrl-C before the loop took over signals: nothing to save yet
+        typer.secho("interrupted before training began; nothing was saved", err=True)
+        raise typer.Exit(code=130) from None
     if result.interrupted:
         # Not a finished run: a `train ... && generate ...` chain must not go on as if it were.
         raise typer.Exit(code=130)

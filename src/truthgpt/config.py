@@ -256,8 +256,9 @@ class TrainingConfig(Section):
     )
     fp8: Literal["none", "tensorwise", "rowwise"] = Field(
         "none",
-        description="FP8 matmuls for the linear layers (torchao's float8 recipes; GPUs of "
-        "compute capability 8.9+, elsewhere ignored with a warning); tensorwise is the faster, "
+        description="FP8 matmuls for the linear layers (torchao's float8 recipes, pip install "
+        "'truthgpt[fp8]'; GPUs of compute capability 8.9+, elsewhere ignored with a warning); "
+        "tensorwise is the faster, "
         "rowwise the more accurate; best with compile",
     )
     gradient_checkpointing: bool = Field(
@@ -843,7 +844,8 @@ def _allowed_values(loc: list[str]) -> str:
     if not literals or len(literals) + optional != len(parts):
         return ""
     choices = [str(choice) for part in literals for choice in get_args(part)]
-    return ", ".join(choices + ["empty"] * optional)
+    # How "empty" is written: nothing after the colon in YAML, null (or nothing) in --set.
+    return ", ".join(choices + ["empty (YAML: nothing or null; --set key=null)"] * optional)
 
 
 def _lookup(raw: Any, loc: list[str]) -> Any:

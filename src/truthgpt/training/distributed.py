@@ -11,9 +11,11 @@ from __future__ import annotations
 import contextlib
 import datetime
 import io
+import logging
 import os
 import pickle
 import sys
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -295,22 +297,55 @@ def grad_norm(params: list[torch.Tensor]) -> torch.Tensor:
     return norm.full_tensor() if isinstance(norm, DTensor) else norm
 
 
-def torchrun_command(nproc: int, cli_args: list[str]) -> list[str]:
-    """The command `truthgpt train --nproc N ...` runs: torchrun on this Python, one node."""
+def check_nproc(nproc: int) -> None:
+    """ConfigError unless `--nproc` can start `nproc` processes from here."""
     if nproc < 1:
         raise ConfigError(f"--nproc must be a positive number of processes, got {nproc}")
     if env_world_size() > 1 or "TORCHELASTIC_RUN_ID" in os.environ:
         raise ConfigError("--nproc given inside a torchrun launch: drop --nproc (or torchrun)")
-    return [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc-per-node={nproc}",
-        "-m",
-        "truthgpt",
-        *cli_args,
-    ]
+
+
+def launch_on_ranks(nproc: int, cli_args: list[str]) -> int:
+    """`truthgpt train --nproc N`: run `python -m truthgpt *cli_args` on N processes of this
+    machine, as `torchrun --standalone --nproc-per-node N` would, from this process. Returns
+    the exit code: 0, that of the first rank that failed (whose own message it printed: no
+    launcher traceback on top), or 130 after Ctrl-C (the ranks save and stop first)."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    check_nproc(nproc)
+    if nproc > 1:  # as torchrun: N processes of many threads each would fight over the cores
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
+    config = LaunchConfig(
+        min_nodes=1,
+        max_nodes=1,
+        nproc_per_node=nproc,
+        run_id=str(uuid.uuid4()),
+        rdzv_backend="c10d",
+        rdzv_endpoint="localhost:0",
+        max_restarts=0,
+    )
+    # The launcher's own log lines repeat what the failing process said; a death by signal,
+    # which says nothing itself, is reported below.
+    for name in list(logging.root.manager.loggerDict):
+        if name.startswith("torch.distributed.elastic"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+    try:
+        elastic_launch(config, entrypoint=sys.executable)("-m", "truthgpt", *cli_args)
+    except ChildFailedError as exc:
+        _, failure = exc.get_first_failure()
+        if failure.exitcode > 0:
+            return failure.exitcode
+        print(
+            f"error: process {failure.local_rank} was ended by {failure.signal_name()}; the "
+            "others were stopped. --resume continues from the last complete checkpoint.",
+            file=sys.stderr,
+        )
+        return 1
+    except SignalException:
+        return 130
+    return 0
 
 
 def from_main(fn: Callable[[], T], share: Callable[[T], Any] = lambda result: result) -> Any:

@@ -52,7 +52,7 @@ class Split:
         return self.batch_size * self.grad_accum_steps
 
     def __str__(self) -> str:
-        return f"{self.batch_size} x {self.grad_accum_steps} (global {self.global_batch})"
+        return f"{self.batch_size} x {self.grad_accum_steps} ({self.global_batch} per process)"
 
 
 def divisors(n: int) -> list[int]:

@@ -46,6 +46,11 @@ STEERING_KEYS = (
     # Not training.batch_size nor micro_batch: the data position counts micro-batches. Under
     # micro_batch auto the micro-batch the run chose is kept in its train state (micro_batch.py).
     "training.compile",
+    "training.compile_mode",
+    "training.compile_scope",
+    # The same arithmetic by other kernels: a chunked loss, a block-sparse attention mask.
+    "training.fused_loss",
+    "training.packed_attention",
     "training.gradient_checkpointing",
     "training.early_stopping.",
     "training.nonfinite.",

@@ -6,6 +6,23 @@ import signal
 import threading
 from typing import Any
 
+# Set by a Ctrl-C during start-up (catch_early_interrupts): some library imports swallow the
+# KeyboardInterrupt (a bare `except:`), and the request must not be lost with it.
+_interrupted_early = threading.Event()
+
+
+def catch_early_interrupts() -> None:
+    """From now until the loop takes over the signals: Ctrl-C raises KeyboardInterrupt as
+    usual, and is remembered, so that if something swallows it the loop stops (and saves) at
+    its first step instead of training on."""
+
+    def handle(signum: int, frame: Any) -> None:
+        _interrupted_early.set()
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, handle)
+
 
 class StopRequested:
     """SIGINT/SIGTERM set a flag; the loop saves a checkpoint at the next step boundary.
@@ -19,6 +36,7 @@ class StopRequested:
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> StopRequested:
+        self.requested = _interrupted_early.is_set()
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
                 self._previous[sig] = signal.signal(sig, self._handle)

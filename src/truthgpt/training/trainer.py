@@ -121,6 +121,7 @@ class Trainer:
             enable_fp8(model, self.train_cfg.fp8, device, self.log)
         if self.train_cfg.packed_attention == "flex":
             check_flex_training(device)
+        self._say_how_it_compiles()
         if self.train_cfg.compile and self.train_cfg.compile_scope == "blocks":
             compile_blocks(model, self.train_cfg.compile_mode)
         # Before the optimizer: FSDP replaces the parameters by their shards.
@@ -192,6 +193,11 @@ class Trainer:
 
     def fit(self) -> TrainResult:
         max_steps = self.train_cfg.max_steps
+        if self.step >= max_steps:
+            self.log(
+                f"nothing to train: the run is at step {self.step} and training.max_steps is "
+                f"{max_steps}; raise max_steps (--set training.max_steps=N) to train on"
+            )
         self._emit("on_train_start", self.step, max_steps)
         last_eval = None
         if self.val_batches and self.step == 0:
@@ -615,6 +621,22 @@ class Trainer:
 
     # -- details ---------------------------------------------------------------------------
 
+    def _say_how_it_compiles(self) -> None:
+        """One line on what torch.compile will do, so no setting is ignored silently and the
+        first step's wait has a reason."""
+        cfg = self.train_cfg
+        if not cfg.compile:
+            if cfg.compile_mode != "default" or cfg.compile_scope != "model":
+                self.log(
+                    f"warning: training.compile_mode {cfg.compile_mode!r} and compile_scope "
+                    f"{cfg.compile_scope!r} do nothing without training.compile: true"
+                )
+            return
+        mode = cfg.compile_mode
+        if mode == "reduce-overhead" and self.device.type != "cuda":
+            mode = "default: CUDA graphs need a CUDA device"
+        self.log(f"torch.compile ({cfg.compile_scope}, {mode}): the first steps compile")
+
     def _ema_state(self) -> dict[str, Any] | None:
         """The EMA in the training state; under FSDP its averages go into the shards."""
         if self.ema is None:
@@ -695,6 +717,8 @@ def train(
     resume = config.training.resume if resume is None else resume
     world, device = distributed.start(config, resolve_device(config.hardware.device))
     try:
+        if config.training.packed_attention == "flex":  # before any data or model is built
+            check_flex_training(device)
         return _train(config, world, device, callbacks or [], overwrite, resume)
     finally:
         distributed.stop(world)
@@ -736,7 +760,8 @@ def _train(
     n_params = sum(p.numel() for p in model.parameters())
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     trainable = f", {n_trainable / 1e6:.3f}M trainable" if n_trainable != n_params else ""
-    across = f" x {world.size} processes ({world.parallel})" if world.grouped else ""
+    processes = "process" if world.size == 1 else "processes"
+    across = f" x {world.size} {processes} ({world.parallel})" if world.grouped else ""
     log(
         f"model {config.model.arch}: {n_params / 1e6:.2f}M parameters{trainable} on {device}"
         f"{across} ({resolve_precision(config.training.precision, device)}, {threads} CPU threads)"
@@ -760,7 +785,9 @@ def _train(
         trainer.restore(resume_from)
         log(f"resumed from {resume_from.folder} at step {trainer.step}")
     result = trainer.fit()
-    if result.initial_val_loss is not None and result.final_val_loss is not None:
+    # Stopped on request, the last evaluation may be the first one: no "a -> a" line.
+    evaluated = result.initial_val_loss is not None and result.final_val_loss is not None
+    if evaluated and not result.interrupted:
         log(
             f"val perplexity {result.initial_val_ppl:.2f} -> {result.final_val_ppl:.2f} "
             f"(loss {result.initial_val_loss:.4f} -> {result.final_val_loss:.4f})"
