@@ -72,8 +72,9 @@ def assert_close(got: dict[int, float], expected: dict[int, float], rel: float =
         assert got[step] == pytest.approx(value, rel=rel, abs=1e-6), step
 
 
-def launch(tmp_path: Path, raw: dict, *args: str) -> subprocess.Popen:
-    """`truthgpt train CONFIG --nproc 2 ...` in the background (torchrun, gloo)."""
+def launch(tmp_path: Path, raw: dict, *args: str, session: bool = False) -> subprocess.Popen:
+    """`truthgpt train CONFIG --nproc 2 ...` in the background (torchrun, gloo); `session`:
+    in a process group of its own, as a terminal's foreground job is (for Ctrl-C)."""
     path = tmp_path / f"{raw['run_name']}.yaml"
     path.write_text(yaml.safe_dump(raw))
     src = str(Path(__file__).resolve().parents[1] / "src")
@@ -83,7 +84,13 @@ def launch(tmp_path: Path, raw: dict, *args: str) -> subprocess.Popen:
         "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")]),
     }
     command = [sys.executable, "-m", "truthgpt", "train", str(path), "--nproc", "2", *args]
-    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    return subprocess.Popen(
+        command,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=session,
+    )
 
 
 def run_two(tmp_path: Path, raw: dict, *args: str) -> str:
@@ -286,9 +293,9 @@ def test_kill_9_of_one_rank_then_resume_matches(tmp_path: Path) -> None:
                 killed_after = max(done)
                 break
         time.sleep(0.005)
-    proc.communicate(timeout=120)
+    output = proc.communicate(timeout=120)[0].decode()
     assert killed_after is not None, "the run finished before a rank could be killed"
-    assert proc.returncode != 0
+    assert proc.returncode == 1 and "process 1 was ended by SIGKILL" in output, output[-3000:]
     run_dir = metrics.parent
     last = find_resumable(run_dir / "checkpoints", warn=print)
     assert last is not None
@@ -297,6 +304,25 @@ def test_kill_9_of_one_rank_then_resume_matches(tmp_path: Path) -> None:
     run_two(tmp_path, raw, "--resume")
     reference = train(load({**raw, "run_name": "reference"}, ["training.grad_accum_steps=4"]))
     assert_close(losses(run_dir), losses(reference.run_dir))
+
+
+def test_ctrl_c_under_nproc_saves_on_every_rank_and_exits_130(tmp_path: Path) -> None:
+    raw = dist_config(tmp_path, "ctrlc", max_steps=400, eval_every=200)
+    proc = launch(tmp_path, raw, session=True)
+    metrics = Path(raw["output_dir"]) / "ctrlc" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.is_file() and any(
+            json.loads(line)["step"] >= 3 for line in metrics.read_text().splitlines()
+        ):
+            os.killpg(proc.pid, signal.SIGINT)  # what a terminal does: the whole job
+            break
+        time.sleep(0.01)
+    output = proc.communicate(timeout=120)[0].decode()
+    assert proc.returncode == 130, output[-3000:]
+    assert "on request; checkpoint saved" in output and "Traceback" not in output
+    last = find_resumable(metrics.parent / "checkpoints", warn=print)
+    assert last is not None and (last / "train_state.pt").is_file()
 
 
 def test_bad_process_settings_are_errors_naming_the_key(tmp_path: Path) -> None:
