@@ -111,7 +111,7 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def fsdp_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """Two FSDP processes for the first half of the reference's steps."""
     tmp_path = tmp_path_factory.mktemp("fsdp")
-    raw = dist_config(tmp_path, "fsdp", parallel="fsdp", max_steps=STEPS // 2)
+    raw = dist_config(tmp_path, "fsdp", parallel="fsdp", max_steps=STEPS // 2, micro_batch="auto")
     output = run_two(tmp_path, raw)
     (tmp_path / "output.txt").write_text(output)
     return raw
@@ -136,6 +136,7 @@ def test_two_fsdp_processes_give_the_one_process_losses(fsdp_run: dict, referenc
     # losses (and the one-process reference's) would part from the first step.
     output = (run_dir.parents[1] / "output.txt").read_text()
     assert "fsdp: one full copy of the weights (rank 0's) sharded to 2 ranks" in output
+    assert "micro_batch auto: not probed across FSDP processes; keeping the given 4 x 2" in output
     assert_close(losses(run_dir), expected)
     last = run_dir / "checkpoints" / "last"
     assert sorted(p.name for p in (last / "sharded").glob("*.distcp")) == [

@@ -210,6 +210,11 @@ def resolve_split(
         split = Split(batch_size, given.global_batch // batch_size)
         log(f"micro_batch auto: {split}, as the checkpoint chose")
         return split
+    if world.parallel == "fsdp" and world.size > 1:
+        # A sharded forward gathers weights from every process: one process out of memory in
+        # a probe would leave the others waiting in that collective.
+        log(f"micro_batch auto: not probed across FSDP processes; keeping the given {given}")
+        return given
     probe = memory_probe(config, task, data, model, world)
     if probe is None:
         log(f"micro_batch auto: no GPU memory to probe; keeping the given {given}")
