@@ -188,6 +188,22 @@ def test_resume_refuses_a_change_to_the_model_and_changes_nothing(run_copy: Path
     assert listing(run_copy) == before
 
 
+def test_a_run_folder_in_training_is_refused_to_a_second_training(run_copy: Path) -> None:
+    from truthgpt.training.run_folder import lock_run_folder
+
+    before = listing(run_copy)
+    held = lock_run_folder(run_copy)  # as the first training holds it while it runs
+    try:
+        for resume, overwrite in ((True, False), (False, True)):
+            raw = run_config(run_copy, training__max_steps=15)
+            with pytest.raises(ConfigError, match="is in use by another `truthgpt train` \\(pid"):
+                train(load(raw), resume=resume, overwrite=overwrite)
+            assert listing(run_copy) == before  # the overwrite wiped nothing
+    finally:
+        held.close()
+    assert train(load(run_config(run_copy, training__max_steps=15)), resume=True).steps == 15
+
+
 def test_resume_with_steering_changes_goes_on_and_records_them(run_copy: Path) -> None:
     raw = run_config(run_copy, training__max_steps=15, training__log_every=1)
     # Other kernels for the same arithmetic steer too (packed_attention has no packed data here).

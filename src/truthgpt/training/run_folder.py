@@ -16,7 +16,7 @@ import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import yaml
 
@@ -64,6 +64,35 @@ STEERING_KEYS = (
 )
 # What an earlier attempt without a checkpoint left: not work to keep on a fresh start.
 _STALE = (CHECKPOINTS, "tb", "metrics.jsonl", "loss.png", "tokenizer", "samples", HISTORY)
+
+
+def lock_run_folder(run_dir: Path) -> IO[str] | None:
+    """Hold `run_dir` for this process: an exclusive lock on `.NAME.lock` beside it (outside
+    it, so no folder that is not ours gets a file), released when the returned file is closed
+    or the process ends, however it ends. A second training of the same folder (a resume, an
+    overwrite) is refused while the first runs. None where the OS has no flock (Windows)."""
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    handle = open(run_dir.parent / f".{run_dir.name}.lock", "a+")  # noqa: SIM115 (held open)
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.seek(0)
+        holder = handle.read().strip() or "?"
+        handle.close()
+        raise ConfigError(
+            f"{run_dir} is in use by another `truthgpt train` (pid {holder}); nothing was "
+            "changed. Wait for it to finish, stop it (Ctrl-C saves a checkpoint), or pick "
+            "another run_name (--set run_name=NAME)."
+        ) from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+    return handle
 
 
 def prepare_run_dir(

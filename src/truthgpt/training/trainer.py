@@ -50,7 +50,7 @@ from truthgpt.training.fp8 import enable_fp8
 from truthgpt.training.micro_batch import Split, resolve_split
 from truthgpt.training.optim import build_optimizer, build_scheduler
 from truthgpt.training.rng import rng_state, seed_everything, set_rng_state
-from truthgpt.training.run_folder import RUN_CONFIG, prepare_run_dir
+from truthgpt.training.run_folder import RUN_CONFIG, lock_run_folder, prepare_run_dir
 from truthgpt.training.sharded import load_sharded, save_sharded
 from truthgpt.training.signals import StopRequested
 from truthgpt.training.tasks import Task, build_task
@@ -716,11 +716,18 @@ def train(
     """
     resume = config.training.resume if resume is None else resume
     world, device = distributed.start(config, resolve_device(config.hardware.device))
+    lock = None
     try:
         if config.training.packed_attention == "flex":  # before any data or model is built
             check_flex_training(device)
+        # Rank 0 holds the run folder until the run ends: a second training of it is refused.
+        lock = distributed.from_main(
+            lambda: lock_run_folder(config.run_dir), share=lambda held: None
+        )
         return _train(config, world, device, callbacks or [], overwrite, resume)
     finally:
+        if lock is not None:
+            lock.close()
         distributed.stop(world)
 
 
