@@ -326,6 +326,33 @@ def test_ctrl_c_under_nproc_saves_on_every_rank_and_exits_130(tmp_path: Path) ->
     assert last is not None and (last / "train_state.pt").is_file()
 
 
+def test_kill_9_of_the_launcher_stops_its_processes_and_they_save(tmp_path: Path) -> None:
+    raw = dist_config(tmp_path, "orphans", max_steps=400, eval_every=200)
+    proc = launch(tmp_path, raw)
+    metrics = Path(raw["output_dir"]) / "orphans" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.is_file() and any(
+            json.loads(line)["step"] >= 3 for line in metrics.read_text().splitlines()
+        ):
+            break
+        time.sleep(0.01)
+    ranks = rank_pids(proc.pid)
+    assert sorted(ranks) == [0, 1]
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.communicate(timeout=30)
+    deadline = time.time() + 60  # SIGTERM from the kernel: they save at a step boundary
+    while time.time() < deadline and any(Path(f"/proc/{pid}").exists() for pid in ranks.values()):
+        time.sleep(0.1)
+    alive = [pid for pid in ranks.values() if Path(f"/proc/{pid}").exists()]
+    for pid in alive:
+        os.kill(pid, signal.SIGKILL)
+    assert not alive, "ranks trained on after their launcher was killed"
+    last = find_resumable(metrics.parent / "checkpoints", warn=print)
+    assert last is not None
+    assert 3 <= torch.load(last / "train_state.pt", weights_only=True)["step"] < 400
+
+
 def test_bad_process_settings_are_errors_naming_the_key(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["train", str(tmp_path / "x.yaml"), "--nproc", "0"])
     assert result.exit_code == 1 and "--nproc must be a positive number" in result.output

@@ -66,7 +66,10 @@ def train(
     """Train the model a YAML config describes; writes the run folder."""
     from truthgpt.training.signals import catch_early_interrupts
 
-    catch_early_interrupts()
+    catch_early_interrupts()  # first: the imports below take seconds
+    from truthgpt.training.distributed import stop_with_launcher
+
+    stop_with_launcher()
     from truthgpt.config import load
 
     try:
@@ -97,7 +100,8 @@ def train(
     except TruthGPTError as exc:
         _fail(exc)
     except KeyboardInterrupt:  # Ctrl-C before the loop took over signals: nothing to save yet
-        typer.secho("interrupted before training began; nothing was saved", err=True)
+        if os.environ.get("RANK", "0") == "0":
+            typer.secho("interrupted before training began; nothing was saved", err=True)
         raise typer.Exit(code=130) from None
     if result.interrupted:
         # Not a finished run: a `train ... && generate ...` chain must not go on as if it were.

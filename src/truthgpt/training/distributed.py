@@ -297,6 +297,26 @@ def grad_norm(params: list[torch.Tensor]) -> torch.Tensor:
     return norm.full_tensor() if isinstance(norm, DTensor) else norm
 
 
+LAUNCHER_PID = "TRUTHGPT_LAUNCHER_PID"
+
+
+def stop_with_launcher() -> None:
+    """In a process `launch_on_ranks` started: have the kernel send this process SIGTERM if
+    the launcher dies (even by kill -9), so no rank trains on, orphaned, beside a later resume;
+    SIGTERM saves a checkpoint at the next step, as Ctrl-C does. Linux only (prctl)."""
+    launcher = os.environ.get(LAUNCHER_PID)
+    if launcher is None or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    pr_set_pdeathsig = 1
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
+    if os.getppid() != int(launcher):  # it died before the request was in place
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def check_nproc(nproc: int) -> None:
     """ConfigError unless `--nproc` can start `nproc` processes from here."""
     if nproc < 1:
@@ -317,6 +337,7 @@ def launch_on_ranks(nproc: int, cli_args: list[str]) -> int:
     check_nproc(nproc)
     if nproc > 1:  # as torchrun: N processes of many threads each would fight over the cores
         os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ[LAUNCHER_PID] = str(os.getpid())  # the processes stop if this one is killed
     config = LaunchConfig(
         min_nodes=1,
         max_nodes=1,
