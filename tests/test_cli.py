@@ -103,8 +103,14 @@ def test_eval_on_the_run_split_and_on_files(tmp_path: Path) -> None:
     assert "extra.txt" in files.stdout
     loss = float(files.stdout.split("loss ")[1].split()[0])
     assert 0 < loss < 20
+    # One checkpoint of the run, on the run's data.
+    one = runner.invoke(app, ["eval", str(run_dir / "checkpoints" / "last"), "--max-batches", "3"])
+    assert one.exit_code == 0, one.output
+    assert "checkpoints/last on val" in one.stdout
     missing = runner.invoke(app, ["eval", str(tmp_path / "nothing")])
-    assert missing.exit_code == 1
+    assert missing.exit_code == 1 and "does not exist" in missing.output
+    other = runner.invoke(app, ["eval", str(tmp_path)])
+    assert other.exit_code == 1 and "nor a checkpoint folder of one" in other.output
 
 
 def test_eval_on_a_run_without_checkpoints_says_so(tmp_path: Path) -> None:

@@ -85,10 +85,21 @@ def evaluate_run(
     from truthgpt.models import load_model, resolve_model_folder
     from truthgpt.training.tasks import build_task
 
-    run_dir = Path(run)
-    if not (run_dir / config_module.CONFIG_FILE).is_file():
-        raise CheckpointError(f"{run_dir} is not a run folder (no {config_module.CONFIG_FILE})")
-    folder = resolve_model_folder(run_dir)
+    run_dir = Path(run).expanduser()
+    if not run_dir.exists():
+        raise CheckpointError(f"{run_dir} does not exist (expected a run folder)")
+    config_file = config_module.CONFIG_FILE
+    owner = run_dir.resolve().parent.parent  # the run, if this is runs/NAME/checkpoints/X
+    if not (run_dir / config_file).is_file() and (owner / config_file).is_file():
+        # One checkpoint of a run: the run's data, that checkpoint's weights.
+        folder, run_dir = resolve_model_folder(run_dir), owner
+    elif (run_dir / config_file).is_file():
+        folder = resolve_model_folder(run_dir)
+    else:
+        raise CheckpointError(
+            f"{run_dir} is not a run folder, nor a checkpoint folder of one (no {config_file}); "
+            "evaluate other models' folders by training from them (model.init_from)"
+        )
     config = config_module.load(run_dir, list(overrides))
     if data_paths:
         source = "jsonl" if all(p.endswith(".jsonl") for p in data_paths) else "text"
