@@ -385,6 +385,24 @@ def test_a_ctrl_c_swallowed_during_start_up_still_stops_at_the_first_step(
     )
 
 
+def test_a_resume_that_changes_the_global_batch_says_so(tmp_path: Path) -> None:
+    class Lines(Callback):
+        def __init__(self) -> None:
+            self.lines: list[str] = []
+
+        def on_log(self, message: str) -> None:
+            self.lines.append(message)
+
+    raw = resume_config(tmp_path, "batch", training={"max_steps": 5})
+    train(load(raw))
+    lines = Lines()
+    longer = {**raw, "training": {**raw["training"], "max_steps": 6, "grad_accum_steps": 2}}
+    train(load(longer), resume=True, callbacks=[lines])
+    expected = "note: the global batch changes from 8 sequences per step (1 process(es)) to 16 (1)"
+    assert any(line.startswith(expected) for line in lines.lines), lines.lines
+    assert "--set training.grad_accum_steps=1 keeps it" in "\n".join(lines.lines)
+
+
 def test_auto_resume_never_deletes_unusable_checkpoints(tmp_path: Path) -> None:
     raw = resume_config(
         tmp_path,

@@ -547,6 +547,7 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
             "data": self.batches.state_dict(),
+            "world_size": self.world.size,
             # What micro_batch auto chose: the data position above counts these micro-batches.
             "micro_batch": {
                 "batch_size": self.train_cfg.batch_size,
@@ -600,6 +601,7 @@ class Trainer:
         self.scaler.load_state_dict(state["scaler"])
         by_rank = state.get("rng_by_rank")
         same_world = by_rank is not None and len(by_rank) == self.world.size
+        self._say_if_the_global_batch_changes(state)
         data_by_rank = state.get("data_by_rank")
         self.batches.load_state_dict(
             data_by_rank[self.world.rank] if same_world and data_by_rank else state["data"]
@@ -636,6 +638,27 @@ class Trainer:
         if mode == "reduce-overhead" and self.device.type != "cuda":
             mode = "default: CUDA graphs need a CUDA device"
         self.log(f"torch.compile ({cfg.compile_scope}, {mode}): the first steps compile")
+
+    def _say_if_the_global_batch_changes(self, state: dict[str, Any]) -> None:
+        """A resume on another number of processes trains another global batch unless the
+        accumulation makes up for it (README): say so, with the setting that keeps it."""
+        split = state.get("micro_batch")
+        if split is None:  # a checkpoint from before the train state kept its split
+            return
+        saved_world = state.get("world_size", len(state.get("rng_by_rank") or [0]))
+        saved = split["batch_size"] * split["grad_accum_steps"] * saved_world
+        batch_size = self.train_cfg.batch_size
+        now = batch_size * self.train_cfg.grad_accum_steps * self.world.size
+        if now == saved:
+            return
+        keep = saved / (batch_size * self.world.size)
+        advice = (
+            f"; --set training.grad_accum_steps={int(keep)} keeps it" if keep.is_integer() else ""
+        )
+        self.log(
+            f"note: the global batch changes from {saved} sequences per step ({saved_world} "
+            f"process(es)) to {now} ({self.world.size}){advice}"
+        )
 
     def _ema_state(self) -> dict[str, Any] | None:
         """The EMA in the training state; under FSDP its averages go into the shards."""
