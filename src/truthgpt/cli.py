@@ -128,7 +128,7 @@ def evaluate(
     if split not in ("val", "train"):
         _fail(ValueError(f"--split must be val or train, got {split!r}"))
     try:
-        result = evaluate_run(run, data, split, max_batches, device, set_ or [])
+        result = evaluate_run(run, data, split, max_batches, device, set_ or [], progress=True)
     except TruthGPTError as exc:
         _fail(exc)
     typer.echo(

@@ -35,6 +35,7 @@ def mean_loss(
     dtype: torch.dtype = torch.float32,
     rank: int = 0,
     world_size: int = 1,
+    advance: Callable[[], Any] | None = None,
 ) -> float:
     """Mean loss over every target of `batches` (not a mean of means).
 
@@ -42,7 +43,8 @@ def mean_loss(
     over (predicted tokens, for a language model), which weights the batch. With `world_size`
     ranks, rank r evaluates batches r, r + world_size, ... and the sums are all-reduced; every
     rank runs the same number of forwards (FSDP gathers weights in each), a rank short of a
-    batch repeats its first one uncounted.
+    batch repeats its first one uncounted. `advance` is called after each batch (a progress
+    bar's update).
     """
     was_training = model.training
     model.eval()
@@ -59,6 +61,8 @@ def mean_loss(
             batch = batches[index if counted else rank % len(batches)]
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             loss, target_count = loss_fn(model, batch)
+            if advance is not None:
+                advance()
             if counted:
                 count = torch.as_tensor(target_count, device=device, dtype=torch.float64)
                 totals += torch.stack([loss.double() * count, count])
@@ -74,11 +78,13 @@ def evaluate_run(
     max_batches: int | None = None,
     device: str = "auto",
     overrides: list[str] = (),
+    progress: bool = False,
 ) -> dict[str, Any]:
     """Loss and perplexity of a run's model (best, else last) on its own split or on files.
 
     `data_paths` (text or .jsonl files/globs) replace the run's data: every document in them is
-    evaluated. Otherwise the run's `split` ("val" or "train") is used.
+    evaluated. Otherwise the run's `split` ("val" or "train") is used. `progress`: a progress
+    bar on a terminal.
     """
     from truthgpt.data.loader import val_batches
     from truthgpt.hardware import resolve_device, resolve_precision
@@ -132,7 +138,12 @@ def evaluate_run(
     torch_device = resolve_device(device)
     model = load_model(folder, device=torch_device)
     dtype = resolve_precision(config.training.precision, torch_device)
-    loss = mean_loss(task.loss, model, batches, torch_device, dtype)
+    from tqdm.auto import tqdm
+
+    # A bar with rate and ETA on a terminal (with progress), nothing in a log.
+    bar = tqdm(total=len(batches), desc="eval", unit="batch", disable=None if progress else True)
+    with bar:
+        loss = mean_loss(task.loss, model, batches, torch_device, dtype, advance=bar.update)
     tokens = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
     return {
         "checkpoint": str(folder),
