@@ -102,6 +102,10 @@ def test_text_source_val_paths_and_errors(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="matches no file") as error:
         source_corpus({"source": "text", "paths": [str(train_file), missing]})
     assert missing in str(error.value)
+    with pytest.raises(
+        DataError, match=r"it is a folder: give a glob of its files, e.g. '.*/\*\*/\*'"
+    ):
+        source_corpus({"source": "text", "paths": [str(tmp_path)]})
 
     write(tmp_path / "blank.txt", "\n \t\n")
     with pytest.raises(DataError, match="no non-empty train document"):

@@ -135,8 +135,12 @@ def expand_paths(patterns: list[str], key_path: str) -> list[Path]:
             if os.path.isfile(path)
         )
         if not matches:
+            folder = os.path.isdir(os.path.expanduser(pattern))
+            files_in_it = f"{pattern.rstrip('/')}/**/*"
+            hint = f"; it is a folder: give a glob of its files, e.g. {files_in_it!r}"
             raise DataError(
-                f"{key_path}: {pattern!r} matches no file (relative paths start at {os.getcwd()})"
+                f"{key_path}: {pattern!r} matches no file (relative paths start at "
+                f"{os.getcwd()}){hint if folder else ''}"
             )
         for path in matches:
             if path not in seen:
