@@ -302,8 +302,10 @@ LAUNCHER_PID = "TRUTHGPT_LAUNCHER_PID"
 
 def stop_with_launcher() -> None:
     """In a process `launch_on_ranks` started: have the kernel send this process SIGTERM if
-    the launcher dies (even by kill -9), so no rank trains on, orphaned, beside a later resume;
-    SIGTERM saves a checkpoint at the next step, as Ctrl-C does. Linux only (prctl)."""
+    the launcher dies (even by kill -9), so no rank trains on, orphaned, beside a later resume.
+    SIGTERM asks for a checkpoint at the next step, as Ctrl-C does, but with the launcher's
+    rendezvous store gone the ranks' collectives may fail first: at most the steps since the
+    last checkpoint are lost. Linux only (prctl)."""
     launcher = os.environ.get(LAUNCHER_PID)
     if launcher is None or not sys.platform.startswith("linux"):
         return
@@ -335,9 +337,10 @@ def launch_on_ranks(nproc: int, cli_args: list[str]) -> int:
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     check_nproc(nproc)
-    if nproc > 1:  # as torchrun: N processes of many threads each would fight over the cores
-        os.environ.setdefault("OMP_NUM_THREADS", "1")
-    os.environ[LAUNCHER_PID] = str(os.getpid())  # the processes stop if this one is killed
+    # What the processes inherit, for the launch only (this process may go on to train itself).
+    inherited = {LAUNCHER_PID: str(os.getpid())}  # they stop if this one is killed
+    if nproc > 1 and "OMP_NUM_THREADS" not in os.environ:
+        inherited["OMP_NUM_THREADS"] = "1"  # as torchrun: N x all-core thread pools would fight
     config = LaunchConfig(
         min_nodes=1,
         max_nodes=1,
@@ -352,6 +355,7 @@ def launch_on_ranks(nproc: int, cli_args: list[str]) -> int:
     for name in list(logging.root.manager.loggerDict):
         if name.startswith("torch.distributed.elastic"):
             logging.getLogger(name).setLevel(logging.CRITICAL)
+    os.environ.update(inherited)
     try:
         elastic_launch(config, entrypoint=sys.executable)("-m", "truthgpt", *cli_args)
     except ChildFailedError as exc:
@@ -366,6 +370,9 @@ def launch_on_ranks(nproc: int, cli_args: list[str]) -> int:
         return 1
     except SignalException:
         return 130
+    finally:
+        for name in inherited:
+            del os.environ[name]
     return 0
 
 
