@@ -201,9 +201,8 @@ def test_muon_and_ema_under_fsdp_match_one_process_and_resume_from_their_shards(
     initial = [t.clone() for t in average.shadow]  # the fresh model's weights
     name = f"step_{STEPS // 2:06d}"
     load_sharded(run_dir / "checkpoints" / name, model, optimizer, {"ema": average.named_shadow()})
-    train_state = torch.load(
-        reference_dir / "checkpoints" / name / "train_state.pt", weights_only=True
-    )
+    state_file = reference_dir / "checkpoints" / name / "train_state.pt"
+    train_state = torch.load(state_file, weights_only=True)
     # The averages read from the shards are the reference's to Muon's bf16 noise (up to ~3%
     # on the small, zero-centred output projections), and far closer to them than the fresh
     # weights an average that was not loaded would hold.

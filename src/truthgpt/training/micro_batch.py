@@ -61,6 +61,28 @@ def divisors(n: int) -> list[int]:
     return sorted(set(small + [n // d for d in small]))
 
 
+def global_batch_note(
+    state: dict[str, Any], batch_size: int, grad_accum_steps: int, world_size: int
+) -> str | None:
+    """On a resume: the line saying that the global batch changes (another number of
+    processes, or accumulation), with the grad_accum_steps that keeps it; None if it stays.
+    `state` is the checkpoint's train state."""
+    split = state.get("micro_batch")
+    if split is None:  # a checkpoint from before the train state kept its split
+        return None
+    saved_world = state.get("world_size", len(state.get("rng_by_rank") or [0]))
+    saved = split["batch_size"] * split["grad_accum_steps"] * saved_world
+    now = batch_size * grad_accum_steps * world_size
+    if now == saved:
+        return None
+    keep = saved / (batch_size * world_size)
+    advice = f"; --set training.grad_accum_steps={int(keep)} keeps it" if keep.is_integer() else ""
+    return (
+        f"note: the global batch changes from {saved} sequences per step ({saved_world} "
+        f"process(es)) to {now} ({world_size}){advice}"
+    )
+
+
 def largest_fitting_divisor(global_batch: int, fits: Callable[[int], bool]) -> int:
     """The largest divisor m of `global_batch` with `fits(m)`; 0 when not even 1 fits.
 

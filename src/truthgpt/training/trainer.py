@@ -42,12 +42,12 @@ from truthgpt.training.checkpoint import (
     save_checkpoint,
     step_folder_name,
 )
-from truthgpt.training.compiling import compile_blocks
+from truthgpt.training.compiling import compile_blocks, compile_note
 from truthgpt.training.distributed import World, gradient_sync
 from truthgpt.training.ema import EMA
 from truthgpt.training.evaluate import mean_loss, perplexity
 from truthgpt.training.fp8 import enable_fp8
-from truthgpt.training.micro_batch import Split, resolve_split
+from truthgpt.training.micro_batch import Split, global_batch_note, resolve_split
 from truthgpt.training.optim import build_optimizer, build_scheduler
 from truthgpt.training.rng import rng_state, seed_everything, set_rng_state
 from truthgpt.training.run_folder import RUN_CONFIG, lock_run_folder, prepare_run_dir
@@ -121,7 +121,9 @@ class Trainer:
             enable_fp8(model, self.train_cfg.fp8, device, self.log)
         if self.train_cfg.packed_attention == "flex":
             check_flex_training(device)
-        self._say_how_it_compiles()
+        note = compile_note(self.train_cfg, device)
+        if note:
+            self.log(note)
         if self.train_cfg.compile and self.train_cfg.compile_scope == "blocks":
             compile_blocks(model, self.train_cfg.compile_mode)
         # Before the optimizer: FSDP replaces the parameters by their shards.
@@ -601,7 +603,11 @@ class Trainer:
         self.scaler.load_state_dict(state["scaler"])
         by_rank = state.get("rng_by_rank")
         same_world = by_rank is not None and len(by_rank) == self.world.size
-        self._say_if_the_global_batch_changes(state)
+        note = global_batch_note(
+            state, self.train_cfg.batch_size, self.train_cfg.grad_accum_steps, self.world.size
+        )
+        if note:
+            self.log(note)
         data_by_rank = state.get("data_by_rank")
         self.batches.load_state_dict(
             data_by_rank[self.world.rank] if same_world and data_by_rank else state["data"]
@@ -622,43 +628,6 @@ class Trainer:
         self.lr_scale = state["nonfinite"]["lr_scale"]
 
     # -- details ---------------------------------------------------------------------------
-
-    def _say_how_it_compiles(self) -> None:
-        """One line on what torch.compile will do, so no setting is ignored silently and the
-        first step's wait has a reason."""
-        cfg = self.train_cfg
-        if not cfg.compile:
-            if cfg.compile_mode != "default" or cfg.compile_scope != "model":
-                self.log(
-                    f"warning: training.compile_mode {cfg.compile_mode!r} and compile_scope "
-                    f"{cfg.compile_scope!r} do nothing without training.compile: true"
-                )
-            return
-        mode = cfg.compile_mode
-        if mode == "reduce-overhead" and self.device.type != "cuda":
-            mode = "default: CUDA graphs need a CUDA device"
-        self.log(f"torch.compile ({cfg.compile_scope}, {mode}): the first steps compile")
-
-    def _say_if_the_global_batch_changes(self, state: dict[str, Any]) -> None:
-        """A resume on another number of processes trains another global batch unless the
-        accumulation makes up for it (README): say so, with the setting that keeps it."""
-        split = state.get("micro_batch")
-        if split is None:  # a checkpoint from before the train state kept its split
-            return
-        saved_world = state.get("world_size", len(state.get("rng_by_rank") or [0]))
-        saved = split["batch_size"] * split["grad_accum_steps"] * saved_world
-        batch_size = self.train_cfg.batch_size
-        now = batch_size * self.train_cfg.grad_accum_steps * self.world.size
-        if now == saved:
-            return
-        keep = saved / (batch_size * self.world.size)
-        advice = (
-            f"; --set training.grad_accum_steps={int(keep)} keeps it" if keep.is_integer() else ""
-        )
-        self.log(
-            f"note: the global batch changes from {saved} sequences per step ({saved_world} "
-            f"process(es)) to {now} ({self.world.size}){advice}"
-        )
 
     def _ema_state(self) -> dict[str, Any] | None:
         """The EMA in the training state; under FSDP its averages go into the shards."""
