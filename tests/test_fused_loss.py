@@ -1,19 +1,30 @@
 """The chunked linear + cross-entropy (`training.fused_loss`) against the plain loss on the same
 weights: the same loss and the same gradient for every parameter, with ignored labels, tied
 and untied heads, chunks that do not divide the rows; and a run trained with it follows the
-plain run's losses."""
+plain run's losses. Its Triton cross-entropy kernel against the PyTorch steps it replaces: in
+the interpreter on CPU (a subprocess, as in test_paged_kernels.py) and on CUDA (`-m gpu`)."""
 
 from __future__ import annotations
 
 import copy
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from truthgpt.config import load
 from truthgpt.errors import ConfigError
+from truthgpt.models import fused_loss
 from truthgpt.models.decoder import IGNORE_INDEX, Decoder, DecoderConfig
-from truthgpt.models.fused_loss import linear_cross_entropy
+from truthgpt.models.fused_loss import (
+    _cross_entropy_rows_torch,
+    fused_loss_note,
+    linear_cross_entropy,
+    loss_kernel_available,
+)
 from truthgpt.training.tasks import build_model
 
 
@@ -76,3 +87,112 @@ def test_the_switch_reaches_the_model_and_refuses_transformers_models() -> None:
     )
     with pytest.raises(ConfigError, match="training.fused_loss"):
         prepare_model_for_training(hf_model, config)
+
+
+# --- the Triton cross-entropy kernel ------------------------------------------------------------
+
+HAS_TRITON = fused_loss.triton is not None
+
+
+def check_kernel_rows(device: str) -> None:
+    """The kernel's per-row losses and logits gradient equal the PyTorch steps', in fp32 and
+    bf16, with ignored rows and a vocabulary that is not a multiple of the kernel's tile."""
+    gen = torch.Generator().manual_seed(0)
+    vocab = fused_loss._VOCAB_BLOCK + 905
+    for dtype in (torch.float32, torch.bfloat16):
+        logits = (torch.randn(6, vocab, generator=gen) * 5).to(device=device, dtype=dtype)
+        labels = torch.randint(0, vocab, (6,), generator=gen).to(device)
+        labels[1] = IGNORE_INDEX
+        labels[4] = vocab - 1  # the target in the last, partial tile
+        got_losses, got_grad = torch.ops.truthgpt.cross_entropy_rows(logits, labels, IGNORE_INDEX)
+        want_losses, want_grad = _cross_entropy_rows_torch(logits, labels, IGNORE_INDEX)
+        assert got_grad.dtype == dtype and got_losses.dtype == torch.float32
+        assert got_losses[1] == 0 and not got_grad[1].any()  # an ignored row: no loss, no grad
+        torch.testing.assert_close(got_losses, want_losses, rtol=1e-5, atol=1e-5)
+        # bf16: one rounding of the gradient (softmax - onehot lies in [-1, 1]).
+        tol = 1e-6 if dtype == torch.float32 else 4e-3
+        torch.testing.assert_close(got_grad.float(), want_grad.float(), rtol=0, atol=tol)
+    torch.library.opcheck(torch.ops.truthgpt.cross_entropy_rows, (logits, labels, IGNORE_INDEX))
+
+
+def check_kernel_loss_and_gradients(device: str) -> None:
+    """linear_cross_entropy on the kernel: F.cross_entropy's loss and gradients, eager and
+    compiled, and the path note says the kernel runs."""
+    assert loss_kernel_available(torch.device(device))
+    assert "Triton" in fused_loss_note(torch.device(device))
+    gen = torch.Generator().manual_seed(1)
+    hidden = torch.randn(37, 16, generator=gen).to(device).requires_grad_()
+    weight = torch.randn(301, 16, generator=gen).to(device).requires_grad_()
+    labels = torch.randint(0, 301, (37,), generator=gen).to(device)
+    labels[:9] = IGNORE_INDEX
+    reference = F.cross_entropy(hidden @ weight.T, labels)
+    expected = torch.autograd.grad(reference, (hidden, weight))
+    compiled = torch.compile(linear_cross_entropy, fullgraph=True)
+    for run in (linear_cross_entropy, compiled):
+        loss = run(hidden, weight, labels, IGNORE_INDEX, 16)
+        torch.testing.assert_close(loss, reference, rtol=1e-5, atol=1e-5)
+        for got, want in zip(torch.autograd.grad(loss, (hidden, weight)), expected, strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+KERNEL_CHECKS = {"rows": check_kernel_rows, "loss": check_kernel_loss_and_gradients}
+
+
+def test_without_the_interpreter_the_cpu_takes_the_pytorch_steps_and_says_so() -> None:
+    assert not loss_kernel_available(torch.device("cpu"))
+    assert "cross-entropy in PyTorch" in fused_loss_note(torch.device("cpu"))
+    hidden, weight = torch.randn(4, 8), torch.randn(11, 8)
+    with pytest.raises(ValueError, match="does not run on cpu"):
+        linear_cross_entropy(hidden, weight, torch.zeros(4, dtype=torch.long), -100, kernel=True)
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+def test_loss_kernel_in_triton_interpreter() -> None:
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    result = subprocess.run(
+        [sys.executable, __file__, *KERNEL_CHECKS],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=os.path.dirname(__file__),
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(
+    not (HAS_TRITON and torch.cuda.is_available()), reason="needs triton and a CUDA GPU"
+)
+@pytest.mark.parametrize("check", list(KERNEL_CHECKS))
+def test_loss_kernel_on_cuda(check: str) -> None:
+    KERNEL_CHECKS[check]("cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(
+    not (HAS_TRITON and torch.cuda.is_available()), reason="needs triton and a CUDA GPU"
+)
+def test_fused_loss_on_cuda_in_bf16_follows_the_plain_loss_at_gpt2_vocabulary() -> None:
+    torch.manual_seed(0)
+    hidden = torch.randn(2048, 256, device="cuda", requires_grad=True)
+    weight = (torch.randn(50304, 256, device="cuda") * 0.02).requires_grad_()
+    labels = torch.randint(0, 50257, (2048,), device="cuda")
+    labels[:100] = IGNORE_INDEX
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        reference = F.cross_entropy((hidden @ weight.T).float(), labels)
+        loss = linear_cross_entropy(hidden, weight, labels, IGNORE_INDEX, chunk_rows=1000)
+    expected = torch.autograd.grad(reference, (hidden, weight))
+    torch.testing.assert_close(loss, reference, rtol=2e-3, atol=2e-3)
+    for got, want in zip(torch.autograd.grad(loss, (hidden, weight)), expected, strict=True):
+        # Both round their bf16 products differently; the error is that of bf16, ~0.4%.
+        assert ((got - want).norm() / want.norm()).item() < 1e-2
+
+
+if __name__ == "__main__":  # the interpreter run: python test_fused_loss.py CHECK [CHECK...]
+    torch.set_num_threads(1)
+    if not loss_kernel_available(torch.device("cpu")):
+        sys.exit("TRITON_INTERPRET=1 must be set (and triton installed) for the CPU run")
+    for name in sys.argv[1:]:
+        KERNEL_CHECKS[name]("cpu")
+        print(f"{name}: ok")

@@ -31,6 +31,7 @@ from truthgpt.errors import CheckpointError, TrainingError
 from truthgpt.guard import CHECKPOINTS
 from truthgpt.hardware import apply_threads, peak_flops, resolve_device, resolve_precision
 from truthgpt.models.flex_attention import check_flex_training
+from truthgpt.models.fused_loss import fused_loss_note
 from truthgpt.training import distributed
 from truthgpt.training.callbacks import Callback, build_callbacks
 from truthgpt.training.checkpoint import (
@@ -765,6 +766,8 @@ def _train(
         f"model {config.model.arch}: {n_params / 1e6:.2f}M parameters{trainable} on {device}"
         f"{across} ({resolve_precision(config.training.precision, device)}, {threads} CPU threads)"
     )
+    if config.training.fused_loss:
+        log(fused_loss_note(device))
     if world.parallel == "fsdp":
         # Sharded before the micro-batch probe, which then measures what a rank really holds;
         # FP8 layers go in first, as torchao's float8 needs them under fully_shard.
