@@ -20,6 +20,12 @@ out of memory is retried once at half the micro-batch and twice the accumulation
 
     python benchmarks/train_throughput.py --shape llama1b --json llama1b.json
     python benchmarks/train_throughput.py --runners truthgpt,hf --no-compile --steps 30
+    python benchmarks/train_throughput.py --runners truthgpt --repeats 3 \
+        --variant graphs:training.compile_mode=reduce-overhead --variant ce:training.fused_loss=true
+
+--variant NAME:KEY=VALUE[,KEY=VALUE]: one more truthgpt runner, `truthgpt:NAME`, with these
+config overrides on top of --set; it takes its turns with the others, so a speed switch is
+compared in one process against the same baseline.
 
 Needs a CUDA GPU; --tiny runs every runner with a tiny model of the shape as a smoke test (on
 CPU: fp32, truthgpt uncompiled unless --compile, and the other compiled runners on
@@ -418,6 +424,18 @@ RUNNERS: dict[str, Callable[[Bench], Measured]] = {
 # -- measuring and reporting -----------------------------------------------------------------
 
 
+def parse_variants(texts: list[str], parser: argparse.ArgumentParser) -> dict[str, list[str]]:
+    """--variant NAME:KEY=VALUE[,KEY=VALUE] -> {"truthgpt:NAME": ["KEY=VALUE", ...]}."""
+    variants = {}
+    for text in texts:
+        name, _, overrides = text.partition(":")
+        pairs = [pair.strip() for pair in overrides.split(",") if pair.strip()]
+        if not name.strip() or not pairs or not all("=" in pair for pair in pairs):
+            parser.error(f"--variant {text!r}: write NAME:KEY=VALUE[,KEY=VALUE]")
+        variants[f"truthgpt:{name.strip()}"] = pairs
+    return variants
+
+
 def measure(name: str, bench: Bench, flops_per_token: float, peak: float | None) -> dict:
     """Run one runner and make its row; a failure is a row with the error. Out of memory, it is
     retried once with half the micro-batch and twice the accumulation (the same tokens/step)."""
@@ -429,7 +447,8 @@ def measure(name: str, bench: Bench, flops_per_token: float, peak: float | None)
         row.update(batch_size=bench.batch_size, accum=bench.accum, held_at_start_gib=held)
         graphs, breaks = compile_counts()
         try:
-            measured = RUNNERS[name](bench)
+            runner = RUNNERS[name.partition(":")[0]]  # truthgpt:NAME is a truthgpt variant
+            measured = runner(bench)
         except Exception as exc:  # any failure: report it, keep the other runners' rows
             traceback.print_exc()
             # Inductor wraps an out-of-memory while compiling in its own error.
@@ -496,13 +515,13 @@ def report_row(row: dict) -> None:
 def print_table(rows: list[dict]) -> None:
     ours = next((r for r in rows if r["runner"] == "truthgpt" and "error" not in r), None)
     print(
-        f"{'runner':<14} {'batch':>6} {'tokens/s':>11} {'MFU':>6} {'peak GiB':>9} "
+        f"{'runner':<20} {'batch':>6} {'tokens/s':>11} {'MFU':>6} {'peak GiB':>9} "
         f"{'step ms (min-max)':>24} {'truthgpt/x':>10}"
     )
     for row in rows:
         batch = f"{row['batch_size']}x{row['accum']}" + ("*" if "note" in row else "")
         if "error" in row:
-            print(f"{row['runner']:<14} {batch:>6}  failed: {row['error']}")
+            print(f"{row['runner']:<20} {batch:>6}  failed: {row['error']}")
             continue
         mfu = f"{row['mfu']:.1%}" if row["mfu"] is not None else "-"
         peak = f"{row['peak_gib']:.2f}" if row["peak_gib"] is not None else "-"
@@ -513,7 +532,7 @@ def print_table(rows: list[dict]) -> None:
             low, high = row["tokens_per_second_min"], row["tokens_per_second_max"]
             repeats = f"  {row['repeats']} repeats: {low:,.0f}-{high:,.0f} tokens/s"
         print(
-            f"{row['runner']:<14} {batch:>6} {row['tokens_per_second']:>11,.0f} {mfu:>6} "
+            f"{row['runner']:<20} {batch:>6} {row['tokens_per_second']:>11,.0f} {mfu:>6} "
             f"{peak:>9} {spread:>24} {ratio:>10}{repeats}"
         )
     for row in rows:
@@ -559,6 +578,12 @@ def main() -> None:
         default=[],
         help="a truthgpt config override, key=value (model.* keys: every runner's model)",
     )
+    parser.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        help="NAME:KEY=VALUE[,KEY=VALUE]: also run truthgpt with these overrides, as truthgpt:NAME",
+    )
     parser.add_argument("--profile", action="store_true", help="print truthgpt's top kernels")
     parser.add_argument(
         "--repeats",
@@ -571,6 +596,8 @@ def main() -> None:
     runners = ["truthgpt"] if args.skip_hf else parse_runners(args.runners, parser)
     if not 0 <= args.warmup < args.steps:
         parser.error(f"--warmup {args.warmup} must be below --steps {args.steps} (and >= 0)")
+    variants = parse_variants(args.variant, parser)
+    runners += list(variants)
     if args.repeats < 1:
         parser.error(f"--repeats {args.repeats} must be at least 1")
 
@@ -604,6 +631,8 @@ def main() -> None:
             "logging": {"progress": "none", "tensorboard": False, "plot": False},
         }
         config = load(raw_config, args.set)
+        for overrides in variants.values():  # a typo fails here, not after the first runners
+            load(raw_config, args.set + overrides)
         # One model for all: its weights saved once and opened by every runner.
         torch.manual_seed(0)
         model = Decoder(decoder_config(config.model, config.model.vocab_size))
@@ -646,9 +675,9 @@ def main() -> None:
         for repeat in range(args.repeats):
             for name in runners:
                 print(f"-- {name}" + (f" (repeat {repeat + 1})" if args.repeats > 1 else ""))
-                rows.append(
-                    {**measure(name, bench, run["flops_per_token"], peak), "repeat": repeat}
-                )
+                overrides = bench.overrides + variants.get(name, [])
+                mine = replace(bench, overrides=overrides)
+                rows.append({**measure(name, mine, run["flops_per_token"], peak), "repeat": repeat})
                 report_row(rows[-1])
                 if args.json:  # after each runner: a run cut short still leaves its rows
                     table = combine_repeats(rows)

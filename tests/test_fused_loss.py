@@ -146,6 +146,18 @@ def test_without_the_interpreter_the_cpu_takes_the_pytorch_steps_and_says_so() -
         linear_cross_entropy(hidden, weight, torch.zeros(4, dtype=torch.long), -100, kernel=True)
 
 
+def test_benchmark_runs_on_cpu() -> None:
+    # Keeps benchmarks/fused_loss.py in step with the loss (a smoke run, no timing): where the
+    # kernel cannot run, its row says so and the others are measured.
+    script = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "fused_loss.py")
+    args = ["--tiny", "--steps", "3", "--warmup", "1", "--repeats", "2", "--chunk-rows", "100"]
+    done = subprocess.run([sys.executable, script, *args], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "| chunked-torch 100 |" in done.stdout and "does not run on cpu" in done.stdout
+    losses = {line.split("|")[4].strip() for line in done.stdout.splitlines() if "x |" in line}
+    assert len(losses) == 1  # plain and chunked: the same loss
+
+
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 def test_loss_kernel_in_triton_interpreter() -> None:
     env = {**os.environ, "TRITON_INTERPRET": "1"}

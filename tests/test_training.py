@@ -219,14 +219,20 @@ def test_throughput_benchmark_runs_on_cpu(tmp_path: Path) -> None:
 
     out = tmp_path / "bench.json"
     script = ROOT / "benchmarks" / "train_throughput.py"
-    args = ["--tiny", "--steps", "3", "--warmup", "1", "--skip-hf", "--repeats", "2"]
-    args += ["--json", str(out)]
+    args = ["--tiny", "--steps", "3", "--warmup", "1", "--runners", "truthgpt", "--repeats", "2"]
+    args += ["--variant", "ce:training.fused_loss=true", "--json", str(out)]
     done = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert "truthgpt" in done.stdout and "2 repeats" in done.stdout
+    assert "truthgpt:ce" in done.stdout and "2 repeats" in done.stdout
     written = json.loads(out.read_text())
-    assert [row["repeat"] for row in written["repeats"]] == [0, 1]
-    assert written["rows"][0]["repeats"] == 2
+    # The variant takes its turn after the baseline in each repeat, with its own overrides.
+    assert [(row["runner"], row["repeat"]) for row in written["repeats"]] == [
+        ("truthgpt", 0), ("truthgpt:ce", 0), ("truthgpt", 1), ("truthgpt:ce", 1)
+    ]  # fmt: skip
+    assert [row["repeats"] for row in written["rows"]] == [2, 2]
+    typo = ["--tiny", "--runners", "truthgpt", "--variant", "x:training.fused_los=true"]
+    done = subprocess.run([sys.executable, str(script), *typo], capture_output=True, text=True)
+    assert done.returncode != 0 and "Did you mean 'training.fused_loss'" in done.stderr
 
 
 def test_compiled_variants_train_the_eager_steps(tmp_path: Path) -> None:
