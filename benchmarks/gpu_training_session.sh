@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# The training speed switches of issue 10 on one GPU, in three parts that each fit a 10-minute
+# device call (run from the repo root after installing the project):
+#   bash benchmarks/gpu_training_session.sh OUT_DIR checks      # GPU tests + kernel benchmarks
+#   bash benchmarks/gpu_training_session.sh OUT_DIR gpt2        # GPT-2 124M: switches, 3 turns
+#   bash benchmarks/gpu_training_session.sh OUT_DIR llama1b     # ~1B Llama: compile scopes, loss
+# Every table is also written to OUT_DIR; a part that runs out of time keeps what it printed.
+set -u
+out=${1:-/tmp/train-gpu}; part=${2:-checks}
+mkdir -p "$out"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
+python3 -c "import torch, transformers, triton; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__)" | tee -a "$out/gpu.txt"
+quiet() { grep -v "Writing model\|Loading weights\|^W[0-9]\|UserWarning" ; }
+case "$part" in
+checks)
+    timeout 200 python3 -m pytest -q -m "gpu or slow" -p no:cacheprovider tests/test_fused_loss.py \
+        tests/test_packed_attention.py "tests/test_gpu.py::test_compile_scopes_train_the_same_steps" \
+        2>&1 | tail -25 | tee "$out/gpu_tests.txt"
+    timeout 120 python3 benchmarks/fused_loss.py --shape gpt2 --repeats 3 --chunk-rows 4096 8192 \
+        2>&1 | quiet | tail -12 | tee "$out/fused_loss_gpt2.txt"
+    timeout 90 python3 benchmarks/fused_loss.py --shape llama --repeats 3 --chunk-rows 4096 8192 \
+        2>&1 | quiet | tail -12 | tee "$out/fused_loss_llama.txt"
+    timeout 120 python3 benchmarks/packed_attention.py --shape gpt2 --seq-lens 2048 4096 \
+        2>&1 | quiet | tail -14 | tee "$out/packed_gpt2.txt"
+    ;;
+gpt2)
+    # 32 x 2 is the best split measured so far (480k tokens/s): the baseline every switch meets.
+    timeout 570 python3 benchmarks/train_throughput.py --shape gpt2 --runners truthgpt \
+        --batch-size 32 --accum 2 --steps 25 --warmup 8 --repeats 3 \
+        --variant graphs:training.compile_mode=reduce-overhead \
+        --variant ce:training.fused_loss=true \
+        --variant graphs+ce:training.compile_mode=reduce-overhead,training.fused_loss=true \
+        --json "$out/gpt2.json" 2>&1 | quiet | tail -14 | tee "$out/gpt2.txt"
+    ;;
+llama1b)
+    # Per-block compile: the warm-up (compile) time against whole-model compile, same speed?
+    timeout 570 python3 benchmarks/train_throughput.py --shape llama1b --runners truthgpt \
+        --steps 16 --warmup 6 --repeats 2 \
+        --variant blocks:training.compile_scope=blocks \
+        --variant ce:training.fused_loss=true \
+        --json "$out/llama1b.json" 2>&1 | quiet | tail -12 | tee "$out/llama1b.txt"
+    ;;
+*)
+    echo "unknown part '$part': checks, gpt2 or llama1b" >&2
+    exit 2
+    ;;
+esac
