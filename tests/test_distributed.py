@@ -169,6 +169,37 @@ def test_an_fsdp_checkpoint_resumes_in_one_process_and_exports_merged(
     assert_close(losses(run_dir, "eval"), losses(reference, "eval"))
 
 
+def test_fsdp_gathers_bf16_weights_reduces_fp32_and_keeps_fp32_shards(
+    tmp_path: Path, capfd: pytest.CaptureFixture
+) -> None:
+    """One process (a group of one), bf16: with fsdp_param_dtype fp32 FSDP computes what plain
+    autocast does (the same losses); with auto the weights are gathered in bf16, which moves
+    the losses by bf16 rounding only, and the checkpoint's shards stay fp32."""
+    runs = {}
+    for name, extra in {
+        "plain": {},
+        "gather32": {"parallel": "fsdp", "fsdp_param_dtype": "fp32"},
+        "gather16": {"parallel": "fsdp"},
+    }.items():
+        raw = dist_config(tmp_path, name, precision="bf16", max_steps=4, **extra)
+        runs[name] = losses(train(load(raw)).run_dir)
+        if name == "gather16":
+            assert "fsdp: weights gathered in bfloat16" in capfd.readouterr().out
+    assert_close(runs["gather32"], runs["plain"])
+    assert runs["gather16"] != runs["plain"]
+    assert_close(runs["gather16"], runs["plain"], rel=2e-2)
+    from torch.distributed.checkpoint import FileSystemReader
+
+    last = Path(raw["output_dir"]) / "gather16" / "checkpoints" / "last" / "sharded"
+    stored = FileSystemReader(str(last)).read_metadata().state_dict_metadata
+    weights = {
+        key: meta.properties.dtype
+        for key, meta in stored.items()
+        if key.startswith("model.") and key.endswith("weight")
+    }
+    assert weights and set(weights.values()) == {torch.float32}, weights
+
+
 def test_muon_and_ema_under_fsdp_match_one_process_and_resume_from_their_shards(
     tmp_path: Path,
 ) -> None:

@@ -244,7 +244,8 @@ class TrainingConfig(Section):
     fused_loss: bool = Field(
         False,
         description="native decoder: LM head + cross-entropy in row chunks, never holding the "
-        "whole logits tensor (less memory for large vocabularies)",
+        "whole logits tensor (less memory for large vocabularies); on CUDA the cross-entropy "
+        "between the chunk's GEMMs is one Triton kernel",
     )
     # Default dense until flex has been timed and checked on a GPU (benchmarks/RESULTS.md).
     packed_attention: Literal["auto", "dense", "flex"] = Field(
@@ -269,6 +270,13 @@ class TrainingConfig(Section):
         "auto",
         description="across torchrun processes: ddp (replicas), fsdp (FSDP2 shards of weights, "
         "gradients and optimizer state) or none; auto: ddp with more than one process, else none",
+    )
+    fsdp_param_dtype: Literal["auto", "fp32"] = Field(
+        "auto",
+        description="parallel fsdp: the dtype its gathered weights have in forward and backward; "
+        "auto: the precision's (bf16: half the all-gather bytes and the gathered copy, the "
+        "residual stream in bf16, gradients reduced in fp32, shards and optimizer state stay "
+        "fp32, as torchtitan); fp32: gathered in fp32 and cast by autocast, as under ddp",
     )
     resume: bool | Literal["auto"] = Field(
         False,

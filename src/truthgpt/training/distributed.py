@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from truthgpt.config import Config
+from truthgpt.config import Config, TrainingConfig
 from truthgpt.errors import ConfigError
 
 T = TypeVar("T")
@@ -185,7 +185,9 @@ def gather(value: Any) -> list[Any]:
 # The model across ranks
 
 
-def wrap_model(model: nn.Module, world: World, device: torch.device) -> nn.Module:
+def wrap_model(
+    model: nn.Module, world: World, device: torch.device, param_dtype: torch.dtype | None = None
+) -> nn.Module:
     """The module the loop runs forward through: DDP around `model`, or `model` itself after
     FSDP2 sharded it in place (`shard_model`), or `model` unchanged."""
     if world.parallel == "ddp":
@@ -194,7 +196,7 @@ def wrap_model(model: nn.Module, world: World, device: torch.device) -> nn.Modul
         device_ids = [device.index] if device.type == "cuda" else None
         return DistributedDataParallel(model, device_ids=device_ids)
     if world.parallel == "fsdp":
-        shard_model(model, world, device)
+        shard_model(model, world, device, param_dtype)
     return model
 
 
@@ -218,14 +220,26 @@ def unsaved_buffers(model: nn.Module) -> set[str]:
     return {name for name, _ in model.named_buffers()} - set(model.state_dict())
 
 
-def shard_model(model: nn.Module, world: World, device: torch.device) -> bool:
+def fsdp_param_dtype(training: TrainingConfig, dtype: torch.dtype) -> torch.dtype | None:
+    """The dtype FSDP gathers the weights in for a run of compute `dtype`
+    (`training.fsdp_param_dtype`); None: as they are stored (fp32)."""
+    if training.fsdp_param_dtype == "fp32" or dtype == torch.float32:
+        return None
+    return dtype
+
+
+def shard_model(
+    model: nn.Module, world: World, device: torch.device, param_dtype: torch.dtype | None = None
+) -> bool:
     """FSDP2: shard `model` in place onto `device`, each repeated block and then the root, so
     only one block's full weights are gathered at a time (ZeRO-3). fully_shard moves each
     group's parameters to the device as it shards them: no GPU ever holds the whole model.
+    With `param_dtype` the gathered weights take that dtype (the shards stay fp32) and
+    gradients are reduced in fp32 (`fsdp_param_dtype`).
     Ranks that built the model on the meta device (`build_on_ranks`) get their shards from
     rank 0's weights. Returns whether they did; a model sharded already is left as it is."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     if is_sharded(model):
         return False
@@ -234,9 +248,12 @@ def shard_model(model: nn.Module, world: World, device: torch.device) -> bool:
     from_main = any_rank([on_meta], device)[0]
     # Rank 0's weights as they are now: the values every rank's shards start from.
     full = model.state_dict() if from_main and world.is_main else {}
+    # fp32 reduction: a bf16 sum over ranks and accumulated micro-batches would lose the
+    # small gradients (FSDP2 then also accumulates unsynced micro-batches in fp32).
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     for block in repeated_blocks(model):
-        fully_shard(block)
-    fully_shard(model)
+        fully_shard(block, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
     if on_meta:
         model.to_empty(device=device)
     if from_main:

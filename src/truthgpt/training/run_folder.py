@@ -52,6 +52,7 @@ STEERING_KEYS = (
     "training.fused_loss",
     "training.packed_attention",
     "training.gradient_checkpointing",
+    "training.fsdp_param_dtype",  # the shards and optimizer state stay fp32 either way
     "training.early_stopping.",
     "training.nonfinite.",
     "data.num_workers",

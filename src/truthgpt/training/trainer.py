@@ -128,7 +128,8 @@ class Trainer:
         if self.train_cfg.compile and self.train_cfg.compile_scope == "blocks":
             compile_blocks(model, self.train_cfg.compile_mode)
         # Before the optimizer: FSDP replaces the parameters by their shards.
-        self.forward_model = distributed.wrap_model(model, self.world, device)
+        param_dtype = distributed.fsdp_param_dtype(self.train_cfg, self.dtype)
+        self.forward_model = distributed.wrap_model(model, self.world, device, param_dtype)
         if self.train_cfg.compile and self.train_cfg.compile_scope == "model":
             self.forward_model = torch.compile(self.forward_model, mode=self.train_cfg.compile_mode)
         self.optimizer = build_optimizer(model, config.optim, device)
@@ -773,8 +774,16 @@ def _train(
         # FP8 layers go in first, as torchao's float8 needs them under fully_shard.
         if config.training.fp8 != "none":
             enable_fp8(model, config.training.fp8, device, log)
-        if distributed.shard_model(model, world, device):
+        dtype = resolve_precision(config.training.precision, device)
+        param_dtype = distributed.fsdp_param_dtype(config.training, dtype)
+        if distributed.shard_model(model, world, device, param_dtype):
             log(f"fsdp: one full copy of the weights (rank 0's) sharded to {world.size} ranks")
+        if param_dtype is not None:
+            name = str(param_dtype).removeprefix("torch.")
+            log(
+                f"fsdp: weights gathered in {name} for forward and backward, gradients reduced "
+                "in fp32, shards and optimizer state in fp32 (training.fsdp_param_dtype)"
+            )
     else:
         model = model.to(device)
     # Before the Trainer compiles and wraps the model: the probe runs it as it is.
