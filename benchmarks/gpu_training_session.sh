@@ -4,6 +4,7 @@
 #   bash benchmarks/gpu_training_session.sh OUT_DIR checks      # GPU tests + kernel benchmarks
 #   bash benchmarks/gpu_training_session.sh OUT_DIR gpt2        # GPT-2 124M: switches, 3 turns
 #   bash benchmarks/gpu_training_session.sh OUT_DIR llama1b     # ~1B Llama: compile scopes, loss
+#   bash benchmarks/gpu_training_session.sh OUT_DIR scaling     # 2 GPUs (nvidia-h200-x2): DDP/FSDP
 # Every table is also written to OUT_DIR; a part that runs out of time keeps what it printed.
 set -u
 out=${1:-/tmp/train-gpu}; part=${2:-checks}
@@ -40,8 +41,17 @@ llama1b)
         --variant ce:training.fused_loss=true \
         --json "$out/llama1b.json" 2>&1 | quiet | tail -12 | tee "$out/llama1b.txt"
     ;;
+scaling)
+    # The bar: 90% of 2x one GPU, on both shapes. FSDP's bf16 gathered weights vs fp32.
+    timeout 300 python3 benchmarks/scaling.py --shape gpt2 --nproc 2 --parallel ddp fsdp \
+        --steps 25 --warmup 8 --repeats 2 --json "$out/scaling_gpt2.json" 2>&1 | quiet | tail -8 \
+        | tee "$out/scaling_gpt2.txt"
+    timeout 290 python3 benchmarks/scaling.py --shape llama1b --nproc 2 --parallel ddp fsdp \
+        --steps 12 --warmup 5 --repeats 1 --json "$out/scaling_llama1b.json" 2>&1 | quiet \
+        | tail -8 | tee "$out/scaling_llama1b.txt"
+    ;;
 *)
-    echo "unknown part '$part': checks, gpt2 or llama1b" >&2
+    echo "unknown part '$part': checks, gpt2, llama1b or scaling" >&2
     exit 2
     ;;
 esac

@@ -443,3 +443,20 @@ def test_fsdp_ranks_past_0_build_on_meta_unless_buffers_need_a_full_build() -> N
     )
     hf = build_on_ranks(lambda: AutoModelForCausalLM.from_config(hf_config), rank_1)
     assert not any(t.is_meta for t in [*hf.parameters(), *hf.buffers()])
+
+
+def test_scaling_benchmark_runs_on_cpu_processes(tmp_path: Path) -> None:
+    # Keeps benchmarks/scaling.py in step with the Trainer (a smoke run of its launch through
+    # torch.distributed.run and its table; gloo on CPU says nothing about speed).
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "scaling.py"
+    out = tmp_path / "scaling.json"
+    args = ["--tiny", "--steps", "3", "--warmup", "1", "--repeats", "1", "--json", str(out)]
+    done = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads(out.read_text())
+    assert [(row["parallel"], row["nproc"], row["repeats"]) for row in rows] == [
+        ("none", 1, 1),
+        ("ddp", 2, 1),
+    ]
+    assert all(row["tokens_per_second"] > 0 for row in rows)
+    assert "| ddp x 2 |" in done.stdout and "efficiency" in done.stdout
