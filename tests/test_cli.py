@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import yaml
 from conftest import tiny_raw_config
 from transformers import AutoTokenizer, GPTNeoXConfig, GPTNeoXForCausalLM
@@ -81,6 +82,26 @@ def test_generate_from_a_plain_hf_folder(tmp_path: Path) -> None:
     )
     assert out.exit_code == 0, out.output
     assert out.stdout.startswith("import ")
+
+
+@pytest.mark.parametrize(
+    "flag, value, allowed",
+    [
+        ("--top-p", "0", "(0, 1]"),
+        ("--top-p", "1.5", "(0, 1]"),
+        ("--top-k", "0", "1"),
+        ("--temperature", "-1", "0"),
+        ("--max-new-tokens", "0", "1"),
+        ("--device", "tpu", "cuda:N"),
+    ],
+)
+def test_generate_errors_name_the_flag_the_user_typed(
+    tmp_path: Path, flag: str, value: str, allowed: str
+) -> None:
+    out = runner.invoke(app, ["generate", str(tmp_path), "-p", "x", flag, value])
+    assert out.exit_code == 1
+    assert f"{flag}: " in out.output and allowed in out.output, out.output
+    assert "inference." not in out.output
 
 
 def test_generate_reports_a_missing_folder(tmp_path: Path) -> None:

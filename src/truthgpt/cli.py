@@ -173,11 +173,14 @@ def generate(
     out: Annotated[
         Path | None, typer.Option("--out", "-o", help="With --prompts-file: JSONL results here.")
     ] = None,
-    max_new_tokens: Annotated[int | None, typer.Option(min=1)] = None,
-    temperature: Annotated[float | None, typer.Option(min=0.0, help="0 is greedy.")] = None,
-    top_k: Annotated[int | None, typer.Option(min=1)] = None,
+    # The ranges of these four are the inference: section's (config.py), checked there.
+    max_new_tokens: Annotated[int | None, typer.Option(help="New tokens at most (>= 1).")] = None,
+    temperature: Annotated[float | None, typer.Option(help="0 is greedy.")] = None,
+    top_k: Annotated[int | None, typer.Option(help="Sample among the k likeliest.")] = None,
     top_p: Annotated[float | None, typer.Option(help="Nucleus mass in (0, 1].")] = None,
-    seed: Annotated[int | None, typer.Option(help="Fix the sampling RNG.")] = None,
+    seed: Annotated[
+        int | None, typer.Option(min=-(2**63), max=2**63 - 1, help="Fix the sampling RNG.")
+    ] = None,
     n: Annotated[int, typer.Option(min=1, help="Samples per prompt.")] = 1,
     stop: Annotated[
         list[str] | None,
@@ -264,20 +267,19 @@ def serve(
     set_: SetOption = None,
 ) -> None:
     """Serve a model behind an OpenAI-compatible HTTP API (completions, chat, streaming)."""
-    import json
-
+    from truthgpt.config import flag_overrides
     from truthgpt.serving.server import run_server, serve_config
 
-    flags = {
+    given = {
         "serve.host": host,
         "serve.port": port,
         "serve.api_key": api_key,
         "serve.served_model_name": served_model_name,
         "inference.device": device,
     }
-    overrides = [f"{key}={json.dumps(value)}" for key, value in flags.items() if value is not None]
+    overrides, flags = flag_overrides(given, set_ or [])
     try:
-        run_server(model, serve_config(model, config, overrides + (set_ or [])))
+        run_server(model, serve_config(model, config, overrides + (set_ or []), flags))
     except (TruthGPTError, ValueError, OSError) as exc:
         _fail(exc)
 
