@@ -46,6 +46,10 @@ def test_train_then_generate(tmp_path: Path) -> None:
     assert greedy[0].stdout.startswith("def ")
     seeded = [runner.invoke(app, [*args, "--seed", "3", "--top-p", "0.9"]) for _ in range(2)]
     assert seeded[0].exit_code == 0 and seeded[0].output == seeded[1].output
+    # --top-k 0 and -1 are off, as in the API and the sampler: the same as a k past the vocab.
+    top_k = [runner.invoke(app, [*args, "--seed", "3", "--top-k", k]) for k in ("0", "-1", "9999")]
+    assert top_k[0].exit_code == 0, top_k[0].output
+    assert top_k[0].output == top_k[1].output == top_k[2].output
     # A second train into the same run folder is refused, nothing is lost.
     again = runner.invoke(app, ["train", str(path), "--set", "training.max_steps=10"])
     assert again.exit_code == 1 and "already holds a run" in again.output
@@ -82,6 +86,14 @@ def test_generate_from_a_plain_hf_folder(tmp_path: Path) -> None:
     )
     assert out.exit_code == 0, out.output
     assert out.stdout.startswith("import ")
+    # Sampling through transformers' generate: top_k -1 is off there too (transformers
+    # itself refuses it), the same as 0.
+    sampled = [
+        runner.invoke(app, ["generate", str(folder), "-p", "import ", "--seed", "1", "--top-k", k])
+        for k in ("-1", "0")
+    ]
+    assert sampled[0].exit_code == 0, sampled[0].output
+    assert sampled[0].output == sampled[1].output
 
 
 @pytest.mark.parametrize(
@@ -89,7 +101,7 @@ def test_generate_from_a_plain_hf_folder(tmp_path: Path) -> None:
     [
         ("--top-p", "0", "(0, 1]"),
         ("--top-p", "1.5", "(0, 1]"),
-        ("--top-k", "0", "1"),
+        ("--top-k", "-2", "-1"),
         ("--temperature", "-1", "0"),
         ("--max-new-tokens", "0", "1"),
         ("--device", "tpu", "cuda:N"),

@@ -224,7 +224,7 @@ def test_a_number_out_of_range_or_of_the_wrong_type_says_what_is_allowed() -> No
     assert "model.hidden_size" in message and "'wide'" in message
     assert "allowed: an integer >= 8" in message
     assert "allowed: a number in (0, 1]" in error_of({"inference": {"top_p": 0}})
-    assert "allowed: an integer >= 1, or empty" in error_of({"inference": {"top_k": "all"}})
+    assert "allowed: an integer >= -1, or empty" in error_of({"inference": {"top_k": "all"}})
 
 
 def test_errors_name_the_flag_that_set_a_key() -> None:
@@ -241,3 +241,9 @@ def error_of_flags(raw: dict, overrides: list[str], flags: dict[str, str]) -> st
     with pytest.raises(ConfigError) as info:
         load(raw, overrides, flags)
     return str(info.value)
+
+
+def test_top_k_0_and_minus_1_mean_off_as_in_the_sampler() -> None:
+    for off in (0, -1, None):
+        assert load({"inference": {"top_k": off}}).inference.top_k == off
+    assert "inference.top_k" in error_of({"inference": {"top_k": -2}})

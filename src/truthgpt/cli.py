@@ -176,7 +176,9 @@ def generate(
     # The ranges of these four are the inference: section's (config.py), checked there.
     max_new_tokens: Annotated[int | None, typer.Option(help="New tokens at most (>= 1).")] = None,
     temperature: Annotated[float | None, typer.Option(help="0 is greedy.")] = None,
-    top_k: Annotated[int | None, typer.Option(help="Sample among the k likeliest.")] = None,
+    top_k: Annotated[
+        int | None, typer.Option(help="Sample among the k likeliest; 0 or -1: off.")
+    ] = None,
     top_p: Annotated[float | None, typer.Option(help="Nucleus mass in (0, 1].")] = None,
     seed: Annotated[
         int | None, typer.Option(min=-(2**63), max=2**63 - 1, help="Fix the sampling RNG.")

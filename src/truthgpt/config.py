@@ -387,7 +387,9 @@ class InferenceConfig(Section):
 
     max_new_tokens: int = Field(128, ge=1, description="generation: tokens to sample at most")
     temperature: float = Field(0.8, ge=0, description="0: greedy")
-    top_k: int | None = Field(50, ge=1, description="sample among the k likeliest; empty: all")
+    top_k: int | None = Field(
+        50, ge=-1, description="sample among the k likeliest; 0, -1 or empty: all (off)"
+    )
     top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling mass")
     device: str = Field("auto", description="auto, cpu, cuda, cuda:N or mps")
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = Field(
