@@ -222,6 +222,9 @@ def generate(
         prompts = gen.read_prompts(prompts_file) if prompts_file is not None else None
         stop = [gen.unescape(item) for item in stop or []]
         llm, params = gen.open_llm(model, config, given, set_ or [], n, seed, stop)
+        note = gen.chat_note(llm.tokenizer) if chat else None
+        if note:
+            typer.echo(note, err=True)
         if prompts is not None:
             if chat:
                 prompts = [gen.chat_prompt(llm.tokenizer, p) for p in prompts]

@@ -12,17 +12,24 @@ from pathlib import Path
 from transformers import PreTrainedTokenizerBase
 
 from truthgpt.errors import RequestError
+from truthgpt.inference.chat_template import chat_text, uses_plain_template
 from truthgpt.inference.llm import load_for_generation  # noqa: F401  (re-exported)
 
 
 def chat_prompt(tokenizer: PreTrainedTokenizerBase, user_message: str) -> str:
-    """The text a chat model expects for one user turn, ending where the answer begins."""
-    if not tokenizer.chat_template:
-        raise RequestError(
-            "this model's tokenizer has no chat template; drop --chat or fine-tune with task: sft"
-        )
-    messages = [{"role": "user", "content": user_message}]
-    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    """The text a chat model expects for one user turn, ending where the answer begins (the
+    server's plain template when the tokenizer has none: see `chat_note`)."""
+    return chat_text(tokenizer, [{"role": "user", "content": user_message}])
+
+
+def chat_note(tokenizer: PreTrainedTokenizerBase) -> str | None:
+    """A sentence when --chat formats with the plain template (the tokenizer has none)."""
+    if not uses_plain_template(tokenizer):
+        return None
+    return (
+        "note: this model's tokenizer has no chat template; --chat uses the server's plain "
+        "role headers (<|user|>, <|assistant|>)"
+    )
 
 
 def unescape(text: str) -> str:
