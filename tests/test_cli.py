@@ -50,6 +50,10 @@ def test_train_then_generate(tmp_path: Path) -> None:
     top_k = [runner.invoke(app, [*args, "--seed", "3", "--top-k", k]) for k in ("0", "-1", "9999")]
     assert top_k[0].exit_code == 0, top_k[0].output
     assert top_k[0].output == top_k[1].output == top_k[2].output
+    # A prompt past the context (64 tokens) fails before any of it is echoed.
+    long = runner.invoke(app, ["generate", str(run_dir), "--prompt", "def f(): pass\n" * 40])
+    assert long.exit_code == 1 and "context is 64 tokens" in long.output, long.output
+    assert long.stdout == ""
     # A second train into the same run folder is refused, nothing is lost.
     again = runner.invoke(app, ["train", str(path), "--set", "training.max_steps=10"])
     assert again.exit_code == 1 and "already holds a run" in again.output

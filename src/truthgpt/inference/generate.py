@@ -84,12 +84,16 @@ def stream_text(llm, prompt: str, params) -> Iterator[str]:
 
 
 def length_note(llm, prompt: str, max_tokens: int) -> str | None:
-    """A sentence when the context cannot hold prompt + max_tokens (generation stops early)."""
+    """A sentence when the context cannot hold prompt + max_tokens (generation stops early);
+    a RequestError when it cannot hold the prompt, before anything is printed."""
+    from truthgpt.inference.engine import check_prompt_length
+
     context = llm.context_length
     if context is None:
         return None
     prompt_len = len(llm.tokenizer.encode(prompt))
-    if prompt_len < context and prompt_len + max_tokens > context:
+    check_prompt_length(prompt_len, context)
+    if prompt_len + max_tokens > context:
         return (
             f"note: --max-new-tokens {max_tokens} capped at {context - prompt_len}: the model's "
             f"context is {context} tokens and the prompt takes {prompt_len}"
