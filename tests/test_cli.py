@@ -11,6 +11,7 @@ from transformers import AutoTokenizer, GPTNeoXConfig, GPTNeoXForCausalLM
 from typer.testing import CliRunner
 
 from truthgpt.cli import app
+from truthgpt.config import load
 from truthgpt.manifest import write_manifest
 
 runner = CliRunner()
@@ -31,6 +32,27 @@ def test_validate_prints_resolved_config_or_errors(tmp_path: Path) -> None:
     assert bad.exit_code == 1
     assert "training.max_stepz: unknown key" in bad.output
     assert "Did you mean 'training.max_steps'" in bad.output
+
+
+def test_validate_shows_the_sections_of_the_configs_task(tmp_path: Path) -> None:
+    root = Path(__file__).resolve().parents[1] / "configs"
+    language = runner.invoke(app, ["validate", str(root / "quickstart.yaml")])
+    assert language.exit_code == 0, language.output
+    shown = yaml.safe_load(language.output)
+    assert {"inference", "serve"} <= set(shown)
+    assert not {"diffusion", "diffusion_training"} & set(shown)
+    # What it leaves out is the defaults: the printed config loads back as the same config.
+    assert load(shown) == load(root / "quickstart.yaml")
+    image = yaml.safe_load(
+        runner.invoke(app, ["validate", str(root / "digits-diffusion.yaml")]).output
+    )
+    assert {"diffusion", "diffusion_training"} <= set(image)
+    assert not {"inference", "serve"} & set(image)
+    # A section the config sets is shown whatever its task (a diffusion: for `truthgpt image`).
+    drawn = runner.invoke(
+        app, ["validate", str(root / "quickstart.yaml"), "--set", "diffusion.prompt=a cat"]
+    )
+    assert yaml.safe_load(drawn.output)["diffusion"]["prompt"] == "a cat"
 
 
 def test_train_then_generate(tmp_path: Path) -> None:

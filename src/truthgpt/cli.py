@@ -35,14 +35,14 @@ def validate(
     config: Annotated[Path, typer.Argument(help="YAML file or run folder.")],
     set_: SetOption = None,
 ) -> None:
-    """Print the resolved config, or every error in it (exit code 1)."""
+    """Print the resolved config (the sections its task reads), or every error in it (exit 1)."""
     from truthgpt.config import load
 
     try:
         resolved = load(config, set_ or [])
     except TruthGPTError as exc:
         _fail(exc)
-    typer.echo(resolved.to_yaml(), nl=False)
+    typer.echo(resolved.to_yaml(relevant_only=True), nl=False)
 
 
 @app.command()

@@ -662,8 +662,23 @@ class Config(Section):
     def run_dir(self) -> Path:
         return Path(self.output_dir) / self.run_name
 
-    def to_yaml(self) -> str:
-        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+    def to_yaml(self, relevant_only: bool = False) -> str:
+        """The whole config as YAML. relevant_only: without the sections that only the other
+        kind of task reads, while they hold their defaults (what `truthgpt validate` shows)."""
+        data = self.model_dump(mode="json")
+        if relevant_only:
+            image_task = self.task in IMAGE_TASKS
+            for name in LANGUAGE_ONLY_SECTIONS if image_task else IMAGE_ONLY_SECTIONS:
+                default = type(self).model_fields[name].get_default(call_default_factory=True)
+                if getattr(self, name) == default:
+                    del data[name]
+        return yaml.safe_dump(data, sort_keys=False)
+
+
+# Sections only one kind of task reads: `generate` and `serve` run language models; `truthgpt
+# image` and the image-generation task read the diffusion ones.
+LANGUAGE_ONLY_SECTIONS = ("inference", "serve")
+IMAGE_ONLY_SECTIONS = ("diffusion", "diffusion_training")
 
 
 # ---------------------------------------------------------------------------------------------
