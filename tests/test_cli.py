@@ -166,6 +166,19 @@ def test_eval_on_the_run_split_and_on_files(tmp_path: Path) -> None:
     one = runner.invoke(app, ["eval", str(run_dir / "checkpoints" / "last"), "--max-batches", "3"])
     assert one.exit_code == 0, one.output
     assert "checkpoints/last on val" in one.stdout
+    # A file shorter than one block is still text to evaluate (the one-block rule is
+    # training's); training on it is refused, naming the train split.
+    tiny = tmp_path / "tiny.txt"
+    tiny.write_text("x = 1\n")
+    small = runner.invoke(app, ["eval", str(run_dir), "--data", str(tiny)])
+    assert small.exit_code == 0, small.output
+    assert "tiny.txt" in small.stdout and "train" not in small.output
+    on_tiny = ["data.source=text", f"data.paths=[{tiny}]", "run_name=tiny-data"]
+    refused = runner.invoke(app, ["train", str(path), *[f"--set={item}" for item in on_tiny]])
+    assert refused.exit_code == 1 and "the train split has" in refused.output, refused.output
+    no_val = runner.invoke(app, ["eval", str(run_dir), "--set", "data.val_fraction=0"])
+    assert no_val.exit_code == 1 and "the val split of" in no_val.output
+    assert "no token to predict" in no_val.output
     missing = runner.invoke(app, ["eval", str(tmp_path / "nothing")])
     assert missing.exit_code == 1 and "does not exist" in missing.output
     other = runner.invoke(app, ["eval", str(tmp_path)])
