@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -271,3 +274,29 @@ def test_generate_out_never_writes_over_a_run_or_an_existing_file(tmp_path: Path
         ["generate", str(run_dir), "--prompt", "def ", "--stop", "\\n", "--temperature", "0"],
     )
     assert stopped.exit_code == 0 and stopped.stdout.count("\n") <= 1
+
+
+def test_ctrl_c_while_the_cli_imports_exits_130_without_a_traceback() -> None:
+    # A real SIGINT, sent by the process to itself when pydantic starts to import: the first
+    # ~0.2 s of every command, before typer's own Ctrl-C handling (exit 130) is in place.
+    code = textwrap.dedent(
+        """
+        import os, runpy, signal, sys
+
+        class CtrlC:
+            def find_spec(self, name, path=None, target=None):
+                if name == "pydantic":
+                    os.kill(os.getpid(), signal.SIGINT)
+                return None
+
+        sys.meta_path.insert(0, CtrlC())
+        sys.argv = ["truthgpt", "validate", "configs/quickstart.yaml"]
+        runpy.run_module("truthgpt", run_name="__main__", alter_sys=True)
+        """
+    )
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 130, done.stderr
+    assert done.stderr == "" and done.stdout == ""
