@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
+import pytest
 import yaml
 from conftest import tiny_raw_config
 from transformers import AutoTokenizer, GPTNeoXConfig, GPTNeoXForCausalLM
 from typer.testing import CliRunner
 
 from truthgpt.cli import app
+from truthgpt.config import load
 from truthgpt.manifest import write_manifest
 
 runner = CliRunner()
@@ -32,6 +37,27 @@ def test_validate_prints_resolved_config_or_errors(tmp_path: Path) -> None:
     assert "Did you mean 'training.max_steps'" in bad.output
 
 
+def test_validate_shows_the_sections_of_the_configs_task(tmp_path: Path) -> None:
+    root = Path(__file__).resolve().parents[1] / "configs"
+    language = runner.invoke(app, ["validate", str(root / "quickstart.yaml")])
+    assert language.exit_code == 0, language.output
+    shown = yaml.safe_load(language.output)
+    assert {"inference", "serve"} <= set(shown)
+    assert not {"diffusion", "diffusion_training"} & set(shown)
+    # What it leaves out is the defaults: the printed config loads back as the same config.
+    assert load(shown) == load(root / "quickstart.yaml")
+    image = yaml.safe_load(
+        runner.invoke(app, ["validate", str(root / "digits-diffusion.yaml")]).output
+    )
+    assert {"diffusion", "diffusion_training"} <= set(image)
+    assert not {"inference", "serve"} & set(image)
+    # A section the config sets is shown whatever its task (a diffusion: for `truthgpt image`).
+    drawn = runner.invoke(
+        app, ["validate", str(root / "quickstart.yaml"), "--set", "diffusion.prompt=a cat"]
+    )
+    assert yaml.safe_load(drawn.output)["diffusion"]["prompt"] == "a cat"
+
+
 def test_train_then_generate(tmp_path: Path) -> None:
     path = write_config(tmp_path)
     result = runner.invoke(app, ["train", str(path), "--set", "training.max_steps=10"])
@@ -45,6 +71,14 @@ def test_train_then_generate(tmp_path: Path) -> None:
     assert greedy[0].stdout.startswith("def ")
     seeded = [runner.invoke(app, [*args, "--seed", "3", "--top-p", "0.9"]) for _ in range(2)]
     assert seeded[0].exit_code == 0 and seeded[0].output == seeded[1].output
+    # --top-k 0 and -1 are off, as in the API and the sampler: the same as a k past the vocab.
+    top_k = [runner.invoke(app, [*args, "--seed", "3", "--top-k", k]) for k in ("0", "-1", "9999")]
+    assert top_k[0].exit_code == 0, top_k[0].output
+    assert top_k[0].output == top_k[1].output == top_k[2].output
+    # A prompt past the context (64 tokens) fails before any of it is echoed.
+    long = runner.invoke(app, ["generate", str(run_dir), "--prompt", "def f(): pass\n" * 40])
+    assert long.exit_code == 1 and "context is 64 tokens" in long.output, long.output
+    assert long.stdout == ""
     # A second train into the same run folder is refused, nothing is lost.
     again = runner.invoke(app, ["train", str(path), "--set", "training.max_steps=10"])
     assert again.exit_code == 1 and "already holds a run" in again.output
@@ -81,6 +115,34 @@ def test_generate_from_a_plain_hf_folder(tmp_path: Path) -> None:
     )
     assert out.exit_code == 0, out.output
     assert out.stdout.startswith("import ")
+    # Sampling through transformers' generate: top_k -1 is off there too (transformers
+    # itself refuses it), the same as 0.
+    sampled = [
+        runner.invoke(app, ["generate", str(folder), "-p", "import ", "--seed", "1", "--top-k", k])
+        for k in ("-1", "0")
+    ]
+    assert sampled[0].exit_code == 0, sampled[0].output
+    assert sampled[0].output == sampled[1].output
+
+
+@pytest.mark.parametrize(
+    "flag, value, allowed",
+    [
+        ("--top-p", "0", "(0, 1]"),
+        ("--top-p", "1.5", "(0, 1]"),
+        ("--top-k", "-2", "-1"),
+        ("--temperature", "-1", "0"),
+        ("--max-new-tokens", "0", "1"),
+        ("--device", "tpu", "cuda:N"),
+    ],
+)
+def test_generate_errors_name_the_flag_the_user_typed(
+    tmp_path: Path, flag: str, value: str, allowed: str
+) -> None:
+    out = runner.invoke(app, ["generate", str(tmp_path), "-p", "x", flag, value])
+    assert out.exit_code == 1
+    assert f"{flag}: " in out.output and allowed in out.output, out.output
+    assert "inference." not in out.output
 
 
 def test_generate_reports_a_missing_folder(tmp_path: Path) -> None:
@@ -107,6 +169,19 @@ def test_eval_on_the_run_split_and_on_files(tmp_path: Path) -> None:
     one = runner.invoke(app, ["eval", str(run_dir / "checkpoints" / "last"), "--max-batches", "3"])
     assert one.exit_code == 0, one.output
     assert "checkpoints/last on val" in one.stdout
+    # A file shorter than one block is still text to evaluate (the one-block rule is
+    # training's); training on it is refused, naming the train split.
+    tiny = tmp_path / "tiny.txt"
+    tiny.write_text("x = 1\n")
+    small = runner.invoke(app, ["eval", str(run_dir), "--data", str(tiny)])
+    assert small.exit_code == 0, small.output
+    assert "tiny.txt" in small.stdout and "train" not in small.output
+    on_tiny = ["data.source=text", f"data.paths=[{tiny}]", "run_name=tiny-data"]
+    refused = runner.invoke(app, ["train", str(path), *[f"--set={item}" for item in on_tiny]])
+    assert refused.exit_code == 1 and "the train split has" in refused.output, refused.output
+    no_val = runner.invoke(app, ["eval", str(run_dir), "--set", "data.val_fraction=0"])
+    assert no_val.exit_code == 1 and "the val split of" in no_val.output
+    assert "no token to predict" in no_val.output
     missing = runner.invoke(app, ["eval", str(tmp_path / "nothing")])
     assert missing.exit_code == 1 and "does not exist" in missing.output
     other = runner.invoke(app, ["eval", str(tmp_path)])
@@ -149,13 +224,17 @@ def test_resume_flag_continues_a_run(tmp_path: Path) -> None:
     assert "resumed from" in more.output and "at step 10" in more.output
 
 
-def test_generate_chat_uses_the_template_or_says_why_not(tmp_path: Path) -> None:
+def test_generate_chat_uses_the_template_or_the_servers_plain_one(tmp_path: Path) -> None:
     path = write_config(tmp_path)
     assert runner.invoke(app, ["train", str(path), "--set", "training.max_steps=2"]).exit_code == 0
     run_dir = tmp_path / "runs" / "tiny"
     args = ["generate", str(run_dir), "--chat", "--prompt", "hi", "--max-new-tokens", "3"]
-    refused = runner.invoke(app, args)
-    assert refused.exit_code == 1 and "no chat template" in refused.output
+    # No template of its own (task causal_lm): the plain role headers the server falls back
+    # to, said in one line.
+    plain = runner.invoke(app, [*args, "--temperature", "0"])
+    assert plain.exit_code == 0, plain.output
+    assert plain.stdout.startswith("<|user|>\nhi\n<|assistant|>\n")
+    assert plain.stderr.count("\n") == 1 and "no chat template" in plain.stderr
     best = run_dir / "checkpoints" / "best"
     tokenizer = AutoTokenizer.from_pretrained(str(best))
     tokenizer.chat_template = "{% for m in messages %}[{{ m['content'] }}]{% endfor %}=>"
@@ -163,7 +242,7 @@ def test_generate_chat_uses_the_template_or_says_why_not(tmp_path: Path) -> None
     write_manifest(best)  # an edited checkpoint needs a new manifest, or readers skip it
     chat = runner.invoke(app, [*args, "--temperature", "0"])
     assert chat.exit_code == 0, chat.output
-    assert chat.stdout.startswith("[hi]=>")
+    assert chat.stdout.startswith("[hi]=>") and "no chat template" not in chat.stderr
 
 
 def test_generate_out_never_writes_over_a_run_or_an_existing_file(tmp_path: Path) -> None:
@@ -195,3 +274,29 @@ def test_generate_out_never_writes_over_a_run_or_an_existing_file(tmp_path: Path
         ["generate", str(run_dir), "--prompt", "def ", "--stop", "\\n", "--temperature", "0"],
     )
     assert stopped.exit_code == 0 and stopped.stdout.count("\n") <= 1
+
+
+def test_ctrl_c_while_the_cli_imports_exits_130_without_a_traceback() -> None:
+    # A real SIGINT, sent by the process to itself when pydantic starts to import: the first
+    # ~0.2 s of every command, before typer's own Ctrl-C handling (exit 130) is in place.
+    code = textwrap.dedent(
+        """
+        import os, runpy, signal, sys
+
+        class CtrlC:
+            def find_spec(self, name, path=None, target=None):
+                if name == "pydantic":
+                    os.kill(os.getpid(), signal.SIGINT)
+                return None
+
+        sys.meta_path.insert(0, CtrlC())
+        sys.argv = ["truthgpt", "validate", "configs/quickstart.yaml"]
+        runpy.run_module("truthgpt", run_name="__main__", alter_sys=True)
+        """
+    )
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 130, done.stderr
+    assert done.stderr == "" and done.stdout == ""

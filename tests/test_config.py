@@ -206,3 +206,44 @@ def test_readme_documents_every_key_and_ci_runs_its_test_command() -> None:
     ci = (ROOT / ".ci" / "run").read_text()
     command = next(line for line in ci.splitlines() if "pytest" in line and "pip install" in line)
     assert command.strip() in readme
+
+
+def test_a_section_check_names_the_field_not_the_section() -> None:
+    # The model section's own check (heads divide the width) is about one field: its key and
+    # value, what is allowed, and not the whole section's dict.
+    message = error_of({"model": {"hidden_size": 30, "num_heads": 4, "num_layers": 2}})
+    assert "model.hidden_size: not divisible by num_heads (4) (got 30)" in message
+    assert "allowed: multiples of 4" in message
+    assert "num_layers" not in message and "{" not in message
+    message = error_of({"model": {"num_heads": 4, "num_kv_heads": 3}})
+    assert "model.num_heads: not divisible by num_kv_heads (3) (got 4)" in message
+
+
+def test_a_number_out_of_range_or_of_the_wrong_type_says_what_is_allowed() -> None:
+    message = error_of({"model": {"hidden_size": "wide"}})
+    assert "model.hidden_size" in message and "'wide'" in message
+    assert "allowed: an integer >= 8" in message
+    assert "allowed: a number in (0, 1]" in error_of({"inference": {"top_p": 0}})
+    assert "allowed: an integer >= -1, or empty" in error_of({"inference": {"top_k": "all"}})
+
+
+def test_errors_name_the_flag_that_set_a_key() -> None:
+    flags = {"inference.top_p": "--top-p"}
+    message = error_of_flags({}, ["inference.top_p=0"], flags)
+    assert "--top-p: " in message and "(got 0)" in message and "(0, 1]" in message
+    assert "inference.top_p" not in message
+    # A key the flags did not set keeps its key path.
+    message = error_of_flags({}, ["inference.top_p=0.5", "inference.temperature=-1"], flags)
+    assert "inference.temperature: " in message and "--top-p" not in message
+
+
+def error_of_flags(raw: dict, overrides: list[str], flags: dict[str, str]) -> str:
+    with pytest.raises(ConfigError) as info:
+        load(raw, overrides, flags)
+    return str(info.value)
+
+
+def test_top_k_0_and_minus_1_mean_off_as_in_the_sampler() -> None:
+    for off in (0, -1, None):
+        assert load({"inference": {"top_k": off}}).inference.top_k == off
+    assert "inference.top_k" in error_of({"inference": {"top_k": -2}})

@@ -14,6 +14,7 @@ from truthgpt import config as config_module
 from truthgpt.data import PreparedData, prepare_data
 from truthgpt.data.loader import EpochBatches, val_batches
 from truthgpt.data.packing import IGNORE_INDEX, PackedDataset, pack_tokens, tokenize_documents
+from truthgpt.data.prepare import check_enough_to_train
 from truthgpt.data.sources import Corpus, StreamingTexts
 from truthgpt.data.tokenizer import (
     EOS_TOKEN,
@@ -450,8 +451,11 @@ def test_prepare_data_without_val_and_with_too_little_text(tmp_path: Path) -> No
     )
     assert prepared.val is None and prepared.val_tokens == 0
 
+    # Too little to train on is training's refusal (evaluation reads the same data).
+    short = prepare_data(
+        config_module.load({"data": {**data, "max_seq_len": 100_000}}), None, log=print
+    )
+    check_enough_to_train(prepared, 16)
     with pytest.raises(DataError, match="lower data.max_seq_len") as error:
-        prepare_data(
-            config_module.load({"data": {**data, "max_seq_len": 100_000}}), None, log=print
-        )
+        check_enough_to_train(short, 100_000)
     assert f"{prepared.train_tokens} tokens" in str(error.value)

@@ -304,3 +304,19 @@ def test_preformatted_stream_events_equal_the_full_encoding():
                     full = sse(reply.chunk(choice, text, [], first))
                     assert json.loads(fast[len("data: ") :]) == json.loads(full[len("data: ") :])
                     assert fast.isascii() and fast.endswith("\n\n") and fast.count("\n") == 2
+
+
+def test_top_k_0_and_minus_1_are_off_in_the_api_as_in_the_config_and_the_cli():
+    from pydantic import ValidationError
+
+    from truthgpt.config import load
+    from truthgpt.errors import ConfigError
+    from truthgpt.serving.protocol import CompletionRequest
+
+    for off in (0, -1):
+        assert CompletionRequest(prompt="a", top_k=off).sampling(5, None).top_k == off
+        assert load({"inference": {"top_k": off}}).inference.top_k == off
+    with pytest.raises(ValidationError, match="top_k"):
+        CompletionRequest(prompt="a", top_k=-2)
+    with pytest.raises(ConfigError, match="top_k"):
+        load({"inference": {"top_k": -2}})

@@ -5,11 +5,14 @@ the watchdog starts a new process, and no engine process outlives its server."""
 
 from __future__ import annotations
 
+import functools
+import logging
 import os
 import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -19,8 +22,9 @@ import transformers
 from serving_fixtures import make_model_folder, metric_values, start_server, wait_until_idle
 
 from truthgpt.config import load
-from truthgpt.errors import ConfigError
-from truthgpt.serving.server import build_state
+from truthgpt.errors import CheckpointError, ConfigError
+from truthgpt.inference.engine_process import EngineProcess
+from truthgpt.serving.server import build_state, load_engine
 
 COMPLETIONS = "/v1/completions"
 # Long enough (thousands of steps) that a request is surely still running when the test acts.
@@ -142,6 +146,19 @@ def test_a_model_the_engine_cannot_load_is_a_config_error_from_the_server(tmp_pa
     settings = load({"inference": {"device": "cpu"}, "serve": {"engine": "process"}})
     with pytest.raises(ConfigError, match="serve runs native models"):
         build_state(str(tmp_path / "opt"), settings)
+
+
+def test_an_engine_that_cannot_load_is_reported_once(tmp_path, caplog):
+    # The user sees the child's error (raised here), not also an "engine process exited" line
+    # from the thread that read it (`serve --device cuda` on a machine without CUDA).
+    settings = load({"inference": {"device": "cpu"}})
+    factory = functools.partial(load_engine, str(tmp_path / "missing"), settings)
+    with caplog.at_level(logging.ERROR), pytest.raises(CheckpointError, match="missing"):
+        EngineProcess(factory)
+    for thread in threading.enumerate():
+        if thread.name == "truthgpt-engine-reader":
+            thread.join(10)  # its last words, if any, are logged by now
+    assert not [r for r in caplog.records if "engine process exited" in r.getMessage()]
 
 
 def test_the_engine_process_does_not_outlive_a_killed_server(folder, tmp_path):

@@ -9,10 +9,12 @@ print(truthgpt.generate(result.run_dir, "def ", max_new_tokens=64))
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from truthgpt.config import Config
-from truthgpt.config import load as load_config
 from truthgpt.errors import CheckpointError, ConfigError, DataError, RequestError, TruthGPTError
+
+if TYPE_CHECKING:
+    from truthgpt.config import Config
 
 __version__ = "0.1.0"
 
@@ -40,10 +42,11 @@ def train(config: Config | str | Path, overwrite: bool = False, resume: bool | s
     unless `overwrite` (start over) or `resume` (True: continue from the newest complete
     checkpoint; "auto": continue if there is one). None: the config's `training.resume`.
     """
+    from truthgpt.config import Config, load
     from truthgpt.training.trainer import train as run_training
 
     if not isinstance(config, Config):
-        config = load_config(config)
+        config = load(config)
     return run_training(config, overwrite=overwrite, resume=resume)
 
 
@@ -85,7 +88,17 @@ def generate(
 
 
 def __getattr__(name: str):
-    # LLM and SamplingParams import torch: load them on first use, not with the package.
+    # Loaded on first use, not with the package: LLM and SamplingParams import torch, and
+    # Config and load_config pydantic, which `python -m truthgpt` would otherwise import
+    # before its Ctrl-C handler exists (__main__.py).
+    if name == "Config":
+        from truthgpt.config import Config
+
+        return Config
+    if name == "load_config":
+        from truthgpt.config import load
+
+        return load
     if name == "LLM":
         from truthgpt.inference.llm import LLM
 
@@ -101,9 +114,10 @@ def image(model: str | Path, prompt: str, **settings):
     """Draw images with a local diffusers pipeline; settings are `diffusion:` config keys
     (steps, guidance, width, height, seed, batch, scheduler, memory, loras, speed, output_dir...).
     Returns an ImageResult (images, paths, peak memory, latency)."""
+    from truthgpt.config import load
     from truthgpt.diffusion.generate import generate_images
     from truthgpt.hardware import apply_threads
 
-    config = load_config({"diffusion": {"model": str(model), "prompt": prompt, **settings}})
+    config = load({"diffusion": {"model": str(model), "prompt": prompt, **settings}})
     apply_threads(config.hardware.threads)
     return generate_images(config.diffusion)

@@ -35,14 +35,14 @@ def validate(
     config: Annotated[Path, typer.Argument(help="YAML file or run folder.")],
     set_: SetOption = None,
 ) -> None:
-    """Print the resolved config, or every error in it (exit code 1)."""
+    """Print the resolved config (the sections its task reads), or every error in it (exit 1)."""
     from truthgpt.config import load
 
     try:
         resolved = load(config, set_ or [])
     except TruthGPTError as exc:
         _fail(exc)
-    typer.echo(resolved.to_yaml(), nl=False)
+    typer.echo(resolved.to_yaml(relevant_only=True), nl=False)
 
 
 @app.command()
@@ -173,11 +173,16 @@ def generate(
     out: Annotated[
         Path | None, typer.Option("--out", "-o", help="With --prompts-file: JSONL results here.")
     ] = None,
-    max_new_tokens: Annotated[int | None, typer.Option(min=1)] = None,
-    temperature: Annotated[float | None, typer.Option(min=0.0, help="0 is greedy.")] = None,
-    top_k: Annotated[int | None, typer.Option(min=1)] = None,
+    # The ranges of these four are the inference: section's (config.py), checked there.
+    max_new_tokens: Annotated[int | None, typer.Option(help="New tokens at most (>= 1).")] = None,
+    temperature: Annotated[float | None, typer.Option(help="0 is greedy.")] = None,
+    top_k: Annotated[
+        int | None, typer.Option(help="Sample among the k likeliest; 0 or -1: off.")
+    ] = None,
     top_p: Annotated[float | None, typer.Option(help="Nucleus mass in (0, 1].")] = None,
-    seed: Annotated[int | None, typer.Option(help="Fix the sampling RNG.")] = None,
+    seed: Annotated[
+        int | None, typer.Option(min=-(2**63), max=2**63 - 1, help="Fix the sampling RNG.")
+    ] = None,
     n: Annotated[int, typer.Option(min=1, help="Samples per prompt.")] = 1,
     stop: Annotated[
         list[str] | None,
@@ -217,6 +222,9 @@ def generate(
         prompts = gen.read_prompts(prompts_file) if prompts_file is not None else None
         stop = [gen.unescape(item) for item in stop or []]
         llm, params = gen.open_llm(model, config, given, set_ or [], n, seed, stop)
+        note = gen.chat_note(llm.tokenizer) if chat else None
+        if note:
+            typer.echo(note, err=True)
         if prompts is not None:
             if chat:
                 prompts = [gen.chat_prompt(llm.tokenizer, p) for p in prompts]
@@ -264,20 +272,19 @@ def serve(
     set_: SetOption = None,
 ) -> None:
     """Serve a model behind an OpenAI-compatible HTTP API (completions, chat, streaming)."""
-    import json
-
+    from truthgpt.config import flag_overrides
     from truthgpt.serving.server import run_server, serve_config
 
-    flags = {
+    given = {
         "serve.host": host,
         "serve.port": port,
         "serve.api_key": api_key,
         "serve.served_model_name": served_model_name,
         "inference.device": device,
     }
-    overrides = [f"{key}={json.dumps(value)}" for key, value in flags.items() if value is not None]
+    overrides, flags = flag_overrides(given, set_ or [])
     try:
-        run_server(model, serve_config(model, config, overrides + (set_ or [])))
+        run_server(model, serve_config(model, config, overrides + (set_ or []), flags))
     except (TruthGPTError, ValueError, OSError) as exc:
         _fail(exc)
 

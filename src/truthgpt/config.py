@@ -14,6 +14,7 @@ from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from truthgpt.errors import ConfigError
 from truthgpt.registry import (
@@ -167,13 +168,25 @@ class ModelConfig(Section):
         if self.arch == "hf" or self.init_from:
             return self
         if self.hidden_size % self.num_heads:
-            raise ValueError(
-                f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}"
+            raise _field_error(
+                "hidden_size",
+                f"not divisible by num_heads ({self.num_heads})",
+                f"multiples of {self.num_heads}, or a num_heads that divides it",
             )
         kv = self.num_kv_heads or self.num_heads
         if self.num_heads % kv:
-            raise ValueError(f"num_heads {self.num_heads} is not divisible by num_kv_heads {kv}")
+            raise _field_error(
+                "num_heads",
+                f"not divisible by num_kv_heads ({kv})",
+                f"multiples of {kv}, or a num_kv_heads that divides it",
+            )
         return self
+
+
+def _field_error(field: str, message: str, allowed: str) -> PydanticCustomError:
+    """An error a section's own validator finds in one of its fields: reported under that
+    field's key with its value (not the whole section's dict), see `format_errors`."""
+    return PydanticCustomError("field_value", message, {"field": field, "allowed": allowed})
 
 
 class NonFiniteConfig(Section):
@@ -382,7 +395,9 @@ class InferenceConfig(Section):
 
     max_new_tokens: int = Field(128, ge=1, description="generation: tokens to sample at most")
     temperature: float = Field(0.8, ge=0, description="0: greedy")
-    top_k: int | None = Field(50, ge=1, description="sample among the k likeliest; empty: all")
+    top_k: int | None = Field(
+        50, ge=-1, description="sample among the k likeliest; 0, -1 or empty: all (off)"
+    )
     top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling mass")
     device: str = Field("auto", description="auto, cpu, cuda, cuda:N or mps")
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = Field(
@@ -655,16 +670,37 @@ class Config(Section):
     def run_dir(self) -> Path:
         return Path(self.output_dir) / self.run_name
 
-    def to_yaml(self) -> str:
-        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+    def to_yaml(self, relevant_only: bool = False) -> str:
+        """The whole config as YAML. relevant_only: without the sections that only the other
+        kind of task reads, while they hold their defaults (what `truthgpt validate` shows)."""
+        data = self.model_dump(mode="json")
+        if relevant_only:
+            image_task = self.task in IMAGE_TASKS
+            for name in LANGUAGE_ONLY_SECTIONS if image_task else IMAGE_ONLY_SECTIONS:
+                default = type(self).model_fields[name].get_default(call_default_factory=True)
+                if getattr(self, name) == default:
+                    del data[name]
+        return yaml.safe_dump(data, sort_keys=False)
+
+
+# Sections only one kind of task reads: `generate` and `serve` run language models; `truthgpt
+# image` and the image-generation task read the diffusion ones.
+LANGUAGE_ONLY_SECTIONS = ("inference", "serve")
+IMAGE_ONLY_SECTIONS = ("diffusion", "diffusion_training")
 
 
 # ---------------------------------------------------------------------------------------------
 # Loading
 
 
-def load(source: str | Path | dict[str, Any] | None = None, overrides: list[str] = ()) -> Config:
-    """Validate a YAML file, a run folder (its config.yaml) or a dict, with `a.b=c` overrides."""
+def load(
+    source: str | Path | dict[str, Any] | None = None,
+    overrides: list[str] = (),
+    flags: dict[str, str] | None = None,
+) -> Config:
+    """Validate a YAML file, a run folder (its config.yaml) or a dict, with `a.b=c` overrides.
+    flags: key path -> the command-line flag that set it (`inference.top_p` -> `--top-p`), so
+    that an error in it names what the user typed."""
     if source is None:
         raw: dict[str, Any] = {}
     elif isinstance(source, dict):
@@ -674,14 +710,14 @@ def load(source: str | Path | dict[str, Any] | None = None, overrides: list[str]
     for item in overrides:
         key_path, value = parse_override(item)
         _set_path(raw, key_path, value)
-    return validate(raw)
+    return validate(raw, flags)
 
 
-def validate(raw: dict[str, Any]) -> Config:
+def validate(raw: dict[str, Any], flags: dict[str, str] | None = None) -> Config:
     try:
         config = Config.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError(format_errors(exc, raw)) from None
+        raise ConfigError(format_errors(exc, raw, flags or {})) from None
     problems = cross_section_problems(config)
     if problems:
         lines = [f"{len(problems)} config error(s):", *(f"  {p}" for p in problems)]
@@ -782,6 +818,23 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     return key.split("."), value
 
 
+def flag_overrides(
+    given: dict[str, Any], later: list[str] = ()
+) -> tuple[list[str], dict[str, str]]:
+    """Command-line flags as overrides, and the flag each key came from, for `load(flags=)`:
+    {"inference.top_p": 0.9} -> (["inference.top_p=0.9"], {"inference.top_p": "--top-p"}).
+    None values were not given; a key that a `later` override (--set) replaces keeps its name."""
+    import json
+
+    given = {key: value for key, value in given.items() if value is not None}
+    replaced = {item.partition("=")[0].strip() for item in later}
+    flags = {
+        key: "--" + key.rsplit(".", 1)[-1].replace("_", "-") for key in given if key not in replaced
+    }
+    # JSON is YAML: a string stays a string ("1e-3" too), a number a number.
+    return [f"{key}={json.dumps(value)}" for key, value in given.items()], flags
+
+
 def _set_path(raw: dict[str, Any], key_path: list[str], value: Any) -> None:
     node = raw
     for depth, part in enumerate(key_path[:-1]):
@@ -801,10 +854,19 @@ def _set_path(raw: dict[str, Any], key_path: list[str], value: Any) -> None:
 # Error messages
 
 
-def format_errors(exc: ValidationError, raw: dict[str, Any]) -> str:
+# pydantic's bound errors: their message already says the one bound a field may have.
+_BOUND_ERRORS = ("greater_than", "greater_than_equal", "less_than", "less_than_equal")
+
+
+def format_errors(
+    exc: ValidationError, raw: dict[str, Any], flags: dict[str, str] | None = None
+) -> str:
     lines = [f"{exc.error_count()} config error(s):"]
     for error in exc.errors():
         loc = [str(part) for part in error["loc"]]
+        context = error.get("ctx") or {}
+        if "field" in context:  # a section's validator about one of its fields (_field_error)
+            loc.append(context["field"])
         key = ".".join(loc) or "<top>"
         if error["type"] == "extra_forbidden":
             allowed = _allowed_keys(loc[:-1])
@@ -813,12 +875,15 @@ def format_errors(exc: ValidationError, raw: dict[str, Any]) -> str:
             lines.append(f"  {key}: unknown key.{did_you_mean} Allowed here: {', '.join(allowed)}")
             continue
         message = error["msg"].removeprefix("Value error, ")
-        got = f" (got {_lookup(raw, loc)!r})" if error["type"] != "missing" else ""
-        allowed_values = _allowed_values(loc)
-        suffix = (
-            f"; allowed: {allowed_values}" if allowed_values and "allowed" not in message else ""
-        )
-        lines.append(f"  {key}: {message}{got}{suffix}")
+        value = _lookup(raw, loc)
+        # A whole section's dict would bury the one value that is wrong.
+        shown = error["type"] != "missing" and not isinstance(value, dict)
+        got = f" (got {value!r})" if shown else ""
+        allowed = context.get("allowed") or _allowed_values(loc)
+        if not allowed and error["type"] != "value_error":  # own validators say it themselves
+            allowed = _allowed_range(loc, one_bound_said=error["type"] in _BOUND_ERRORS)
+        suffix = f"; allowed: {allowed}" if allowed and "allowed" not in message else ""
+        lines.append(f"  {(flags or {}).get(key, key)}: {message}{got}{suffix}")
     return "\n".join(lines)
 
 
@@ -854,6 +919,37 @@ def _allowed_values(loc: list[str]) -> str:
     choices = [str(choice) for part in literals for choice in get_args(part)]
     # How "empty" is written: nothing after the colon in YAML, null (or nothing) in --set.
     return ", ".join(choices + ["empty (YAML: nothing or null; --set key=null)"] * optional)
+
+
+def _allowed_range(loc: list[str], one_bound_said: bool = False) -> str:
+    """ "an integer >= 8", "a number in (0, 1]": a numeric field's type and bounds, or ""."""
+    cls = _section_class(loc[:-1])
+    field = cls.model_fields.get(loc[-1]) if cls and loc else None
+    if field is None:
+        return ""
+    parts = get_args(field.annotation) or (field.annotation,)
+    kinds = [part for part in parts if part in (int, float)]
+    if len(kinds) != 1:
+        return ""
+    kind = "an integer" if kinds[0] is int else "a number"
+    lower = upper = None
+    for item in field.metadata:
+        for name, sign, bracket in (("gt", ">", "("), ("ge", ">=", "[")):
+            if getattr(item, name, None) is not None:
+                lower = (sign, bracket, getattr(item, name))
+        for name, sign, bracket in (("lt", "<", ")"), ("le", "<=", "]")):
+            if getattr(item, name, None) is not None:
+                upper = (sign, bracket, getattr(item, name))
+    if lower and upper:
+        text = f"{kind} in {lower[1]}{lower[2]}, {upper[2]}{upper[1]}"
+    elif lower or upper:
+        if one_bound_said:
+            return ""
+        sign, _, bound = lower or upper
+        text = f"{kind} {sign} {bound}"
+    else:
+        text = kind
+    return text + (", or empty" if type(None) in parts else "")
 
 
 def _lookup(raw: Any, loc: list[str]) -> Any:

@@ -121,17 +121,22 @@ def prepare_causal_lm_data(
     train = _pack(tokenizer, corpus.train, data.max_seq_len)
     val = _pack(tokenizer, corpus.val, data.max_seq_len) if corpus.val else None
     train_tokens, val_tokens = train.num_tokens, val.num_tokens if val is not None else 0
-    if train_tokens < data.max_seq_len:
-        raise DataError(
-            f"the train split has {train_tokens} tokens, fewer than one block of "
-            f"data.max_seq_len={data.max_seq_len}; lower data.max_seq_len or add data"
-        )
     val_blocks = len(val) if val is not None else 0
     log(
         f"data: {train_tokens:,} train / {val_tokens:,} val tokens -> {len(train):,} train / "
         f"{val_blocks:,} val blocks of {data.max_seq_len} ({_seconds_since(started)})"
     )
     return PreparedData(tokenizer, train, val, train_tokens, val_tokens)
+
+
+def check_enough_to_train(data: PreparedData, max_seq_len: int) -> None:
+    """Training needs one whole block of packed train text at least. (Here, not in
+    prepare_data: `truthgpt eval` prepares data too, and checks only the split it reads.)"""
+    if isinstance(data.train, PackedDataset) and data.train_tokens < max_seq_len:
+        raise DataError(
+            f"the train split has {data.train_tokens} tokens, fewer than one block of "
+            f"data.max_seq_len={max_seq_len}; lower data.max_seq_len or add data"
+        )
 
 
 def _streamed(

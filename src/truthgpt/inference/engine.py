@@ -60,6 +60,15 @@ class _Request:
     seqs: list[Sequence]
 
 
+def check_prompt_length(length: int, context: int) -> None:
+    """RequestError when a prompt of `length` tokens leaves no room to generate in `context`."""
+    if length >= context:
+        raise RequestError(
+            f"the prompt has {length} tokens; this model's context is {context} tokens "
+            f"(prompt + output), so at most {context - 1} fit"
+        )
+
+
 class Engine:
     """Continuous batching over a paged KV cache for a native `Decoder`."""
 
@@ -204,11 +213,7 @@ class Engine:
         prompt_text = prompt if isinstance(prompt, str) else None
         prompt_ids = self._prompt_ids(prompt)
         length = len(prompt_ids)
-        if length >= self.max_model_len:
-            raise RequestError(
-                f"the prompt has {length} tokens; this model's context is {self.max_model_len} "
-                f"tokens (prompt + output), so at most {self.max_model_len - 1} fit"
-            )
+        check_prompt_length(length, self.max_model_len)
         max_tokens = min(params.max_tokens, self.max_model_len - length)
         needed = self.blocks.blocks_needed(length + max_tokens)
         if needed > self.blocks.num_blocks - 1:

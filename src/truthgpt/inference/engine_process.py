@@ -184,8 +184,11 @@ class EngineProcess(FrontEnd):
             self._ready_event.set()
             self._process.join(5)
             code = self._process.exitcode
-            if not self._stopping:
-                log.error("the engine process exited (code %s)", code)
+            if self._failure is not None and not self.restarts:
+                pass  # the constructor raises the child's error: the user sees that, not this
+            elif not self._stopping:
+                why = f": {self._failure}" if self._failure is not None else ""
+                log.error("the engine process exited (code %s)%s", code, why)
             self._outputs.clear()
             self._fail_sinks(EngineDeadError(f"the engine process exited (code {code})"))
 

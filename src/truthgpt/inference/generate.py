@@ -12,17 +12,24 @@ from pathlib import Path
 from transformers import PreTrainedTokenizerBase
 
 from truthgpt.errors import RequestError
+from truthgpt.inference.chat_template import chat_text, uses_plain_template
 from truthgpt.inference.llm import load_for_generation  # noqa: F401  (re-exported)
 
 
 def chat_prompt(tokenizer: PreTrainedTokenizerBase, user_message: str) -> str:
-    """The text a chat model expects for one user turn, ending where the answer begins."""
-    if not tokenizer.chat_template:
-        raise RequestError(
-            "this model's tokenizer has no chat template; drop --chat or fine-tune with task: sft"
-        )
-    messages = [{"role": "user", "content": user_message}]
-    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    """The text a chat model expects for one user turn, ending where the answer begins (the
+    server's plain template when the tokenizer has none: see `chat_note`)."""
+    return chat_text(tokenizer, [{"role": "user", "content": user_message}])
+
+
+def chat_note(tokenizer: PreTrainedTokenizerBase) -> str | None:
+    """A sentence when --chat formats with the plain template (the tokenizer has none)."""
+    if not uses_plain_template(tokenizer):
+        return None
+    return (
+        "note: this model's tokenizer has no chat template; --chat uses the server's plain "
+        "role headers (<|user|>, <|assistant|>)"
+    )
 
 
 def unescape(text: str) -> str:
@@ -77,12 +84,16 @@ def stream_text(llm, prompt: str, params) -> Iterator[str]:
 
 
 def length_note(llm, prompt: str, max_tokens: int) -> str | None:
-    """A sentence when the context cannot hold prompt + max_tokens (generation stops early)."""
+    """A sentence when the context cannot hold prompt + max_tokens (generation stops early);
+    a RequestError when it cannot hold the prompt, before anything is printed."""
+    from truthgpt.inference.engine import check_prompt_length
+
     context = llm.context_length
     if context is None:
         return None
     prompt_len = len(llm.tokenizer.encode(prompt))
-    if prompt_len < context and prompt_len + max_tokens > context:
+    check_prompt_length(prompt_len, context)
+    if prompt_len + max_tokens > context:
         return (
             f"note: --max-new-tokens {max_tokens} capped at {context - prompt_len}: the model's "
             f"context is {context} tokens and the prompt takes {prompt_len}"
@@ -93,19 +104,18 @@ def length_note(llm, prompt: str, max_tokens: int) -> str | None:
 def open_llm(model: str, config, given: dict, overrides: list[str], n: int, seed, stop):
     """(LLM, SamplingParams) for the CLI: defaults from `inference:` of --config, else of the
     run folder's own config, else the schema's; flags and --set override them."""
-    import json
-
-    from truthgpt.config import CONFIG_FILE, load
+    from truthgpt.config import CONFIG_FILE, flag_overrides, load
     from truthgpt.inference.llm import LLM
     from truthgpt.inference.sampling_params import SamplingParams
 
     source = config
     if source is None and (Path(model).expanduser() / CONFIG_FILE).is_file():
         source = Path(model).expanduser()
-    flags = [
-        f"inference.{key}={json.dumps(value)}" for key, value in given.items() if value is not None
-    ]
-    loaded = load(source, flags + list(overrides))
+    # An error in a value given as a flag names the flag (--top-p), not the key it sets.
+    flagged, flags = flag_overrides(
+        {f"inference.{key}": value for key, value in given.items()}, overrides
+    )
+    loaded = load(source, flagged + list(overrides), flags)
     from truthgpt.hardware import apply_threads
 
     apply_threads(loaded.hardware.threads)

@@ -50,9 +50,10 @@ def hf_generate(
         "repetition_penalty": params.repetition_penalty,
     }
     if not params.greedy:
-        settings.update(
-            temperature=params.temperature, top_k=params.top_k or None, top_p=params.top_p
-        )
+        # top_k 0 or -1 is off here; transformers' off is 0 (it refuses -1, and None would
+        # leave the model's generation_config top_k in place).
+        top_k = max(params.top_k, 0)
+        settings.update(temperature=params.temperature, top_k=top_k, top_p=params.top_p)
         if params.min_p:
             settings["min_p"] = params.min_p
     ids = torch.tensor([prompt_ids], device=device)

@@ -16,18 +16,13 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from transformers import PreTrainedTokenizerBase
 
+from truthgpt.inference.chat_template import chat_text
 from truthgpt.inference.sampling_params import SamplingParams
 from truthgpt.serving.protocol import APIError, ChatCompletionRequest, CompletionRequest, parse
 from truthgpt.serving.responses import Reply
 from truthgpt.serving.running import ServerState, respond
 
 log = logging.getLogger(__name__)
-
-# Used when the tokenizer has none (models trained with task: causal_lm): plain role headers.
-DEFAULT_CHAT_TEMPLATE = (
-    "{% for message in messages %}<|{{ message['role'] }}|>\n{{ message['content'] }}\n"
-    "{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
-)
 
 
 def build_app(state: ServerState) -> FastAPI:
@@ -271,14 +266,8 @@ def _sampling(body, ids: list[list[int]], max_tokens, logprobs, state) -> Sampli
 
 def _chat_text(tokenizer: PreTrainedTokenizerBase, body: ChatCompletionRequest) -> str:
     messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-    template = None if tokenizer.chat_template else DEFAULT_CHAT_TEMPLATE
     try:
-        return tokenizer.apply_chat_template(
-            messages,
-            chat_template=template,
-            add_generation_prompt=body.add_generation_prompt,
-            tokenize=False,
-        )
+        return chat_text(tokenizer, messages, body.add_generation_prompt)
     except Exception as exc:  # a template may reject a conversation (roles out of order...)
         message = f"messages: the chat template refused them: {exc}"
         raise APIError(400, message, param="messages") from None

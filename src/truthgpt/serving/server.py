@@ -15,12 +15,18 @@ log = logging.getLogger(__name__)
 API_KEY_ENV = "TRUTHGPT_API_KEY"
 
 
-def serve_config(model: str, config: str | Path | None, overrides: list[str]) -> Config:
-    """--config, else the run folder's own config, else the defaults; then the overrides."""
+def serve_config(
+    model: str,
+    config: str | Path | None,
+    overrides: list[str],
+    flags: dict[str, str] | None = None,
+) -> Config:
+    """--config, else the run folder's own config, else the defaults; then the overrides.
+    flags: key path -> the command-line flag that set it, for errors (see `config.load`)."""
     source = config
     if source is None and (Path(model).expanduser() / CONFIG_FILE).is_file():
         source = Path(model).expanduser()
-    return load(source, list(overrides))
+    return load(source, list(overrides), flags)
 
 
 def load_engine(model: str, config: Config):

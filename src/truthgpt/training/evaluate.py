@@ -131,10 +131,15 @@ def evaluate_run(
             f"the {split} split of {run_dir} is streamed from tar shards (data.source "
             "webdataset) and has no fixed blocks to evaluate; evaluate val, or give files"
         )
-    if dataset is None or len(dataset) == 0:
-        raise DataError(f"the {split} split of {run_dir} is empty")
-    batch_size = config.training.batch_size
-    batches = val_batches(dataset, batch_size, max_batches)
+    batches = (
+        [] if dataset is None else val_batches(dataset, config.training.batch_size, max_batches)
+    )
+    tokens = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
+    if not tokens:  # empty, or a lone token: a loss of 0 over nothing would look like a result
+        what = f"the {split} split of {run_dir}"
+        if data_paths:
+            what = f"the eval data ({', '.join(data_paths)})"
+        raise DataError(f"{what} has no token to predict: evaluation needs 2 at least")
     torch_device = resolve_device(device)
     model = load_model(folder, device=torch_device)
     dtype = resolve_precision(config.training.precision, torch_device)
@@ -144,7 +149,6 @@ def evaluate_run(
     bar = tqdm(total=len(batches), desc="eval", unit="batch", disable=None if progress else True)
     with bar:
         loss = mean_loss(task.loss, model, batches, torch_device, dtype, advance=bar.update)
-    tokens = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
     return {
         "checkpoint": str(folder),
         "split": split if not data_paths else ",".join(data_paths),

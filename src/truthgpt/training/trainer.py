@@ -27,6 +27,7 @@ from torch import nn
 from truthgpt.config import Config
 from truthgpt.data import PreparedData
 from truthgpt.data.loader import train_batches, val_batches
+from truthgpt.data.prepare import check_enough_to_train
 from truthgpt.errors import CheckpointError, TrainingError
 from truthgpt.guard import CHECKPOINTS
 from truthgpt.hardware import apply_threads, peak_flops, resolve_device, resolve_precision
@@ -754,6 +755,7 @@ def _train(
     task = build_task(config)
     # Rank 0 first: it writes what the others read (the run's tokenizer).
     data = distributed.main_first(lambda: task.build_data(run_dir, log))
+    check_enough_to_train(data, config.data.max_seq_len)
     if resume_from is not None and not resume_from.sharded:
         model = task.prepare_model(task.load_model(resume_from.folder))
     else:  # fresh, or weights that restore() reads from the shards
