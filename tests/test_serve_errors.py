@@ -237,6 +237,98 @@ def test_the_server_still_serves_after_bad_requests(server):
     assert httpx.get(server.url + "/health").status_code == 200
 
 
+def requests_counted(url: str, path: str, status: int) -> float:
+    """truthgpt_requests_total for one endpoint and status, from /metrics."""
+    line = f'truthgpt_requests_total{{endpoint="{path}",status="{status}"}} '
+    found = [row for row in httpx.get(url + "/metrics").text.splitlines() if row.startswith(line)]
+    return float(found[0].rsplit(" ", 1)[1]) if found else 0.0
+
+
+@pytest.mark.parametrize(
+    "path,body,param,char,position",
+    [
+        (COMPLETIONS, b'{"prompt": "\\ud800", "max_tokens": 3}', "prompt", "\\ud800", 0),
+        (COMPLETIONS, b'{"prompt": ["ok", "a\\udfff"], "stream": true}', "prompt", "\\udfff", 1),
+        (
+            CHAT,
+            b'{"messages": [{"role": "system", "content": "hi"}, '
+            b'{"role": "user", "content": "a\\udfff"}], "stream": true}',
+            "messages.1.content",
+            "\\udfff",
+            1,
+        ),
+        (
+            CHAT,
+            b'{"messages": [{"role": "user", "content": [{"type": "text", "text": "\\udc80"}]}]}',
+            "messages.0.content",
+            "\\udc80",
+            0,
+        ),
+    ],
+    ids=["completion", "completion-stream", "chat-stream", "chat-parts"],
+)
+def test_a_lone_surrogate_is_a_counted_400_naming_its_field(
+    server, path, body, param, char, position, caplog
+):
+    # Valid JSON, but no Unicode text: the tokenizer would fail on it with a TypeError (a 500).
+    before = requests_counted(server.url, path, 400)
+    response = httpx.post(
+        server.url + path, content=body, headers={"Content-Type": "application/json"}
+    )
+    assert response.status_code == 400, response.text
+    error = error_of(response)
+    assert error["param"] == param
+    assert f"invalid Unicode (lone surrogate {char} at position {position})" in error["message"]
+    assert requests_counted(server.url, path, 400) == before + 1
+    assert "Traceback" not in caplog.text
+
+
+def test_an_unexpected_error_in_a_route_is_a_counted_json_500(server, caplog):
+    # A bug anywhere in a route (here: the engine's front end raising on submit) must still give
+    # an OpenAI error body and a count in /metrics, not Starlette's plain-text 500.
+    engine = server.state.engine
+
+    def broken_submit(*_args, **_kwargs):
+        raise RuntimeError("a bug in submit")
+
+    before = requests_counted(server.url, COMPLETIONS, 500)
+    engine.submit = broken_submit
+    try:
+        response = httpx.post(server.url + COMPLETIONS, json={"prompt": "a", "max_tokens": 2})
+    finally:
+        del engine.submit  # the class's own method again
+    assert response.status_code == 500
+    assert error_of(response)["type"] == "server_error"
+    assert requests_counted(server.url, COMPLETIONS, 500) == before + 1
+    assert "a bug in submit" in caplog.text  # the traceback is in the log, not the reply
+    assert "a bug in submit" not in response.text
+    assert server.state.in_flight == 0
+    ok = httpx.post(server.url + COMPLETIONS, json={"prompt": "a", "max_tokens": 2})
+    assert ok.status_code == 200, ok.text
+
+
+def test_generate_cli_names_a_prompt_or_a_prompts_file_line_that_is_not_utf8(folder, tmp_path):
+    from typer.testing import CliRunner
+
+    from truthgpt.cli import app
+
+    runner = CliRunner()
+    # A byte that is not UTF-8 in argv reaches Python as a surrogate escape (U+DCFF for 0xff).
+    prompt = os.fsdecode(b"def \xff")
+    out = runner.invoke(app, ["generate", str(folder), "--prompt", prompt, "--device", "cpu"])
+    assert out.exit_code == 1
+    assert out.output.strip().splitlines() == [
+        "error: --prompt: invalid Unicode (lone surrogate \\udcff at position 4)"
+    ], out.output
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_bytes(b"def \nimport \xffos\n")
+    out = runner.invoke(app, ["generate", str(folder), "--prompts-file", str(prompts)])
+    assert out.exit_code == 1
+    assert out.output.strip().splitlines() == [
+        f"error: {prompts}:2: not UTF-8 text (byte 0xff at position 7)"
+    ], out.output
+
+
 # -- limits of a small server ---------------------------------------------------------------------
 
 

@@ -215,6 +215,10 @@ def generate(
             raise ValueError("give exactly one of --prompt and --prompts-file")
         if out is not None and prompts_file is None:
             raise ValueError("--out goes with --prompts-file (a --prompt streams to the terminal)")
+        if prompt is not None:  # before the model loads, not as a tokenizer's TypeError
+            from truthgpt.inference.engine import check_prompt_text
+
+            check_prompt_text(prompt, "--prompt")
         if out is not None:
             from truthgpt.guard import check_output_file
 

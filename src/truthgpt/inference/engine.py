@@ -69,6 +69,19 @@ def check_prompt_length(length: int, context: int) -> None:
         )
 
 
+def check_prompt_text(text: str, field: str = "prompt") -> None:
+    """RequestError when `text` cannot be tokenized: a lone surrogate (JSON's "\\ud800", or a
+    non-UTF-8 byte from the shell, which Python decodes to U+DC80..U+DCFF) is no Unicode
+    character, and the tokenizer fails on it with a TypeError that names nothing."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        char = ascii(text[exc.start])[1:-1]
+        raise RequestError(
+            f"{field}: invalid Unicode (lone surrogate {char} at position {exc.start})"
+        ) from None
+
+
 class Engine:
     """Continuous batching over a paged KV cache for a native `Decoder`."""
 
@@ -254,6 +267,7 @@ class Engine:
         if isinstance(prompt, str):
             if not prompt:
                 raise RequestError("the prompt is empty")
+            check_prompt_text(prompt)
             ids = self.tokenizer.encode(prompt)
         else:
             ids = list(prompt)

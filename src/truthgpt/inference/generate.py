@@ -44,7 +44,16 @@ def read_prompts(path: str | Path) -> list[str]:
     file = Path(path).expanduser()
     if not file.is_file():
         raise RequestError(f"prompt file {str(file)!r} does not exist")
-    lines = [line for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    data = file.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        number = data.count(b"\n", 0, exc.start) + 1
+        column = exc.start - (data.rfind(b"\n", 0, exc.start) + 1)
+        raise RequestError(
+            f"{file}:{number}: not UTF-8 text (byte 0x{data[exc.start]:02x} at position {column})"
+        ) from None
+    lines = [line for line in text.splitlines() if line.strip()]
     if not lines:
         raise RequestError(f"prompt file {str(file)!r} holds no prompts")
     if file.suffix != ".jsonl":

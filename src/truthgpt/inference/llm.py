@@ -198,6 +198,11 @@ class LLM:
 
         bar = _progress(use_tqdm, len(prompts))
         outputs = []
+        from truthgpt.inference.engine import check_prompt_text
+
+        for position, prompt in enumerate(prompts):
+            if isinstance(prompt, str):
+                check_prompt_text(prompt, f"prompt {position}")
         encoded = [list(p) if not isinstance(p, str) else self.tokenizer.encode(p) for p in prompts]
         for position, prompt_ids in enumerate(encoded):
             if not prompt_ids:

@@ -16,7 +16,9 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from transformers import PreTrainedTokenizerBase
 
+from truthgpt.errors import RequestError
 from truthgpt.inference.chat_template import chat_text
+from truthgpt.inference.engine import check_prompt_text
 from truthgpt.inference.sampling_params import SamplingParams
 from truthgpt.serving.protocol import APIError, ChatCompletionRequest, CompletionRequest, parse
 from truthgpt.serving.responses import Reply
@@ -166,12 +168,30 @@ class _Guard:
                 await _error_response(exc)(scope, receive, send)
                 return
 
+        started = False
+
         async def counting_send(message) -> None:
-            if counted and message["type"] == "http.response.start":
-                self.state.metrics.requests.labels(path, str(message["status"])).inc()
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+                if counted:
+                    self.state.metrics.requests.labels(path, str(message["status"])).inc()
             await send(message)
 
-        await self.app(scope, receive, counting_send)
+        try:
+            await self.app(scope, receive, counting_send)
+        except Exception:
+            # A bug, not a bad request: the traceback goes to the log once, and the client gets
+            # an OpenAI error body, counted, instead of Starlette's plain-text 500 (which is sent
+            # outside this middleware, so /metrics never saw it).
+            log.exception("%s %s failed", scope["method"], path)
+            if not started:
+                await _error_response(INTERNAL_ERROR)(scope, receive, counting_send)
+
+
+INTERNAL_ERROR = APIError(
+    500, "internal server error; the server's log has the details", kind="server_error"
+)
 
 
 def _error_response(exc: APIError) -> JSONResponse:
@@ -224,6 +244,7 @@ async def _tokens(state: ServerState, prompt: str | list[int], param: str) -> li
     if isinstance(prompt, str):
         if not prompt:
             raise APIError(400, f"{param}: the prompt is empty", param=param)
+        _check_text(prompt, param)
         # Long prompts take a while to tokenize: off the event loop, so others keep streaming.
         ids = await asyncio.to_thread(state.tokenizer.encode, prompt)
     else:
@@ -264,8 +285,17 @@ def _sampling(body, ids: list[list[int]], max_tokens, logprobs, state) -> Sampli
     return body.sampling(max_tokens, logprobs)
 
 
+def _check_text(text: str, param: str) -> None:
+    try:
+        check_prompt_text(text, param)
+    except RequestError as exc:
+        raise APIError(400, str(exc), param=param) from None
+
+
 def _chat_text(tokenizer: PreTrainedTokenizerBase, body: ChatCompletionRequest) -> str:
     messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+    for index, message in enumerate(messages):  # named here: the template joins them all
+        _check_text(message["content"], f"messages.{index}.content")
     try:
         return chat_text(tokenizer, messages, body.add_generation_prompt)
     except Exception as exc:  # a template may reject a conversation (roles out of order...)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -27,6 +28,8 @@ from truthgpt.inference.sampling_params import SamplingParams
 from truthgpt.serving.metrics import Metrics
 from truthgpt.serving.protocol import APIError
 from truthgpt.serving.responses import Choice, Reply, TokenText, sse
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -175,12 +178,16 @@ class _Run:
         loop = asyncio.get_running_loop()
         self.request_ids = [f"{reply.id}-{index}" for index in range(len(ids))]
         self.done = [False] * len(ids)
-        for index, (request_id, prompt) in enumerate(zip(self.request_ids, ids)):
-            deliver = functools.partial(self._deliver, index)
-            state.engine.submit(request_id, prompt, params, deliver, loop)
         self.timer = loop.call_later(state.settings.request_timeout_s, self._expire)
         self.pending = len(ids)
         self.closed = False
+        try:
+            for index, (request_id, prompt) in enumerate(zip(self.request_ids, ids)):
+                deliver = functools.partial(self._deliver, index)
+                state.engine.submit(request_id, prompt, params, deliver, loop)
+        except BaseException:  # counted above: uncount it, and abort the prompts submitted
+            self.close()
+            raise
 
     def _deliver(self, index: int, item: RequestOutput | BaseException) -> None:
         self.events.put_nowait((index, item))
@@ -307,6 +314,10 @@ async def _stream(run: _Run, first, include_usage: bool, cache_key) -> AsyncIter
             await asyncio.to_thread(run.state.cache.put, cache_key, response)
     except APIError as exc:  # headers are sent: the error goes in the stream, then [DONE]
         yield sse(exc.body())
+        yield sse("[DONE]")
+    except Exception:  # a bug: logged, and the client still sees an error and the stream's end
+        log.exception("a stream failed")
+        yield sse(APIError(500, "internal server error", kind="server_error").body())
         yield sse("[DONE]")
     finally:
         run.close()
