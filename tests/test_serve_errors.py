@@ -151,8 +151,50 @@ BAD_REQUESTS = [
         "model_not_found",
         id="chat-model",
     ),
-    case(COMPLETIONS, {"prompt": "a", "max_token": 5}, "max_token", id="typo"),
+    case(
+        COMPLETIONS,
+        {"prompt": "a", "max_token": 5},
+        "max_token",
+        "unknown field 'max_token'; did you mean 'max_tokens'?",
+        id="typo",
+    ),
     case(CHAT, {"messages": HI, "max_token": 5}, "max_token", id="chat-typo"),
+    case(
+        CHAT,
+        {"messages": HI, "stream": True, "stream_options": {"include_usag": True}},
+        "stream_options.include_usag",
+        "did you mean 'include_usage'?",
+        id="stream_options-typo",
+    ),
+    # Inside messages too: a typo there would otherwise send an empty turn.
+    case(
+        CHAT,
+        {"messages": [{"role": "user", "contnet": "hi"}]},
+        "messages.0.contnet",
+        "unknown field 'messages.0.contnet'; did you mean 'content'?",
+        id="message-typo",
+    ),
+    case(
+        CHAT,
+        {"messages": [*HI, {"role": "user", "content": "hi", "foo": 1}]},
+        "messages.1.foo",
+        "unknown field 'messages.1.foo'",
+        id="message-unknown",
+    ),
+    case(
+        CHAT,
+        {"messages": [{"role": "user", "content": None}]},
+        "messages.0.content",
+        "messages.0.content is required in a user message",
+        id="user-content-null",
+    ),
+    case(
+        CHAT,
+        {"messages": [{"role": "system"}, *HI]},
+        "messages.0.content",
+        "is required in a system message",
+        id="system-content-missing",
+    ),
     # Ranges.
     case(COMPLETIONS, {"prompt": "a", "top_p": 0}, "top_p", id="top_p-0"),
     case(COMPLETIONS, {"prompt": "a", "top_p": 1.5}, "top_p", id="top_p-big"),
@@ -234,6 +276,13 @@ def test_the_server_still_serves_after_bad_requests(server):
         server.url + CHAT, json={"messages": HI, "max_tokens": 3, "ignore_eos": True}, timeout=30
     )
     assert chat.status_code == 200 and chat.json()["usage"]["completion_tokens"] == 3
+    # History as OpenAI clients send it back: an assistant turn with null content and the
+    # fields this server never sets.
+    turn = {"role": "assistant", "content": None, "refusal": None, "tool_calls": None}
+    history = httpx.post(
+        server.url + CHAT, json={"messages": [*HI, turn, *HI], "max_tokens": 2}, timeout=30
+    )
+    assert history.status_code == 200, history.text
     assert httpx.get(server.url + "/health").status_code == 200
 
 

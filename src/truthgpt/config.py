@@ -16,7 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-from truthgpt.errors import ConfigError
+from truthgpt.errors import ConfigError, did_you_mean
 from truthgpt.registry import (
     ARCHS,
     CALLBACKS,
@@ -39,11 +39,9 @@ class Section(BaseModel):
 
 def _check_registered(registry: Registry, name: str) -> str:
     if not registry.knows(name):
-        hint = difflib.get_close_matches(name, registry.names(), n=1)
-        did_you_mean = f"; did you mean {hint[0]!r}?" if hint else ""
+        hint = did_you_mean(name, registry.names())
         raise ValueError(
-            f"unknown {registry.kind} {name!r}{did_you_mean} "
-            f"(allowed: {', '.join(registry.names())})"
+            f"unknown {registry.kind} {name!r}{hint} (allowed: {', '.join(registry.names())})"
         )
     return name
 
@@ -109,11 +107,8 @@ class DataConfig(Section):
             return value
         if not SOURCES.knows(value):
             names = sorted(set(SOURCES.names()) | set(IMAGE_SOURCES.names()))
-            hint = difflib.get_close_matches(value, names, n=1)
-            did_you_mean = f"; did you mean {hint[0]!r}?" if hint else ""
-            raise ValueError(
-                f"unknown data source {value!r}{did_you_mean} (allowed: {', '.join(names)})"
-            )
+            hint = did_you_mean(value, names)
+            raise ValueError(f"unknown data source {value!r}{hint} (allowed: {', '.join(names)})")
         return value
 
 
@@ -502,10 +497,9 @@ LATENT_MULTIPLE = 8
 
 def _check_scheduler(value: str | None) -> str | None:
     if value and value not in SCHEDULER_NAMES:
-        hint = difflib.get_close_matches(value, SCHEDULER_NAMES, n=1)
-        did_you_mean = f"; did you mean {hint[0]!r}?" if hint else ""
+        hint = did_you_mean(value, SCHEDULER_NAMES)
         raise ValueError(
-            f"unknown scheduler {value!r}{did_you_mean} (allowed: {', '.join(SCHEDULER_NAMES)};"
+            f"unknown scheduler {value!r}{hint} (allowed: {', '.join(SCHEDULER_NAMES)};"
             " empty keeps the pipeline's own)"
         )
     return value
@@ -870,9 +864,9 @@ def format_errors(
         key = ".".join(loc) or "<top>"
         if error["type"] == "extra_forbidden":
             allowed = _allowed_keys(loc[:-1])
-            hint = difflib.get_close_matches(loc[-1], allowed, n=1)
-            did_you_mean = f" Did you mean {'.'.join(loc[:-1] + [hint[0]])!r}?" if hint else ""
-            lines.append(f"  {key}: unknown key.{did_you_mean} Allowed here: {', '.join(allowed)}")
+            close = difflib.get_close_matches(loc[-1], allowed, n=1)
+            hint = f" Did you mean {'.'.join(loc[:-1] + [close[0]])!r}?" if close else ""
+            lines.append(f"  {key}: unknown key.{hint} Allowed here: {', '.join(allowed)}")
             continue
         message = error["msg"].removeprefix("Value error, ")
         value = _lookup(raw, loc)

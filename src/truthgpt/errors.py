@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Iterable
+
 
 class TruthGPTError(Exception):
     """Base of every error truthgpt raises on purpose."""
@@ -25,3 +28,9 @@ class RequestError(TruthGPTError):
 
 class TrainingError(TruthGPTError):
     """Training cannot go on (non-finite losses that skipping and rollback could not cure)."""
+
+
+def did_you_mean(name: str, choices: Iterable[str]) -> str:
+    """ "; did you mean 'x'?" for the choice closest to a misspelt `name`, else ""."""
+    hint = difflib.get_close_matches(name, list(choices), n=1)
+    return f"; did you mean {hint[0]!r}?" if hint else ""

@@ -11,11 +11,11 @@ have (tools, JSON mode, logit_bias, suffix) are refused by name rather than igno
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from truthgpt.errors import RequestError
+from truthgpt.errors import RequestError, did_you_mean
 from truthgpt.inference.sampling_params import MAX_LOGPROBS, SamplingParams
 
 
@@ -142,14 +142,17 @@ class TextPart(_Strict):
     text: str
 
 
-class ChatMessage(BaseModel):
-    # Assistant turns from earlier replies may carry fields this server never sets (refusal,
-    # tool_calls: null, audio...): accepted and dropped, since clients send history back as is.
-    model_config = ConfigDict(extra="ignore", strict=True)
-
+class ChatMessage(_Strict):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    # Assistant turns from earlier replies carry fields this server never sets: accepted and
+    # dropped, since clients send history back as is. Any other field is a typo (`contnet`).
+    refusal: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
+    function_call: dict[str, Any] | None = None
+    audio: dict[str, Any] | None = None
 
     def text(self) -> str:
         if self.content is None:
@@ -196,6 +199,11 @@ class ChatCompletionRequest(_Sampling):
             )
         if self.top_logprobs and not self.logprobs:
             raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+        for index, message in enumerate(self.messages):
+            # OpenAI's own rule: only an assistant turn (one that called tools) may have none.
+            if message.content is None and message.role != "assistant":
+                param = f"messages.{index}.content"
+                raise APIError(400, f"{param} is required in a {message.role} message", param=param)
 
     def wanted_max_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
@@ -213,7 +221,8 @@ def parse(model: type[_Strict], body: Any) -> Any:
         parts = [str(p) for p in error["loc"] if not _is_type_name(p)]
         param = ".".join(parts) or None
         if error["type"] == "extra_forbidden":
-            message = f"unknown field {param!r}"
+            hint = did_you_mean(parts[-1], _fields_at(model, parts[:-1]))
+            message = f"unknown field {param!r}{hint}"
         elif error["type"] == "missing":
             message = f"{param} is required"
         else:
@@ -223,6 +232,26 @@ def parse(model: type[_Strict], body: Any) -> Any:
         raise APIError(400, message, param=param) from None
     request.check_supported()
     return request
+
+
+def _fields_at(model: type[BaseModel], parts: list[str]) -> list[str]:
+    """The field names of the object at `parts` (list indices skipped): the choices of a
+    did-you-mean for an unknown field there."""
+    for part in parts:
+        if part.isdigit():
+            continue
+        field = model.model_fields.get(part)
+        nested = _models_in(field.annotation) if field is not None else []
+        if not nested:
+            return []
+        model = nested[0]
+    return list(model.model_fields)
+
+
+def _models_in(annotation: Any) -> list[type[BaseModel]]:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [found for arg in get_args(annotation) for found in _models_in(arg)]
 
 
 def _is_type_name(part: Any) -> bool:
