@@ -685,6 +685,66 @@ def test_sigterm_lets_the_stream_in_flight_finish_then_exits_0(folder):
             process.wait()
 
 
+def start_serve_command(folder, *settings: str) -> tuple[subprocess.Popen, str]:
+    """`truthgpt serve` in a subprocess, once its /health answers 200."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    command = [sys.executable, "-m", "truthgpt.cli", "serve", str(folder), "--port", str(port)]
+    command += ["--device", "cpu"] + [f"--set={setting}" for setting in settings]
+    process = subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    deadline = time.monotonic() + 60
+    while True:
+        assert process.poll() is None, process.communicate()[1]
+        try:
+            if health(url) == 200:
+                return process, url
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() < deadline, "the server did not come up"
+        time.sleep(0.1)
+
+
+@pytest.mark.parametrize("signals", [1, 2], ids=["grace-runs-out", "second-ctrl-c"])
+def test_requests_still_running_at_shutdown_end_with_an_error_not_a_cut(folder, signals):
+    # Grace 0.5 s (or a second Ctrl-C at once): a stream of 64 choices and a plain request of 32
+    # to 250 tokens each are still running, and must end as a request past its timeout does.
+    grace = 0.5 if signals == 1 else 60
+    process, url = start_serve_command(folder, f"serve.shutdown_grace_s={grace}")
+    try:
+        body = {"prompt": "a", "max_tokens": CONTEXT - 6, "ignore_eos": True}
+        with ThreadPoolExecutor(1) as pool, httpx.Client(timeout=60) as client:
+            plain = pool.submit(client.post, url + COMPLETIONS, json={**body, "n": 32})
+            with client.stream(
+                "POST", url + COMPLETIONS, json={**body, "n": 64, "stream": True}
+            ) as response:
+                events = sse_events(response)
+                first = next(events)
+                for _ in range(signals):
+                    process.send_signal(signal.SIGINT)
+                    time.sleep(0.2)
+                rest = list(events)
+            plain = plain.result()
+        assert "choices" in first
+        assert rest[-1] == "[DONE]" and rest.count("[DONE]") == 1
+        assert rest[-2]["error"]["message"] == "the server is shutting down", rest[-2]
+        assert plain.status_code == 503, plain.text
+        assert error_of(plain)["message"] == "the server is shutting down"
+        stdout, stderr = process.communicate(timeout=30)
+        assert process.returncode in (0, 130), stderr
+        assert "stopping: waiting up to" in stdout and "Ctrl-C again to stop now" in stdout
+        assert "Traceback" not in stderr and "Cancel" not in stderr, stderr
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
 def _statuses_until_refused(url: str, timeout_s: float) -> list[int]:
     """/health statuses seen until the server stops taking connections."""
     statuses, deadline = [], time.monotonic() + timeout_s

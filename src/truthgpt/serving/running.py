@@ -45,6 +45,7 @@ class ServerState:
     model_fingerprint: str = ""  # changes when the weights do (keys the result cache)
     metrics: Metrics = field(default_factory=Metrics)
     in_flight: int = 0  # admitted requests not yet answered
+    runs: set = field(default_factory=set)  # their _Runs, for end_runs
     waiting_tokens: int = 0  # prompt tokens of admitted requests with no first token yet
     draining: bool = False
 
@@ -67,6 +68,13 @@ def _admit(state: ServerState, prompt_tokens: int) -> None:
             code="queue_full",
             headers={"Retry-After": "1"},
         )
+
+
+def end_runs(state: ServerState, error: APIError) -> None:
+    """End every request in flight with `error` (an error event and [DONE] in a stream), as a
+    request past its timeout ends: at shutdown, rather than having uvicorn cancel their tasks."""
+    for run in list(state.runs):
+        run.fail(error)
 
 
 async def respond(request, state, body, ids, params, reply, echo, endpoint) -> Response:
@@ -181,6 +189,7 @@ class _Run:
         self.timer = loop.call_later(state.settings.request_timeout_s, self._expire)
         self.pending = len(ids)
         self.closed = False
+        state.runs.add(self)
         try:
             for index, (request_id, prompt) in enumerate(zip(self.request_ids, ids)):
                 deliver = functools.partial(self._deliver, index)
@@ -199,7 +208,11 @@ class _Run:
     def _expire(self) -> None:
         limit = self.state.settings.request_timeout_s
         message = f"the request ran past serve.request_timeout_s ({limit} s)"
-        self.events.put_nowait((-1, APIError(504, message, kind="timeout_error")))
+        self.fail(APIError(504, message, kind="timeout_error"))
+
+    def fail(self, error: APIError) -> None:
+        """End this request with `error`, raised by the next `next` or `poll`."""
+        self.events.put_nowait((-1, error))
 
     async def next(self) -> tuple[int, RequestOutput | None]:
         """The next engine output (None: a prompt is done); raises the engine's errors."""
@@ -269,6 +282,7 @@ class _Run:
             self.waiting = False
             self.state.waiting_tokens -= self.prompt_tokens
         self.state.in_flight -= 1
+        self.state.runs.discard(self)
         self.timer.cancel()
         for request_id, done in zip(self.request_ids, self.done):
             if not done:  # the client left or an error ended the run: free its KV blocks now

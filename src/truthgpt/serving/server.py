@@ -13,6 +13,8 @@ from truthgpt.errors import ConfigError
 log = logging.getLogger(__name__)
 
 API_KEY_ENV = "TRUTHGPT_API_KEY"
+# Seconds uvicorn waits, after the grace, for the requests that end_runs ended to send their end.
+SHUTDOWN_BACKSTOP_S = 5.0
 
 
 def serve_config(
@@ -137,17 +139,27 @@ def check_can_listen(host: str, port: int) -> None:
 
 def run_server(model: str, config: Config) -> None:
     """Serve until SIGINT/SIGTERM; in-flight requests get serve.shutdown_grace_s to finish."""
+    import asyncio
+
     import uvicorn
 
     from truthgpt.serving.openai_api import build_app
+    from truthgpt.serving.protocol import APIError
+    from truthgpt.serving.running import end_runs
 
     settings = config.serve
     check_can_listen(settings.host, settings.port)  # before the model loads, not after
     state = build_state(model, config)
     key_note = "API key required" if state.api_key else "no API key"
 
+    grace_s = settings.shutdown_grace_s
+    shutting_down = APIError(503, "the server is shutting down", kind="server_error")
+
     class Server(uvicorn.Server):
+        loop: asyncio.AbstractEventLoop | None = None
+
         async def startup(self, sockets=None) -> None:
+            self.loop = asyncio.get_running_loop()
             await super().startup(sockets)
             if self.started:  # the real port: with --port 0 the system picked it
                 port = self.servers[0].sockets[0].getsockname()[1]
@@ -158,7 +170,23 @@ def run_server(model: str, config: Config) -> None:
                 )
 
         def handle_exit(self, sig, frame) -> None:
+            # A signal handler: it runs between two bytecodes of the event loop's thread, so
+            # the loop is reached through call_soon_threadsafe only.
+            if state.draining:  # the second Ctrl-C: end what is in flight now
+                if self.loop is not None:
+                    self.loop.call_soon_threadsafe(end_runs, state, shutting_down)
+                self.should_exit = True
+                return
             state.draining = True  # /health fails at once, new requests get a 503
+            print(
+                f"stopping: waiting up to {grace_s:g} s for {state.in_flight} requests; "
+                "Ctrl-C again to stop now",
+                flush=True,
+            )
+            if self.loop is not None:
+                self.loop.call_soon_threadsafe(
+                    self.loop.call_later, grace_s, end_runs, state, shutting_down
+                )
             super().handle_exit(sig, frame)
 
     server = Server(
@@ -167,7 +195,10 @@ def run_server(model: str, config: Config) -> None:
             host=settings.host,
             port=settings.port,
             log_level="warning",
-            timeout_graceful_shutdown=settings.shutdown_grace_s,
+            # Past the grace, end_runs answers the requests left (a 503, or an error event and
+            # [DONE]); uvicorn's own timeout, which cancels their tasks mid-write (a cut stream,
+            # a plain-text 500, CancelledError tracebacks), is only a backstop behind it.
+            timeout_graceful_shutdown=grace_s + SHUTDOWN_BACKSTOP_S,
         )
     )
     # uvicorn re-raises the signal it caught once it has drained; under SIGTERM's default action
