@@ -4,6 +4,8 @@ server on loopback (a tiny random Llama on the CPU); greedy text is checked agai
 
 from __future__ import annotations
 
+import dataclasses
+
 import httpx
 import openai
 import pytest
@@ -314,9 +316,35 @@ def test_top_k_0_and_minus_1_are_off_in_the_api_as_in_the_config_and_the_cli():
     from truthgpt.serving.protocol import CompletionRequest
 
     for off in (0, -1):
-        assert CompletionRequest(prompt="a", top_k=off).sampling(5, None).top_k == off
+        defaults = load({}).inference
+        assert CompletionRequest(prompt="a", top_k=off).sampling(5, None, defaults).top_k == off
         assert load({"inference": {"top_k": off}}).inference.top_k == off
     with pytest.raises(ValidationError, match="top_k"):
         CompletionRequest(prompt="a", top_k=-2)
     with pytest.raises(ConfigError, match="top_k"):
         load({"inference": {"top_k": -2}})
+
+
+def test_a_request_leaving_sampling_out_takes_the_runs_inference_defaults(folder):
+    # The run's inference: section is what `truthgpt generate` samples with; the server must
+    # use it for the fields a request omits, so one seed gives one text on both.
+    from truthgpt.inference.generate import open_llm
+
+    defaults = {"temperature": 0.7, "top_k": 5, "top_p": 0.9}
+    overrides = [f"inference.{key}={value}" for key, value in defaults.items()]
+    llm, params = open_llm(str(folder), None, {"device": "cpu"}, overrides, 1, 7, [])
+    params = dataclasses.replace(params, max_tokens=20, ignore_eos=True)
+    expected = llm.generate(["def "], params, use_tqdm=False)[0].outputs[0].text
+    greedy = llm.generate(["def "], dataclasses.replace(params, temperature=0), use_tqdm=False)
+
+    running = start_server(folder, inference=defaults)
+    try:
+        body = {"prompt": "def ", "max_tokens": 20, "seed": 7, "ignore_eos": True}
+        reply = httpx.post(running.url + "/v1/completions", json=body, timeout=30)
+        assert reply.status_code == 200, reply.text
+        assert reply.json()["choices"][0]["text"] == expected
+        # A field given explicitly wins over the run's default.
+        given = httpx.post(running.url + "/v1/completions", json={**body, "temperature": 0})
+        assert given.json()["choices"][0]["text"] == greedy[0].outputs[0].text
+    finally:
+        running.stop()

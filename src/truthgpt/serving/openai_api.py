@@ -282,7 +282,7 @@ def _sampling(body, ids: list[list[int]], max_tokens, logprobs, state) -> Sampli
             param=name,
             code="context_length_exceeded",
         )
-    return body.sampling(max_tokens, logprobs)
+    return body.sampling(max_tokens, logprobs, state.inference)
 
 
 def _check_text(text: str, param: str) -> None:

@@ -15,6 +15,7 @@ from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from truthgpt.config import InferenceConfig
 from truthgpt.errors import RequestError, did_you_mean
 from truthgpt.inference.sampling_params import MAX_LOGPROBS, SamplingParams
 
@@ -86,13 +87,20 @@ class _Sampling(_Strict):
         if self.stream_options is not None and not self.stream:
             raise APIError(400, "stream_options needs stream: true", param="stream_options")
 
-    def sampling(self, max_tokens: int, logprobs: int | None) -> SamplingParams:
+    def sampling(
+        self, max_tokens: int, logprobs: int | None, defaults: InferenceConfig
+    ) -> SamplingParams:
+        """The engine's parameters. A field the request leaves out takes the run's own
+        `inference:` default (as vLLM takes a model's generation config), so a seeded request
+        gives the text that `truthgpt generate` gives; a field given wins."""
+        temperature = defaults.temperature if self.temperature is None else self.temperature
+        top_k = defaults.top_k if self.top_k is None else self.top_k
         try:
             return SamplingParams(
                 max_tokens=max_tokens,
-                temperature=1.0 if self.temperature is None else self.temperature,
-                top_p=1.0 if self.top_p is None else self.top_p,
-                top_k=self.top_k or 0,
+                temperature=temperature,
+                top_p=defaults.top_p if self.top_p is None else self.top_p,
+                top_k=top_k or 0,
                 min_p=self.min_p,
                 repetition_penalty=self.repetition_penalty,
                 presence_penalty=self.presence_penalty,

@@ -20,7 +20,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from transformers import PreTrainedTokenizerBase
 
-from truthgpt.config import ServeConfig
+from truthgpt.config import InferenceConfig, ServeConfig
 from truthgpt.errors import RequestError
 from truthgpt.inference.async_engine import EngineDeadError, EngineStartingError, FrontEnd
 from truthgpt.inference.request import RequestOutput
@@ -40,6 +40,8 @@ class ServerState:
     tokenizer: PreTrainedTokenizerBase
     model_id: str
     settings: ServeConfig
+    # Sampling defaults for the fields a request leaves out: the run's own inference: section.
+    inference: InferenceConfig = field(default_factory=InferenceConfig)
     api_key: str | None = None
     cache: Any = None  # serving.result_cache.ResultCache when serve.result_cache is on
     model_fingerprint: str = ""  # changes when the weights do (keys the result cache)

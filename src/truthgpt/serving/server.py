@@ -96,6 +96,7 @@ def build_state(model: str, config: Config):
         tokenizer=tokenizer,
         model_id=settings.served_model_name or Path(model).expanduser().resolve().name,
         settings=settings,
+        inference=config.inference,
         api_key=settings.api_key or os.environ.get(API_KEY_ENV) or None,
         cache=cache,
     )
