@@ -195,6 +195,20 @@ BAD_REQUESTS = [
         "is required in a system message",
         id="system-content-missing",
     ),
+    case(
+        CHAT,
+        {"messages": HI, "max_tokens": 2, "max_completion_tokens": 5},
+        "max_completion_tokens",
+        "give one",
+        id="max_tokens-and-mct",
+    ),
+    case(
+        COMPLETIONS,
+        b'{"prompt": "a", "temperature": NaN}',
+        "temperature",
+        "temperature must be a finite number",
+        id="temperature-nan",
+    ),
     # Ranges.
     case(COMPLETIONS, {"prompt": "a", "top_p": 0}, "top_p", id="top_p-0"),
     case(COMPLETIONS, {"prompt": "a", "top_p": 1.5}, "top_p", id="top_p-big"),
@@ -263,6 +277,18 @@ def test_wrong_method_and_unknown_route_are_json(server, method, path, status, c
     assert response.status_code == status
     error = error_of(response)
     assert error["code"] == code and path in error["message"]
+
+
+def test_a_model_is_retrieved_by_its_id_only(server):
+    listed = httpx.get(server.url + "/v1/models").json()["data"][0]
+    assert 0 < listed["created"] <= time.time()
+    one = httpx.get(server.url + f"/v1/models/{server.model_id}")
+    assert one.status_code == 200 and one.json() == listed
+    for unknown in ("gpt-4", "../../etc/passwd", f"{server.model_id}/x"):
+        response = httpx.get(server.url + f"/v1/models/{unknown}")
+        assert response.status_code == 404
+        # httpx drops the dot segments: that one asks for /etc/passwd, an unknown route.
+        assert error_of(response)["code"] in ("model_not_found", "not_found")
 
 
 def test_the_server_still_serves_after_bad_requests(server):

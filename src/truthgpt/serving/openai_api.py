@@ -83,20 +83,23 @@ def build_app(state: ServerState) -> FastAPI:
         body = state.metrics.render(state.engine.stats(), state.in_flight, state.engine.restarts)
         return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
 
+    def model_card() -> dict:
+        return {
+            "id": state.model_id,
+            "object": "model",
+            "created": state.started,
+            "owned_by": "truthgpt",
+            "max_model_len": state.max_model_len,
+        }
+
     @app.get("/v1/models")
     async def models() -> dict:
-        return {
-            "object": "list",
-            "data": [
-                {
-                    "id": state.model_id,
-                    "object": "model",
-                    "created": 0,
-                    "owned_by": "truthgpt",
-                    "max_model_len": state.max_model_len,
-                }
-            ],
-        }
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str) -> dict:
+        _check_model(model_id, state)  # compared with the served id only, never a path
+        return model_card()
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:

@@ -48,7 +48,8 @@ class APIError(Exception):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+    # allow_inf_nan: Python's json reads NaN and Infinity, which no field here means.
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
 class StreamOptions(_Strict):
@@ -207,6 +208,14 @@ class ChatCompletionRequest(_Sampling):
             )
         if self.top_logprobs and not self.logprobs:
             raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+        both = (self.max_tokens, self.max_completion_tokens)
+        if None not in both and both[0] != both[1]:
+            raise APIError(
+                400,
+                f"max_tokens is {both[0]} and max_completion_tokens is {both[1]}: give one "
+                "(max_completion_tokens is the current name)",
+                param="max_completion_tokens",
+            )
         for index, message in enumerate(self.messages):
             # OpenAI's own rule: only an assistant turn (one that called tools) may have none.
             if message.content is None and message.role != "assistant":
@@ -233,6 +242,8 @@ def parse(model: type[_Strict], body: Any) -> Any:
             message = f"unknown field {param!r}{hint}"
         elif error["type"] == "missing":
             message = f"{param} is required"
+        elif error["type"] == "finite_number":
+            message = f"{param} must be a finite number (got {error.get('input')!r})"
         else:
             got = error.get("input")
             shown = repr(got) if len(repr(got)) < 80 else repr(got)[:77] + "..."

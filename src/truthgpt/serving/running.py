@@ -50,6 +50,7 @@ class ServerState:
     runs: set = field(default_factory=set)  # their _Runs, for end_runs
     waiting_tokens: int = 0  # prompt tokens of admitted requests with no first token yet
     draining: bool = False
+    started: int = field(default_factory=lambda: int(time.time()))  # /v1/models' "created"
 
     def __post_init__(self) -> None:
         self.max_model_len = self.engine.max_model_len
