@@ -353,6 +353,28 @@ def test_denoising_loss_targets_and_min_snr_weights() -> None:
         ),
         ({"model": {"lora": {"enabled": True}}}, ["model.lora.enabled", "model.init_from"]),
         ({"data": {"source": "digitz"}}, ["data.source", "did you mean 'digits'"]),
+        # The free-form dicts are checked against the classes they feed, at load.
+        (
+            {"diffusion_training": {"unet": {"block_out_chanels": [16, 32]}}},
+            ["diffusion_training.unet.block_out_chanels", "'diffusion_training.unet.block_out_"],
+        ),
+        (
+            {"diffusion_training": {"noise_schedule": {"beta_schedul": "linear"}}},
+            ["Did you mean 'diffusion_training.noise_schedule.beta_schedule'", "beta_start"],
+        ),
+        # CLIPTextConfig itself keeps any keyword: the misspelt width would train silently.
+        (
+            {"diffusion_training": {"text_encoder": {"hidden_sise": 64}}},
+            ["Did you mean 'diffusion_training.text_encoder.hidden_size'", "num_hidden_layers"],
+        ),
+        (
+            {"diffusion_training": {"noise_schedule": {"prediction_type": "epsilon"}}},
+            ["noise_schedule.prediction_type: set by diffusion_training.prediction_type"],
+        ),
+        (
+            {"diffusion_training": {"unet": {"block_out_channels": [32]}}},
+            ["diffusion_training.unet.block_out_channels", "unet.down_block_types"],
+        ),
     ],
 )
 def test_bad_diffusion_training_config_names_the_key(
@@ -370,9 +392,33 @@ def test_an_image_source_for_a_text_task_is_refused(tmp_path: Path) -> None:
 
 
 def test_a_bad_unet_config_is_a_config_error(tmp_path: Path) -> None:
-    config = load(digits_config(tmp_path, diffusion_training={"unet": {"no_such_field": 1}}))
+    # Keys diffusers knows, values it refuses: still a config error naming the dict.
+    unet = {**digits_config(tmp_path)["diffusion_training"]["unet"], "act_fn": "no_such_act"}
+    config = load(digits_config(tmp_path, diffusion_training={"unet": unet}))
     with pytest.raises(ConfigError, match="diffusion_training.unet"):
         build_task(config).build_data(None, lambda message: None)
+
+
+def test_every_key_the_from_scratch_builder_takes_passes_validation(tmp_path: Path) -> None:
+    # The allowed keys come from the classes: the defaults and every field of the tiny config
+    # are among them, and the model builds from what validated.
+    from truthgpt.config import DEFAULT_NOISE_SCHEDULE, DEFAULT_TEXT_ENCODER, DEFAULT_UNET
+
+    config = load(
+        digits_config(
+            tmp_path,
+            diffusion_training={
+                "unet": {**DEFAULT_UNET, "in_channels": 1},
+                "text_encoder": {**DEFAULT_TEXT_ENCODER, "hidden_act": "gelu"},
+                "noise_schedule": {**DEFAULT_NOISE_SCHEDULE, "beta_end": 0.02},
+            },
+        )
+    )
+    from truthgpt.training.diffusion_model import build_from_scratch
+
+    model = build_from_scratch(config, 16)
+    assert model.text_encoder.config.hidden_act == "gelu"
+    assert model.noise_scheduler.config.beta_end == 0.02
 
 
 def test_adamw8bit_without_a_gpu_is_a_clear_config_error(tmp_path: Path) -> None:
