@@ -86,8 +86,28 @@ def digits_config(tmp_path: Path, **sections: dict) -> dict:
 def test_digits_from_scratch_loss_falls_and_the_run_is_a_diffusers_pipeline(
     tmp_path: Path,
 ) -> None:
-    result = train(load(digits_config(tmp_path)))
+    class Lines(Callback):
+        def __init__(self) -> None:
+            self.lines: list[str] = []
+
+        def on_log(self, message: str) -> None:
+            self.lines.append(message)
+
+    logged = Lines()
+    result = train(load(digits_config(tmp_path)), callbacks=[logged])
     assert result.steps == 40
+    # The log and metrics speak of images and a noise loss, not of tokens and perplexity.
+    model_line = next(line for line in logged.lines if line.startswith("model "))
+    assert model_line.startswith("model pixel-space diffusion (UNet "), model_line
+    assert "text encoder" in model_line and "llama" not in model_line
+    assert not any("perplexity" in line for line in logged.lines)
+    assert any(line.startswith("val loss ") for line in logged.lines)
+    for record in [
+        *records(result.run_dir, "train").values(),
+        *records(result.run_dir, "eval").values(),
+    ]:
+        assert not any(key.startswith("tokens") or key == "val_ppl" for key in record), record
+    assert {"images_per_second", "images_seen"} <= records(result.run_dir, "train")[40].keys()
     # The validation loss uses fixed noise and timesteps: the same weights give the same
     # number, so a lower one is learning, not luck.
     assert result.final_val_loss < 0.8 * result.initial_val_loss
@@ -353,6 +373,7 @@ def test_denoising_loss_targets_and_min_snr_weights() -> None:
         ),
         ({"model": {"lora": {"enabled": True}}}, ["model.lora.enabled", "model.init_from"]),
         ({"data": {"source": "digitz"}}, ["data.source", "did you mean 'digits'"]),
+        ({"checkpoint": {"select_best_by": "val_ppl"}}, ["checkpoint.select_best_by", "val_loss"]),
         # The free-form dicts are checked against the classes they feed, at load.
         (
             {"diffusion_training": {"unet": {"block_out_chanels": [16, 32]}}},

@@ -777,6 +777,15 @@ def cross_section_problems(config: Config) -> list[str]:
         )
     if not image_task:
         return problems
+    for key, metric in (
+        ("checkpoint.select_best_by", config.checkpoint.select_best_by),
+        ("training.early_stopping.metric", config.training.early_stopping.metric),
+    ):
+        if metric == "val_ppl":
+            problems.append(
+                f"{key}: 'val_ppl' is a language model's; task {config.task} reports only "
+                "val_loss, a noise MSE (allowed here: val_loss)"
+            )
     train = config.diffusion_training
     if train.space == "latent" and not config.model.init_from:
         problems.append(
