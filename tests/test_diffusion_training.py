@@ -26,7 +26,7 @@ from transformers import CLIPTextConfig, CLIPTextModel
 
 from truthgpt.config import load
 from truthgpt.diffusion import load_pipeline
-from truthgpt.errors import ConfigError
+from truthgpt.errors import ConfigError, TruthGPTError
 from truthgpt.training.callbacks import Callback
 from truthgpt.training.checkpoint import verify_checkpoint
 from truthgpt.training.denoising import denoising_loss, snr
@@ -405,6 +405,22 @@ def test_bad_diffusion_training_config_names_the_key(
         load(digits_config(tmp_path, **changes))
     for text in expected:
         assert text in str(info.value)
+
+
+def test_a_run_that_fails_at_data_preparation_leaves_no_run_folder(tmp_path: Path) -> None:
+    empty = tmp_path / "no-images"
+    empty.mkdir()
+    data = {"source": "imagefolder", "paths": [str(empty)]}
+    config = load(digits_config(tmp_path, data=data))
+    with pytest.raises(TruthGPTError):
+        train(config)
+    assert not config.run_dir.exists()
+    # ... while a run folder that held a run before is left as it was.
+    config.run_dir.mkdir(parents=True)
+    (config.run_dir / "notes.txt").write_text("mine")
+    with pytest.raises(TruthGPTError):
+        train(config)
+    assert (config.run_dir / "notes.txt").read_text() == "mine"
 
 
 def test_an_image_source_for_a_text_task_is_refused(tmp_path: Path) -> None:

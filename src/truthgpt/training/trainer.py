@@ -52,7 +52,12 @@ from truthgpt.training.fp8 import enable_fp8
 from truthgpt.training.micro_batch import Split, global_batch_note, resolve_split
 from truthgpt.training.optim import build_optimizer, build_scheduler
 from truthgpt.training.rng import rng_state, seed_everything, set_rng_state
-from truthgpt.training.run_folder import RUN_CONFIG, lock_run_folder, prepare_run_dir
+from truthgpt.training.run_folder import (
+    RUN_CONFIG,
+    lock_run_folder,
+    prepare_run_dir,
+    remove_new_run_folder,
+)
 from truthgpt.training.sharded import load_sharded, save_sharded
 from truthgpt.training.signals import StopRequested
 from truthgpt.training.tasks import Task, build_task, task_unit
@@ -741,6 +746,7 @@ def _train(
     resume: bool | str,
 ) -> TrainResult:
     run_dir = config.run_dir
+    fresh = world.is_main and not run_dir.exists()  # this call creates the run folder
     resume_from = distributed.from_main(
         lambda: prepare_run_dir(config, overwrite, resume),
         share=lambda found: str(found.folder) if found else None,
@@ -760,7 +766,14 @@ def _train(
 
     task = build_task(config)
     # Rank 0 first: it writes what the others read (the run's tokenizer).
-    data = distributed.main_first(lambda: task.build_data(run_dir, log))
+    try:
+        data = distributed.main_first(lambda: task.build_data(run_dir, log))
+    except BaseException:
+        # No data, no run: a folder this call made holds nothing yet (a missing package, an
+        # empty image folder) and would only look like a run that started.
+        if fresh:
+            remove_new_run_folder(run_dir)
+        raise
     check_enough_to_train(data, config.data.max_seq_len)
     if resume_from is not None and not resume_from.sharded:
         model = task.prepare_model(task.load_model(resume_from.folder))
