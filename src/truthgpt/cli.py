@@ -319,7 +319,9 @@ def image(
         list[str] | None, typer.Option("--lora", help="Adapter folder, DIR:weight (repeatable).")
     ] = None,
     speed: Annotated[bool | None, typer.Option("--speed/--no-speed")] = None,
-    dtype: Annotated[str | None, typer.Option(help="fp16, bf16 or fp32.")] = None,
+    dtype: Annotated[
+        str | None, typer.Option(help="auto (fp16 on a GPU, fp32 on a CPU), fp16, bf16 or fp32.")
+    ] = None,
     out: Annotated[str | None, typer.Option("--out", "-o", help="Folder for the PNGs.")] = None,
     config: Annotated[
         Path | None, typer.Option("--config", help="YAML with a diffusion: section.")
@@ -361,10 +363,14 @@ def image(
     if result.grid_path is not None:
         typer.echo(f"grid: {result.grid_path}")
     stats = result.stats
-    typer.echo(
-        f"memory level {result.memory_level}: peak {stats.peak_allocated_gib:.2f} GiB allocated, "
-        f"{stats.peak_reserved_gib:.2f} GiB reserved, {stats.latency_s:.2f} s"
-    )
+    if stats.device.startswith("cuda"):
+        used = (
+            f"peak {stats.peak_allocated_gib:.2f} GiB allocated, "
+            f"{stats.peak_reserved_gib:.2f} GiB reserved"
+        )
+    else:  # no device allocator to ask: what the process holds in host memory
+        used = f"host RSS {stats.host_rss_gib:.2f} GiB"
+    typer.echo(f"memory level {result.memory_level}: {used}, {stats.latency_s:.2f} s")
 
 
 def _yaml_value(value: object) -> str:

@@ -516,7 +516,9 @@ class DiffusionConfig(Section):
         None, description="local diffusers pipeline folder (or a hub id with allow_download)"
     )
     allow_download: bool = Field(False, description="let a hub id be fetched (offline otherwise)")
-    dtype: Literal["fp16", "bf16", "fp32"] = Field("fp16", description="weights and compute dtype")
+    dtype: Literal["auto", "fp16", "bf16", "fp32"] = Field(
+        "auto", description="weights and compute dtype; auto: fp16 on a GPU, fp32 on a CPU"
+    )
     scheduler: str | None = Field(
         None, description="ddim, euler_a, dpm++_2m_karras, unipc, ...; empty: the pipeline's own"
     )

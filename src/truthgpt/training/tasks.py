@@ -139,6 +139,12 @@ class SFTTask(LanguageModelTask):
 @TASKS.register("image-generation")
 def image_generation_task(config: Config) -> Task:
     """Text-to-image diffusion (training/diffusion_task.py); diffusers is imported only here."""
+    from truthgpt.quiet import drop_if_clip_notices, drop_torchvision_notices
+
+    # Before diffusers' pipelines load (they touch transformers' image processors), and before
+    # a checkpoint of a pixel-space run is opened as IFPipeline.
+    drop_torchvision_notices()
+    drop_if_clip_notices()
     from truthgpt.training.diffusion_task import ImageGenerationTask
 
     return ImageGenerationTask(config)
