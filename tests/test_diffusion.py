@@ -205,10 +205,14 @@ def test_bad_model_folders_give_checkpoint_errors(tmp_path: Path, sd_dir: Path) 
 
 
 def test_generate_needs_a_multiple_of_the_vae_scale(tmp_path: Path, sd_dir: Path) -> None:
-    # The config already asks for multiples of 8; a model that downsamples more is checked on
-    # load. model_copy skips validation, standing in for such a model with this tiny one.
-    with pytest.raises(ConfigError, match="multiple of 2"):
-        _run(_cfg(tmp_path, sd_dir).model_copy(update={"width": 33}))
+    # The tiny VAE downsamples by 2: its multiple, not a fixed 8, is what is checked.
+    with pytest.raises(ConfigError, match="multiple of 2, which this model's autoencoder"):
+        _run(_cfg(tmp_path, sd_dir, width=33))
+
+
+def test_a_pixel_space_model_draws_any_size(tmp_path: Path, if_dir: Path) -> None:
+    cfg = _cfg(tmp_path, if_dir, width=12, height=10, scheduler=None, dtype="fp32", steps=2)
+    assert _run(cfg).images[0].size == (12, 10)
 
 
 def test_config_scheduler_names_are_the_mapped_ones() -> None:
@@ -249,6 +253,11 @@ def test_png_metadata_and_grid(tmp_path: Path, sd_pipe) -> None:
     grid = Image.open(result.grid_path)
     assert grid.size == (64, 32)
     assert np.array_equal(_pixels(grid.crop((32, 0, 64, 32))), _pixels(result.images[1]))
+
+    # Three images in a 2x2 grid: the empty cell is black, the background, not white.
+    three = _run(_cfg(tmp_path, batch=3, seed=3), pipe=sd_pipe)
+    empty = _pixels(Image.open(three.grid_path).crop((32, 32, 64, 64)))
+    assert empty.max() == 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -484,8 +493,9 @@ def test_image_cli_writes_pngs_and_reports_memory(tmp_path: Path, sd_dir: Path) 
     )
     again = CliRunner().invoke(app, ["image", "--config", str(yaml_path), "--memory", "nope"])
     assert again.exit_code == 1 and "diffusion.memory" in again.output
-    bad_size = CliRunner().invoke(app, ["image", str(sd_dir), "--prompt", "x", "--size", "big"])
-    assert bad_size.exit_code == 1 and "--size" in bad_size.output
+    for size in ("big", "16x", "16 x 16", "16x16x16"):
+        bad_size = CliRunner().invoke(app, ["image", str(sd_dir), "--prompt", "x", "--size", size])
+        assert bad_size.exit_code == 1 and "WIDTHxHEIGHT" in bad_size.output, bad_size.output
 
 
 def test_image_command_is_quiet(tmp_path: Path, sd_dir: Path) -> None:
@@ -517,9 +527,9 @@ def test_dtype_auto_and_the_fp16_note_comes_after_model_errors(tmp_path: Path) -
     assert logs == []
 
 
-def test_an_if_layout_run_loads_without_diffusers_t5_type_notice(tmp_path: Path) -> None:
-    """Pixel-space runs save IFPipeline layouts with a CLIP text encoder; diffusers warns that
-    IF's annotation says T5. That one notice is dropped, other type notices still pass."""
+@pytest.fixture(scope="module")
+def if_dir(tmp_path_factory) -> Path:
+    """A tiny pixel-space pipeline as task image-generation saves it (IF layout, CLIP text)."""
     from truthgpt.config import load
     from truthgpt.training.diffusion_model import build_from_scratch, save_pipeline
 
@@ -534,15 +544,21 @@ def test_an_if_layout_run_loads_without_diffusers_t5_type_notice(tmp_path: Path)
             "diffusion_training": {"space": "pixel", "unet": unet, "text_encoder": text},
         }
     )
-    save_pipeline(build_from_scratch(config, 8), tmp_path / "if")
+    folder = tmp_path_factory.mktemp("tiny-if") / "if"
+    save_pipeline(build_from_scratch(config, 8), folder)
+    return folder
 
+
+def test_an_if_layout_run_loads_without_diffusers_t5_type_notice(if_dir: Path) -> None:
+    """Pixel-space runs save IFPipeline layouts with a CLIP text encoder; diffusers warns that
+    IF's annotation says T5. That one notice is dropped, other type notices still pass."""
     records: list[logging.LogRecord] = []
     handler = logging.Handler()
     handler.emit = records.append
     logger = logging.getLogger("diffusers.pipelines.pipeline_utils")
     logger.addHandler(handler)
     try:
-        pipe = load_pipeline(tmp_path / "if", torch.float32)
+        pipe = load_pipeline(if_dir, torch.float32)
         logger.warning("Expected types for unet: (UNet2DConditionModel,), got int.")
     finally:
         logger.removeHandler(handler)

@@ -423,6 +423,15 @@ def test_a_run_that_fails_at_data_preparation_leaves_no_run_folder(tmp_path: Pat
     assert (config.run_dir / "notes.txt").read_text() == "mine"
 
 
+def test_sample_grid_leaves_empty_cells_black() -> None:
+    from truthgpt.training.diffusion_task import image_grid
+
+    grey = Image.new("L", (4, 4), 128)
+    grid = np.asarray(image_grid([grey] * 3))  # 2x2: one cell empty
+    assert grid.shape == (8, 8, 3)
+    assert (grid[4:, 4:] == 0).all() and (grid[:4, :4] == 128).all()
+
+
 def test_an_image_source_for_a_text_task_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="data.source: 'digits' is an image source"):
         load(tiny_raw_config(tmp_path, data={"source": "digits"}))

@@ -290,11 +290,17 @@ def serve(
 
 
 def _parse_size(size: str) -> tuple[int, int]:
-    width, _, height = size.lower().partition("x")
-    try:
-        return int(width), int(height or width)
-    except ValueError:
-        raise ValueError(f"--size must look like 512 or 768x512, got {size!r}") from None
+    """`768x512` -> (768, 512), `512` -> (512, 512); anything else (`16x`, `16 x 16`) is an
+    error rather than a guess."""
+    import re
+
+    match = re.fullmatch(r"(\d+)(?:[xX](\d+))?", size)
+    if match is None:
+        raise ValueError(
+            f"--size: {size!r} is not WIDTHxHEIGHT or one number (e.g. 768x512, or 512 for 512x512)"
+        )
+    width, height = match.groups()
+    return int(width), int(height or width)
 
 
 @app.command()

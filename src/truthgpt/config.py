@@ -496,8 +496,6 @@ SCHEDULER_NAMES = (
     "unipc",
     "lcm",
 )
-# Stable Diffusion's autoencoder downsamples by 8; a model that needs more is checked on load.
-LATENT_MULTIPLE = 8
 
 
 def _check_scheduler(value: str | None) -> str | None:
@@ -532,6 +530,8 @@ class DiffusionConfig(Section):
     negative_prompt: str | None = Field(None, description="what to steer away from")
     steps: int = Field(25, ge=1, description="denoising steps")
     guidance: float = Field(7.5, ge=0, description="classifier-free guidance scale")
+    # A latent model's autoencoder needs multiples of its scale (8 for Stable Diffusion),
+    # checked against the loaded model (diffusion/generate.py); pixel-space models take any.
     width: int | None = Field(None, ge=8, description="pixels; empty: the model's default")
     height: int | None = Field(None, ge=8, description="pixels; empty: the model's default")
     seed: int | None = Field(0, description="same seed, same image; empty: random")
@@ -545,17 +545,6 @@ class DiffusionConfig(Section):
     @classmethod
     def _known_scheduler(cls, value: str | None) -> str | None:
         return _check_scheduler(value)
-
-    @field_validator("width", "height")
-    @classmethod
-    def _latent_multiple(cls, value: int | None) -> int | None:
-        if value is not None and value % LATENT_MULTIPLE:
-            nearest = max(LATENT_MULTIPLE, round(value / LATENT_MULTIPLE) * LATENT_MULTIPLE)
-            raise ValueError(
-                f"{value} is not a multiple of {LATENT_MULTIPLE}, which the autoencoder needs "
-                f"(allowed: multiples of {LATENT_MULTIPLE}); try {nearest}"
-            )
-        return value
 
 
 # Tasks that learn from images read `data.source` from IMAGE_SOURCES; the others from SOURCES.

@@ -172,6 +172,8 @@ def generate_images(
 
 
 def _checked_size(pipe, cfg: DiffusionConfig) -> tuple[int | None, int | None]:
+    if getattr(pipe, "vae", None) is None:  # pixel space (an IF layout): no autoencoder
+        return cfg.width, cfg.height
     multiple = getattr(pipe, "vae_scale_factor", 8)
     for key, value in (("width", cfg.width), ("height", cfg.height)):
         if value is not None and value % multiple:
@@ -238,7 +240,8 @@ def _grid(images: list[Image.Image]) -> Image.Image:
     cols = math.ceil(math.sqrt(len(images)))
     rows = math.ceil(len(images) / cols)
     w, h = images[0].size
-    grid = Image.new("RGB", (cols * w, rows * h), "white")
+    # Empty cells (a batch that does not fill the last row) stay black, the usual background.
+    grid = Image.new("RGB", (cols * w, rows * h), "black")
     for i, image in enumerate(images):
         grid.paste(image, ((i % cols) * w, (i // cols) * h))
     return grid

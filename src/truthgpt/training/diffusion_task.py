@@ -302,11 +302,12 @@ class ImageGenerationTask:
 
 
 def image_grid(images: list[Image.Image]) -> Image.Image:
-    """Images side by side in rows of ceil(sqrt(n)), on white."""
+    """Images side by side in rows of ceil(sqrt(n)), on black."""
     cols = math.ceil(math.sqrt(len(images)))
     rows = math.ceil(len(images) / cols)
     width, height = images[0].size
-    grid = Image.new("RGB", (cols * width, rows * height), "white")
+    # Empty cells stay black: the digits' background, no white boxes beside them.
+    grid = Image.new("RGB", (cols * width, rows * height), "black")
     for i, image in enumerate(images):
         grid.paste(image.convert("RGB"), ((i % cols) * width, (i // cols) * height))
     return grid
