@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import textwrap
@@ -115,6 +116,18 @@ def test_generate_from_a_plain_hf_folder(tmp_path: Path) -> None:
     )
     assert out.exit_code == 0, out.output
     assert out.stdout.startswith("import ")
+    # `truthgpt generate ... | head -1`: a reader that leaves early ends it quietly (SIGPIPE's
+    # 141), not with rc 1 or a traceback.
+    command = [sys.executable, "-m", "truthgpt", "generate", str(folder), "-p", "import "]
+    piped = subprocess.Popen(
+        [*command, "--temperature", "0", "--max-new-tokens", "20"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    piped.stdout.close()  # the reader is gone before the first word
+    stderr = piped.stderr.read().decode()
+    assert piped.wait(timeout=120) in (0, 141), stderr
+    assert "Traceback" not in stderr and "BrokenPipe" not in stderr, stderr
     # Sampling through transformers' generate: top_k -1 is off there too (transformers
     # itself refuses it), the same as 0.
     sampled = [
@@ -300,3 +313,28 @@ def test_ctrl_c_while_the_cli_imports_exits_130_without_a_traceback() -> None:
     )
     assert done.returncode == 130, done.stderr
     assert done.stderr == "" and done.stdout == ""
+
+
+def test_help_texts_describe_every_option_and_their_defaults() -> None:
+    from truthgpt.config import DiffusionConfig
+
+    def help_of(*command: str) -> str:
+        # The help box wraps at the terminal's width: read it as one line of words.
+        text = runner.invoke(app, [*command, "--help"]).stdout
+        return re.sub(r"[\s│╭╮╰╯─]+", " ", text)
+
+    top = help_of()
+    assert "serve" in top and "diffusion" in top
+    image = help_of("image")
+    assert "A run folder" in image
+    fields = DiffusionConfig.model_fields
+    assert f"diffusion.steps ({fields['steps'].default})" in image
+    assert f"diffusion.guidance ({fields['guidance'].default})" in image
+    for option in ("--prompt", "--negative-prompt", "--steps", "--guidance", "--seed"):
+        after = image.split(option + " ", 1)[1]
+        assert not after.startswith("--"), option  # a description follows the option
+    assert "--no-speed <bool> SDPA" in image
+    generate = help_of("generate")
+    assert "default to the inference: section" in generate
+    for option in ("--max-new-tokens", "--temperature", "--top-k", "--top-p"):
+        assert "Default: from inference:" in generate.split(option + " <", 1)[1].split(" --")[0]

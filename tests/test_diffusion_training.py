@@ -26,7 +26,7 @@ from transformers import CLIPTextConfig, CLIPTextModel
 
 from truthgpt.config import load
 from truthgpt.diffusion import load_pipeline
-from truthgpt.errors import ConfigError
+from truthgpt.errors import ConfigError, TruthGPTError
 from truthgpt.training.callbacks import Callback
 from truthgpt.training.checkpoint import verify_checkpoint
 from truthgpt.training.denoising import denoising_loss, snr
@@ -86,8 +86,28 @@ def digits_config(tmp_path: Path, **sections: dict) -> dict:
 def test_digits_from_scratch_loss_falls_and_the_run_is_a_diffusers_pipeline(
     tmp_path: Path,
 ) -> None:
-    result = train(load(digits_config(tmp_path)))
+    class Lines(Callback):
+        def __init__(self) -> None:
+            self.lines: list[str] = []
+
+        def on_log(self, message: str) -> None:
+            self.lines.append(message)
+
+    logged = Lines()
+    result = train(load(digits_config(tmp_path)), callbacks=[logged])
     assert result.steps == 40
+    # The log and metrics speak of images and a noise loss, not of tokens and perplexity.
+    model_line = next(line for line in logged.lines if line.startswith("model "))
+    assert model_line.startswith("model pixel-space diffusion (UNet "), model_line
+    assert "text encoder" in model_line and "llama" not in model_line
+    assert not any("perplexity" in line for line in logged.lines)
+    assert any(line.startswith("val loss ") for line in logged.lines)
+    for record in [
+        *records(result.run_dir, "train").values(),
+        *records(result.run_dir, "eval").values(),
+    ]:
+        assert not any(key.startswith("tokens") or key == "val_ppl" for key in record), record
+    assert {"images_per_second", "images_seen"} <= records(result.run_dir, "train")[40].keys()
     # The validation loss uses fixed noise and timesteps: the same weights give the same
     # number, so a lower one is learning, not luck.
     assert result.final_val_loss < 0.8 * result.initial_val_loss
@@ -353,6 +373,29 @@ def test_denoising_loss_targets_and_min_snr_weights() -> None:
         ),
         ({"model": {"lora": {"enabled": True}}}, ["model.lora.enabled", "model.init_from"]),
         ({"data": {"source": "digitz"}}, ["data.source", "did you mean 'digits'"]),
+        ({"checkpoint": {"select_best_by": "val_ppl"}}, ["checkpoint.select_best_by", "val_loss"]),
+        # The free-form dicts are checked against the classes they feed, at load.
+        (
+            {"diffusion_training": {"unet": {"block_out_chanels": [16, 32]}}},
+            ["diffusion_training.unet.block_out_chanels", "'diffusion_training.unet.block_out_"],
+        ),
+        (
+            {"diffusion_training": {"noise_schedule": {"beta_schedul": "linear"}}},
+            ["Did you mean 'diffusion_training.noise_schedule.beta_schedule'", "beta_start"],
+        ),
+        # CLIPTextConfig itself keeps any keyword: the misspelt width would train silently.
+        (
+            {"diffusion_training": {"text_encoder": {"hidden_sise": 64}}},
+            ["Did you mean 'diffusion_training.text_encoder.hidden_size'", "num_hidden_layers"],
+        ),
+        (
+            {"diffusion_training": {"noise_schedule": {"prediction_type": "epsilon"}}},
+            ["noise_schedule.prediction_type: set by diffusion_training.prediction_type"],
+        ),
+        (
+            {"diffusion_training": {"unet": {"block_out_channels": [32]}}},
+            ["diffusion_training.unet.block_out_channels", "unet.down_block_types"],
+        ),
     ],
 )
 def test_bad_diffusion_training_config_names_the_key(
@@ -364,15 +407,64 @@ def test_bad_diffusion_training_config_names_the_key(
         assert text in str(info.value)
 
 
+def test_a_run_that_fails_at_data_preparation_leaves_no_run_folder(tmp_path: Path) -> None:
+    empty = tmp_path / "no-images"
+    empty.mkdir()
+    data = {"source": "imagefolder", "paths": [str(empty)]}
+    config = load(digits_config(tmp_path, data=data))
+    with pytest.raises(TruthGPTError):
+        train(config)
+    assert not config.run_dir.exists()
+    # ... while a run folder that held a run before is left as it was.
+    config.run_dir.mkdir(parents=True)
+    (config.run_dir / "notes.txt").write_text("mine")
+    with pytest.raises(TruthGPTError):
+        train(config)
+    assert (config.run_dir / "notes.txt").read_text() == "mine"
+
+
+def test_sample_grid_leaves_empty_cells_black() -> None:
+    from truthgpt.training.diffusion_task import image_grid
+
+    grey = Image.new("L", (4, 4), 128)
+    grid = np.asarray(image_grid([grey] * 3))  # 2x2: one cell empty
+    assert grid.shape == (8, 8, 3)
+    assert (grid[4:, 4:] == 0).all() and (grid[:4, :4] == 128).all()
+
+
 def test_an_image_source_for_a_text_task_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="data.source: 'digits' is an image source"):
         load(tiny_raw_config(tmp_path, data={"source": "digits"}))
 
 
 def test_a_bad_unet_config_is_a_config_error(tmp_path: Path) -> None:
-    config = load(digits_config(tmp_path, diffusion_training={"unet": {"no_such_field": 1}}))
+    # Keys diffusers knows, values it refuses: still a config error naming the dict.
+    unet = {**digits_config(tmp_path)["diffusion_training"]["unet"], "act_fn": "no_such_act"}
+    config = load(digits_config(tmp_path, diffusion_training={"unet": unet}))
     with pytest.raises(ConfigError, match="diffusion_training.unet"):
         build_task(config).build_data(None, lambda message: None)
+
+
+def test_every_key_the_from_scratch_builder_takes_passes_validation(tmp_path: Path) -> None:
+    # The allowed keys come from the classes: the defaults and every field of the tiny config
+    # are among them, and the model builds from what validated.
+    from truthgpt.config import DEFAULT_NOISE_SCHEDULE, DEFAULT_TEXT_ENCODER, DEFAULT_UNET
+
+    config = load(
+        digits_config(
+            tmp_path,
+            diffusion_training={
+                "unet": {**DEFAULT_UNET, "in_channels": 1},
+                "text_encoder": {**DEFAULT_TEXT_ENCODER, "hidden_act": "gelu"},
+                "noise_schedule": {**DEFAULT_NOISE_SCHEDULE, "beta_end": 0.02},
+            },
+        )
+    )
+    from truthgpt.training.diffusion_model import build_from_scratch
+
+    model = build_from_scratch(config, 16)
+    assert model.text_encoder.config.hidden_act == "gelu"
+    assert model.noise_scheduler.config.beta_end == 0.02
 
 
 def test_adamw8bit_without_a_gpu_is_a_clear_config_error(tmp_path: Path) -> None:

@@ -14,7 +14,8 @@ from truthgpt.errors import ConfigError, TruthGPTError
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
-    help="Train, fine-tune and sample language models from one YAML file.",
+    help="Train, fine-tune, sample and serve (OpenAI-compatible HTTP) language models, and "
+    "train and draw text-to-image diffusion models, from one YAML file.",
 )
 
 SetOption = Annotated[
@@ -174,12 +175,21 @@ def generate(
         Path | None, typer.Option("--out", "-o", help="With --prompts-file: JSONL results here.")
     ] = None,
     # The ranges of these four are the inference: section's (config.py), checked there.
-    max_new_tokens: Annotated[int | None, typer.Option(help="New tokens at most (>= 1).")] = None,
-    temperature: Annotated[float | None, typer.Option(help="0 is greedy.")] = None,
-    top_k: Annotated[
-        int | None, typer.Option(help="Sample among the k likeliest; 0 or -1: off.")
+    # Their defaults are the inference: section's (the run's own, or --config's): not repeated.
+    max_new_tokens: Annotated[
+        int | None,
+        typer.Option(help="New tokens at most (>= 1). Default: from inference:."),
     ] = None,
-    top_p: Annotated[float | None, typer.Option(help="Nucleus mass in (0, 1].")] = None,
+    temperature: Annotated[
+        float | None, typer.Option(help="0 is greedy. Default: from inference:.")
+    ] = None,
+    top_k: Annotated[
+        int | None,
+        typer.Option(help="Sample among the k likeliest; 0 or -1: off. Default: from inference:."),
+    ] = None,
+    top_p: Annotated[
+        float | None, typer.Option(help="Nucleus mass in (0, 1]. Default: from inference:.")
+    ] = None,
     seed: Annotated[
         int | None, typer.Option(min=-(2**63), max=2**63 - 1, help="Fix the sampling RNG.")
     ] = None,
@@ -200,7 +210,10 @@ def generate(
     ] = None,
     set_: SetOption = None,
 ) -> None:
-    """Continue a prompt (streamed) or a file of prompts (batched on the engine)."""
+    """Continue a prompt (streamed) or a file of prompts (batched on the engine).
+
+    --max-new-tokens, --temperature, --top-k and --top-p default to the inference: section of
+    the run folder's config (or of --config); see README's config table."""
     from truthgpt.inference import generate as gen
 
     given = {
@@ -251,6 +264,11 @@ def generate(
                 sys.stdout.write(piece)
                 sys.stdout.flush()
             sys.stdout.write("\n")
+    except BrokenPipeError:
+        # `truthgpt generate ... | head -1`: the reader left, which is no error. Point stdout at
+        # devnull so the interpreter's final flush does not raise again, and exit as SIGPIPE.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise typer.Exit(code=141) from None
     except (TruthGPTError, ValueError) as exc:
         _fail(exc)
 
@@ -294,37 +312,78 @@ def serve(
 
 
 def _parse_size(size: str) -> tuple[int, int]:
-    width, _, height = size.lower().partition("x")
-    try:
-        return int(width), int(height or width)
-    except ValueError:
-        raise ValueError(f"--size must look like 512 or 768x512, got {size!r}") from None
+    """`768x512` -> (768, 512), `512` -> (512, 512); anything else (`16x`, `16 x 16`) is an
+    error rather than a guess."""
+    import re
+
+    match = re.fullmatch(r"(\d+)(?:[xX](\d+))?", size)
+    if match is None:
+        raise ValueError(
+            f"--size: {size!r} is not WIDTHxHEIGHT or one number (e.g. 768x512, or 512 for 512x512)"
+        )
+    width, height = match.groups()
+    return int(width), int(height or width)
 
 
 @app.command()
 def image(
     model: Annotated[
-        str | None, typer.Argument(help="Local diffusers pipeline folder (or diffusion.model).")
+        str | None,
+        typer.Argument(
+            help="A run folder of task image-generation, a local diffusers pipeline folder, or a "
+            "hub id with diffusion.allow_download=true. Default: diffusion.model."
+        ),
     ] = None,
-    prompt: Annotated[str | None, typer.Option("--prompt", "-p")] = None,
-    negative_prompt: Annotated[str | None, typer.Option()] = None,
-    steps: Annotated[int | None, typer.Option(min=1)] = None,
-    guidance: Annotated[float | None, typer.Option(min=0.0)] = None,
-    size: Annotated[str | None, typer.Option(help="WIDTHxHEIGHT, or one number.")] = None,
-    seed: Annotated[int | None, typer.Option()] = None,
-    batch: Annotated[int | None, typer.Option(min=1, help="Images per prompt.")] = None,
+    # Defaults are the diffusion: section's (README's config table), or a run's samples: ones.
+    prompt: Annotated[
+        str | None, typer.Option("--prompt", "-p", help="What to draw. Default: empty.")
+    ] = None,
+    negative_prompt: Annotated[
+        str | None, typer.Option(help="What to steer away from. Default: none.")
+    ] = None,
+    steps: Annotated[
+        int | None,
+        typer.Option(min=1, help="Denoising steps. Default: the run's, else diffusion.steps (25)."),
+    ] = None,
+    guidance: Annotated[
+        float | None,
+        typer.Option(
+            min=0.0,
+            help="Classifier-free guidance scale. Default: the run's, else diffusion.guidance "
+            "(7.5).",
+        ),
+    ] = None,
+    size: Annotated[
+        str | None,
+        typer.Option(help="WIDTHxHEIGHT, or one number for a square. Default: the model's."),
+    ] = None,
+    seed: Annotated[
+        int | None, typer.Option(help="Image i is drawn with seed + i. Default: 0.")
+    ] = None,
+    batch: Annotated[int | None, typer.Option(min=1, help="Images per prompt. Default: 1.")] = None,
     scheduler: Annotated[
-        str | None, typer.Option(help="ddim, euler_a, dpm++_2m_karras, ...")
+        str | None,
+        typer.Option(help="ddim, euler_a, dpm++_2m_karras, ... Default: the pipeline's own."),
     ] = None,
     memory: Annotated[
-        str | None, typer.Option(help="none, balanced, aggressive, ultra or auto.")
+        str | None, typer.Option(help="none, balanced, aggressive, ultra or auto. Default: auto.")
     ] = None,
     lora: Annotated[
         list[str] | None, typer.Option("--lora", help="Adapter folder, DIR:weight (repeatable).")
     ] = None,
-    speed: Annotated[bool | None, typer.Option("--speed/--no-speed")] = None,
-    dtype: Annotated[str | None, typer.Option(help="fp16, bf16 or fp32.")] = None,
-    out: Annotated[str | None, typer.Option("--out", "-o", help="Folder for the PNGs.")] = None,
+    speed: Annotated[
+        bool | None,
+        typer.Option(
+            "--speed/--no-speed",
+            help="SDPA, channels_last, fused QKV and torch.compile of the denoiser. Default: off.",
+        ),
+    ] = None,
+    dtype: Annotated[
+        str | None, typer.Option(help="auto (fp16 on a GPU, fp32 on a CPU), fp16, bf16 or fp32.")
+    ] = None,
+    out: Annotated[
+        str | None, typer.Option("--out", "-o", help="Folder for the PNGs. Default: images.")
+    ] = None,
     config: Annotated[
         Path | None, typer.Option("--config", help="YAML with a diffusion: section.")
     ] = None,
@@ -365,10 +424,14 @@ def image(
     if result.grid_path is not None:
         typer.echo(f"grid: {result.grid_path}")
     stats = result.stats
-    typer.echo(
-        f"memory level {result.memory_level}: peak {stats.peak_allocated_gib:.2f} GiB allocated, "
-        f"{stats.peak_reserved_gib:.2f} GiB reserved, {stats.latency_s:.2f} s"
-    )
+    if stats.device.startswith("cuda"):
+        used = (
+            f"peak {stats.peak_allocated_gib:.2f} GiB allocated, "
+            f"{stats.peak_reserved_gib:.2f} GiB reserved"
+        )
+    else:  # no device allocator to ask: what the process holds in host memory
+        used = f"host RSS {stats.host_rss_gib:.2f} GiB"
+    typer.echo(f"memory level {result.memory_level}: {used}, {stats.latency_s:.2f} s")
 
 
 def _yaml_value(value: object) -> str:

@@ -491,8 +491,6 @@ SCHEDULER_NAMES = (
     "unipc",
     "lcm",
 )
-# Stable Diffusion's autoencoder downsamples by 8; a model that needs more is checked on load.
-LATENT_MULTIPLE = 8
 
 
 def _check_scheduler(value: str | None) -> str | None:
@@ -510,7 +508,9 @@ class DiffusionConfig(Section):
         None, description="local diffusers pipeline folder (or a hub id with allow_download)"
     )
     allow_download: bool = Field(False, description="let a hub id be fetched (offline otherwise)")
-    dtype: Literal["fp16", "bf16", "fp32"] = Field("fp16", description="weights and compute dtype")
+    dtype: Literal["auto", "fp16", "bf16", "fp32"] = Field(
+        "auto", description="weights and compute dtype; auto: fp16 on a GPU, fp32 on a CPU"
+    )
     scheduler: str | None = Field(
         None, description="ddim, euler_a, dpm++_2m_karras, unipc, ...; empty: the pipeline's own"
     )
@@ -524,6 +524,8 @@ class DiffusionConfig(Section):
     negative_prompt: str | None = Field(None, description="what to steer away from")
     steps: int = Field(25, ge=1, description="denoising steps")
     guidance: float = Field(7.5, ge=0, description="classifier-free guidance scale")
+    # A latent model's autoencoder needs multiples of its scale (8 for Stable Diffusion),
+    # checked against the loaded model (diffusion/generate.py); pixel-space models take any.
     width: int | None = Field(None, ge=8, description="pixels; empty: the model's default")
     height: int | None = Field(None, ge=8, description="pixels; empty: the model's default")
     seed: int | None = Field(0, description="same seed, same image; empty: random")
@@ -538,22 +540,35 @@ class DiffusionConfig(Section):
     def _known_scheduler(cls, value: str | None) -> str | None:
         return _check_scheduler(value)
 
-    @field_validator("width", "height")
-    @classmethod
-    def _latent_multiple(cls, value: int | None) -> int | None:
-        if value is not None and value % LATENT_MULTIPLE:
-            nearest = max(LATENT_MULTIPLE, round(value / LATENT_MULTIPLE) * LATENT_MULTIPLE)
-            raise ValueError(
-                f"{value} is not a multiple of {LATENT_MULTIPLE}, which the autoencoder needs "
-                f"(allowed: multiples of {LATENT_MULTIPLE}); try {nearest}"
-            )
-        return value
-
 
 # Tasks that learn from images read `data.source` from IMAGE_SOURCES; the others from SOURCES.
 IMAGE_TASKS = ("image-generation",)
 # LoRA on a UNet adapts the attention projections (q, k, v and the output projection).
 UNET_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+
+
+# From scratch: a small UNet and CLIP text encoder; `diffusion_training.unet` / `.text_encoder`
+# override any field.
+DEFAULT_UNET: dict[str, Any] = {
+    "block_out_channels": [32, 64, 64],
+    "layers_per_block": 1,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    "attention_head_dim": 8,
+    "norm_num_groups": 8,
+}
+DEFAULT_TEXT_ENCODER: dict[str, Any] = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_attention_heads": 4,
+    "num_hidden_layers": 2,
+}
+# The cosine schedule (Nichol & Dhariwal 2021) spends fewer steps on nearly clean images than
+# the linear one, which matters most at small resolutions.
+DEFAULT_NOISE_SCHEDULE: dict[str, Any] = {
+    "num_train_timesteps": 1000,
+    "beta_schedule": "squaredcos_cap_v2",
+}
 
 
 class SamplesConfig(Section):
@@ -747,6 +762,15 @@ def cross_section_problems(config: Config) -> list[str]:
         )
     if not image_task:
         return problems
+    for key, metric in (
+        ("checkpoint.select_best_by", config.checkpoint.select_best_by),
+        ("training.early_stopping.metric", config.training.early_stopping.metric),
+    ):
+        if metric == "val_ppl":
+            problems.append(
+                f"{key}: 'val_ppl' is a language model's; task {config.task} reports only "
+                "val_loss, a noise MSE (allowed here: val_loss)"
+            )
     train = config.diffusion_training
     if train.space == "latent" and not config.model.init_from:
         problems.append(
@@ -770,7 +794,65 @@ def cross_section_problems(config: Config) -> list[str]:
             f"diffusion_training.{given[0]}: configures a model built from scratch, but "
             f"model.init_from ({config.model.init_from!r}) gives the pipeline; remove one"
         )
+    elif train.unet or train.text_encoder or train.noise_schedule:
+        problems += from_scratch_problems(train)
     return problems
+
+
+def from_scratch_problems(train: DiffusionTrainingConfig) -> list[str]:
+    """Unknown keys in the free-form `unet`, `text_encoder` and `noise_schedule` dicts, checked
+    against the classes they are passed to, and UNet block lists of different lengths: found at
+    load, not when training starts (and CLIPTextConfig would keep a misspelt key silently)."""
+    import inspect
+
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, PretrainedConfig
+
+    def parameters(function: Any) -> set[str]:
+        return set(inspect.signature(function).parameters) - {"self", "args", "kwargs"}
+
+    # What the training code sets itself: from the tokenizer, and prediction_type from its key.
+    text_fields = parameters(CLIPTextConfig.__init__) - parameters(PretrainedConfig.__init__)
+    text_fields -= {"vocab_size", "max_position_embeddings", "bos_token_id", "eos_token_id"}
+    text_fields -= {"pad_token_id"}
+    checks = (
+        ("unet", train.unet, parameters(UNet2DConditionModel.__init__)),
+        ("text_encoder", train.text_encoder, text_fields),
+        (
+            "noise_schedule",
+            train.noise_schedule,
+            parameters(DDPMScheduler.__init__) - {"prediction_type"},
+        ),
+    )
+    problems = []
+    for name, given, known in checks:
+        for key in given:
+            if key == "prediction_type" and name == "noise_schedule":
+                problems.append(
+                    "diffusion_training.noise_schedule.prediction_type: set by "
+                    "diffusion_training.prediction_type (allowed: auto, epsilon, v_prediction)"
+                )
+            elif key not in known:
+                problems.append(
+                    unknown_key_problem(["diffusion_training", name, key], sorted(known))
+                )
+    unet = {**DEFAULT_UNET, **train.unet}
+    down = unet["down_block_types"]
+    for key in ("block_out_channels", "up_block_types"):
+        if isinstance(unet[key], list) and isinstance(down, list) and len(unet[key]) != len(down):
+            problems.append(
+                f"diffusion_training.unet.{key}: {unet[key]} gives {len(unet[key])} resolution "
+                f"level(s), diffusion_training.unet.down_block_types {down} gives {len(down)}; "
+                "give each list one entry per level"
+            )
+    return problems
+
+
+def unknown_key_problem(loc: list[str], allowed: list[str]) -> str:
+    """`a.b.kye: unknown key. Did you mean 'a.b.key'? Allowed here: ...`."""
+    hint = difflib.get_close_matches(loc[-1], allowed, n=1)
+    suggestion = f" Did you mean {'.'.join(loc[:-1] + [hint[0]])!r}?" if hint else ""
+    return f"{'.'.join(loc)}: unknown key.{suggestion} Allowed here: {', '.join(allowed)}"
 
 
 def save(config: Config, path: Path) -> None:
@@ -863,10 +945,7 @@ def format_errors(
             loc.append(context["field"])
         key = ".".join(loc) or "<top>"
         if error["type"] == "extra_forbidden":
-            allowed = _allowed_keys(loc[:-1])
-            close = difflib.get_close_matches(loc[-1], allowed, n=1)
-            hint = f" Did you mean {'.'.join(loc[:-1] + [close[0]])!r}?" if close else ""
-            lines.append(f"  {key}: unknown key.{hint} Allowed here: {', '.join(allowed)}")
+            lines.append("  " + unknown_key_problem(loc, _allowed_keys(loc[:-1])))
             continue
         message = error["msg"].removeprefix("Value error, ")
         value = _lookup(raw, loc)

@@ -15,6 +15,10 @@ from collections.abc import Iterator
 # `CLIPImageProcessorPil`" once per class when diffusers touches its image processors; the PIL
 # fallback is what Stable Diffusion pipelines use anyway.
 TORCHVISION_NOTICE = "requires torchvision (not installed)"
+# diffusers checks a loaded pipeline's parts against the annotations of its class: IFPipeline
+# says T5EncoderModel, and the pixel-space runs of task image-generation save IF layouts with a
+# small CLIPTextModel (training/diffusion_model.py), which IFPipeline runs as well.
+IF_CLIP_NOTICE = "Expected types for text_encoder: (<class 'transformers.models.t5."
 # peft reads transformers' deprecated `is_gradient_checkpointing` on every wrap (peft's to fix).
 PEFT_CHECKPOINTING_NOTICE = r"`is_gradient_checkpointing` is deprecated"
 # numpy 2 on the tensors diffusers' schedulers hand to np.array (diffusers' to fix, harmless).
@@ -35,6 +39,20 @@ def drop_torchvision_notices() -> None:
     logger = logging.getLogger("transformers.utils.import_utils")
     if not any(isinstance(f, _DropContaining) for f in logger.filters):
         logger.addFilter(_DropContaining(TORCHVISION_NOTICE))
+
+
+def drop_if_clip_notices() -> None:
+    """Drop diffusers' `Expected types for text_encoder: (T5EncoderModel,), got CLIPTextModel`
+    for IF-layout pipelines with a CLIP text encoder (idempotent; other type notices pass)."""
+    logger = logging.getLogger("diffusers.pipelines.pipeline_utils")
+    if not any(isinstance(f, _DropIfClip) for f in logger.filters):
+        logger.addFilter(_DropIfClip(IF_CLIP_NOTICE))
+
+
+class _DropIfClip(_DropContaining):
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not (self.text in message and "CLIPTextModel" in message)
 
 
 @contextlib.contextmanager

@@ -9,10 +9,11 @@ print(result.paths, result.stats.peak_allocated_gib)
 
 from __future__ import annotations
 
-from truthgpt.quiet import drop_torchvision_notices
+from truthgpt.quiet import drop_if_clip_notices, drop_torchvision_notices
 
 # Before diffusers loads: importing its pipelines touches transformers' image processors.
 drop_torchvision_notices()
+drop_if_clip_notices()
 
 from truthgpt.diffusion.generate import ImageResult, generate_images, parse_lora  # noqa: E402
 from truthgpt.diffusion.memory import (  # noqa: E402

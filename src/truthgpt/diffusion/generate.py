@@ -82,7 +82,13 @@ def generate_images(
     if pipe is None:
         if not cfg.model:
             raise ConfigError("diffusion.model: give a local diffusers pipeline folder")
-        pipe = load_pipeline(cfg.model, resolve_dtype(cfg.dtype, device, log), cfg.allow_download)
+        # The dtype note after the load: an error about the model comes first, alone.
+        notes: list[str] = []
+        pipe = load_pipeline(
+            cfg.model, resolve_dtype(cfg.dtype, device, notes.append), cfg.allow_download
+        )
+        for note in notes:
+            log(note)
     pipe.set_progress_bar_config(disable=not progress)
     width, height = _checked_size(pipe, cfg)
     dtype = str(denoiser_of(pipe)[1].dtype).removeprefix("torch.")  # before FP8 storage
@@ -142,7 +148,12 @@ def generate_images(
         "seed": str(seed),
         "scheduler": cfg.scheduler or type(pipe.scheduler).__name__,
         "memory": level,
-        "peak_gib": f"{stats.peak_allocated_gib:.3f}",
+        # A CPU has no allocator peak to report (it would read 0): the process's RSS instead.
+        **(
+            {"peak_gib": f"{stats.peak_allocated_gib:.3f}"}
+            if device.type == "cuda"
+            else {"host_rss_gib": f"{stats.host_rss_gib:.3f}"}
+        ),
         "latency_s": f"{stats.latency_s:.3f}",
         "device": stats.device,
         "model": str(cfg.model or ""),
@@ -161,6 +172,8 @@ def generate_images(
 
 
 def _checked_size(pipe, cfg: DiffusionConfig) -> tuple[int | None, int | None]:
+    if getattr(pipe, "vae", None) is None:  # pixel space (an IF layout): no autoencoder
+        return cfg.width, cfg.height
     multiple = getattr(pipe, "vae_scale_factor", 8)
     for key, value in (("width", cfg.width), ("height", cfg.height)):
         if value is not None and value % multiple:
@@ -227,7 +240,8 @@ def _grid(images: list[Image.Image]) -> Image.Image:
     cols = math.ceil(math.sqrt(len(images)))
     rows = math.ceil(len(images) / cols)
     w, h = images[0].size
-    grid = Image.new("RGB", (cols * w, rows * h), "white")
+    # Empty cells (a batch that does not fill the last row) stay black, the usual background.
+    grid = Image.new("RGB", (cols * w, rows * h), "black")
     for i, image in enumerate(images):
         grid.paste(image, ((i % cols) * w, (i // cols) * h))
     return grid

@@ -34,10 +34,13 @@ _LOAD_ERRORS = (OSError, ValueError, KeyError, TypeError, AttributeError, Runtim
 def resolve_dtype(
     name: str, device: torch.device, log: Callable[[str], None] = print
 ) -> torch.dtype:
-    """The torch dtype for `fp16 | bf16 | fp32`; fp16 on a CPU becomes fp32 (CPU half kernels are
-    missing or slow), with one log line."""
+    """The torch dtype for `auto | fp16 | bf16 | fp32`: auto is fp16 on a GPU, fp32 on a CPU; an
+    explicit fp16 on a CPU becomes fp32 too (CPU half kernels are missing or slow), with one log
+    line."""
+    if name == "auto":
+        return torch.float32 if device.type == "cpu" else torch.float16
     if name not in DTYPES:
-        raise ConfigError(f"diffusion.dtype: {name!r} is not one of {', '.join(DTYPES)}")
+        raise ConfigError(f"diffusion.dtype: {name!r} is not one of auto, {', '.join(DTYPES)}")
     if name == "fp16" and device.type == "cpu":
         log("diffusion: fp16 on a CPU is slow or unsupported; using fp32")
         return torch.float32

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from truthgpt.config import Config
+from truthgpt.config import IMAGE_TASKS, Config
 from truthgpt.errors import ConfigError
 from truthgpt.registry import CALLBACKS
 
@@ -55,6 +55,15 @@ class Callback:
     def on_train_end(self, step: int) -> None: ...
 
 
+def _throughput(metrics: Metrics) -> str:
+    """`1,234 tok/s` or `87.5 images/s`: the rate the task counts (its `unit`)."""
+    for key, value in metrics.items():
+        if key.endswith("_per_second"):
+            unit = key.removesuffix("_per_second")
+            return f"{value:,.0f} tok/s" if unit == "tokens" else f"{value:,.1f} {unit}/s"
+    return ""
+
+
 def _clock(seconds: float) -> str:
     minutes, secs = divmod(int(seconds), 60)
     hours, minutes = divmod(minutes, 60)
@@ -66,7 +75,7 @@ def _format_metrics(metrics: Metrics) -> str:
     for key, value in metrics.items():
         if key == "step":
             continue
-        if key.startswith("tokens"):
+        if key.startswith("tokens") or key.endswith("_seen"):
             text = f"{value:,.0f}"
         elif key == "lr":
             text = f"{value:.3e}"
@@ -112,10 +121,7 @@ class RichProgress(Callback):
         self.task = self.progress.add_task(self.name, total=max_steps, completed=step, status="")
 
     def on_step_end(self, step: int, metrics: Metrics) -> None:
-        status = (
-            f"loss {metrics['loss']:.4f} lr {metrics['lr']:.2e} "
-            f"{metrics['tokens_per_second']:,.0f} tok/s"
-        )
+        status = f"loss {metrics['loss']:.4f} lr {metrics['lr']:.2e} {_throughput(metrics)}"
         self.progress.update(self.task, completed=step, status=status)
         self.progress.console.print(f"step {step:>6}  {_format_metrics(metrics)}")
 
@@ -144,7 +150,7 @@ class TqdmProgress(Callback):
         self.bar.set_postfix(
             loss=f"{metrics['loss']:.4f}",
             lr=f"{metrics['lr']:.2e}",
-            tok_s=f"{metrics['tokens_per_second']:,.0f}",
+            rate=_throughput(metrics),
         )
         self.bar.update(step - self.bar.n)
 
@@ -373,12 +379,16 @@ class LossPlot(Callback):
 
     def __init__(self, config: Config, run_dir: Path) -> None:
         self.run_dir = run_dir
+        image_task = config.task in IMAGE_TASKS
+        self.loss_label = "noise MSE (per element)" if image_task else "cross-entropy (nats/token)"
 
     def on_train_end(self, step: int) -> None:
-        write_loss_plot(self.run_dir / "metrics.jsonl", self.run_dir / "loss.png")
+        write_loss_plot(self.run_dir / "metrics.jsonl", self.run_dir / "loss.png", self.loss_label)
 
 
-def write_loss_plot(metrics_path: Path, png_path: Path) -> None:
+def write_loss_plot(
+    metrics_path: Path, png_path: Path, loss_label: str = "cross-entropy (nats/token)"
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -398,7 +408,7 @@ def write_loss_plot(metrics_path: Path, png_path: Path) -> None:
     if val:
         ax.plot(*zip(*val, strict=True), "o-", label="val loss", linewidth=1.5)
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.set_ylabel(loss_label)
     ax.set_title(png_path.parent.name)
     ax.grid(alpha=0.3)
     ax.legend()

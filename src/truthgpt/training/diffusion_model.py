@@ -33,34 +33,19 @@ from diffusers.loaders import StableDiffusionLoraLoaderMixin
 from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, PreTrainedTokenizerBase
 
-from truthgpt.config import UNET_LORA_TARGETS, Config, LoraConfig
+from truthgpt.config import (
+    DEFAULT_NOISE_SCHEDULE,
+    DEFAULT_TEXT_ENCODER,
+    DEFAULT_UNET,
+    UNET_LORA_TARGETS,
+    Config,
+    LoraConfig,
+)
 from truthgpt.errors import CheckpointError, ConfigError
 from truthgpt.quiet import no_load_save_bars
 
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # diffusers' LoRA file name
 
-# From scratch: a small UNet and CLIP text encoder; `diffusion_training.unet` / `.text_encoder`
-# override any field.
-DEFAULT_UNET: dict[str, Any] = {
-    "block_out_channels": [32, 64, 64],
-    "layers_per_block": 1,
-    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
-    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
-    "attention_head_dim": 8,
-    "norm_num_groups": 8,
-}
-DEFAULT_TEXT_ENCODER: dict[str, Any] = {
-    "hidden_size": 64,
-    "intermediate_size": 128,
-    "num_attention_heads": 4,
-    "num_hidden_layers": 2,
-}
-# The cosine schedule (Nichol & Dhariwal 2021) spends fewer steps on nearly clean images than
-# the linear one, which matters most at small resolutions.
-DEFAULT_NOISE_SCHEDULE: dict[str, Any] = {
-    "num_train_timesteps": 1000,
-    "beta_schedule": "squaredcos_cap_v2",
-}
 CLIP_MAX_TOKENS = 77  # the context both pipelines pad prompts to
 
 

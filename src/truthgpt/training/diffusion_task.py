@@ -86,6 +86,9 @@ class DenoisingItems(Dataset):
 class ImageGenerationTask:
     """Text-to-image denoising; the model is a `DiffusionModel`."""
 
+    unit = "images"  # count_tokens counts images: images_per_second, images_seen
+    reports_perplexity = False  # the loss is a noise MSE, not a cross-entropy
+
     def __init__(self, config: Config) -> None:
         self.config = config
         self.train_cfg = config.diffusion_training
@@ -257,8 +260,19 @@ class ImageGenerationTask:
         return model.encode_text(ids, mask)
 
     def count_tokens(self, batch: Batch) -> int:
-        """Images: `tokens_per_second` counts images per second for this task."""
+        """Images (`unit`): the throughput is images per second."""
         return int(batch["caption_index"].numel())
+
+    def describe_model(self, model: nn.Module) -> str:
+        """`UNet 1.05M + text encoder 0.06M` (+ VAE): the parts and their sizes."""
+        parts = [("UNet", model.unet), ("text encoder", model.text_encoder), ("VAE", model.vae)]
+        sizes = [
+            f"{name} {sum(p.numel() for p in part.parameters()) / 1e6:.2f}M"
+            + ("" if any(p.requires_grad for p in part.parameters()) else " frozen")
+            for name, part in parts
+            if part is not None
+        ]
+        return f"{self.train_cfg.space}-space diffusion ({' + '.join(sizes)})"
 
     def flops_per_token(self, model: nn.Module) -> float | None:
         return None
@@ -288,11 +302,12 @@ class ImageGenerationTask:
 
 
 def image_grid(images: list[Image.Image]) -> Image.Image:
-    """Images side by side in rows of ceil(sqrt(n)), on white."""
+    """Images side by side in rows of ceil(sqrt(n)), on black."""
     cols = math.ceil(math.sqrt(len(images)))
     rows = math.ceil(len(images) / cols)
     width, height = images[0].size
-    grid = Image.new("RGB", (cols * width, rows * height), "white")
+    # Empty cells stay black: the digits' background, no white boxes beside them.
+    grid = Image.new("RGB", (cols * width, rows * height), "black")
     for i, image in enumerate(images):
         grid.paste(image.convert("RGB"), ((i % cols) * width, (i // cols) * height))
     return grid

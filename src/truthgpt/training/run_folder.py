@@ -24,7 +24,7 @@ from truthgpt import config as config_module
 from truthgpt.atomic import atomic_write_text
 from truthgpt.config import Config
 from truthgpt.errors import CheckpointError, ConfigError
-from truthgpt.guard import CHECKPOINTS, check_output, mark
+from truthgpt.guard import CHECKPOINTS, check_output, mark, written_by
 from truthgpt.training.checkpoint import Resumable, open_resumable
 
 RUN_CONFIG = "run_config.yaml"  # in each checkpoint: the resolved config it was trained with
@@ -71,7 +71,10 @@ def lock_run_folder(run_dir: Path) -> IO[str] | None:
     """Hold `run_dir` for this process: an exclusive lock on `.NAME.lock` beside it (outside
     it, so no folder that is not ours gets a file), released when the returned file is closed
     or the process ends, however it ends. A second training of the same folder (a resume, an
-    overwrite) is refused while the first runs. None where the OS has no flock (Windows)."""
+    overwrite) is refused while the first runs. None where the OS has no flock (Windows).
+
+    The lock file stays after the run on purpose: deleting it would let a waiting process lock
+    the unlinked file while a third one locks a new file of the same name, both "holding" it."""
     try:
         import fcntl
     except ImportError:
@@ -155,6 +158,14 @@ def prepare_run_dir(
             log(f"resumed with changed settings: {describe(changes)}")
     atomic_write_text(run_dir / config_module.CONFIG_FILE, config.to_yaml())
     return resume_from
+
+
+def remove_new_run_folder(run_dir: Path) -> None:
+    """Delete a run folder that `prepare_run_dir` just made, before any checkpoint: only one
+    that carries our run marker and holds no checkpoints (anything else is left alone)."""
+    checkpoints = run_dir / CHECKPOINTS
+    if written_by(run_dir, "run") and not (checkpoints.is_dir() and any(checkpoints.iterdir())):
+        shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def read_paths(config: Config) -> list[Path]:

@@ -42,6 +42,12 @@ class Task(Protocol):
     and ranks and divides by the summed count, so every target of a step weighs the same, and
     an evaluation weighs its batches the same way. `count_tokens` is what throughput counts
     (`tokens_per_second`, `tokens_seen`) and `flops_per_token` its cost, for MFU.
+
+    Optional attributes, read with a default: `unit` names what count_tokens counts ("tokens";
+    "images" gives `images_per_second`, `images_seen`), `reports_perplexity` (True) says the
+    loss is a cross-entropy whose exp means something, `describe_model(model)` names the model
+    in the first log line (default: model.arch), `sample_every` / `samples(model, step)` draw
+    pictures of the progress.
     """
 
     def build_data(self, run_dir: Path | None, log: Callable[[str], None]) -> PreparedData: ...
@@ -65,6 +71,11 @@ class Task(Protocol):
     def count_tokens(self, batch: Batch) -> int: ...
 
     def flops_per_token(self, model: nn.Module) -> float | None: ...
+
+
+def task_unit(task: Task) -> str:
+    """What the task's `count_tokens` counts: "tokens" unless the task says otherwise."""
+    return getattr(task, "unit", "tokens")
 
 
 def build_task(config: Config) -> Task:
@@ -128,6 +139,12 @@ class SFTTask(LanguageModelTask):
 @TASKS.register("image-generation")
 def image_generation_task(config: Config) -> Task:
     """Text-to-image diffusion (training/diffusion_task.py); diffusers is imported only here."""
+    from truthgpt.quiet import drop_if_clip_notices, drop_torchvision_notices
+
+    # Before diffusers' pipelines load (they touch transformers' image processors), and before
+    # a checkpoint of a pixel-space run is opened as IFPipeline.
+    drop_torchvision_notices()
+    drop_if_clip_notices()
     from truthgpt.training.diffusion_task import ImageGenerationTask
 
     return ImageGenerationTask(config)

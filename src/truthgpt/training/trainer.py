@@ -52,10 +52,15 @@ from truthgpt.training.fp8 import enable_fp8
 from truthgpt.training.micro_batch import Split, global_batch_note, resolve_split
 from truthgpt.training.optim import build_optimizer, build_scheduler
 from truthgpt.training.rng import rng_state, seed_everything, set_rng_state
-from truthgpt.training.run_folder import RUN_CONFIG, lock_run_folder, prepare_run_dir
+from truthgpt.training.run_folder import (
+    RUN_CONFIG,
+    lock_run_folder,
+    prepare_run_dir,
+    remove_new_run_folder,
+)
 from truthgpt.training.sharded import load_sharded, save_sharded
 from truthgpt.training.signals import StopRequested
-from truthgpt.training.tasks import Task, build_task
+from truthgpt.training.tasks import Task, build_task, task_unit
 from truthgpt.training.tasks import build_model as build_model  # re-exported for tests, benchmarks
 
 
@@ -193,6 +198,10 @@ class Trainer:
         self.peak_flops = peak_flops(device, self.dtype)
         # A task that draws pictures of its progress (image generation) says how often.
         self.sample_every = getattr(self.task, "sample_every", 0)
+        # What count_tokens counts, which names the throughput metrics (images/s for a
+        # diffusion model), and whether the loss is a cross-entropy that perplexity is exp of.
+        self.unit = task_unit(task)
+        self.reports_perplexity = getattr(task, "reports_perplexity", True)
 
     # -- the loop --------------------------------------------------------------------------
 
@@ -456,6 +465,8 @@ class Trainer:
                 rank=self.world.rank,
                 world_size=self.world.size,
             )
+        if not self.reports_perplexity:
+            return {"step": self.step, "val_loss": val_loss}
         return {"step": self.step, "val_loss": val_loss, "val_ppl": perplexity(val_loss)}
 
     def draw_samples(self) -> None:
@@ -658,8 +669,8 @@ class Trainer:
             "step": self.step,
             "loss": loss,
             "lr": self.scheduler.get_last_lr()[0],
-            "tokens_per_second": tokens_per_second,
-            "tokens_seen": self.tokens_seen,
+            f"{self.unit}_per_second": tokens_per_second,
+            f"{self.unit}_seen": self.tokens_seen,
             # The share of the window the loop waited for batches (the loader's workers and
             # pinned memory should keep it near 0).
             "data_wait": self.data_wait / seconds,
@@ -735,6 +746,7 @@ def _train(
     resume: bool | str,
 ) -> TrainResult:
     run_dir = config.run_dir
+    fresh = world.is_main and not run_dir.exists()  # this call creates the run folder
     resume_from = distributed.from_main(
         lambda: prepare_run_dir(config, overwrite, resume),
         share=lambda found: str(found.folder) if found else None,
@@ -754,7 +766,14 @@ def _train(
 
     task = build_task(config)
     # Rank 0 first: it writes what the others read (the run's tokenizer).
-    data = distributed.main_first(lambda: task.build_data(run_dir, log))
+    try:
+        data = distributed.main_first(lambda: task.build_data(run_dir, log))
+    except BaseException:
+        # No data, no run: a folder this call made holds nothing yet (a missing package, an
+        # empty image folder) and would only look like a run that started.
+        if fresh:
+            remove_new_run_folder(run_dir)
+        raise
     check_enough_to_train(data, config.data.max_seq_len)
     if resume_from is not None and not resume_from.sharded:
         model = task.prepare_model(task.load_model(resume_from.folder))
@@ -765,8 +784,10 @@ def _train(
     trainable = f", {n_trainable / 1e6:.3f}M trainable" if n_trainable != n_params else ""
     processes = "process" if world.size == 1 else "processes"
     across = f" x {world.size} {processes} ({world.parallel})" if world.grouped else ""
+    describe = getattr(task, "describe_model", None)
+    name = describe(model) if describe else config.model.arch
     log(
-        f"model {config.model.arch}: {n_params / 1e6:.2f}M parameters{trainable} on {device}"
+        f"model {name}: {n_params / 1e6:.2f}M parameters{trainable} on {device}"
         f"{across} ({resolve_precision(config.training.precision, device)}, {threads} CPU threads)"
     )
     if config.training.fused_loss:
@@ -800,11 +821,13 @@ def _train(
     result = trainer.fit()
     # Stopped on request, the last evaluation may be the first one: no "a -> a" line.
     evaluated = result.initial_val_loss is not None and result.final_val_loss is not None
-    if evaluated and not result.interrupted:
+    if evaluated and not result.interrupted and getattr(task, "reports_perplexity", True):
         log(
             f"val perplexity {result.initial_val_ppl:.2f} -> {result.final_val_ppl:.2f} "
             f"(loss {result.initial_val_loss:.4f} -> {result.final_val_loss:.4f})"
         )
+    elif evaluated and not result.interrupted:
+        log(f"val loss {result.initial_val_loss:.4f} -> {result.final_val_loss:.4f}")
     if result.nonfinite_skipped:
         log(f"{result.nonfinite_skipped} updates were skipped for non-finite loss or gradients")
     log(f"run folder: {run_dir}")
