@@ -188,6 +188,19 @@ def test_flow_matching_pipeline_is_refused(sd_dir: Path) -> None:
 # Loading
 
 
+def test_a_hub_id_that_cannot_be_fetched_says_the_hub_was_not_reached(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # HF_HUB_OFFLINE makes huggingface_hub refuse at once what a machine without a network
+    # refuses after its retries; diffusers then reports a missing model_index.json.
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(CheckpointError, match="hub could not be reached") as caught:
+        load_pipeline("someone/some-model", allow_download=True)
+    assert "model_index.json" not in str(caught.value)
+
+
 def test_bad_model_folders_give_checkpoint_errors(tmp_path: Path, sd_dir: Path) -> None:
     with pytest.raises(CheckpointError, match="model_index.json"):
         load_pipeline(tmp_path)  # a folder, but not a pipeline

@@ -31,6 +31,18 @@ _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 _LOAD_ERRORS = (OSError, ValueError, KeyError, TypeError, AttributeError, RuntimeError, ImportError)
 
 
+def _hub_unreachable(exc: BaseException) -> str:
+    """The first line of the network error behind a failed hub load, else "". diffusers
+    reports a download that never reached the hub as a missing model_index.json; the cause
+    it chains (a ConnectionError, or huggingface_hub's LocalEntryNotFoundError) says why."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, ConnectionError) or type(seen).__name__ == "LocalEntryNotFoundError":
+            return (str(seen).strip().splitlines() or [type(seen).__name__])[0][:200]
+        seen = seen.__cause__ or seen.__context__
+    return ""
+
+
 def resolve_dtype(
     name: str, device: torch.device, log: Callable[[str], None] = print
 ) -> torch.dtype:
@@ -103,6 +115,12 @@ def load_pipeline(
                     source, dtype=dtype, local_files_only=local_only
                 )
     except _LOAD_ERRORS as exc:
+        if not local_only and _hub_unreachable(exc):
+            raise CheckpointError(
+                f"{source}: the Hugging Face hub could not be reached to fetch it "
+                f"({_hub_unreachable(exc)}); download it where there is a network and give "
+                "the local folder"
+            ) from exc
         raise CheckpointError(f"{source}: could not load the diffusers pipeline: {exc}") from exc
     return pipe
 
