@@ -282,9 +282,10 @@ class TrainingConfig(Section):
     fsdp_param_dtype: Literal["auto", "fp32"] = Field(
         "auto",
         description="parallel fsdp: the dtype its gathered weights have in forward and backward; "
-        "auto: the precision's (bf16: half the all-gather bytes and the gathered copy, the "
+        "auto: bf16 in a bf16 run (half the all-gather bytes and the gathered copy, the "
         "residual stream in bf16, gradients reduced in fp32, shards and optimizer state stay "
-        "fp32, as torchtitan); fp32: gathered in fp32 and cast by autocast, as under ddp",
+        "fp32, as torchtitan), else fp32; fp32: gathered in fp32 and cast by autocast, as "
+        "under ddp",
     )
     resume: bool | Literal["auto"] = Field(
         False,

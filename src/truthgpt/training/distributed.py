@@ -65,16 +65,6 @@ def resolve_parallel(config: Config, world_size: int) -> str:
             f"training.parallel: none, but {world_size} processes were started (torchrun / "
             "--nproc): each would train its own copy. Allowed: auto, ddp, fsdp."
         )
-    if parallel == "fsdp":
-        unsupported = {
-            "training.precision: fp16": training.precision == "fp16",
-        }
-        for key, present in unsupported.items():
-            if present:
-                raise ConfigError(
-                    f"training.parallel: fsdp does not support {key} yet; use "
-                    "training.parallel: ddp (or none), or turn that setting off (fp16: use bf16)"
-                )
     return parallel
 
 
@@ -222,8 +212,10 @@ def unsaved_buffers(model: nn.Module) -> set[str]:
 
 def fsdp_param_dtype(training: TrainingConfig, dtype: torch.dtype) -> torch.dtype | None:
     """The dtype FSDP gathers the weights in for a run of compute `dtype`
-    (`training.fsdp_param_dtype`); None: as they are stored (fp32)."""
-    if training.fsdp_param_dtype == "fp32" or dtype == torch.float32:
+    (`training.fsdp_param_dtype`); None: as they are stored (fp32). Only bf16 is gathered in
+    its own dtype: fp16 weights would put the residual stream in fp16, whose range overflows
+    where autocast's fp32 residual does not (the grad scaler guards gradients, not that)."""
+    if training.fsdp_param_dtype == "fp32" or dtype != torch.bfloat16:
         return None
     return dtype
 
