@@ -654,11 +654,12 @@ def test_a_client_leaving_a_plain_request_frees_its_sequence(faulty_server):
 # -- SIGTERM on the real command ------------------------------------------------------------------
 
 
-def test_sigterm_lets_the_stream_in_flight_finish_then_exits_0(folder):
+def start_serve_command(folder, *settings: str) -> tuple[subprocess.Popen, str]:
+    """`truthgpt serve` in a subprocess, once its /health answers 200."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     command = [sys.executable, "-m", "truthgpt.cli", "serve", str(folder), "--port", str(port)]
-    command += ["--device", "cpu", "--set", "serve.shutdown_grace_s=10"]
+    command += ["--device", "cpu"] + [f"--set={setting}" for setting in settings]
     process = subprocess.Popen(
         command,
         stdout=subprocess.PIPE,
@@ -666,18 +667,23 @@ def test_sigterm_lets_the_stream_in_flight_finish_then_exits_0(folder):
         text=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert process.poll() is None, process.communicate()[1]
-            try:
-                if health(url) == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "the server did not come up"
-            time.sleep(0.1)
+    deadline = time.monotonic() + 60
+    while True:
+        assert process.poll() is None, process.communicate()[1]
+        try:
+            if health(url) == 200:
+                return process, url
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline:
+            process.kill()
+            raise AssertionError(f"the server did not come up: {process.communicate()[1]}")
+        time.sleep(0.1)
 
+
+def test_sigterm_lets_the_stream_in_flight_finish_then_exits_0(folder):
+    process, url = start_serve_command(folder, "serve.shutdown_grace_s=10")
+    try:
         max_tokens = CONTEXT - 6
         body = {**LONG_STREAM, "max_tokens": max_tokens, "stream_options": {"include_usage": True}}
         with httpx.stream("POST", url + COMPLETIONS, json=body, timeout=30) as response:
@@ -709,31 +715,6 @@ def test_sigterm_lets_the_stream_in_flight_finish_then_exits_0(folder):
         if process.poll() is None:
             process.kill()
             process.wait()
-
-
-def start_serve_command(folder, *settings: str) -> tuple[subprocess.Popen, str]:
-    """`truthgpt serve` in a subprocess, once its /health answers 200."""
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    command = [sys.executable, "-m", "truthgpt.cli", "serve", str(folder), "--port", str(port)]
-    command += ["--device", "cpu"] + [f"--set={setting}" for setting in settings]
-    process = subprocess.Popen(
-        command,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-    deadline = time.monotonic() + 60
-    while True:
-        assert process.poll() is None, process.communicate()[1]
-        try:
-            if health(url) == 200:
-                return process, url
-        except httpx.TransportError:
-            pass
-        assert time.monotonic() < deadline, "the server did not come up"
-        time.sleep(0.1)
 
 
 @pytest.mark.parametrize("signals", [1, 2], ids=["grace-runs-out", "second-ctrl-c"])

@@ -254,6 +254,26 @@ def shard_model(
     return from_main
 
 
+def shard_for_training(
+    model: nn.Module,
+    world: World,
+    device: torch.device,
+    training: TrainingConfig,
+    dtype: torch.dtype,
+    log: Callable[[str], None],
+) -> None:
+    """`shard_model` for a run of compute `dtype`, saying in the log what it did."""
+    param_dtype = fsdp_param_dtype(training, dtype)
+    if shard_model(model, world, device, param_dtype):
+        log(f"fsdp: one full copy of the weights (rank 0's) sharded to {world.size} ranks")
+    if param_dtype is not None:
+        name = str(param_dtype).removeprefix("torch.")
+        log(
+            f"fsdp: weights gathered in {name} for forward and backward, gradients reduced "
+            "in fp32, shards and optimizer state in fp32 (training.fsdp_param_dtype)"
+        )
+
+
 def is_sharded(model: nn.Module) -> bool:
     """Whether FSDP2 has sharded `model` already (`shard_model`)."""
     from torch.distributed.fsdp import FSDPModule

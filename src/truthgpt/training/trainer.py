@@ -798,15 +798,7 @@ def _train(
         if config.training.fp8 != "none":
             enable_fp8(model, config.training.fp8, device, log)
         dtype = resolve_precision(config.training.precision, device)
-        param_dtype = distributed.fsdp_param_dtype(config.training, dtype)
-        if distributed.shard_model(model, world, device, param_dtype):
-            log(f"fsdp: one full copy of the weights (rank 0's) sharded to {world.size} ranks")
-        if param_dtype is not None:
-            name = str(param_dtype).removeprefix("torch.")
-            log(
-                f"fsdp: weights gathered in {name} for forward and backward, gradients reduced "
-                "in fp32, shards and optimizer state in fp32 (training.fsdp_param_dtype)"
-            )
+        distributed.shard_for_training(model, world, device, config.training, dtype, log)
     else:
         model = model.to(device)
     # Before the Trainer compiles and wraps the model: the probe runs it as it is.
@@ -821,13 +813,13 @@ def _train(
     result = trainer.fit()
     # Stopped on request, the last evaluation may be the first one: no "a -> a" line.
     evaluated = result.initial_val_loss is not None and result.final_val_loss is not None
-    if evaluated and not result.interrupted and getattr(task, "reports_perplexity", True):
-        log(
-            f"val perplexity {result.initial_val_ppl:.2f} -> {result.final_val_ppl:.2f} "
-            f"(loss {result.initial_val_loss:.4f} -> {result.final_val_loss:.4f})"
-        )
-    elif evaluated and not result.interrupted:
-        log(f"val loss {result.initial_val_loss:.4f} -> {result.final_val_loss:.4f}")
+    if evaluated and not result.interrupted:
+        losses = f"{result.initial_val_loss:.4f} -> {result.final_val_loss:.4f}"
+        if trainer.reports_perplexity:
+            ppl = f"{result.initial_val_ppl:.2f} -> {result.final_val_ppl:.2f}"
+            log(f"val perplexity {ppl} (loss {losses})")
+        else:
+            log(f"val loss {losses}")
     if result.nonfinite_skipped:
         log(f"{result.nonfinite_skipped} updates were skipped for non-finite loss or gradients")
     log(f"run folder: {run_dir}")
