@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from truthgpt.inference.model_runner import ModelRunner
+from truthgpt.inference.sampling_params import SamplingParams
 from truthgpt.inference.scheduler import ScheduledBatch
 from truthgpt.inference.sequence import Sequence
 from truthgpt.models import Decoder, DecoderConfig
@@ -40,7 +41,7 @@ def _seq(tokens: list[int], table: list[int], computed: int) -> Sequence:
         index=0,
         prompt_len=len(tokens),
         token_ids=list(tokens),
-        params=None,
+        params=SamplingParams(),
         seed=0,
         max_tokens=1,
         detokenizer=None,
@@ -70,7 +71,7 @@ def test_paged_forward_matches_the_training_forward(family):
         firsts = [7, 5, 10, 1]
         seqs = [_seq(t, table, 0) for t, table in zip(seqs_tokens, tables)]
         batch = ScheduledBatch(seqs, firsts, [])
-        input_ids, attn, _ = runner.prepare(batch)
+        input_ids, attn, _, _ = runner.prepare(batch)
         attn.logits_index = None
         logits = model.forward_paged(input_ids, cache, attn)
         row = 0
@@ -83,7 +84,7 @@ def test_paged_forward_matches_the_training_forward(family):
         for seq, first in zip(seqs, firsts):
             seq.num_computed_tokens = first
         batch = ScheduledBatch([s for s, _ in rest], [c for _, c in rest], [])
-        input_ids, attn, _ = runner.prepare(batch)
+        input_ids, attn, _, _ = runner.prepare(batch)
         attn.logits_index = None
         logits = model.forward_paged(input_ids, cache, attn)
         row = 0

@@ -317,3 +317,129 @@ def test_generate_benchmark_runs_on_cpu(tmp_path: Path) -> None:
     assert report["b1"]["truthgpt engine"]["tok_s"][0] > 0
     assert report["nano"]["tokens"] > 0
     assert {"prefix_cache_True", "prefix_cache_False"} <= set(report)
+
+
+# -- prompt logprobs (what `echo` + `logprobs` returns, and how eval harnesses score text) -------
+
+
+def _hf_prompt_logprobs(reference, prompt: list[int], vocab: int) -> torch.Tensor:
+    """[P - 1, vocab]: the log-softmax at each position that predicts the next prompt token."""
+    with torch.no_grad():
+        logits = reference(torch.tensor([prompt])).logits[0, :-1, :vocab]
+    return torch.log_softmax(logits.float(), dim=-1)
+
+
+def _scores(engine: Engine, prompts, params) -> dict[str, list]:
+    for index, prompt in enumerate(prompts):
+        engine.add_request(str(index), prompt, params, detokenize=False)
+    scores, firsts = {}, {}
+    for _ in range(10_000):
+        for output in engine.step():
+            firsts.setdefault(output.request_id, output.prompt_logprobs)
+            if output.finished:
+                scores[output.request_id] = output.prompt_logprobs
+        if not engine.has_unfinished_requests():
+            break
+    assert firsts == scores  # complete in the first output already (what a stream sends)
+    return scores
+
+
+def _check_scores(scores: list, reference, prompt: list[int], k: int, vocab: int) -> None:
+    expected = _hf_prompt_logprobs(reference, prompt, vocab)
+    assert scores[0] is None and len(scores) == len(prompt)
+    for position, entry in enumerate(scores[1:]):
+        token = prompt[position + 1]
+        assert entry["token_id"] == token
+        torch.testing.assert_close(
+            entry["logprob"], expected[position, token].item(), atol=2e-4, rtol=0
+        )
+        top = expected[position].topk(k)
+        assert [tid for tid, _ in entry["top"]] == top.indices.tolist()
+        torch.testing.assert_close(
+            torch.tensor([lp for _, lp in entry["top"]]), top.values, atol=2e-4, rtol=0
+        )
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_prompt_logprobs_match_transformers_in_chunks_and_batches(kind, tokenizer, tmp_path):
+    reference, ours = _models(kind, tokenizer, tmp_path)
+    vocab = len(tokenizer)
+    prompts = _prompts([37, 5, 2, 23], seed=8)
+    # 16-token steps: the long prompts are scored over several chunks, beside decodes.
+    engine = _engine(ours, tokenizer, max_num_batched_tokens=16)
+    params = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True, prompt_logprobs=2)
+    scores = _scores(engine, prompts, params)
+    for index, prompt in enumerate(prompts):
+        _check_scores(scores[str(index)], reference, prompt, 2, vocab)
+    assert engine.blocks.num_used_blocks == 0
+
+
+def test_prompt_logprobs_skip_the_prefix_cache_and_survive_preemption(tokenizer, tmp_path):
+    reference, ours = _models("qwen2", tokenizer, tmp_path)
+    vocab = len(tokenizer)
+    prompt = _prompts([30], seed=9)[0]
+    engine = _engine(ours, tokenizer)
+    _run(engine, [prompt], GREEDY)  # the whole prompt's blocks are now cached
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True, prompt_logprobs=0, n=2)
+    scores = _scores(engine, [prompt], params)["0"]
+    _check_scores(scores, reference, prompt, 0, vocab)
+    assert all(entry["top"] == [] for entry in scores[1:])
+
+    # A pool too small for three of these: sequences are preempted and recomputed, and each
+    # prompt's scores are still whole and taken once.
+    prompts = _prompts([21, 24, 19], seed=10)
+    small = _engine(ours, tokenizer, num_blocks=14, max_num_batched_tokens=16)
+    params = SamplingParams(temperature=0, max_tokens=14, ignore_eos=True, prompt_logprobs=1)
+    scores = _scores(small, prompts, params)
+    assert small.scheduler.num_preemptions > 0
+    for index, prompt in enumerate(prompts):
+        _check_scores(scores[str(index)], reference, prompt, 1, vocab)
+
+
+def test_prompt_logprob_rows_per_step_are_capped(tokenizer, tmp_path, monkeypatch):
+    import truthgpt.inference.scheduler as scheduler
+
+    reference, ours = _models("llama", tokenizer, tmp_path)
+    monkeypatch.setattr(scheduler, "PROMPT_LOGPROB_ROWS", 6)
+    engine = _engine(ours, tokenizer, max_num_batched_tokens=64)
+    prompts = _prompts([25, 17], seed=11)
+    params = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True, prompt_logprobs=1)
+    for index, prompt in enumerate(prompts):
+        engine.add_request(str(index), prompt, params, detokenize=False)
+    batch = engine.scheduler.schedule()
+    assert sum(batch.num_new_tokens) == 6  # both prompts want scoring: 6 rows between them
+    engine._apply(batch, engine.runner.run(batch))
+    scores = {}
+    while engine.has_unfinished_requests():
+        for output in engine.step():
+            if output.finished:
+                scores[output.request_id] = output.prompt_logprobs
+    for index, prompt in enumerate(prompts):
+        _check_scores(scores[str(index)], reference, prompt, 1, len(tokenizer))
+
+
+def test_prompt_logprobs_through_the_llm_api_and_the_transformers_fallback(tokenizer, tmp_path):
+    reference, _ = _models("llama", tokenizer, tmp_path / "llama")
+    prompt = _prompts([12], seed=12)[0]
+    params = SamplingParams(temperature=0, max_tokens=2, prompt_logprobs=3)
+    output = LLM(tmp_path / "llama", device="cpu").generate([prompt], params, use_tqdm=False)[0]
+    _check_scores(output.prompt_logprobs, reference, prompt, 3, len(tokenizer))
+
+    torch.manual_seed(0)
+    other = transformers.AutoModelForCausalLM.from_config(
+        transformers.OPTConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            num_hidden_layers=2,
+            ffn_dim=64,
+            num_attention_heads=4,
+            max_position_embeddings=128,
+            word_embed_proj_dim=32,
+        )
+    ).eval()
+    other.save_pretrained(tmp_path / "opt")
+    tokenizer.save_pretrained(tmp_path / "opt")
+    fallback = LLM(tmp_path / "opt", device="cpu")
+    assert fallback.engine is None
+    output = fallback.generate([prompt], params, use_tqdm=False)[0]
+    _check_scores(output.prompt_logprobs, other, prompt, 3, len(tokenizer))

@@ -25,7 +25,7 @@ from truthgpt.inference.kv_cache import BlockManager
 from truthgpt.inference.model_runner import ModelRunner, StepResult
 from truthgpt.inference.request import CompletionOutput, RequestOutput
 from truthgpt.inference.sampling_params import SamplingParams
-from truthgpt.inference.scheduler import ScheduledBatch, Scheduler
+from truthgpt.inference.scheduler import PROMPT_LOGPROB_ROWS, ScheduledBatch, Scheduler
 from truthgpt.inference.sequence import Sequence
 from truthgpt.models.decoder import Decoder
 
@@ -58,6 +58,7 @@ class _Request:
     prompt: str | None
     prompt_ids: list[int]
     seqs: list[Sequence]
+    prompt_logprobs_sent: bool = False
 
 
 def check_prompt_length(length: int, context: int) -> None:
@@ -199,7 +200,8 @@ class Engine:
             dense_query_valid=torch.ones(1, tokens, dtype=torch.bool, device=device),
             dense_key_slots=(positions + block_size)[None],
             dense_mask=(positions[None, :] <= positions[:, None])[None, None],
-            logits_index=torch.tensor([tokens - 1], device=device),
+            # A step's logits: its sampling rows and the prompt rows it may score.
+            logits_index=torch.arange(max(tokens - PROMPT_LOGPROB_ROWS, 0), tokens, device=device),
         )
         with torch.inference_mode():
             ids = torch.zeros(tokens, dtype=torch.long, device=device)
@@ -310,6 +312,8 @@ class Engine:
     def _apply(self, batch: ScheduledBatch, result: StepResult) -> list[RequestOutput]:
         for seq, count in zip(batch.seqs, batch.num_new_tokens):
             seq.num_computed_tokens += count
+        for seq_index, entries in result.prompt_logprobs.items():
+            batch.seqs[seq_index].prompt_logprobs.extend(entries)
         now = time.monotonic()
         deltas: dict[int, tuple[str, int]] = {}
         touched: dict[str, _Request] = {}
@@ -388,6 +392,15 @@ class Engine:
                 )
             )
         first = [s.first_token_time for s in request.seqs if s.first_token_time is not None]
+        head = request.seqs[0]
+        prompt_logprobs = None
+        # In the first output (they are complete once a token exists) and the last one only:
+        # copying them into every step's output would make a long output quadratic.
+        if head.params.prompt_logprobs is not None and (
+            finished or not request.prompt_logprobs_sent
+        ):
+            prompt_logprobs = [None, *head.prompt_logprobs]
+            request.prompt_logprobs_sent = True
         return RequestOutput(
             request_id=request.request_id,
             prompt=request.prompt,
@@ -398,6 +411,7 @@ class Engine:
             arrival_time=request.seqs[0].arrival_time,
             first_token_time=min(first) if first else None,
             finished_time=time.monotonic() if finished else None,
+            prompt_logprobs=prompt_logprobs,
         )
 
     def _final_text(self, seq: Sequence) -> str:

@@ -203,9 +203,13 @@ class EngineProcess(FrontEnd):
             state = self._outputs.get(request_id)
             if state is None:  # aborted while the message was on its way
                 continue
-            finished, prompt_ids, num_cached, arrival, first_time, finished_time, outs = item
+            finished, prompt_ids, num_cached, arrival, first_time, finished_time, outs, scores = (
+                item
+            )
             if prompt_ids is not None:
                 state.prompt_ids = prompt_ids
+            if scores is not None:
+                state.prompt_logprobs = scores
             outputs = []
             for index, text, delta_text, delta_ids, reason, stop_reason, logprobs in outs:
                 ids, logprob_list = state.sample(index, logprobs is not None)
@@ -239,6 +243,7 @@ class EngineProcess(FrontEnd):
                         first_token_time=first_time,
                         finished_time=finished_time,
                         prompt=state.prompt if isinstance(state.prompt, str) else None,
+                        prompt_logprobs=state.prompt_logprobs,
                     ),
                 )
             )
@@ -252,6 +257,7 @@ class _Outputs:
         self.prompt = prompt
         self.prompt_ids: list[int] = list(prompt) if not isinstance(prompt, str) else []
         self.samples: dict[int, tuple[list[int], list[dict] | None]] = {}
+        self.prompt_logprobs: list[dict | None] | None = None
 
     def sample(self, index: int, with_logprobs: bool) -> tuple[list[int], list[dict] | None]:
         sample = self.samples.get(index)
@@ -332,6 +338,8 @@ class _ChildLink:
             prompt_ids = output.prompt_token_ids
         if output.finished:
             self.announced.discard(output.request_id)
+        # The engine puts them in a request's first and last outputs: the first one is sent.
+        prompt_logprobs = output.prompt_logprobs if prompt_ids is not None else None
         outs = []
         for out in output.outputs:
             count = len(out.delta_token_ids)
@@ -357,6 +365,7 @@ class _ChildLink:
             output.first_token_time,
             output.finished_time,
             outs,
+            prompt_logprobs,
         )
 
     def tick(self) -> None:

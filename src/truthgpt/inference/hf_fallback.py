@@ -75,4 +75,20 @@ def hf_generate(
                 text, finish, stop_reason = text[:keep], "stop", stop
         outputs.append(CompletionOutput(index, text, row, text, row, finish, stop_reason))
     now = time.monotonic()
-    return RequestOutput(request_id, list(prompt_ids), outputs, True, 0, arrival, now, now, prompt)
+    output = RequestOutput(
+        request_id, list(prompt_ids), outputs, True, 0, arrival, now, now, prompt
+    )
+    if params.prompt_logprobs is not None:
+        output.prompt_logprobs = _prompt_logprobs(
+            model, ids, len(tokenizer), params.prompt_logprobs
+        )
+    return output
+
+
+def _prompt_logprobs(model: nn.Module, ids: torch.Tensor, vocab: int, k: int) -> list:
+    """Each prompt token's logprob given the ones before it (None for the first), as the
+    engine gives them."""
+    from truthgpt.inference.sampler import token_logprobs
+
+    logits = model(ids, attention_mask=torch.ones_like(ids)).logits[0, :-1, :vocab]
+    return [None, *token_logprobs(logits, ids[0, 1:].tolist(), k)]

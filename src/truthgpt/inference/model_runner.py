@@ -10,7 +10,7 @@ decode of a 1B model run near the weight-read floor.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -32,6 +32,18 @@ class StepResult:
     tokens: list[int]
     logprobs: list[float] | None
     top_logprobs: list[list[tuple[int, float]]] | None
+    # ScheduledBatch position -> the prompt-logprob entries its chunk adds (in prompt order).
+    prompt_logprobs: dict[int, list[dict]] = field(default_factory=dict)
+
+
+@dataclass
+class PromptRows:
+    """Rows of one chunk whose logits score the prompt: positions `first`.. `first + count - 1`
+    predict the prompt tokens after them."""
+
+    seq_index: int  # position in ScheduledBatch.seqs
+    first: int  # first position
+    count: int
 
 
 def graph_batch_sizes(max_num_seqs: int) -> list[int]:
@@ -79,15 +91,21 @@ class ModelRunner:
             position % self.block_size
         )
 
-    def prepare(self, batch: ScheduledBatch) -> tuple[Tensor, AttentionBatch, list[int]]:
-        """input_ids [N], the attention description, and the indices of the sampling seqs."""
+    def prepare(
+        self, batch: ScheduledBatch
+    ) -> tuple[Tensor, AttentionBatch, list[int], list[PromptRows]]:
+        """input_ids [N], the attention description, the indices of the sampling seqs, and the
+        prompt rows to score. The logits come back as the sampling rows, then the prompt rows."""
         input_ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
         last_rows: list[int] = []
         sampling: list[int] = []
+        scored: list[PromptRows] = []
+        score_rows: list[int] = []
         for index, (seq, count) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
             start = seq.num_computed_tokens
+            row0 = len(input_ids)
             input_ids.extend(seq.token_ids[start : start + count])
             positions.extend(range(start, start + count))
             table = seq.block_table
@@ -95,6 +113,14 @@ class ModelRunner:
             if start + count == seq.num_tokens:  # the prompt is done: this row samples
                 sampling.append(index)
                 last_rows.append(len(input_ids) - 1)
+            if seq.needs_prompt_logprobs:
+                # Position p predicts prompt token p + 1; entries already taken (before a
+                # preemption) are not scored again.
+                first = max(start, len(seq.prompt_logprobs))
+                end = min(start + count, seq.prompt_len - 1)
+                if end > first:
+                    scored.append(PromptRows(index, first, end - first))
+                    score_rows.extend(range(row0 + first - start, row0 + end - start))
 
         num_decode = 0
         if self.use_kernels:
@@ -123,9 +149,9 @@ class ModelRunner:
                 self._describe_prefill(batch, num_decode, attn)
             else:
                 self._describe_dense(batch, num_decode, attn)
-        if len(last_rows) != len(positions):
-            attn.logits_index = self._tensor(last_rows, torch.int64)
-        return self._tensor(input_ids, torch.int64), attn, sampling
+        if score_rows or len(last_rows) != len(positions):
+            attn.logits_index = self._tensor(last_rows + score_rows, torch.int64)
+        return self._tensor(input_ids, torch.int64), attn, sampling, scored
 
     def _describe_prefill(self, batch: ScheduledBatch, first: int, attn: AttentionBatch) -> None:
         """Block tables, context lengths and packed query offsets for the prefill kernel."""
@@ -182,13 +208,18 @@ class ModelRunner:
     def run(self, batch: ScheduledBatch) -> StepResult:
         num_seqs = len(batch.seqs)
         graph_size = self._graph_size(batch)
+        scored: list[PromptRows] = []
         if graph_size is not None:
             logits, sampling = self._replay(batch, graph_size), list(range(num_seqs))
         else:
-            input_ids, attn, sampling = self.prepare(batch)
+            input_ids, attn, sampling, scored = self.prepare(batch)
             logits = self.model.forward_paged(input_ids, self.cache, attn)
+        prompt_logprobs = {}
+        if scored:
+            prompt_logprobs = self._score_prompts(batch, scored, logits[len(sampling) :])
+            logits = logits[: len(sampling)]
         if not sampling:
-            return StepResult([], [], None, None)
+            return StepResult([], [], None, None, prompt_logprobs)
         from truthgpt.inference.sampler import SamplingBatch, sample
 
         seqs = [batch.seqs[i] for i in sampling]
@@ -201,7 +232,8 @@ class ModelRunner:
             # valid tokens: an untrained model could otherwise pick one.
             logits = logits[:, : self.sample_vocab]
         if not penalties and all(p.temperature == 0 and p.logprobs is None for p in params):
-            return StepResult(sampling, logits.argmax(dim=-1).tolist(), None, None)
+            tokens = logits.argmax(dim=-1).tolist()
+            return StepResult(sampling, tokens, None, None, prompt_logprobs)
         sampling_batch = SamplingBatch.build(
             params,
             seeds=[seq.seed for seq in seqs],
@@ -212,7 +244,31 @@ class ModelRunner:
             device=self.device,
         )
         out = sample(logits, sampling_batch)
-        return self._to_host(sampling, out)
+        result = self._to_host(sampling, out)
+        result.prompt_logprobs = prompt_logprobs
+        return result
+
+    def _score_prompts(
+        self, batch: ScheduledBatch, scored: list[PromptRows], logits: Tensor
+    ) -> dict[int, list[dict]]:
+        """Each scored row's logprob of the prompt token after it, plus the top k there."""
+        from truthgpt.inference.sampler import token_logprobs
+
+        targets: list[int] = []
+        for rows in scored:
+            ids = batch.seqs[rows.seq_index].token_ids
+            targets.extend(ids[rows.first + 1 : rows.first + 1 + rows.count])
+        k = max(batch.seqs[rows.seq_index].params.prompt_logprobs for rows in scored)
+        entries = token_logprobs(logits[:, : self.sample_vocab], targets, k)
+        out, at = {}, 0
+        for rows in scored:
+            want = batch.seqs[rows.seq_index].params.prompt_logprobs
+            chunk = entries[at : at + rows.count]
+            at += rows.count
+            if want < k:
+                chunk = [{**entry, "top": entry["top"][:want]} for entry in chunk]
+            out[rows.seq_index] = chunk
+        return out
 
     def _to_host(self, sampling: list[int], out) -> StepResult:
         if out.logprobs is None:
@@ -231,7 +287,13 @@ class ModelRunner:
     # -- CUDA graphs ----------------------------------------------------------------------------
 
     def _graph_size(self, batch: ScheduledBatch) -> int | None:
-        if not self.graphs or any(count != 1 for count in batch.num_new_tokens):
+        """The graph bucket of a step of decodes only, else None. A one-token chunk of a prompt
+        that is not the prompt's last token is no decode: it samples nothing (and may need its
+        row's logits scored), so it runs eagerly."""
+        if not self.graphs or any(
+            count != 1 or seq.num_computed_tokens + 1 != seq.num_tokens
+            for seq, count in zip(batch.seqs, batch.num_new_tokens)
+        ):
             return None
         size = len(batch.seqs)
         return next((bucket for bucket in self.graph_sizes if bucket >= size), None)

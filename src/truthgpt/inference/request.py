@@ -35,6 +35,8 @@ class RequestOutput:
     first_token_time: float | None = None
     finished_time: float | None = None
     prompt: str | None = None
+    # When asked for (SamplingParams.prompt_logprobs): one entry per prompt token, None first.
+    prompt_logprobs: list[dict | None] | None = None
 
     @property
     def time_to_first_token_s(self) -> float | None:

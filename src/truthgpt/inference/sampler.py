@@ -301,3 +301,24 @@ def _flat_positions(id_lists: Sequence[Sequence[int]], lengths: Tensor, vocab_si
     rows = torch.arange(len(id_lists), device=lengths.device)
     # output_size is known on the host; without it repeat_interleave syncs to size its output.
     return rows.repeat_interleave(lengths, output_size=len(flat)) * vocab_size + ids
+
+
+def token_logprobs(logits: Tensor, targets: Sequence[int], k: int, rows: int = 256) -> list[dict]:
+    """Row i's logprob of `targets[i]` and its top k, as the engine's logprob entries
+    ({"token_id", "logprob", "top": [(id, logprob)]}). The fp32 log-softmax runs `rows` rows at a
+    time, and each slice comes to the host in one copy (ids are exact in fp32 below 2**24)."""
+    entries: list[dict] = []
+    k = min(k, logits.shape[-1])
+    targets = list(targets)
+    wanted = torch.tensor(targets, dtype=torch.int64).to(logits.device, non_blocking=True)
+    for start in range(0, logits.shape[0], rows):
+        logprobs = torch.log_softmax(logits[start : start + rows].float(), dim=-1)
+        parts = [logprobs.gather(-1, wanted[start : start + rows, None])]
+        if k:
+            top_logprobs, top_ids = logprobs.topk(k, dim=-1)
+            parts += [top_ids.float(), top_logprobs]
+        host = torch.cat(parts, dim=1).tolist()
+        for token, row in zip(targets[start : start + rows], host):
+            top = list(zip(map(int, row[1 : 1 + k]), row[1 + k :]))
+            entries.append({"token_id": token, "logprob": row[0], "top": top})
+    return entries

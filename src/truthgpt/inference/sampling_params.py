@@ -46,6 +46,9 @@ class SamplingParams:
     seed: int | None = None
     n: int = 1  # completions per prompt
     logprobs: int | None = None  # None: none; k: the chosen token's logprob plus the top k
+    # vLLM's prompt_logprobs: each prompt token's logprob given the tokens before it, plus the
+    # top k there (what `echo` with `logprobs` returns, and how eval harnesses score a text).
+    prompt_logprobs: int | None = None
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
@@ -78,6 +81,11 @@ class SamplingParams:
             not _is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS
         ):
             raise _bad("logprobs", self.logprobs, f"an integer in [0, {MAX_LOGPROBS}] or empty")
+        if self.prompt_logprobs is not None and (
+            not _is_int(self.prompt_logprobs) or not 0 <= self.prompt_logprobs <= MAX_LOGPROBS
+        ):
+            allowed = f"an integer in [0, {MAX_LOGPROBS}] or empty"
+            raise _bad("prompt_logprobs", self.prompt_logprobs, allowed)
         object.__setattr__(self, "stop", _stop_strings(self.stop))
         object.__setattr__(self, "stop_token_ids", _stop_token_ids(self.stop_token_ids))
         for field in ("ignore_eos", "skip_special_tokens", "include_stop_str_in_output"):

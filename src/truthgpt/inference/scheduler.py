@@ -8,6 +8,10 @@ starting after its cached prefix. When the pool has no block for a running seque
 newest running sequence is preempted: its blocks are freed and it waits, at the front of the
 queue, to be recomputed (recompute, not swap: as vLLM does by default, since recomputing a
 prompt is cheap next to the PCIe traffic of swapping).
+
+A request that asks for prompt logprobs needs the logits of every prompt row, not only the
+last: its prompt skips the prefix cache, and such prompts take at most PROMPT_LOGPROB_ROWS tokens
+per step between them, so a step's logits stay within what the memory profile measured.
 """
 
 from __future__ import annotations
@@ -17,6 +21,10 @@ from dataclasses import dataclass
 
 from truthgpt.inference.kv_cache import BlockManager
 from truthgpt.inference.sequence import Sequence, Status
+
+# Prompt rows whose full logits one step computes at most (the engine's memory profile includes
+# them): 512 x a 128k vocabulary is 128 MiB of bf16 logits.
+PROMPT_LOGPROB_ROWS = 512
 
 
 @dataclass
@@ -72,6 +80,7 @@ class Scheduler:
         scheduled: list[Sequence] = []
         counts: list[int] = []
         preempted: list[Sequence] = []
+        self._logit_rows = PROMPT_LOGPROB_ROWS
 
         # 1. Running sequences, oldest first; the newest give way when blocks run out.
         index = 0
@@ -79,7 +88,8 @@ class Scheduler:
             seq = self.running[index]
             remaining = seq.num_tokens - seq.num_computed_tokens
             count = min(remaining, budget) if self.chunked_prefill else remaining
-            if count > budget:
+            count = self._cap_logit_rows(seq, count)
+            if count > budget or count == 0:
                 index += 1
                 continue
             while not self._grow(seq, count):
@@ -102,14 +112,17 @@ class Scheduler:
                 break  # memory is short: admitting more would only preempt again
             seq = self.waiting[0]
             if not seq.block_table:
-                cached = self.blocks.match_prefix(seq.token_ids)
+                cached = (
+                    [] if seq.needs_prompt_logprobs else self.blocks.match_prefix(seq.token_ids)
+                )
                 seq.block_table = cached
                 seq.num_computed_tokens = len(cached) * self.blocks.block_size
                 seq.num_named_blocks = len(cached)
                 seq.num_cached_tokens = seq.num_computed_tokens
             remaining = seq.num_tokens - seq.num_computed_tokens
             count = min(remaining, budget) if self.chunked_prefill else remaining
-            if count > budget or not self._grow(seq, count):
+            count = self._cap_logit_rows(seq, count)
+            if count > budget or count == 0 or not self._grow(seq, count):
                 # Not now: give the cached blocks back so they stay evictable meanwhile.
                 self.blocks.release(seq.block_table)
                 seq.block_table, seq.num_computed_tokens, seq.num_named_blocks = [], 0, 0
@@ -125,6 +138,14 @@ class Scheduler:
         # Single-token rows first: the attention treats them as decodes.
         order = sorted(range(len(scheduled)), key=lambda i: counts[i] != 1)
         return ScheduledBatch([scheduled[i] for i in order], [counts[i] for i in order], preempted)
+
+    def _cap_logit_rows(self, seq: Sequence, count: int) -> int:
+        """`count`, cut to the step's prompt-logprob rows left when seq needs them (taken)."""
+        if not seq.needs_prompt_logprobs:
+            return count
+        count = min(count, self._logit_rows)
+        self._logit_rows -= count
+        return count
 
     def _name_blocks(self, seq: Sequence, count: int) -> None:
         """Name the blocks that will be full after this step, at once, so that a sequence

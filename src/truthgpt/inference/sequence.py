@@ -43,6 +43,8 @@ class Sequence:
     stop_reason: str | int | None = None
     first_token_time: float | None = None
     logprobs: list[dict] = field(default_factory=list)
+    # Of prompt tokens 1.. (token 0 has nothing before it); filled by sample 0 only.
+    prompt_logprobs: list[dict] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
@@ -55,6 +57,16 @@ class Sequence:
     @property
     def num_output_tokens(self) -> int:
         return len(self.token_ids) - self.prompt_len
+
+    @property
+    def needs_prompt_logprobs(self) -> bool:
+        """Sample 0 of a request that asked for prompt logprobs, until it has them all: its
+        prompt is computed from the start (a prefix-cache hit would skip the logits)."""
+        return (
+            self.params.prompt_logprobs is not None
+            and self.index == 0
+            and len(self.prompt_logprobs) < self.prompt_len - 1
+        )
 
     @property
     def is_prefilling(self) -> bool:
