@@ -1,21 +1,20 @@
-"""The YAML schema: one pydantic tree that mirrors the file, its loading, overrides and errors.
+"""The YAML schema: one pydantic tree that mirrors the file, its loading, overrides and saving.
 
 Every default lives here, next to its field. `load()` reads a YAML file or a run folder, applies
 `--set key.path=value` overrides and returns a validated, frozen `Config`; every error names the
-full key path, the bad value and what is allowed, with a "did you mean" for unknown keys.
+full key path, the bad value and what is allowed, with a "did you mean" for unknown keys (the
+wording is config_errors.py's).
 """
 
 from __future__ import annotations
 
-import difflib
 from pathlib import Path
-from types import UnionType
-from typing import Any, Literal, Union, get_args, get_origin
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-from pydantic_core import PydanticCustomError
 
+from truthgpt.config_errors import field_error, format_errors, unknown_key_problem
 from truthgpt.errors import ConfigError, did_you_mean
 from truthgpt.registry import (
     ARCHS,
@@ -163,25 +162,19 @@ class ModelConfig(Section):
         if self.arch == "hf" or self.init_from:
             return self
         if self.hidden_size % self.num_heads:
-            raise _field_error(
+            raise field_error(
                 "hidden_size",
                 f"not divisible by num_heads ({self.num_heads})",
                 f"multiples of {self.num_heads}, or a num_heads that divides it",
             )
         kv = self.num_kv_heads or self.num_heads
         if self.num_heads % kv:
-            raise _field_error(
+            raise field_error(
                 "num_heads",
                 f"not divisible by num_kv_heads ({kv})",
                 f"multiples of {kv}, or a num_kv_heads that divides it",
             )
         return self
-
-
-def _field_error(field: str, message: str, allowed: str) -> PydanticCustomError:
-    """An error a section's own validator finds in one of its fields: reported under that
-    field's key with its value (not the whole section's dict), see `format_errors`."""
-    return PydanticCustomError("field_value", message, {"field": field, "allowed": allowed})
 
 
 class NonFiniteConfig(Section):
@@ -727,7 +720,7 @@ def validate(raw: dict[str, Any], flags: dict[str, str] | None = None) -> Config
     try:
         config = Config.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError(format_errors(exc, raw, flags or {})) from None
+        raise ConfigError(format_errors(exc, Config, raw, flags or {})) from None
     problems = cross_section_problems(config)
     if problems:
         lines = [f"{len(problems)} config error(s):", *(f"  {p}" for p in problems)]
@@ -849,13 +842,6 @@ def from_scratch_problems(train: DiffusionTrainingConfig) -> list[str]:
     return problems
 
 
-def unknown_key_problem(loc: list[str], allowed: list[str]) -> str:
-    """`a.b.kye: unknown key. Did you mean 'a.b.key'? Allowed here: ...`."""
-    hint = difflib.get_close_matches(loc[-1], allowed, n=1)
-    suggestion = f" Did you mean {'.'.join(loc[:-1] + [hint[0]])!r}?" if hint else ""
-    return f"{'.'.join(loc)}: unknown key.{suggestion} Allowed here: {', '.join(allowed)}"
-
-
 def save(config: Config, path: Path) -> None:
     path.write_text(config.to_yaml())
 
@@ -925,117 +911,6 @@ def _set_path(raw: dict[str, Any], key_path: list[str], value: Any) -> None:
             child = node[part] = dict(child)
         node = child
     node[key_path[-1]] = value
-
-
-# ---------------------------------------------------------------------------------------------
-# Error messages
-
-
-# pydantic's bound errors: their message already says the one bound a field may have.
-_BOUND_ERRORS = ("greater_than", "greater_than_equal", "less_than", "less_than_equal")
-
-
-def format_errors(
-    exc: ValidationError, raw: dict[str, Any], flags: dict[str, str] | None = None
-) -> str:
-    lines = [f"{exc.error_count()} config error(s):"]
-    for error in exc.errors():
-        loc = [str(part) for part in error["loc"]]
-        context = error.get("ctx") or {}
-        if "field" in context:  # a section's validator about one of its fields (_field_error)
-            loc.append(context["field"])
-        key = ".".join(loc) or "<top>"
-        if error["type"] == "extra_forbidden":
-            lines.append("  " + unknown_key_problem(loc, _allowed_keys(loc[:-1])))
-            continue
-        message = error["msg"].removeprefix("Value error, ")
-        value = _lookup(raw, loc)
-        # A whole section's dict would bury the one value that is wrong.
-        shown = error["type"] != "missing" and not isinstance(value, dict)
-        got = f" (got {value!r})" if shown else ""
-        allowed = context.get("allowed") or _allowed_values(loc)
-        if not allowed and error["type"] != "value_error":  # own validators say it themselves
-            allowed = _allowed_range(loc, one_bound_said=error["type"] in _BOUND_ERRORS)
-        suffix = f"; allowed: {allowed}" if allowed and "allowed" not in message else ""
-        lines.append(f"  {(flags or {}).get(key, key)}: {message}{got}{suffix}")
-    return "\n".join(lines)
-
-
-def _section_class(loc: list[str]) -> type[BaseModel] | None:
-    cls: Any = Config
-    for part in loc:
-        field = cls.model_fields.get(part) if isinstance(cls, type) else None
-        if field is None:
-            return None
-        cls = field.annotation
-        if not (isinstance(cls, type) and issubclass(cls, BaseModel)):
-            return None
-    return cls
-
-
-def _allowed_keys(loc: list[str]) -> list[str]:
-    cls = _section_class(loc)
-    return list(cls.model_fields) if cls else []
-
-
-def _allowed_values(loc: list[str]) -> str:
-    cls = _section_class(loc[:-1])
-    field = cls.model_fields.get(loc[-1]) if cls and loc else None
-    if field is None:
-        return ""
-    # A Literal, or a Literal or None (an empty value in the YAML).
-    union = get_origin(field.annotation) in (Union, UnionType)
-    parts = get_args(field.annotation) if union else (field.annotation,)
-    literals = [part for part in parts if get_origin(part) is Literal]
-    optional = type(None) in parts
-    if not literals or len(literals) + optional != len(parts):
-        return ""
-    choices = [str(choice) for part in literals for choice in get_args(part)]
-    # How "empty" is written: nothing after the colon in YAML, null (or nothing) in --set.
-    return ", ".join(choices + ["empty (YAML: nothing or null; --set key=null)"] * optional)
-
-
-def _allowed_range(loc: list[str], one_bound_said: bool = False) -> str:
-    """ "an integer >= 8", "a number in (0, 1]": a numeric field's type and bounds, or ""."""
-    cls = _section_class(loc[:-1])
-    field = cls.model_fields.get(loc[-1]) if cls and loc else None
-    if field is None:
-        return ""
-    parts = get_args(field.annotation) or (field.annotation,)
-    kinds = [part for part in parts if part in (int, float)]
-    if len(kinds) != 1:
-        return ""
-    kind = "an integer" if kinds[0] is int else "a number"
-    lower = upper = None
-    for item in field.metadata:
-        for name, sign, bracket in (("gt", ">", "("), ("ge", ">=", "[")):
-            if getattr(item, name, None) is not None:
-                lower = (sign, bracket, getattr(item, name))
-        for name, sign, bracket in (("lt", "<", ")"), ("le", "<=", "]")):
-            if getattr(item, name, None) is not None:
-                upper = (sign, bracket, getattr(item, name))
-    if lower and upper:
-        text = f"{kind} in {lower[1]}{lower[2]}, {upper[2]}{upper[1]}"
-    elif lower or upper:
-        if one_bound_said:
-            return ""
-        sign, _, bound = lower or upper
-        text = f"{kind} {sign} {bound}"
-    else:
-        text = kind
-    return text + (", or empty" if type(None) in parts else "")
-
-
-def _lookup(raw: Any, loc: list[str]) -> Any:
-    node = raw
-    for part in loc:
-        if isinstance(node, dict) and part in node:
-            node = node[part]
-        elif isinstance(node, (list, tuple)) and part.isdigit() and int(part) < len(node):
-            node = node[int(part)]
-        else:
-            return None
-    return node
 
 
 def describe_fields() -> list[tuple[str, str, str]]:
