@@ -191,6 +191,98 @@ def test_logprobs(client, server):
     assert len(content) == 4 and all(len(item.top_logprobs) == 2 for item in content)
 
 
+def _hf_loglikelihood(folder, context: list[int], continuation: list[int]) -> tuple[float, bool]:
+    """The continuation's summed logprob after the context, and whether greedy decoding would
+    have produced it: what an eval harness scores a multiple-choice answer by."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+    vocab = len(transformers.AutoTokenizer.from_pretrained(folder))
+    ids = context + continuation
+    with torch.no_grad():
+        logprobs = torch.log_softmax(model(torch.tensor([ids])).logits[0, :-1, :vocab], -1)
+    rows = logprobs[len(context) - 1 :]
+    total = sum(rows[i, token].item() for i, token in enumerate(continuation))
+    greedy = all(rows[i].argmax().item() == token for i, token in enumerate(continuation))
+    return total, greedy
+
+
+def test_echo_with_logprobs_scores_the_prompt_as_eval_harnesses_ask(server, folder):
+    """lm-evaluation-harness's `local-completions` loglikelihood request: token-id prompts,
+    echo, logprobs 1, max_tokens 1; it sums token_logprobs[len(context):-1]."""
+    tokenizer = server.state.tokenizer
+    context = tokenizer.encode("def parse(text):\n    return")
+    answers = [tokenizer.encode(" json.loads(text)"), tokenizer.encode(" None")]
+    body = {
+        "model": server.model_id,
+        "prompt": [context + answer for answer in answers],
+        "temperature": 0,
+        "max_tokens": 1,
+        "logprobs": 1,
+        "seed": 1234,
+        "echo": True,
+    }
+    reply = httpx.post(f"{server.url}/v1/completions", json=body, timeout=60).json()
+    choices = sorted(reply["choices"], key=lambda choice: choice["index"])
+    for choice, answer in zip(choices, answers):
+        logprobs = choice["logprobs"]
+        tokens = context + answer
+        assert len(logprobs["token_logprobs"]) == len(tokens) + 1  # the prompt, then 1 new
+        assert logprobs["token_logprobs"][0] is None and logprobs["top_logprobs"][0] is None
+        assert choice["text"].startswith(tokenizer.decode(tokens))
+        scores = logprobs["token_logprobs"][len(context) : -1]
+        tops = logprobs["top_logprobs"][len(context) : -1]
+        greedy = all(score == max(top.values()) for score, top in zip(scores, tops))
+        expected, expected_greedy = _hf_loglikelihood(folder, context, answer)
+        assert sum(scores) == pytest.approx(expected, abs=1e-3)
+        assert greedy == expected_greedy
+        offsets = logprobs["text_offset"]
+        assert offsets[0] == 0 and offsets == sorted(offsets)
+    assert reply["usage"]["prompt_tokens"] == sum(len(context + a) for a in answers)
+
+
+def test_max_tokens_0_with_echo_scores_the_prompt_alone(client, server):
+    prompt = "import os\nimport sys"
+    reply = client.completions.create(
+        model=server.model_id, prompt=prompt, max_tokens=0, echo=True, logprobs=2
+    )
+    choice = reply.choices[0]
+    count = len(server.state.tokenizer.encode(prompt))
+    assert choice.text == prompt and choice.finish_reason == "length"
+    assert len(choice.logprobs.token_logprobs) == count and reply.usage.completion_tokens == 0
+    assert all(len(top) <= 2 for top in choice.logprobs.top_logprobs[1:])
+    stream = client.completions.create(
+        model=server.model_id, prompt=prompt, max_tokens=0, echo=True, logprobs=2, stream=True
+    )
+    chunks = [c for chunk in stream for c in chunk.choices]
+    assert "".join(c.text for c in chunks) == prompt
+    assert [t for c in chunks if c.logprobs for t in c.logprobs.token_logprobs] == (
+        choice.logprobs.token_logprobs
+    )
+    with pytest.raises(openai.BadRequestError, match="max_tokens") as caught:
+        client.completions.create(model=server.model_id, prompt=prompt, max_tokens=0)
+    assert caught.value.body["param"] == "max_tokens"
+
+
+def test_a_streamed_echo_sends_the_prompt_first_and_equals_the_whole_reply(client, server):
+    ask = dict(model=server.model_id, prompt="class A:", max_tokens=6, echo=True, n=2, **GREEDY)
+    whole = client.completions.create(logprobs=1, **ask)
+    texts, logprobs = {}, {}
+    for chunk in client.completions.create(stream=True, logprobs=1, **ask):
+        for c in chunk.choices:
+            texts[c.index] = texts.get(c.index, "") + c.text
+            logprobs.setdefault(c.index, []).extend(c.logprobs.token_logprobs if c.logprobs else [])
+    for choice in whole.choices:
+        assert choice.text.startswith("class A:")
+        assert texts[choice.index] == choice.text
+        assert logprobs[choice.index] == choice.logprobs.token_logprobs
+    plain = "".join(
+        c.text
+        for chunk in client.completions.create(stream=True, **ask)
+        for c in chunk.choices
+        if c.index == 0
+    )
+    assert plain == whole.choices[0].text  # without logprobs: the preformatted events
+
+
 def test_metrics_and_health(server):
     health = httpx.get(f"{server.url}/health")
     assert health.status_code == 200 and health.json()["status"] == "ok"

@@ -112,9 +112,13 @@ def build_app(state: ServerState) -> FastAPI:
             echo = [p if isinstance(p, str) else state.tokenizer.decode(p) for p in prompts]
         logprobs = body.logprobs
         max_tokens = 16 if body.max_tokens is None else body.max_tokens  # OpenAI's default
-        params = _sampling(body, ids, max_tokens, logprobs, state)
+        # With echo, logprobs cover the prompt too: how eval harnesses score a text.
+        scored = logprobs if echo is not None else None
+        params = _sampling(body, ids, max(max_tokens, 1), logprobs, state, scored)
         reply = Reply(state.model_id, False, logprobs is not None, state.token_text)
-        return await respond(request, state, body, ids, params, reply, echo, "completions")
+        return await respond(
+            request, state, body, ids, params, reply, "completions", echo, max_tokens == 0
+        )
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
@@ -125,7 +129,7 @@ def build_app(state: ServerState) -> FastAPI:
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         params = _sampling(body, ids, body.wanted_max_tokens(), logprobs, state)
         reply = Reply(state.model_id, True, logprobs is not None, state.token_text)
-        return await respond(request, state, body, ids, params, reply, None, "chat")
+        return await respond(request, state, body, ids, params, reply, "chat")
 
     return app
 
@@ -271,7 +275,9 @@ async def _tokens(state: ServerState, prompt: str | list[int], param: str) -> li
     return ids
 
 
-def _sampling(body, ids: list[list[int]], max_tokens, logprobs, state) -> SamplingParams:
+def _sampling(
+    body, ids: list[list[int]], max_tokens, logprobs, state, prompt_logprobs=None
+) -> SamplingParams:
     room = state.max_model_len - max(len(prompt) for prompt in ids)
     if max_tokens is None:
         max_tokens = room
@@ -285,7 +291,7 @@ def _sampling(body, ids: list[list[int]], max_tokens, logprobs, state) -> Sampli
             param=name,
             code="context_length_exceeded",
         )
-    return body.sampling(max_tokens, logprobs, state.inference)
+    return body.sampling(max_tokens, logprobs, state.inference, prompt_logprobs)
 
 
 def _check_text(text: str, param: str) -> None:

@@ -89,7 +89,11 @@ class _Sampling(_Strict):
             raise APIError(400, "stream_options needs stream: true", param="stream_options")
 
     def sampling(
-        self, max_tokens: int, logprobs: int | None, defaults: InferenceConfig
+        self,
+        max_tokens: int,
+        logprobs: int | None,
+        defaults: InferenceConfig,
+        prompt_logprobs: int | None = None,
     ) -> SamplingParams:
         """The engine's parameters. A field the request leaves out takes the run's own
         `inference:` default (as vLLM takes a model's generation config), so a seeded request
@@ -109,6 +113,7 @@ class _Sampling(_Strict):
                 seed=self.seed,
                 n=self.n,
                 logprobs=logprobs,
+                prompt_logprobs=prompt_logprobs,
                 stop=() if self.stop is None else self.stop,
                 stop_token_ids=tuple(self.stop_token_ids or ()),
                 ignore_eos=self.ignore_eos,
@@ -121,7 +126,8 @@ class _Sampling(_Strict):
 
 class CompletionRequest(_Sampling):
     prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = Field(16, ge=1)
+    # 0 with echo: score the prompt only (its logprobs), as OpenAI's legacy API allows.
+    max_tokens: int | None = Field(16, ge=0)
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
     best_of: int | None = Field(None, ge=1)
@@ -133,6 +139,9 @@ class CompletionRequest(_Sampling):
             raise APIError(400, "suffix (insertion) is not supported", param="suffix")
         if self.best_of is not None and self.best_of != self.n:
             raise APIError(400, "best_of other than n is not supported", param="best_of")
+        if self.max_tokens == 0 and not self.echo:
+            message = "max_tokens must be >= 1; 0 is allowed only with echo (to score the prompt)"
+            raise APIError(400, message, param="max_tokens")
 
     def prompts(self) -> list[str | list[int]]:
         """One entry per prompt: a string or a list of token ids."""

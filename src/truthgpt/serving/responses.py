@@ -32,29 +32,49 @@ def sse(payload: dict[str, Any] | str) -> str:
 
 @dataclass
 class Choice:
-    """One choice's text, token count and logprobs so far; `take_delta` hands out what is new."""
+    """One choice's text, token count and logprobs so far; `take_delta` hands out what is new.
+
+    `echo`: the prompt's text, sent before the output (completions' echo); `prompt_logprobs`:
+    its tokens' entries (the first one's logprob None), once the engine has scored them.
+    `score_only`: max_tokens 0 with echo: the one token the engine had to make is dropped."""
 
     index: int
     text: str = ""
     num_tokens: int = 0
     finish_reason: str | None = None
     logprobs: list[dict] = field(default_factory=list)
+    echo: str = ""
+    prompt_logprobs: list[dict] | None = None
+    score_only: bool = False
     _sent_text: int = 0
     _sent_logprobs: int = 0
+    _sent_echo: bool = False
 
     def update(self, out: CompletionOutput) -> None:
+        if out.finish_reason is not None:
+            # "abort" is ours (a cancelled request); the API knows stop and length only.
+            self.finish_reason = "length" if out.finish_reason == "length" else "stop"
+        if self.score_only:  # no output was asked for: it ends at its length, 0
+            self.finish_reason = self.finish_reason and "length"
+            return
         self.text += out.delta_text
         self.num_tokens = len(out.token_ids)
         if out.logprobs is not None:
             self.logprobs = out.logprobs
-        if out.finish_reason is not None:
-            # "abort" is ours (a cancelled request); the API knows stop and length only.
-            self.finish_reason = "length" if out.finish_reason == "length" else "stop"
 
-    def take_delta(self) -> tuple[str, list[dict]]:
+    def take_delta(self) -> tuple[str, list[dict], str]:
+        """New text, new logprob entries, and the echoed prompt the first time (else "")."""
         text, logprobs = self.text[self._sent_text :], self.logprobs[self._sent_logprobs :]
         self._sent_text, self._sent_logprobs = len(self.text), len(self.logprobs)
-        return text, logprobs
+        echo = "" if self._sent_echo else self.echo
+        self._sent_echo = True
+        return text, logprobs, echo
+
+
+def prompt_entries(prompt_ids: list[int], scores: list[dict | None]) -> list[dict]:
+    """The engine's prompt logprobs as logprob entries, the first token's with logprob None."""
+    first = {"token_id": prompt_ids[0], "logprob": None, "top": None}
+    return [first, *scores[1:]]
 
 
 class TokenText:
@@ -71,20 +91,33 @@ class TokenText:
         return text
 
 
-def completion_logprobs(entries: list[dict], token_text: TokenText, offset: int) -> dict:
-    """The legacy completions format: parallel lists, top alternatives as {token: logprob}."""
-    tokens, offsets = [], []
-    for entry in entries:
-        offsets.append(offset)
-        text = token_text(entry["token_id"])
-        tokens.append(text)
-        offset += len(text)
+def completion_logprobs(
+    entries: list[dict],
+    token_text: TokenText,
+    offset: int,
+    prompt: list[dict] | None = None,
+) -> dict:
+    """The legacy completions format: parallel lists, top alternatives as {token: logprob}.
+    With `prompt` (echo), its entries come first with offsets from 0 (the first token's
+    logprob and top alternatives are null, as OpenAI gives them); `offset` is the output's."""
+    tokens, offsets, logprobs, tops = [], [], [], []
+
+    def add(items: list[dict], at: int) -> None:
+        for entry in items:
+            offsets.append(at)
+            text = token_text(entry["token_id"])
+            tokens.append(text)
+            at += len(text)
+            logprobs.append(entry["logprob"])
+            top = entry.get("top")
+            tops.append(None if top is None else {token_text(tid): lp for tid, lp in top})
+
+    add(prompt or [], 0)
+    add(entries, offset)
     return {
         "tokens": tokens,
-        "token_logprobs": [entry["logprob"] for entry in entries],
-        "top_logprobs": [
-            {token_text(tid): lp for tid, lp in entry.get("top") or []} for entry in entries
-        ],
+        "token_logprobs": logprobs,
+        "top_logprobs": tops,
         "text_offset": offsets,
     }
 
@@ -139,7 +172,7 @@ class Reply:
             "choices": choices,
         }
 
-    def final(self, choices: list[Choice], prompt_tokens: int, echo: list[str] | None) -> dict:
+    def final(self, choices: list[Choice], prompt_tokens: int) -> dict:
         """The whole non-streamed response."""
         rows = []
         for choice in choices:
@@ -156,13 +189,17 @@ class Reply:
                     }
                 )
             else:
-                prefix = echo[choice.index] if echo else ""
                 if self.want_logprobs:
-                    logprobs = completion_logprobs(choice.logprobs, self.token_text, len(prefix))
+                    logprobs = completion_logprobs(
+                        choice.logprobs,
+                        self.token_text,
+                        len(choice.echo),
+                        choice.prompt_logprobs,
+                    )
                 rows.append(
                     {
                         "index": choice.index,
-                        "text": prefix + choice.text,
+                        "text": choice.echo + choice.text,
                         "logprobs": logprobs,
                         "finish_reason": choice.finish_reason,
                     }
@@ -171,8 +208,11 @@ class Reply:
         body["usage"] = usage(prompt_tokens, choices)
         return body
 
-    def chunk(self, choice: Choice, text: str, logprobs: list[dict], first: bool) -> dict:
-        """One stream event for one choice: its new text (and logprobs), its finish reason."""
+    def chunk(
+        self, choice: Choice, text: str, logprobs: list[dict], first: bool, echo: str = ""
+    ) -> dict:
+        """One stream event for one choice: its new text (and logprobs), its finish reason;
+        `echo`: the prompt, sent ahead of the text in the choice's first event."""
         entry: dict[str, Any] = {"index": choice.index}
         if self.chat:
             delta: dict[str, Any] = {"content": text}
@@ -183,22 +223,25 @@ class Reply:
                 chat_logprobs(logprobs, self.token_text) if self.want_logprobs else None
             )
         else:
-            entry["text"] = text
-            sent_before = len(choice.text) - len(text)
+            entry["text"] = echo + text
+            sent_before = len(choice.echo) + len(choice.text) - len(text)
+            prompt = choice.prompt_logprobs if echo else None
             entry["logprobs"] = (
-                completion_logprobs(logprobs, self.token_text, sent_before)
+                completion_logprobs(logprobs, self.token_text, sent_before, prompt)
                 if self.want_logprobs
                 else None
             )
         entry["finish_reason"] = choice.finish_reason
         return self._envelope("chat.completion.chunk" if self.chat else "text_completion", [entry])
 
-    def chunk_event(self, choice: Choice, text: str, logprobs: list[dict], first: bool) -> str:
+    def chunk_event(
+        self, choice: Choice, text: str, logprobs: list[dict], first: bool, echo: str = ""
+    ) -> str:
         """`sse(self.chunk(...))`, built from a preformatted envelope when there are no
         logprobs: a stream sends one of these per choice per step, and a dict plus
         `json.dumps` for each was most of the server's own work under load."""
-        if self.want_logprobs:
-            return sse(self.chunk(choice, text, logprobs, first))
+        if self.want_logprobs or echo:
+            return sse(self.chunk(choice, text, logprobs, first, echo))
         if self._event_head is None:
             object_type = "chat.completion.chunk" if self.chat else "text_completion"
             self._event_head = (

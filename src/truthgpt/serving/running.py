@@ -27,7 +27,7 @@ from truthgpt.inference.request import RequestOutput
 from truthgpt.inference.sampling_params import SamplingParams
 from truthgpt.serving.metrics import Metrics
 from truthgpt.serving.protocol import APIError
-from truthgpt.serving.responses import Choice, Reply, TokenText, sse
+from truthgpt.serving.responses import Choice, Reply, TokenText, prompt_entries, sse
 
 log = logging.getLogger(__name__)
 
@@ -80,9 +80,14 @@ def end_runs(state: ServerState, error: APIError) -> None:
         run.fail(error)
 
 
-async def respond(request, state, body, ids, params, reply, echo, endpoint) -> Response:
+async def respond(
+    request, state, body, ids, params, reply, endpoint, echo=None, score_only=False
+) -> Response:
+    """`echo`: each prompt's text, sent before its choices' output; `score_only`: max_tokens 0
+    (the engine makes one token, which the answer leaves out)."""
     prompt_tokens = sum(len(prompt) for prompt in ids)
-    cache_key = _cache_key(state, endpoint, ids, params, echo is not None)
+    fields = {"echo": echo is not None, "score_only": score_only}
+    cache_key = _cache_key(state, endpoint, ids, params, fields)
     if cache_key is not None:
         cached = await asyncio.to_thread(state.cache.get, cache_key)
         if cached is not None:
@@ -90,7 +95,7 @@ async def respond(request, state, body, ids, params, reply, echo, endpoint) -> R
             return _from_cache(body, reply, cached)
         state.metrics.cache_misses.inc()
     _admit(state, prompt_tokens)
-    run = _Run(state, ids, params, reply)
+    run = _Run(state, ids, params, reply, echo, score_only)
     try:
         first = await run.first()
     except BaseException:
@@ -108,7 +113,7 @@ async def respond(request, state, body, ids, params, reply, echo, endpoint) -> R
             return Response(status_code=499)  # nobody is listening; the sequences are freed
     finally:
         run.close()
-    response = reply.final(run.choices, prompt_tokens, echo)
+    response = reply.final(run.choices, prompt_tokens)
     if cache_key is not None:
         await asyncio.to_thread(state.cache.put, cache_key, response)
     return JSONResponse(response)
@@ -130,7 +135,7 @@ async def _drain_unless_client_leaves(request: Request, run: _Run, first) -> boo
         drain.cancel()
 
 
-def _cache_key(state, endpoint: str, ids, params: SamplingParams, echo: bool) -> str | None:
+def _cache_key(state, endpoint: str, ids, params: SamplingParams, shape: dict) -> str | None:
     """The result cache's key of a deterministic single-prompt request, else None. The model
     part is the served id plus a fingerprint of the weights, so a retrained model never answers
     from its predecessor's entries."""
@@ -140,7 +145,7 @@ def _cache_key(state, endpoint: str, ids, params: SamplingParams, echo: bool) ->
 
     from truthgpt.serving.result_cache import cache_key, is_deterministic
 
-    fields = {"endpoint": endpoint, "echo": echo, **asdict(params)}
+    fields = {"endpoint": endpoint, **shape, **asdict(params)}
     if not is_deterministic(fields):
         return None
     return cache_key(f"{state.model_id}@{state.model_fingerprint}", ids[0], fields)
@@ -171,12 +176,23 @@ def _from_cache(body, reply: Reply, cached: dict) -> Response:
 class _Run:
     """One HTTP request's engine requests (one per prompt), merged into one event queue."""
 
-    def __init__(self, state: ServerState, ids, params: SamplingParams, reply: Reply) -> None:
+    def __init__(
+        self,
+        state: ServerState,
+        ids,
+        params: SamplingParams,
+        reply: Reply,
+        echo: list[str] | None = None,
+        score_only: bool = False,
+    ) -> None:
         self.state = state
         self.reply = reply
         self.params = params
         self.prompt_tokens = sum(len(prompt) for prompt in ids)
-        self.choices = [Choice(i) for i in range(len(ids) * params.n)]
+        self.choices = [
+            Choice(i, echo=echo[i // params.n] if echo else "", score_only=score_only)
+            for i in range(len(ids) * params.n)
+        ]
         self.events: asyncio.Queue = asyncio.Queue()
         self.started = time.monotonic()
         self.last_token: dict[int, float] = {}
@@ -263,6 +279,10 @@ class _Run:
                 self.last_token[key] = now
                 metrics.generation_tokens.inc(new_tokens)
             choice.update(out)
+            if output.prompt_logprobs is not None and choice.prompt_logprobs is None:
+                choice.prompt_logprobs = prompt_entries(
+                    output.prompt_token_ids, output.prompt_logprobs
+                )
 
     async def first(self) -> tuple[int, RequestOutput | None]:
         return await self.next()
@@ -313,10 +333,11 @@ async def _stream(run: _Run, first, include_usage: bool, cache_key) -> AsyncIter
                 if item is None:
                     break
             for choice in touched.values():
-                text, logprobs = choice.take_delta()
+                text, logprobs, echo = choice.take_delta()
                 ends = choice.finish_reason is not None and choice.index not in ended
                 if text or logprobs or ends or choice.index not in started:
-                    yield reply.chunk_event(choice, text, logprobs, choice.index not in started)
+                    first = choice.index not in started
+                    yield reply.chunk_event(choice, text, logprobs, first, echo)
                     started.add(choice.index)
                     if ends:
                         ended.add(choice.index)
@@ -327,7 +348,7 @@ async def _stream(run: _Run, first, include_usage: bool, cache_key) -> AsyncIter
             yield sse(reply.usage_chunk(run.choices, run.prompt_tokens))
         yield sse("[DONE]")
         if cache_key is not None:
-            response = reply.final(run.choices, run.prompt_tokens, None)
+            response = reply.final(run.choices, run.prompt_tokens)
             await asyncio.to_thread(run.state.cache.put, cache_key, response)
     except APIError as exc:  # headers are sent: the error goes in the stream, then [DONE]
         yield sse(exc.body())
