@@ -16,6 +16,7 @@ case "$part" in
 checks)
     timeout 200 python3 -m pytest -q -m "gpu or slow" -p no:cacheprovider tests/test_fused_loss.py \
         tests/test_packed_attention.py "tests/test_gpu.py::test_compile_scopes_train_the_same_steps" \
+        tests/test_engine_gpu.py \
         2>&1 | tail -25 | tee "$out/gpu_tests.txt"
     timeout 120 python3 benchmarks/fused_loss.py --shape gpt2 --repeats 3 --chunk-rows 4096 8192 \
         2>&1 | quiet | tail -12 | tee "$out/fused_loss_gpt2.txt"

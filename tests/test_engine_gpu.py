@@ -63,3 +63,36 @@ def test_cuda_seeded_sampling_alone_equals_in_batch(tokenizer, tmp_path):  # noq
             if output.finished:
                 done[output.request_id] = output.outputs[0].token_ids
     assert done["4"] == alone
+
+
+def test_cuda_one_token_prompt_chunks_beside_graph_decodes(tokenizer, tmp_path):  # noqa: F811
+    """15 decodes fill a 16-token step but one: a new prompt then advances one token a step,
+    every row has one token, and only the decodes may take the CUDA-graph path (a mid-prompt
+    row there would sample a token). Its prompt logprobs come out of the same steps."""
+    from test_engine import _check_scores
+
+    reference, ours = _models("llama", tokenizer, tmp_path)
+    reference, ours = reference.cuda(), ours.cuda()
+    options = InferenceConfig(
+        device="cuda", block_size=16, max_num_seqs=16, num_blocks=256, dtype="fp32",
+        max_num_batched_tokens=16,
+    )  # fmt: skip
+    engine = Engine(ours, tokenizer, options)
+    assert engine.runner.graphs
+    busy = SamplingParams(temperature=0, max_tokens=60, ignore_eos=True)
+    for index, prompt in enumerate(_prompts([3] * 15, seed=5)):
+        engine.add_request(f"busy{index}", prompt, busy, detokenize=False)
+    for _ in range(3):
+        engine.step()  # all 15 are decoding now
+    late = _prompts([9], seed=6)[0]
+    params = SamplingParams(
+        temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True, prompt_logprobs=2
+    )
+    engine.add_request("late", late, params, detokenize=False)
+    done = {}
+    while engine.has_unfinished_requests():
+        for output in engine.step():
+            if output.finished:
+                done[output.request_id] = output
+    assert done["late"].outputs[0].token_ids == _hf_greedy(reference, late)
+    _check_scores(done["late"].prompt_logprobs, reference.cpu(), late, 2, len(tokenizer))
