@@ -65,6 +65,25 @@ def _models(kind: str, tokenizer, folder: Path):
     return reference, load_hf(folder).eval()
 
 
+def _opt_model(tokenizer, folder: Path):
+    """A tiny OPT (an architecture the engine does not run: the transformers fallback's)."""
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(
+        transformers.OPTConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            num_hidden_layers=2,
+            ffn_dim=64,
+            num_attention_heads=4,
+            max_position_embeddings=128,
+            word_embed_proj_dim=32,
+        )
+    ).eval()
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return model
+
+
 def _prompts(lengths: list[int], seed: int = 0, vocab: int = 300) -> list[list[int]]:
     generator = torch.Generator().manual_seed(seed)
     return [torch.randint(3, vocab, (n,), generator=generator).tolist() for n in lengths]
@@ -281,20 +300,7 @@ def test_llm_api_on_a_folder_and_the_transformers_fallback(tokenizer, tmp_path):
     with pytest.raises(ConfigError, match="block_size"):
         LLM(tmp_path / "llama", device="cpu", block_sise=8)
 
-    torch.manual_seed(0)
-    other = transformers.AutoModelForCausalLM.from_config(
-        transformers.OPTConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=32,
-            num_hidden_layers=2,
-            ffn_dim=64,
-            num_attention_heads=4,
-            max_position_embeddings=128,
-            word_embed_proj_dim=32,
-        )
-    ).eval()
-    other.save_pretrained(tmp_path / "opt")
-    tokenizer.save_pretrained(tmp_path / "opt")
+    other = _opt_model(tokenizer, tmp_path / "opt")
     fallback = LLM(tmp_path / "opt", device="cpu")
     assert fallback.engine is None
     outputs = fallback.generate(prompts, GREEDY, use_tqdm=False)
@@ -425,20 +431,7 @@ def test_prompt_logprobs_through_the_llm_api_and_the_transformers_fallback(token
     output = LLM(tmp_path / "llama", device="cpu").generate([prompt], params, use_tqdm=False)[0]
     _check_scores(output.prompt_logprobs, reference, prompt, 3, len(tokenizer))
 
-    torch.manual_seed(0)
-    other = transformers.AutoModelForCausalLM.from_config(
-        transformers.OPTConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=32,
-            num_hidden_layers=2,
-            ffn_dim=64,
-            num_attention_heads=4,
-            max_position_embeddings=128,
-            word_embed_proj_dim=32,
-        )
-    ).eval()
-    other.save_pretrained(tmp_path / "opt")
-    tokenizer.save_pretrained(tmp_path / "opt")
+    other = _opt_model(tokenizer, tmp_path / "opt")
     fallback = LLM(tmp_path / "opt", device="cpu")
     assert fallback.engine is None
     output = fallback.generate([prompt], params, use_tqdm=False)[0]
