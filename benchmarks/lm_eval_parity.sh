@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # lm-evaluation-harness against the server: the loglikelihoods that `local-completions` gets
 # from `truthgpt serve` (echo + logprobs) next to those of lm-eval's own `hf` backend on the same
-# weights, on a small multiple-choice task built from local files (no hub needed).
+# weights, on a small multiple-choice task built from local files (no hub needed). lm-eval
+# tokenizes through the server's /tokenize (its tokenizer_backend auto finds it).
 #   bash benchmarks/lm_eval_parity.sh [WORK_DIR]     (from the repo root, project venv in .venv)
 # lm-eval goes in a venv of its own: python3.11 -m venv /tmp/lmeval &&
 #   /tmp/lmeval/bin/pip install torch==2.13.0 "lm-eval[api]" transformers accelerate
@@ -44,8 +45,8 @@ trap 'kill $server 2>/dev/null' EXIT
 for _ in $(seq 60); do curl -sf "localhost:$port/health" > /dev/null && break; sleep 1; done
 common=(--tasks tiny_mc --include_path "$work/tasks" --log_samples)
 "$lmeval/bin/lm_eval" --model local-completions "${common[@]}" --output_path "$work/api" \
-    --model_args "model=tiny,base_url=http://127.0.0.1:$port/v1/completions,tokenizer_backend=huggingface,tokenizer=$work/model" \
-    2>&1 | tail -3
+    --model_args "model=tiny,base_url=http://127.0.0.1:$port/v1/completions" 2>&1 \
+    | grep -i "remote tokenizer\|tiny_mc"  # it should find the server's /tokenize
 "$lmeval/bin/lm_eval" --model hf "${common[@]}" --output_path "$work/hf" --device cpu \
     --model_args "pretrained=$work/model,dtype=float32" 2>&1 | tail -3
 python3 - "$work" <<'PY'

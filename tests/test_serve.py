@@ -283,6 +283,39 @@ def test_a_streamed_echo_sends_the_prompt_first_and_equals_the_whole_reply(clien
     assert plain == whole.choices[0].text  # without logprobs: the preformatted events
 
 
+def test_tokenizer_routes_give_what_the_engine_is_given(client, server):
+    """vLLM's /tokenize, /detokenize and /tokenizer_info (eval harnesses tokenize through
+    them): the ids are those the completions and chat routes feed the engine."""
+    url, tokenizer = server.url, server.state.tokenizer
+    prompt = "def main():\n    pass"
+    got = httpx.post(f"{url}/tokenize", json={"prompt": prompt, "model": server.model_id}).json()
+    assert got["tokens"] == tokenizer.encode(prompt) and got["count"] == len(got["tokens"])
+    assert got["max_model_len"] == server.state.max_model_len
+    reply = client.completions.create(model=server.model_id, prompt=prompt, max_tokens=1)
+    assert reply.usage.prompt_tokens == got["count"]
+    messages = [{"role": "user", "content": "hi there"}]
+    chat = httpx.post(f"{url}/tokenize", json={"messages": messages}).json()
+    answer = client.chat.completions.create(model=server.model_id, messages=messages, max_tokens=1)
+    assert chat["count"] == answer.usage.prompt_tokens
+    strs = httpx.post(f"{url}/tokenize", json={"prompt": prompt, "return_token_strs": True})
+    assert strs.json()["token_strs"] == tokenizer.convert_ids_to_tokens(got["tokens"])
+    back = httpx.post(f"{url}/detokenize", json={"tokens": got["tokens"]}).json()
+    assert back == {"prompt": tokenizer.decode(got["tokens"])}
+    info = httpx.get(f"{url}/tokenizer_info").json()
+    assert info["eos_token"] == tokenizer.eos_token and info["vocab_size"] == len(tokenizer)
+    for route, body, param in [
+        ("/tokenize", {}, "prompt"),
+        ("/tokenize", {"prompt": "a", "messages": messages}, "prompt"),
+        ("/tokenize", {"promt": "a"}, "promt"),
+        ("/tokenize", {"prompt": "a", "model": "other"}, "model"),
+        ("/detokenize", {"tokens": [len(tokenizer)]}, "tokens"),
+        ("/detokenize", {"tokens": "1 2"}, "tokens"),
+    ]:
+        response = httpx.post(f"{url}{route}", json=body)
+        assert 400 <= response.status_code < 500, (route, body)
+        assert response.json()["error"]["param"] == param, (route, body)
+
+
 def test_metrics_and_health(server):
     health = httpx.get(f"{server.url}/health")
     assert health.status_code == 200 and health.json()["status"] == "ok"

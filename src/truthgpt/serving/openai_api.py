@@ -20,7 +20,14 @@ from truthgpt.errors import RequestError
 from truthgpt.inference.chat_template import chat_text
 from truthgpt.inference.engine import check_prompt_text
 from truthgpt.inference.sampling_params import SamplingParams
-from truthgpt.serving.protocol import APIError, ChatCompletionRequest, CompletionRequest, parse
+from truthgpt.serving.protocol import (
+    APIError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
+    parse,
+)
 from truthgpt.serving.responses import Reply
 from truthgpt.serving.running import ServerState, respond
 
@@ -131,6 +138,48 @@ def build_app(state: ServerState) -> FastAPI:
         reply = Reply(state.model_id, True, logprobs is not None, state.token_text)
         return await respond(request, state, body, ids, params, reply, "chat")
 
+    # vLLM's tokenizer routes: with them an eval harness needs no local copy of the tokenizer
+    # (lm-evaluation-harness's `local-completions` looks for /tokenizer_info and /tokenize).
+    @app.post("/tokenize")
+    async def tokenize(request: Request) -> dict:
+        body = parse(TokenizeRequest, await _read_json(request, state))
+        _check_model(body.model, state)
+        if body.messages is not None:
+            text, param, special = _chat_text(state.tokenizer, body), "messages", True
+        else:
+            text, param, special = body.prompt, "prompt", body.add_special_tokens
+            _check_text(text, param)
+        ids = await asyncio.to_thread(state.tokenizer.encode, text, add_special_tokens=special)
+        reply: dict[str, Any] = {
+            "count": len(ids),
+            "max_model_len": state.max_model_len,
+            "tokens": ids,
+        }
+        if body.return_token_strs:
+            reply["token_strs"] = state.tokenizer.convert_ids_to_tokens(ids)
+        return reply
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request) -> dict:
+        body = parse(DetokenizeRequest, await _read_json(request, state))
+        _check_model(body.model, state)
+        _check_ids(body.tokens, state, "tokens")
+        return {"prompt": await asyncio.to_thread(state.tokenizer.decode, body.tokens)}
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info() -> dict:
+        tokenizer = state.tokenizer
+        return {
+            "tokenizer_class": type(tokenizer).__name__,
+            "eos_token": tokenizer.eos_token,
+            "bos_token": tokenizer.bos_token,
+            "pad_token": tokenizer.pad_token,
+            "unk_token": tokenizer.unk_token,
+            "chat_template": getattr(tokenizer, "chat_template", None),
+            "model_max_length": state.max_model_len,
+            "vocab_size": len(tokenizer),
+        }
+
     return app
 
 
@@ -145,7 +194,16 @@ async def _watch_engine(state: ServerState, every_s: float = 0.5) -> None:
 # -- checks ---------------------------------------------------------------------------------------
 
 
-_COUNTED_ROUTES = frozenset({"/v1/completions", "/v1/chat/completions", "/v1/models"})
+_COUNTED_ROUTES = frozenset(
+    {
+        "/v1/completions",
+        "/v1/chat/completions",
+        "/v1/models",
+        "/tokenize",
+        "/detokenize",
+        "/tokenizer_info",
+    }
+)
 
 
 class _Guard:
@@ -258,11 +316,7 @@ async def _tokens(state: ServerState, prompt: str | list[int], param: str) -> li
         ids = list(prompt)
         if not ids:
             raise APIError(400, f"{param}: the prompt is empty", param=param)
-        vocab = len(state.tokenizer)
-        bad = next((t for t in ids if not 0 <= t < vocab), None)
-        if bad is not None:
-            message = f"{param}: token ids must be in [0, {vocab}), got {bad}"
-            raise APIError(400, message, param=param)
+        _check_ids(ids, state, param)
     if len(ids) >= state.max_model_len:
         raise APIError(
             400,
@@ -273,6 +327,14 @@ async def _tokens(state: ServerState, prompt: str | list[int], param: str) -> li
             code="context_length_exceeded",
         )
     return ids
+
+
+def _check_ids(ids: list[int], state: ServerState, param: str) -> None:
+    vocab = len(state.tokenizer)
+    bad = next((t for t in ids if not 0 <= t < vocab), None)
+    if bad is not None:
+        message = f"{param}: token ids must be in [0, {vocab}), got {bad}"
+        raise APIError(400, message, param=param)
 
 
 def _sampling(
