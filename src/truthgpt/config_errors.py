@@ -7,12 +7,13 @@ an argument, so nothing here imports config.py back.
 
 from __future__ import annotations
 
-import difflib
 from types import UnionType
 from typing import Any, Literal, Union, get_args, get_origin
 
 from pydantic import BaseModel, ValidationError
 from pydantic_core import PydanticCustomError
+
+from truthgpt.errors import closest
 
 # pydantic's bound errors: their message already says the one bound a field may have.
 _BOUND_ERRORS = ("greater_than", "greater_than_equal", "less_than", "less_than_equal")
@@ -26,8 +27,8 @@ def field_error(field: str, message: str, allowed: str) -> PydanticCustomError:
 
 def unknown_key_problem(loc: list[str], allowed: list[str]) -> str:
     """`a.b.kye: unknown key. Did you mean 'a.b.key'? Allowed here: ...`."""
-    hint = difflib.get_close_matches(loc[-1], allowed, n=1)
-    suggestion = f" Did you mean {'.'.join(loc[:-1] + [hint[0]])!r}?" if hint else ""
+    hint = closest(loc[-1], allowed)
+    suggestion = f" Did you mean {'.'.join(loc[:-1] + [hint])!r}?" if hint else ""
     return f"{'.'.join(loc)}: unknown key.{suggestion} Allowed here: {', '.join(allowed)}"
 
 

@@ -30,7 +30,19 @@ class TrainingError(TruthGPTError):
     """Training cannot go on (non-finite losses that skipping and rollback could not cure)."""
 
 
+def closest(name: str, choices: Iterable[str]) -> str | None:
+    """The choice a misspelt `name` most likely meant, or None when none is close."""
+    hint = difflib.get_close_matches(name, list(choices), n=1)
+    return hint[0] if hint else None
+
+
 def did_you_mean(name: str, choices: Iterable[str]) -> str:
     """ "; did you mean 'x'?" for the choice closest to a misspelt `name`, else ""."""
-    hint = difflib.get_close_matches(name, list(choices), n=1)
-    return f"; did you mean {hint[0]!r}?" if hint else ""
+    hint = closest(name, choices)
+    return f"; did you mean {hint!r}?" if hint else ""
+
+
+def did_you_mean_sentence(name: str, choices: Iterable[str]) -> str:
+    """ " Did you mean 'x'?" (a sentence of its own, for messages built of sentences), else ""."""
+    hint = closest(name, choices)
+    return f" Did you mean {hint!r}?" if hint else ""

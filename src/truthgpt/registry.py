@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Callable
 from importlib import import_module
 from importlib.metadata import entry_points
 from typing import Any
 
-from truthgpt.errors import ConfigError
+from truthgpt.errors import ConfigError, did_you_mean_sentence
 
 
 class Registry(dict[str, Callable[..., Any]]):
@@ -57,11 +56,9 @@ class Registry(dict[str, Callable[..., Any]]):
         self.load()
         if name not in self:
             where = f"{key_path}: " if key_path else ""
-            hint = difflib.get_close_matches(name, list(self), n=1)
-            did_you_mean = f" Did you mean {hint[0]!r}?" if hint else ""
+            hint = did_you_mean_sentence(name, self)
             raise ConfigError(
-                f"{where}unknown {self.kind} {name!r}.{did_you_mean} "
-                f"Known: {', '.join(sorted(self))}."
+                f"{where}unknown {self.kind} {name!r}.{hint} Known: {', '.join(sorted(self))}."
             )
         return self[name]
 

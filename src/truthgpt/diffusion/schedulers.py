@@ -9,7 +9,6 @@ for flow matching (SD3, Flux) keep their FlowMatch* scheduler and are refused he
 
 from __future__ import annotations
 
-import difflib
 from typing import Any
 
 from diffusers import (
@@ -28,7 +27,7 @@ from diffusers import (
 )
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
-from truthgpt.errors import ConfigError
+from truthgpt.errors import ConfigError, did_you_mean_sentence
 
 # Options that tell variants of one class apart are always given explicitly, so that swapping
 # from "dpm++_2m_karras" to "dpm++_2m" does not inherit the Karras sigmas through the config.
@@ -73,10 +72,9 @@ def is_flow_matching(scheduler: object) -> bool:
 def set_scheduler(pipe: DiffusionPipeline, name: str) -> None:
     """Replace `pipe.scheduler` by the named one, keeping the model's noise schedule."""
     if name not in SCHEDULERS:
-        hint = difflib.get_close_matches(name, list(SCHEDULERS), n=1)
-        did_you_mean = f" Did you mean {hint[0]!r}?" if hint else ""
+        hint = did_you_mean_sentence(name, SCHEDULERS)
         raise ConfigError(
-            f"diffusion.scheduler: unknown scheduler {name!r}.{did_you_mean} "
+            f"diffusion.scheduler: unknown scheduler {name!r}.{hint} "
             f"Known: {', '.join(SCHEDULERS)}."
         )
     current = type(pipe.scheduler).__name__
