@@ -177,7 +177,7 @@ def test_logprobs(client, server):
     for chosen, top in zip(logprobs.token_logprobs, logprobs.top_logprobs):
         # Keys are token texts, so two tokens of one text share a key (the legacy format's
         # limit); every value is still at most the chosen one, which greedy made the likeliest.
-        assert 1 <= len(top) <= 3 and chosen <= 0
+        assert 1 <= len(top) <= 4 and chosen <= 0
         assert max(top.values()) <= chosen + 1e-5
     chat = client.chat.completions.create(
         model=server.model_id,
@@ -248,7 +248,13 @@ def test_max_tokens_0_with_echo_scores_the_prompt_alone(client, server):
     count = len(server.state.tokenizer.encode(prompt))
     assert choice.text == prompt and choice.finish_reason == "length"
     assert len(choice.logprobs.token_logprobs) == count and reply.usage.completion_tokens == 0
-    assert all(len(top) <= 2 for top in choice.logprobs.top_logprobs[1:])
+    tokens, scores, tops = (choice.logprobs.tokens, choice.logprobs.token_logprobs,
+                            choice.logprobs.top_logprobs)  # fmt: skip
+    assert tops[0] is None  # the first token has nothing before it
+    # The top 2 there, plus the prompt's own token when it is not among them.
+    assert all(
+        1 <= len(top) <= 3 and top[t] == lp for t, lp, top in zip(tokens[1:], scores[1:], tops[1:])
+    )
     stream = client.completions.create(
         model=server.model_id, prompt=prompt, max_tokens=0, echo=True, logprobs=2, stream=True
     )
@@ -314,6 +320,81 @@ def test_tokenizer_routes_give_what_the_engine_is_given(client, server):
         response = httpx.post(f"{url}{route}", json=body)
         assert 400 <= response.status_code < 500, (route, body)
         assert response.json()["error"]["param"] == param, (route, body)
+
+
+def test_a_chat_template_that_writes_bos_gets_one_bos(folder, tmp_path):
+    """Llama- and Mistral-style: the tokenizer adds BOS to a text and the template writes one
+    too. A chat prompt is the template's tokens alone (as SFT trained on), a plain prompt gets
+    the tokenizer's BOS, and /tokenize says the same unless told otherwise."""
+    import shutil
+
+    from tokenizers.processors import TemplateProcessing
+
+    shutil.copytree(folder, tmp_path / "bos", dirs_exist_ok=True)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "bos")
+    bos = tokenizer.bos_token_id
+    tokenizer._tokenizer.post_processor = TemplateProcessing(
+        single=f"{tokenizer.bos_token} $A", special_tokens=[(tokenizer.bos_token, bos)]
+    )
+    tokenizer.chat_template = (
+        "{{ bos_token }}{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
+    )
+    tokenizer.save_pretrained(tmp_path / "bos")
+    running = start_server(tmp_path / "bos")
+    try:
+        url, messages = running.url, [{"role": "user", "content": "hi"}]
+        ids = httpx.post(f"{url}/tokenize", json={"messages": messages}).json()["tokens"]
+        assert ids[0] == bos and ids[1] != bos
+        both = {"messages": messages, "add_special_tokens": True}
+        assert httpx.post(f"{url}/tokenize", json=both).json()["tokens"][:2] == [bos, bos]
+        chat = {"messages": messages, "max_tokens": 1}
+        usage = httpx.post(f"{url}/v1/chat/completions", json=chat).json()["usage"]
+        assert usage["prompt_tokens"] == len(ids)
+        plain = httpx.post(f"{url}/tokenize", json={"prompt": "hi"}).json()["tokens"]
+        assert plain[0] == bos and plain[1:] == tokenizer.encode("hi", add_special_tokens=False)
+    finally:
+        running.stop()
+
+
+def test_top_logprobs_hold_the_chosen_token_and_the_likelier_of_equal_texts(client, server):
+    sampled = (
+        client.completions.create(
+            model=server.model_id, prompt="def", max_tokens=8, temperature=2.0, seed=1, logprobs=1
+        )
+        .choices[0]
+        .logprobs
+    )
+    zero = (
+        client.completions.create(
+            model=server.model_id, prompt="def", max_tokens=8, temperature=2.0, seed=1, logprobs=0
+        )
+        .choices[0]
+        .logprobs
+    )
+    for token, chosen, top, only in zip(
+        sampled.tokens, sampled.token_logprobs, sampled.top_logprobs, zero.top_logprobs
+    ):
+        assert top[token] == chosen and 1 <= len(top) <= 2  # top 1, plus the chosen one
+        assert only == {token: chosen}
+
+    from truthgpt.serving.responses import completion_logprobs
+
+    texts = {5: "\ufffd", 6: "\ufffd", 7: "in"}  # two byte tokens both print as U+FFFD
+    entry = {"token_id": 7, "logprob": -2.5, "top": [(5, -1.0), (6, -1.5), (7, -2.5)]}
+    body = completion_logprobs([entry], texts.__getitem__, 0)
+    assert body["top_logprobs"] == [{"\ufffd": -1.0, "in": -2.5}]
+
+
+def test_an_error_in_a_batch_of_prompts_names_the_prompt(client, server):
+    long = list(range(3, 3 + server.state.max_model_len))
+    for prompts, param in [
+        ([[5, 6], long], "prompt.1"),
+        (["a", ""], "prompt.1"),
+        ([[5], [10**6]], "prompt.1"),
+    ]:
+        with pytest.raises(openai.BadRequestError) as caught:
+            client.completions.create(model=server.model_id, prompt=prompts, max_tokens=1)
+        assert caught.value.body["param"] == param, prompts
 
 
 def test_metrics_and_health(server):

@@ -113,7 +113,7 @@ BAD_REQUESTS = [
     ),
     case(COMPLETIONS, {"prompt": [1, 2, 10**6]}, "prompt", "1000000", id="id-past-vocab"),
     case(COMPLETIONS, {"prompt": [-1]}, "prompt", "-1", id="id-negative"),
-    case(COMPLETIONS, {"prompt": [[1, 2], [3, 10**6]]}, "prompt", "1000000", id="ids-batch"),
+    case(COMPLETIONS, {"prompt": [[1, 2], [3, 10**6]]}, "prompt.1", "1000000", id="ids-batch"),
     # max_tokens: at least 1, and it must fit beside the prompt.
     case(COMPLETIONS, {"prompt": "a", "max_tokens": 0}, "max_tokens", id="max_tokens-0"),
     case(COMPLETIONS, {"prompt": "a", "max_tokens": -3}, "max_tokens", id="max_tokens-neg"),
@@ -323,7 +323,7 @@ def requests_counted(url: str, path: str, status: int) -> float:
     "path,body,param,char,position",
     [
         (COMPLETIONS, b'{"prompt": "\\ud800", "max_tokens": 3}', "prompt", "\\ud800", 0),
-        (COMPLETIONS, b'{"prompt": ["ok", "a\\udfff"], "stream": true}', "prompt", "\\udfff", 1),
+        (COMPLETIONS, b'{"prompt": ["ok", "a\\udfff"], "stream": true}', "prompt.1", "\\udfff", 1),
         (
             CHAT,
             b'{"messages": [{"role": "system", "content": "hi"}, '

@@ -243,15 +243,19 @@ def generate(
         if note:
             typer.echo(note, err=True)
         if prompts is not None:
+            shown = None
             if chat:
-                prompts = [gen.chat_prompt(llm.tokenizer, p) for p in prompts]
-            written = gen.write_results(llm, prompts, params, out)
+                shown, prompts = map(
+                    list, zip(*(gen.chat_prompt(llm.tokenizer, p) for p in prompts))
+                )
+            written = gen.write_results(llm, prompts, params, out, shown)
             if out is not None:
                 typer.echo(f"wrote {written} results to {out}", err=True)
             return
+        source: str | list[int] = prompt
         if chat:
-            prompt = gen.chat_prompt(llm.tokenizer, prompt)
-        note = gen.length_note(llm, prompt, params.max_tokens)
+            prompt, source = gen.chat_prompt(llm.tokenizer, prompt)
+        note = gen.length_note(llm, source, params.max_tokens)
         if note:
             typer.echo(note, err=True)
         for index in range(n):
@@ -260,7 +264,7 @@ def generate(
             sys.stdout.write(prompt)
             sys.stdout.flush()
             one = gen.nth_sample(params, index)
-            for piece in gen.stream_text(llm, prompt, one):
+            for piece in gen.stream_text(llm, source, one):
                 sys.stdout.write(piece)
                 sys.stdout.flush()
             sys.stdout.write("\n")

@@ -1,5 +1,8 @@
 """The chat template of a tokenizer, or a plain one when it has none (models trained with task:
-causal_lm): what the server's chat API and `generate --chat` both format messages with."""
+causal_lm): what the server's chat API and `generate --chat` both format messages with.
+
+The rendered text is tokenized without the tokenizer's own special tokens, as the SFT data was
+(and as vLLM does): templates write their BOS themselves, and a second one changes the answer."""
 
 from __future__ import annotations
 
@@ -30,3 +33,13 @@ def chat_text(
         add_generation_prompt=add_generation_prompt,
         tokenize=False,
     )
+
+
+def chat_ids(
+    tokenizer: PreTrainedTokenizerBase,
+    messages: list[dict[str, str]],
+    add_generation_prompt: bool = True,
+) -> list[int]:
+    """`chat_text`'s token ids, with no special tokens beyond those the template writes."""
+    text = chat_text(tokenizer, messages, add_generation_prompt)
+    return tokenizer.encode(text, add_special_tokens=False)

@@ -12,14 +12,16 @@ from pathlib import Path
 from transformers import PreTrainedTokenizerBase
 
 from truthgpt.errors import RequestError
-from truthgpt.inference.chat_template import chat_text, uses_plain_template
+from truthgpt.inference.chat_template import chat_ids, chat_text, uses_plain_template
 from truthgpt.inference.llm import load_for_generation  # noqa: F401  (re-exported)
 
 
-def chat_prompt(tokenizer: PreTrainedTokenizerBase, user_message: str) -> str:
+def chat_prompt(tokenizer: PreTrainedTokenizerBase, user_message: str) -> tuple[str, list[int]]:
     """The text a chat model expects for one user turn, ending where the answer begins (the
-    server's plain template when the tokenizer has none: see `chat_note`)."""
-    return chat_text(tokenizer, [{"role": "user", "content": user_message}])
+    server's plain template when the tokenizer has none: see `chat_note`), and the token ids
+    to generate from (no special tokens beyond the template's: see `chat_ids`)."""
+    messages = [{"role": "user", "content": user_message}]
+    return chat_text(tokenizer, messages), chat_ids(tokenizer, messages)
 
 
 def chat_note(tokenizer: PreTrainedTokenizerBase) -> str | None:
@@ -72,7 +74,7 @@ def read_prompts(path: str | Path) -> list[str]:
     return prompts
 
 
-def stream_text(llm, prompt: str, params) -> Iterator[str]:
+def stream_text(llm, prompt: str | list[int], params) -> Iterator[str]:
     """The new text of one prompt, piece by piece as the engine produces it."""
     engine = llm.engine
     if engine is None:  # transformers fallback: one piece at the end
@@ -92,7 +94,7 @@ def stream_text(llm, prompt: str, params) -> Iterator[str]:
         engine.abort(request_id)
 
 
-def length_note(llm, prompt: str, max_tokens: int) -> str | None:
+def length_note(llm, prompt: str | list[int], max_tokens: int) -> str | None:
     """A sentence when the context cannot hold prompt + max_tokens (generation stops early);
     a RequestError when it cannot hold the prompt, before anything is printed."""
     from truthgpt.inference.engine import check_prompt_length
@@ -100,7 +102,7 @@ def length_note(llm, prompt: str, max_tokens: int) -> str | None:
     context = llm.context_length
     if context is None:
         return None
-    prompt_len = len(llm.tokenizer.encode(prompt))
+    prompt_len = len(prompt if isinstance(prompt, list) else llm.tokenizer.encode(prompt))
     check_prompt_length(prompt_len, context)
     if prompt_len + max_tokens > context:
         return (
@@ -149,19 +151,26 @@ def nth_sample(params, index: int):
     return dataclasses.replace(params, n=1, seed=seed)
 
 
-def write_results(llm, prompts: list[str], params, out: Path | None) -> int:
-    """Generate for every prompt; one JSON row per prompt to `out` (atomically) or stdout."""
+def write_results(
+    llm,
+    prompts: list[str] | list[list[int]],
+    params,
+    out: Path | None,
+    shown: list[str] | None = None,
+) -> int:
+    """Generate for every prompt; one JSON row per prompt to `out` (atomically) or stdout.
+    `shown`: the prompts' texts for the rows, when `prompts` are token ids."""
     import json
     import sys
 
     from truthgpt.atomic import atomic_write_text
 
     rows = []
-    for output in llm.generate(prompts, params):
+    for index, output in enumerate(llm.generate(prompts, params)):
         rows.append(
             json.dumps(
                 {
-                    "prompt": output.prompt,
+                    "prompt": shown[index] if shown is not None else output.prompt,
                     "completions": [c.text for c in output.outputs],
                     "finish_reasons": [c.finish_reason for c in output.outputs],
                     "prompt_tokens": len(output.prompt_token_ids),

@@ -113,7 +113,9 @@ def build_app(state: ServerState) -> FastAPI:
         body = parse(CompletionRequest, await _read_json(request, state))
         _check_model(body.model, state)
         prompts = body.prompts()
-        ids = [await _tokens(state, prompt, "prompt") for prompt in prompts]
+        # In a batch, an error names the prompt: "prompt.3".
+        names = ["prompt"] if len(prompts) == 1 else [f"prompt.{i}" for i in range(len(prompts))]
+        ids = [await _tokens(state, prompt, name) for prompt, name in zip(prompts, names)]
         echo = None
         if body.echo:
             echo = [p if isinstance(p, str) else state.tokenizer.decode(p) for p in prompts]
@@ -132,7 +134,7 @@ def build_app(state: ServerState) -> FastAPI:
         body = parse(ChatCompletionRequest, await _read_json(request, state))
         _check_model(body.model, state)
         text = _chat_text(state.tokenizer, body)
-        ids = [await _tokens(state, text, "messages")]
+        ids = [await _tokens(state, text, "messages", special=False)]
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         params = _sampling(body, ids, body.wanted_max_tokens(), logprobs, state)
         reply = Reply(state.model_id, True, logprobs is not None, state.token_text)
@@ -144,11 +146,14 @@ def build_app(state: ServerState) -> FastAPI:
     async def tokenize(request: Request) -> dict:
         body = parse(TokenizeRequest, await _read_json(request, state))
         _check_model(body.model, state)
+        # The defaults are what the chat and completions routes do (vLLM's defaults too).
         if body.messages is not None:
-            text, param, special = _chat_text(state.tokenizer, body), "messages", True
+            text, special = _chat_text(state.tokenizer, body), False
         else:
-            text, param, special = body.prompt, "prompt", body.add_special_tokens
-            _check_text(text, param)
+            text, special = body.prompt, True
+            _check_text(text, "prompt")
+        if body.add_special_tokens is not None:
+            special = body.add_special_tokens
         ids = await asyncio.to_thread(state.tokenizer.encode, text, add_special_tokens=special)
         reply: dict[str, Any] = {
             "count": len(ids),
@@ -305,13 +310,18 @@ def _check_model(model: str | None, state: ServerState) -> None:
         )
 
 
-async def _tokens(state: ServerState, prompt: str | list[int], param: str) -> list[int]:
+async def _tokens(
+    state: ServerState, prompt: str | list[int], param: str, special: bool = True
+) -> list[int]:
+    """A prompt's ids, checked against the vocabulary and the context. `special`: let the
+    tokenizer add its special tokens (BOS) to a text; a chat text has the template's own."""
     if isinstance(prompt, str):
         if not prompt:
             raise APIError(400, f"{param}: the prompt is empty", param=param)
         _check_text(prompt, param)
         # Long prompts take a while to tokenize: off the event loop, so others keep streaming.
-        ids = await asyncio.to_thread(state.tokenizer.encode, prompt)
+        encode = state.tokenizer.encode
+        ids = await asyncio.to_thread(encode, prompt, add_special_tokens=special)
     else:
         ids = list(prompt)
         if not ids:

@@ -110,7 +110,7 @@ def completion_logprobs(
             at += len(text)
             logprobs.append(entry["logprob"])
             top = entry.get("top")
-            tops.append(None if top is None else {token_text(tid): lp for tid, lp in top})
+            tops.append(None if top is None else _top_dict(top, text, entry["logprob"], token_text))
 
     add(prompt or [], 0)
     add(entries, offset)
@@ -120,6 +120,17 @@ def completion_logprobs(
         "top_logprobs": tops,
         "text_offset": offsets,
     }
+
+
+def _top_dict(top: list, chosen: str, logprob: float, token_text: TokenText) -> dict:
+    """{token text: logprob} of the top alternatives, likeliest first, plus the chosen token (as
+    OpenAI and vLLM give them: up to k + 1 keys). Two tokens of one text keep the likelier's
+    logprob: the key is all the legacy format has."""
+    alternatives: dict[str, float] = {}
+    for token_id, value in top:
+        alternatives.setdefault(token_text(token_id), value)
+    alternatives.setdefault(chosen, logprob)
+    return alternatives
 
 
 def chat_logprobs(entries: list[dict], token_text: TokenText) -> dict:
