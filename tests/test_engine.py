@@ -425,14 +425,16 @@ def test_prompt_logprob_rows_per_step_are_capped(tokenizer, tmp_path, monkeypatc
 
 
 def test_prompt_logprobs_through_the_llm_api_and_the_transformers_fallback(tokenizer, tmp_path):
+    """Prompt and output logprobs, natively and through `generate` (an OPT): one run of
+    scores over prompt + output that must equal transformers' log-softmax."""
     reference, _ = _models("llama", tokenizer, tmp_path / "llama")
-    prompt = _prompts([12], seed=12)[0]
-    params = SamplingParams(temperature=0, max_tokens=2, prompt_logprobs=3)
-    output = LLM(tmp_path / "llama", device="cpu").generate([prompt], params, use_tqdm=False)[0]
-    _check_scores(output.prompt_logprobs, reference, prompt, 3, len(tokenizer))
-
     other = _opt_model(tokenizer, tmp_path / "opt")
-    fallback = LLM(tmp_path / "opt", device="cpu")
-    assert fallback.engine is None
-    output = fallback.generate([prompt], params, use_tqdm=False)[0]
-    _check_scores(output.prompt_logprobs, other, prompt, 3, len(tokenizer))
+    prompt = _prompts([12], seed=12)[0]
+    params = SamplingParams(temperature=0, max_tokens=3, prompt_logprobs=2, logprobs=2)
+    for folder, model in [("llama", reference), ("opt", other)]:
+        llm = LLM(tmp_path / folder, device="cpu")
+        assert (llm.engine is None) == (folder == "opt")
+        output = llm.generate([prompt], params, use_tqdm=False)[0]
+        sample = output.outputs[0]
+        scores = output.prompt_logprobs + sample.logprobs
+        _check_scores(scores, model, prompt + sample.token_ids, 2, len(tokenizer))

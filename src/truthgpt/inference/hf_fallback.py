@@ -57,7 +57,13 @@ def hf_generate(
         if params.min_p:
             settings["min_p"] = params.min_p
     ids = torch.tensor([prompt_ids], device=device)
+    step_logits = None
+    if params.logprobs is not None:  # the raw logits of every step, as the engine reports them
+        settings.update(output_logits=True, return_dict_in_generate=True)
     generated = model.generate(ids, attention_mask=torch.ones_like(ids), **settings)
+    if params.logprobs is not None:
+        step_logits = torch.stack(generated.logits, dim=1)[..., : len(tokenizer)]  # [n, T, V]
+        generated = generated.sequences
     outputs = []
     stops = set(settings["eos_token_id"] or [])
     for index, row in enumerate(generated[:, len(prompt_ids) :].tolist()):
@@ -73,7 +79,12 @@ def hf_generate(
             if cut >= 0:
                 keep = cut + len(stop) if params.include_stop_str_in_output else cut
                 text, finish, stop_reason = text[:keep], "stop", stop
-        outputs.append(CompletionOutput(index, text, row, text, row, finish, stop_reason))
+        output = CompletionOutput(index, text, row, text, row, finish, stop_reason)
+        if step_logits is not None:
+            from truthgpt.inference.sampler import token_logprobs
+
+            output.logprobs = token_logprobs(step_logits[index, : len(row)], row, params.logprobs)
+        outputs.append(output)
     now = time.monotonic()
     output = RequestOutput(
         request_id, list(prompt_ids), outputs, True, 0, arrival, now, now, prompt
