@@ -181,6 +181,49 @@ BAD_REQUESTS = [
         "unknown field 'messages.1.foo'",
         id="message-unknown",
     ),
+    # Inside a content part: named down to the part and its key, not at messages.0.content.
+    case(
+        CHAT,
+        {"messages": [{"role": "user", "content": [{"type": "text", "txt": "hi"}]}]},
+        "messages.0.content.0.txt",
+        "unknown field 'messages.0.content.0.txt'; did you mean 'text'?",
+        id="content-part-typo",
+    ),
+    case(
+        CHAT,
+        {"messages": [{"role": "user", "content": [{"type": "text", "text": "hi", "extra": 1}]}]},
+        "messages.0.content.0.extra",
+        id="content-part-unknown",
+    ),
+    case(
+        CHAT,
+        {"messages": [{"role": "user", "content": [{"type": "txt", "text": "hi"}]}]},
+        "messages.0.content.0.type",
+        "'text'",
+        id="content-part-type",
+    ),
+    case(
+        CHAT,
+        {"messages": [{"role": "user", "content": [{"text": "hi"}]}]},
+        "messages.0.content.0.type",
+        "messages.0.content.0.type is required",
+        id="content-part-no-type",
+    ),
+    case(
+        CHAT,
+        {"messages": [{"role": "user", "content": ["hi"]}]},
+        "messages.0.content.0",
+        "must be an object",
+        id="content-part-str",
+    ),
+    # A typo of a required field is the typo, not the field missing.
+    case(
+        COMPLETIONS,
+        {"promt": "a"},
+        "promt",
+        "unknown field 'promt'; did you mean 'prompt'?",
+        id="required-typo",
+    ),
     case(
         CHAT,
         {"messages": [{"role": "user", "content": None}]},
@@ -260,6 +303,19 @@ def test_a_bad_request_gets_a_4xx_naming_its_field(server, path, body, status, p
         assert error["type"] == "invalid_request_error"
     # Refused before admission: nothing is left counted as running or waiting.
     assert server.state.in_flight == 0 and server.state.waiting_tokens == 0
+
+
+def test_an_unknown_field_is_never_hinted_toward_a_field_already_given(server):
+    # 'extra' is close to 'text', and 'contnet' to 'content': both are already there.
+    part = {"type": "text", "text": "hi", "extra": 1}
+    message = {"role": "user", "content": "hi", "contnet": "hi"}
+    for body, param in [
+        ({"messages": [{"role": "user", "content": [part]}]}, "messages.0.content.0.extra"),
+        ({"messages": [message]}, "messages.0.contnet"),
+    ]:
+        response = httpx.post(server.url + CHAT, json=body)
+        assert response.status_code == 400, response.text
+        assert error_of(response)["message"] == f"unknown field {param!r}"
 
 
 @pytest.mark.parametrize(
