@@ -138,8 +138,9 @@ def check_can_listen(host: str, port: int) -> None:
             ) from None
 
 
-def run_server(model: str, config: Config) -> None:
-    """Serve until SIGINT/SIGTERM; in-flight requests get serve.shutdown_grace_s to finish."""
+def run_server(model: str, config: Config) -> int:
+    """Serve until SIGINT/SIGTERM; in-flight requests get serve.shutdown_grace_s to finish.
+    Returns the exit status: 130 after a Ctrl-C (the shell's convention), else 0."""
     import asyncio
 
     import uvicorn
@@ -179,11 +180,15 @@ def run_server(model: str, config: Config) -> None:
                 self.should_exit = True
                 return
             state.draining = True  # /health fails at once, new requests get a 503
-            print(
-                f"stopping: waiting up to {grace_s:g} s for {state.in_flight} requests; "
-                "Ctrl-C again to stop now",
-                flush=True,
-            )
+            if state.in_flight:
+                requests = "request" if state.in_flight == 1 else "requests"
+                print(
+                    f"stopping: waiting up to {grace_s:g} s for {state.in_flight} {requests}; "
+                    "Ctrl-C again to stop now",
+                    flush=True,
+                )
+            else:
+                print("stopping: no requests in flight", flush=True)
             if self.loop is not None:
                 self.loop.call_soon_threadsafe(
                     self.loop.call_later, grace_s, end_runs, state, shutting_down
@@ -205,9 +210,14 @@ def run_server(model: str, config: Config) -> None:
     # uvicorn re-raises the signal it caught once it has drained; under SIGTERM's default action
     # that killed the process (exit -15) before the finally below. A handler makes it exit 0.
     signal.signal(signal.SIGTERM, lambda _signum, _frame: None)
+    interrupted = False
     try:
         server.run()
+    except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it stopped on, once drained
+        interrupted = True
     finally:
         state.engine.shutdown()
         if state.cache is not None:
             state.cache.close()
+    print(f"stopped serving {state.model_id!r}", flush=True)
+    return 130 if interrupted else 0
