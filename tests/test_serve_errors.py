@@ -11,6 +11,7 @@ import itertools
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -838,6 +839,55 @@ def test_requests_still_running_at_shutdown_end_with_an_error_not_a_cut(folder, 
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+@pytest.mark.parametrize("signals", [1, 2], ids=["grace-runs-out", "second-ctrl-c"])
+def test_a_client_that_stopped_reading_does_not_hold_up_the_exit(folder, signals):
+    # A stream whose client stopped reading can never take its end (an error event, [DONE]):
+    # past the grace, or at a second Ctrl-C, its connection is closed, where uvicorn waited for
+    # it until its own timeout (grace + 5 s) and then cancelled the task with a traceback.
+    grace = 1 if signals == 1 else 60
+    process, url = start_serve_command(folder, f"serve.shutdown_grace_s={grace}")
+    client = socket.socket()
+    try:
+        # 64 choices of 250 tokens with 20 alternatives each: ~10 MB of events, far more than
+        # the socket buffers hold, for a client that reads nothing past the first bytes.
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        client.connect(("127.0.0.1", int(url.rsplit(":", 1)[1])))
+        body = {"prompt": "a", "max_tokens": CONTEXT - 6, "ignore_eos": True, "n": 64}
+        payload = json.dumps({**body, "stream": True, "logprobs": 20}).encode()
+        client.sendall(
+            b"POST /v1/completions HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (len(payload), payload)
+        )
+        assert client.recv(64).startswith(b"HTTP/1.1 200")
+        # Every token generated, so all that the buffers cannot hold waits in the server.
+        _wait_until_generated(url, since=time.monotonic())
+        for _ in range(signals):
+            process.send_signal(signal.SIGINT)
+            time.sleep(0.2)
+        stdout, stderr = process.communicate(timeout=30)  # under the grace of 60 s
+        assert process.returncode in (0, 130), stderr
+        assert "stopped serving" in stdout, stdout
+        assert "Traceback" not in stderr and "Cancel" not in stderr, stderr
+    finally:
+        client.close()
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def _wait_until_generated(url: str, since: float, timeout_s: float = 60.0) -> None:
+    """Until the engine runs no sequence, by its stats from after `since` (the engine process
+    sends them at least every half second)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        values = metric_values(url)
+        if time.monotonic() - since > 0.6 and values["truthgpt_running_sequences"] == 0:
+            assert values["truthgpt_requests_in_flight"] == 1, values
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"the request was still generating after {timeout_s} s: {values}")
 
 
 def _statuses_until_refused(url: str, timeout_s: float) -> list[int]:

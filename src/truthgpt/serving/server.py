@@ -13,7 +13,11 @@ from truthgpt.errors import ConfigError
 log = logging.getLogger(__name__)
 
 API_KEY_ENV = "TRUTHGPT_API_KEY"
-# Seconds uvicorn waits, after the grace, for the requests that end_runs ended to send their end.
+# Seconds the requests ended at the end of the grace (or by a second Ctrl-C) get to send that end
+# (an error event and [DONE], or a 503) before the connections still open are closed: a client
+# that stopped reading never takes it, and uvicorn would wait on it until its own timeout.
+CLOSE_AFTER_END_S = 1.0
+# Seconds uvicorn waits, after the grace, before it cancels the request tasks still running.
 SHUTDOWN_BACKSTOP_S = 5.0
 
 
@@ -171,12 +175,24 @@ def run_server(model: str, config: Config) -> int:
                     flush=True,
                 )
 
+        def end_in_flight(self) -> None:
+            """End every request in flight with a 503 (an error event and [DONE] in a stream);
+            close the connections still open a moment later."""
+            end_runs(state, shutting_down)
+            asyncio.get_running_loop().call_later(CLOSE_AFTER_END_S, self.close_connections)
+
+        def close_connections(self) -> None:
+            # Aborted, not closed: close() waits to flush what a client that stopped reading
+            # never takes. Its request task sees a disconnect and ends as for a client gone.
+            for connection in list(self.server_state.connections):
+                connection.transport.abort()
+
         def handle_exit(self, sig, frame) -> None:
             # A signal handler: it runs between two bytecodes of the event loop's thread, so
             # the loop is reached through call_soon_threadsafe only.
             if state.draining:  # the second Ctrl-C: end what is in flight now
                 if self.loop is not None:
-                    self.loop.call_soon_threadsafe(end_runs, state, shutting_down)
+                    self.loop.call_soon_threadsafe(self.end_in_flight)
                 self.should_exit = True
                 return
             state.draining = True  # /health fails at once, new requests get a 503
@@ -190,9 +206,7 @@ def run_server(model: str, config: Config) -> int:
             else:
                 print("stopping: no requests in flight", flush=True)
             if self.loop is not None:
-                self.loop.call_soon_threadsafe(
-                    self.loop.call_later, grace_s, end_runs, state, shutting_down
-                )
+                self.loop.call_soon_threadsafe(self.loop.call_later, grace_s, self.end_in_flight)
             super().handle_exit(sig, frame)
 
     server = Server(
