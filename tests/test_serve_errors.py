@@ -11,6 +11,7 @@ import itertools
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -181,6 +182,49 @@ BAD_REQUESTS = [
         "unknown field 'messages.1.foo'",
         id="message-unknown",
     ),
+    # Inside a content part: named down to the part and its key, not at messages.0.content.
+    case(
+        CHAT,
+        {"messages": [{"role": "user", "content": [{"type": "text", "txt": "hi"}]}]},
+        "messages.0.content.0.txt",
+        "unknown field 'messages.0.content.0.txt'; did you mean 'text'?",
+        id="content-part-typo",
+    ),
+    case(
+        CHAT,
+        {"messages": [{"role": "user", "content": [{"type": "text", "text": "hi", "extra": 1}]}]},
+        "messages.0.content.0.extra",
+        id="content-part-unknown",
+    ),
+    case(
+        CHAT,
+        {"messages": [{"role": "user", "content": [{"type": "txt", "text": "hi"}]}]},
+        "messages.0.content.0.type",
+        "'text'",
+        id="content-part-type",
+    ),
+    case(
+        CHAT,
+        {"messages": [{"role": "user", "content": [{"text": "hi"}]}]},
+        "messages.0.content.0.type",
+        "messages.0.content.0.type is required",
+        id="content-part-no-type",
+    ),
+    case(
+        CHAT,
+        {"messages": [{"role": "user", "content": ["hi"]}]},
+        "messages.0.content.0",
+        "must be an object",
+        id="content-part-str",
+    ),
+    # A typo of a required field is the typo, not the field missing.
+    case(
+        COMPLETIONS,
+        {"promt": "a"},
+        "promt",
+        "unknown field 'promt'; did you mean 'prompt'?",
+        id="required-typo",
+    ),
     case(
         CHAT,
         {"messages": [{"role": "user", "content": None}]},
@@ -260,6 +304,19 @@ def test_a_bad_request_gets_a_4xx_naming_its_field(server, path, body, status, p
         assert error["type"] == "invalid_request_error"
     # Refused before admission: nothing is left counted as running or waiting.
     assert server.state.in_flight == 0 and server.state.waiting_tokens == 0
+
+
+def test_an_unknown_field_is_never_hinted_toward_a_field_already_given(server):
+    # 'extra' is close to 'text', and 'contnet' to 'content': both are already there.
+    part = {"type": "text", "text": "hi", "extra": 1}
+    message = {"role": "user", "content": "hi", "contnet": "hi"}
+    for body, param in [
+        ({"messages": [{"role": "user", "content": [part]}]}, "messages.0.content.0.extra"),
+        ({"messages": [message]}, "messages.0.contnet"),
+    ]:
+        response = httpx.post(server.url + CHAT, json=body)
+        assert response.status_code == 400, response.text
+        assert error_of(response)["message"] == f"unknown field {param!r}"
 
 
 @pytest.mark.parametrize(
@@ -654,8 +711,10 @@ def test_a_client_leaving_a_plain_request_frees_its_sequence(faulty_server):
 # -- SIGTERM on the real command ------------------------------------------------------------------
 
 
-def start_serve_command(folder, *settings: str) -> tuple[subprocess.Popen, str]:
-    """`truthgpt serve` in a subprocess, once its /health answers 200."""
+def start_serve_command(
+    folder, *settings: str, env: dict[str, str] | None = None
+) -> tuple[subprocess.Popen, str]:
+    """`truthgpt serve` in a subprocess, once its /health answers 200; `env` adds variables."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     command = [sys.executable, "-m", "truthgpt.cli", "serve", str(folder), "--port", str(port)]
@@ -665,7 +724,7 @@ def start_serve_command(folder, *settings: str) -> tuple[subprocess.Popen, str]:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
     )
     deadline = time.monotonic() + 60
     while True:
@@ -717,6 +776,36 @@ def test_sigterm_lets_the_stream_in_flight_finish_then_exits_0(folder):
             process.wait()
 
 
+def test_an_idle_server_stops_at_once_not_after_the_grace(folder, tmp_path):
+    # Nothing in flight: the grace is not waited for, and neither is Python's teardown of torch
+    # in the server and in its engine process (about 1 s each on 2 cores, which made an idle
+    # server take 2-4 s to exit). Here a sitecustomize that every Python process of the server
+    # loads makes that teardown 60 s long wherever torch was imported (not in multiprocessing's
+    # resource tracker, which holds the output pipes until it exits), so waiting for it fails
+    # the test whatever the machine's speed. The bound is under the grace and under the 10 s
+    # after which the server kills an engine process that has not exited.
+    grace = 16
+    slow_teardown = "lambda: 'torch' in sys.modules and time.sleep(60)"
+    (tmp_path / "sitecustomize.py").write_text(
+        f"import atexit, sys, time\natexit.register({slow_teardown})\n"
+    )
+    path = os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")]))
+    process, _url = start_serve_command(
+        folder, f"serve.shutdown_grace_s={grace}", env={"PYTHONPATH": path}
+    )
+    try:
+        process.send_signal(signal.SIGTERM)
+        stdout, stderr = process.communicate(timeout=grace / 2)
+        assert process.returncode == 0, stderr
+        assert "stopping: no requests in flight" in stdout, stdout
+        assert "stopped serving" in stdout, stdout
+        assert "Traceback" not in stderr, stderr
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
 @pytest.mark.parametrize("signals", [1, 2], ids=["grace-runs-out", "second-ctrl-c"])
 def test_requests_still_running_at_shutdown_end_with_an_error_not_a_cut(folder, signals):
     # Grace 0.5 s (or a second Ctrl-C at once): a stream of 64 choices and a plain request of 32
@@ -750,6 +839,55 @@ def test_requests_still_running_at_shutdown_end_with_an_error_not_a_cut(folder, 
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+@pytest.mark.parametrize("signals", [1, 2], ids=["grace-runs-out", "second-ctrl-c"])
+def test_a_client_that_stopped_reading_does_not_hold_up_the_exit(folder, signals):
+    # A stream whose client stopped reading can never take its end (an error event, [DONE]):
+    # past the grace, or at a second Ctrl-C, its connection is closed, where uvicorn waited for
+    # it until its own timeout (grace + 5 s) and then cancelled the task with a traceback.
+    grace = 1 if signals == 1 else 60
+    process, url = start_serve_command(folder, f"serve.shutdown_grace_s={grace}")
+    client = socket.socket()
+    try:
+        # 64 choices of 250 tokens with 20 alternatives each: ~10 MB of events, far more than
+        # the socket buffers hold, for a client that reads nothing past the first bytes.
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        client.connect(("127.0.0.1", int(url.rsplit(":", 1)[1])))
+        body = {"prompt": "a", "max_tokens": CONTEXT - 6, "ignore_eos": True, "n": 64}
+        payload = json.dumps({**body, "stream": True, "logprobs": 20}).encode()
+        client.sendall(
+            b"POST /v1/completions HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (len(payload), payload)
+        )
+        assert client.recv(64).startswith(b"HTTP/1.1 200")
+        # Every token generated, so all that the buffers cannot hold waits in the server.
+        _wait_until_generated(url, since=time.monotonic())
+        for _ in range(signals):
+            process.send_signal(signal.SIGINT)
+            time.sleep(0.2)
+        stdout, stderr = process.communicate(timeout=30)  # under the grace of 60 s
+        assert process.returncode in (0, 130), stderr
+        assert "stopped serving" in stdout, stdout
+        assert "Traceback" not in stderr and "Cancel" not in stderr, stderr
+    finally:
+        client.close()
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def _wait_until_generated(url: str, since: float, timeout_s: float = 60.0) -> None:
+    """Until the engine runs no sequence, by its stats from after `since` (the engine process
+    sends them at least every half second)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        values = metric_values(url)
+        if time.monotonic() - since > 0.6 and values["truthgpt_running_sequences"] == 0:
+            assert values["truthgpt_requests_in_flight"] == 1, values
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"the request was still generating after {timeout_s} s: {values}")
 
 
 def _statuses_until_refused(url: str, timeout_s: float) -> list[int]:

@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -287,6 +289,11 @@ def _child_main(factory: Callable[[], Engine], conn) -> None:
     for request_id in list(engine.requests):
         engine.abort(request_id)
     conn.close()
+    # Nothing is left to save, and the server joins this process: skip the interpreter's
+    # teardown of torch and the model (about a second on 2 cores, for memory the exit frees).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 class _ChildLink:

@@ -269,13 +269,15 @@ def parse(model: type[_Strict], body: Any) -> Any:
     try:
         request = model.model_validate(body)
     except ValidationError as exc:
-        error = exc.errors()[0]
+        error = _telling_error(exc.errors(), body)
         # Union types add their branch names to the location ("prompt.str"): drop those.
         parts = [str(p) for p in error["loc"] if not _is_type_name(p)]
         param = ".".join(parts) or None
         if error["type"] == "extra_forbidden":
-            hint = did_you_mean(parts[-1], _fields_at(model, parts[:-1]))
-            message = f"unknown field {param!r}{hint}"
+            # A field the object already has is no hint for its unknown neighbour.
+            given = _value_at(body, error["loc"][:-1])
+            choices = [f for f in _fields_at(model, parts[:-1]) if f not in (given or {})]
+            message = f"unknown field {param!r}{did_you_mean(parts[-1], choices)}"
         elif error["type"] == "missing":
             message = f"{param} is required"
         elif error["type"] == "finite_number":
@@ -283,10 +285,42 @@ def parse(model: type[_Strict], body: Any) -> Any:
         else:
             got = error.get("input")
             shown = repr(got) if len(repr(got)) < 80 else repr(got)[:77] + "..."
-            message = f"{param}: {error['msg']} (got {shown})"
+            if error["type"] == "model_type":  # pydantic's text names our class (TextPart)
+                message = f"{param} must be an object (got {shown})"
+            else:
+                message = f"{param}: {error['msg']} (got {shown})"
         raise APIError(400, message, param=param) from None
     request.check_supported()
     return request
+
+
+def _telling_error(errors: list[Any], body: dict) -> Any:
+    """The error that names the real problem. A union reports every branch it tried, in
+    order, so a list of content parts with a typo inside one failed first as "messages.0.content
+    should be a valid string" (the str branch), then with the part's own errors. Taken here:
+    the deepest error about an object (at one of its keys, or where one was wanted), and of
+    those an unknown key before the required one it misspells (`txt` for `text`)."""
+
+    def about_an_object(error: Any) -> bool:
+        return error["type"] == "model_type" or isinstance(_value_at(body, error["loc"][:-1]), dict)
+
+    def rank(error: Any) -> tuple[int, bool]:
+        depth = sum(1 for part in error["loc"] if not _is_type_name(part))
+        return depth, error["type"] == "extra_forbidden"
+
+    return max([e for e in errors if about_an_object(e)] or errors[:1], key=rank)
+
+
+def _value_at(body: Any, loc: tuple) -> Any:
+    """The part of the request body at a validation error's location; None if not there."""
+    for part in loc:
+        if _is_type_name(part):
+            continue
+        try:
+            body = body[part]
+        except (KeyError, IndexError, TypeError):
+            return None
+    return body
 
 
 def _fields_at(model: type[BaseModel], parts: list[str]) -> list[str]:

@@ -13,7 +13,11 @@ from truthgpt.errors import ConfigError
 log = logging.getLogger(__name__)
 
 API_KEY_ENV = "TRUTHGPT_API_KEY"
-# Seconds uvicorn waits, after the grace, for the requests that end_runs ended to send their end.
+# Seconds the requests ended at the end of the grace (or by a second Ctrl-C) get to send that end
+# (an error event and [DONE], or a 503) before the connections still open are closed: a client
+# that stopped reading never takes it, and uvicorn would wait on it until its own timeout.
+CLOSE_AFTER_END_S = 1.0
+# Seconds uvicorn waits, after the grace, before it cancels the request tasks still running.
 SHUTDOWN_BACKSTOP_S = 5.0
 
 
@@ -138,8 +142,9 @@ def check_can_listen(host: str, port: int) -> None:
             ) from None
 
 
-def run_server(model: str, config: Config) -> None:
-    """Serve until SIGINT/SIGTERM; in-flight requests get serve.shutdown_grace_s to finish."""
+def run_server(model: str, config: Config) -> int:
+    """Serve until SIGINT/SIGTERM; in-flight requests get serve.shutdown_grace_s to finish.
+    Returns the exit status: 130 after a Ctrl-C (the shell's convention), else 0."""
     import asyncio
 
     import uvicorn
@@ -170,24 +175,38 @@ def run_server(model: str, config: Config) -> None:
                     flush=True,
                 )
 
+        def end_in_flight(self) -> None:
+            """End every request in flight with a 503 (an error event and [DONE] in a stream);
+            close the connections still open a moment later."""
+            end_runs(state, shutting_down)
+            asyncio.get_running_loop().call_later(CLOSE_AFTER_END_S, self.close_connections)
+
+        def close_connections(self) -> None:
+            # Aborted, not closed: close() waits to flush what a client that stopped reading
+            # never takes. Its request task sees a disconnect and ends as for a client gone.
+            for connection in list(self.server_state.connections):
+                connection.transport.abort()
+
         def handle_exit(self, sig, frame) -> None:
             # A signal handler: it runs between two bytecodes of the event loop's thread, so
             # the loop is reached through call_soon_threadsafe only.
             if state.draining:  # the second Ctrl-C: end what is in flight now
                 if self.loop is not None:
-                    self.loop.call_soon_threadsafe(end_runs, state, shutting_down)
+                    self.loop.call_soon_threadsafe(self.end_in_flight)
                 self.should_exit = True
                 return
             state.draining = True  # /health fails at once, new requests get a 503
-            print(
-                f"stopping: waiting up to {grace_s:g} s for {state.in_flight} requests; "
-                "Ctrl-C again to stop now",
-                flush=True,
-            )
-            if self.loop is not None:
-                self.loop.call_soon_threadsafe(
-                    self.loop.call_later, grace_s, end_runs, state, shutting_down
+            if state.in_flight:
+                requests = "request" if state.in_flight == 1 else "requests"
+                print(
+                    f"stopping: waiting up to {grace_s:g} s for {state.in_flight} {requests}; "
+                    "Ctrl-C again to stop now",
+                    flush=True,
                 )
+            else:
+                print("stopping: no requests in flight", flush=True)
+            if self.loop is not None:
+                self.loop.call_soon_threadsafe(self.loop.call_later, grace_s, self.end_in_flight)
             super().handle_exit(sig, frame)
 
     server = Server(
@@ -205,9 +224,14 @@ def run_server(model: str, config: Config) -> None:
     # uvicorn re-raises the signal it caught once it has drained; under SIGTERM's default action
     # that killed the process (exit -15) before the finally below. A handler makes it exit 0.
     signal.signal(signal.SIGTERM, lambda _signum, _frame: None)
+    interrupted = False
     try:
         server.run()
+    except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it stopped on, once drained
+        interrupted = True
     finally:
         state.engine.shutdown()
         if state.cache is not None:
             state.cache.close()
+    print(f"stopped serving {state.model_id!r}", flush=True)
+    return 130 if interrupted else 0
