@@ -187,3 +187,32 @@ def test_the_engine_process_does_not_outlive_a_killed_server(folder, tmp_path):
         wait_for(lambda: gone(child), 15)
     finally:
         server.kill()
+
+
+def test_a_ctrl_c_while_the_engine_process_loads_does_not_kill_it(folder, capfd):
+    """A terminal's Ctrl-C reaches the whole process group, the engine process too, while it
+    is still importing torch: it ignores SIGINT from its start, loads, and serves."""
+    import multiprocessing
+
+    hits = []
+
+    def interrupt_the_child() -> None:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not hits:
+            for child in multiprocessing.active_children():
+                if child.name == "truthgpt-engine" and child.pid:
+                    os.kill(child.pid, signal.SIGINT)
+                    hits.append(child.pid)
+            time.sleep(0.01)
+
+    thread = threading.Thread(target=interrupt_the_child, daemon=True)
+    thread.start()
+    running = start_server(folder, serve={"engine": "process"})
+    try:
+        thread.join(30)
+        assert hits and running.state.engine.pid == hits[0]  # the same process came up
+        status, _ = status_of(running.url)
+        assert status == 200
+        assert "KeyboardInterrupt" not in capfd.readouterr().err
+    finally:
+        running.stop()

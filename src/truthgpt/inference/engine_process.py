@@ -75,7 +75,17 @@ class EngineProcess(FrontEnd):
             target=_child_main, args=(self._factory, child_conn), name="truthgpt-engine",
             daemon=True,
         )  # fmt: skip
-        self._process.start()
+        # The child ignores SIGINT from its first instruction (an ignored signal stays ignored
+        # across exec, and Python then installs no KeyboardInterrupt handler): a Ctrl-C while
+        # it imports torch and loads the model would otherwise print its traceback. The
+        # server stops it; the user's Ctrl-C is the parent's.
+        in_main = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if in_main else None
+        try:
+            self._process.start()
+        finally:
+            if in_main:
+                signal.signal(signal.SIGINT, previous)
         child_conn.close()
         self._reader = threading.Thread(
             target=self._read, args=(self._conn,), name="truthgpt-engine-reader", daemon=True
