@@ -730,7 +730,9 @@ def train(
         lock = distributed.from_main(
             lambda: lock_run_folder(config.run_dir), share=lambda held: None
         )
-        return _train(config, world, device, callbacks or [], overwrite, resume)
+        result = _train(config, world, device, callbacks or [], overwrite, resume)
+        distributed.stop(world, finished=True)
+        return result
     finally:
         if lock is not None:
             lock.close()
