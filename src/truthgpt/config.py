@@ -242,12 +242,21 @@ class TrainingConfig(Section):
         "transformer block on its own, one compilation shared by all of them (a much shorter "
         "warm-up for deep models; embedding, head and loss stay eager)",
     )
-    fused_loss: bool = Field(
-        False,
+    fused_loss: bool | Literal["auto"] = Field(
+        "auto",
         description="native decoder: LM head + cross-entropy in row chunks, never holding the "
         "whole logits tensor (less memory for large vocabularies); on CUDA the cross-entropy "
-        "between the chunk's GEMMs is one Triton kernel",
+        "between the chunk's GEMMs is one Triton kernel. auto: on where that kernel runs (CUDA "
+        "with triton: +5% tokens/s and -37% peak memory on GPT-2, benchmarks/RESULTS.md)",
     )
+
+    @field_validator("fused_loss", mode="before")
+    @classmethod
+    def _fused_loss_choice(cls, value: Any) -> bool | str:
+        if isinstance(value, bool) or value == "auto":
+            return value
+        raise ValueError("must be true, false or auto")
+
     # Default dense until flex has been timed and checked on a GPU (benchmarks/RESULTS.md).
     packed_attention: Literal["auto", "dense", "flex"] = Field(
         "dense",

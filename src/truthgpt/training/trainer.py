@@ -60,7 +60,7 @@ from truthgpt.training.run_folder import (
 )
 from truthgpt.training.sharded import load_sharded, save_sharded
 from truthgpt.training.signals import StopRequested
-from truthgpt.training.tasks import Task, build_task, task_unit
+from truthgpt.training.tasks import Task, build_task, task_unit, uses_fused_loss
 from truthgpt.training.tasks import build_model as build_model  # re-exported for tests, benchmarks
 
 
@@ -792,7 +792,7 @@ def _train(
         f"model {name}: {n_params / 1e6:.2f}M parameters{trainable} on {device}"
         f"{across} ({resolve_precision(config.training.precision, device)}, {threads} CPU threads)"
     )
-    if config.training.fused_loss:
+    if uses_fused_loss(config, model):
         log(fused_loss_note(device))
     if world.parallel == "fsdp":
         # Sharded before the micro-batch probe, which then measures what a rank really holds;
