@@ -101,7 +101,6 @@ def worker(spec: dict) -> None:
                 "device": torch.cuda.get_device_name() if cuda else "cpu",
             }
             Path(spec["out"]).write_text(json.dumps(result))
-        distributed.stop(world, finished=True)
     finally:
         distributed.stop(world)
 

@@ -94,16 +94,9 @@ def start(config: Config, device: torch.device) -> tuple[World, torch.device]:
     return World(rank, local_rank, dist.get_world_size(), parallel), device
 
 
-def stop(world: World, finished: bool = False) -> None:
-    """Leave the process group this process joined in `start`. `finished`: every rank got here
-    the normal way, so a barrier first. Torch's gloo group joins its worker threads in its
-    destructor while holding the GIL, and a worker still releasing a collective's work (it holds
-    Python tensors) waits for the GIL: a hang at exit, seen once in a CPU run. After the barrier
-    every earlier work is released and the workers are idle. Not after an error: a rank that
-    died would leave the barrier waiting."""
+def stop(world: World) -> None:
+    """Leave the process group this process joined in `start`."""
     if world.grouped and dist.is_initialized():
-        if finished:
-            dist.barrier()
         dist.destroy_process_group()
 
 

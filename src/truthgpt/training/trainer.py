@@ -730,9 +730,7 @@ def train(
         lock = distributed.from_main(
             lambda: lock_run_folder(config.run_dir), share=lambda held: None
         )
-        result = _train(config, world, device, callbacks or [], overwrite, resume)
-        distributed.stop(world, finished=True)
-        return result
+        return _train(config, world, device, callbacks or [], overwrite, resume)
     finally:
         if lock is not None:
             lock.close()
