@@ -101,6 +101,16 @@ def worker(spec: dict) -> None:
                 "device": torch.cuda.get_device_name() if cuda else "cpu",
             }
             Path(spec["out"]).write_text(json.dumps(result))
+        # Leave without tearing torch down. With DDP the gloo group goes in the Reducer's
+        # destructor when this frame ends, joining gloo's threads while holding the GIL, and a
+        # thread still releasing a collective's tensors waits for the GIL: the smoke test hung
+        # there (py-spy: ~ProcessGroupGloo in thread::join, runLoop in decref). A barrier, so
+        # no rank leaves one still at work, then a plain exit.
+        if world.grouped:
+            torch.distributed.barrier()
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(0)
     finally:
         distributed.stop(world)
 

@@ -34,7 +34,8 @@ def tiny(family: str, **fields) -> Decoder:
     shape = dict(vocab_size=VOCAB, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64)
     if family == "llama":
         shape["num_kv_heads"] = 2  # grouped-query attention
-    return Decoder(DecoderConfig(family=family, max_position_embeddings=512, **shape, **fields))
+    shape.update(fields)  # e.g. a wider model for the GPU test
+    return Decoder(DecoderConfig(family=family, max_position_embeddings=512, **shape))
 
 
 def packed_rows(lengths: list[list[int]], seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
