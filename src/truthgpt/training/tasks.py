@@ -163,28 +163,26 @@ def build_model(config: Config, vocab_size: int) -> nn.Module:
 
 def uses_fused_loss(config: Config, model: nn.Module) -> bool:
     """Whether training.fused_loss is on for this model: true, or auto on a native decoder
-    where the Triton loss kernel runs (the chunked PyTorch loss alone is slower than plain)."""
+    where the Triton loss kernel runs (the chunked PyTorch loss alone is slower than plain).
+    True on a model that computes its loss in transformers is a ConfigError."""
     setting = config.training.fused_loss
-    base = model.get_base_model() if _is_peft(model) else model
+    native = hasattr(model.get_base_model() if _is_peft(model) else model, "fused_loss")
+    if setting is True and not native:
+        raise ConfigError(
+            "training.fused_loss: needs the native decoder (model.arch llama or gpt2); "
+            f"model.arch {config.model.arch!r} computes its loss in transformers"
+        )
     if setting != "auto":
-        return bool(setting)
+        return setting
     from truthgpt.hardware import resolve_device
     from truthgpt.models.fused_loss import loss_kernel_available
 
-    device = resolve_device(config.hardware.device)
-    return hasattr(base, "fused_loss") and loss_kernel_available(device)
+    return native and loss_kernel_available(resolve_device(config.hardware.device))
 
 
 def prepare_model_for_training(model: nn.Module, config: Config) -> nn.Module:
     if config.training.gradient_checkpointing:
         set_gradient_checkpointing(model)
-    if config.training.fused_loss is True:
-        base = model.get_base_model() if _is_peft(model) else model
-        if not hasattr(base, "fused_loss"):
-            raise ConfigError(
-                "training.fused_loss: needs the native decoder (model.arch llama or gpt2); "
-                f"model.arch {config.model.arch!r} computes its loss in transformers"
-            )
     if uses_fused_loss(config, model):
         base = model.get_base_model() if _is_peft(model) else model
         base.fused_loss = True
