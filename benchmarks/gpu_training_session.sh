@@ -5,6 +5,7 @@
 #   bash benchmarks/gpu_training_session.sh OUT_DIR gpt2        # GPT-2 124M: switches, 3 turns
 #   bash benchmarks/gpu_training_session.sh OUT_DIR llama1b     # ~1B Llama: compile scopes, loss
 #   bash benchmarks/gpu_training_session.sh OUT_DIR scaling     # 2 GPUs (nvidia-h200-x2): DDP/FSDP
+#   bash benchmarks/gpu_training_session.sh OUT_DIR probe       # GPU tests in full + GPT-2 profile
 # Every table is also written to OUT_DIR; a part that runs out of time keeps what it printed.
 set -u
 out=${1:-/tmp/train-gpu}; part=${2:-checks}
@@ -24,6 +25,18 @@ checks)
         2>&1 | quiet | tail -12 | tee "$out/fused_loss_llama.txt"
     timeout 120 python3 benchmarks/packed_attention.py --shape gpt2 --seq-lens 2048 4096 \
         2>&1 | quiet | tail -14 | tee "$out/packed_gpt2.txt"
+    ;;
+probe)
+    # The training GPU tests with whole tracebacks in OUT_DIR, then where GPT-2's step time goes
+    # (the kernels of 3 profiled steps) and whether 64 x 1 beats 32 x 2 now the loss is smaller.
+    timeout 240 python3 -m pytest -q -m "gpu or slow" -p no:cacheprovider --tb=long -rf \
+        tests/test_fused_loss.py tests/test_packed_attention.py > "$out/gpu_tests_full.txt" 2>&1
+    grep -E "passed|failed|^FAILED|Error" "$out/gpu_tests_full.txt" | tail -15
+    timeout 300 python3 benchmarks/train_throughput.py --shape gpt2 --runners truthgpt \
+        --batch-size 32 --accum 2 --steps 16 --warmup 6 --repeats 2 --profile \
+        --variant 64x1:training.batch_size=64,training.grad_accum_steps=1 \
+        --json "$out/gpt2_probe.json" > "$out/gpt2_probe.txt" 2>&1
+    quiet < "$out/gpt2_probe.txt" | tail -12
     ;;
 gpt2)
     # 32 x 2 is the best split measured (528k tokens/s with the Triton loss, now the default):
@@ -52,7 +65,7 @@ scaling)
         | tail -8 | tee "$out/scaling_llama1b.txt"
     ;;
 *)
-    echo "unknown part '$part': checks, gpt2, llama1b or scaling" >&2
+    echo "unknown part '$part': checks, probe, gpt2, llama1b or scaling" >&2
     exit 2
     ;;
 esac

@@ -31,7 +31,7 @@ def linear_cross_entropy(
     weight: Tensor,
     labels: Tensor,
     ignore_index: int,
-    chunk_rows: int = 4096,
+    chunk_rows: int = 8192,
     kernel: bool | None = None,
 ) -> Tensor:
     """Mean cross entropy of `hidden @ weight.T` [N, V] against `labels` [N], rows labelled
