@@ -19,7 +19,7 @@ from conftest import tiny_raw_config
 from truthgpt.config import load
 from truthgpt.errors import ConfigError
 from truthgpt.models import Decoder, DecoderConfig
-from truthgpt.models.flex_attention import BlockMask, use_flex
+from truthgpt.models.flex_attention import BlockMask, check_flex_training, flex_available, use_flex
 from truthgpt.training.tasks import prepare_model_for_training
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -113,10 +113,12 @@ def test_a_compiled_model_takes_the_block_mask_from_outside_its_graph() -> None:
 
 def test_auto_is_dense_on_cpu_and_flex_only_where_it_can_train() -> None:
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert not use_flex("auto", cpu, dropout=0.0)
-    assert not use_flex("dense", cuda, dropout=0.0)
-    assert not use_flex("auto", cuda, dropout=0.1)  # flex_attention has no dropout
-    assert use_flex("flex", cpu, dropout=0.0)  # asked for: forward works on CPU
+    assert not use_flex("auto", cpu, dropout=0.0, head_dim=64)
+    assert not use_flex("dense", cuda, dropout=0.0, head_dim=64)
+    assert not use_flex("auto", cuda, dropout=0.1, head_dim=64)  # flex_attention has no dropout
+    assert not use_flex("auto", cuda, dropout=0.0, head_dim=8)  # under tl.dot's 16
+    assert use_flex("auto", cuda, dropout=0.0, head_dim=16) == flex_available(cuda)
+    assert use_flex("flex", cpu, dropout=0.0, head_dim=8)  # asked for: forward works on CPU
     model = tiny("gpt2").eval()
     config = load({"training": {"packed_attention": "auto"}})
     assert prepare_model_for_training(model, config).packed_attention == "auto"
@@ -127,6 +129,17 @@ def test_auto_is_dense_on_cpu_and_flex_only_where_it_can_train() -> None:
 
 # ---------------------------------------------------------------------------------------------
 # Config errors
+
+
+@pytest.mark.skipif(not flex_available(torch.device("cuda")), reason="needs Triton")
+def test_flex_training_refuses_heads_narrower_than_its_kernel() -> None:
+    # Inductor's flex kernel refuses heads under 16 only when it compiles, mid-run: say so first.
+    with pytest.raises(ConfigError) as info:
+        check_flex_training(torch.device("cuda"), head_dim=8)
+    message = str(info.value)
+    assert "training.packed_attention" in message and "at least 16" in message
+    assert "are 8" in message and "auto" in message
+    check_flex_training(torch.device("cuda"), head_dim=16)
 
 
 def test_a_misspelt_setting_lists_the_allowed_values() -> None:
@@ -169,7 +182,7 @@ def test_flex_training_on_cpu_is_a_config_error(tmp_path: Path) -> None:
         train(load(raw))
 
 
-def packed_sft_config(tmp_path: Path, rows: Path, **training) -> dict:
+def packed_sft_config(tmp_path: Path, rows: Path, model: dict | None = None, **training) -> dict:
     return tiny_raw_config(
         tmp_path,
         task="sft",
@@ -182,7 +195,7 @@ def packed_sft_config(tmp_path: Path, rows: Path, **training) -> dict:
             "batching": "pack",
             "tokenizer": {"vocab_size": 300},
         },
-        model={"max_position_embeddings": 256},
+        model={"max_position_embeddings": 256, **(model or {})},
         training={"max_steps": 8, "batch_size": 4, "eval_every": 100, "log_every": 1, **training},
         checkpoint={"save_every": 100},
         logging={"progress": "none", "tensorboard": False, "plot": False},
@@ -262,7 +275,9 @@ def test_cuda_packed_sft_trains_alike_on_flex_and_dense(tmp_path: Path) -> None:
     }
     losses = {}
     for name, training in runs.items():
-        raw = packed_sft_config(tmp_path / name, rows, precision="bf16", **training)
+        # Heads of 16 (64 / 4), the narrowest FlexAttention's CUDA kernel takes.
+        wide = {"hidden_size": 64, "intermediate_size": 128}
+        raw = packed_sft_config(tmp_path / name, rows, wide, precision="bf16", **training)
         raw["hardware"] = {"device": "cuda"}
         losses[name] = step_losses(train(load(raw)).run_dir)
     assert len(losses["dense"]) == 8

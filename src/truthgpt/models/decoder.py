@@ -696,7 +696,7 @@ class Decoder(nn.Module):
         if document_ids is not None:
             segment, positions = document_positions(document_ids)
             if attention_mask is None and use_flex(
-                self.packed_attention, device, self.config.dropout
+                self.packed_attention, device, self.config.dropout, self.config.head_dim
             ):
                 return positions, document_block_mask(segment)  # one for every layer
         query_pos = torch.arange(start_pos, end, device=device)

@@ -36,14 +36,20 @@ _TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 __all__ = ["BlockMask", "document_block_mask", "flex_attend", "use_flex", "check_flex_training"]
 
 
+# Inductor's flex kernel multiplies with tl.dot, whose inner size is at least 16: a smaller head
+# is refused at compile time ("NYI: embedding dimension ... must be at least 16", torch 2.11).
+FLEX_MIN_HEAD_DIM = 16
+
+
 def flex_available(device: torch.device) -> bool:
     """True where FlexAttention runs as a fused kernel: CUDA, with Triton to generate it."""
     return device.type == "cuda" and _TRITON_INSTALLED
 
 
-def use_flex(setting: str, device: torch.device, dropout: float) -> bool:
+def use_flex(setting: str, device: torch.device, dropout: float, head_dim: int) -> bool:
     """Whether a packed forward on `device` takes FlexAttention: `flex` always, `auto` where it
-    runs fused and there is no attention dropout (flex_attention has none), `dense` never."""
+    runs fused, heads are wide enough for its kernel and there is no attention dropout
+    (flex_attention has none), `dense` never."""
     if setting == "flex":
         return True
     if setting != "auto" or device.type != "cuda":
@@ -54,17 +60,28 @@ def use_flex(setting: str, device: torch.device, dropout: float) -> bool:
     if not flex_available(device):
         _say_once("Triton, which generates FlexAttention's kernels, is not installed")
         return False
+    if head_dim < FLEX_MIN_HEAD_DIM:
+        _say_once(f"the head dimension {head_dim} is under the {FLEX_MIN_HEAD_DIM} its kernel needs")
+        return False
     return True
 
 
-def check_flex_training(device: torch.device) -> None:
-    """ConfigError unless `training.packed_attention: flex` can train on `device`."""
+def check_flex_training(device: torch.device, head_dim: int | None = None) -> None:
+    """ConfigError unless `training.packed_attention: flex` can train on `device` with heads of
+    `head_dim` (None: not known yet, the device alone is checked)."""
+    allowed = f"allowed: {', '.join(PACKED_ATTENTION)}"
     if not flex_available(device):
         why = "has no FlexAttention backward" if device.type != "cuda" else "lacks Triton"
         raise ConfigError(
             f"training.packed_attention: 'flex' trains on CUDA only, and {device} {why}; use "
-            "auto (flex on CUDA, dense elsewhere) or dense (allowed: "
-            f"{', '.join(PACKED_ATTENTION)})"
+            f"auto (flex on CUDA, dense elsewhere) or dense ({allowed})"
+        )
+    if head_dim is not None and head_dim < FLEX_MIN_HEAD_DIM:
+        raise ConfigError(
+            f"training.packed_attention: 'flex' needs heads of at least {FLEX_MIN_HEAD_DIM} "
+            f"dimensions (FlexAttention's CUDA kernel), and this model's are {head_dim} "
+            f"(model.hidden_size / model.num_heads); use auto (dense for such heads) or dense "
+            f"({allowed})"
         )
 
 

@@ -31,6 +31,7 @@ from truthgpt.data.prepare import check_enough_to_train
 from truthgpt.errors import CheckpointError, TrainingError
 from truthgpt.guard import CHECKPOINTS
 from truthgpt.hardware import apply_threads, peak_flops, resolve_device, resolve_precision
+from truthgpt.models.decoder import Decoder
 from truthgpt.models.flex_attention import check_flex_training
 from truthgpt.models.fused_loss import fused_loss_note
 from truthgpt.training import distributed
@@ -127,7 +128,8 @@ class Trainer:
         if self.train_cfg.fp8 != "none" and not distributed.is_sharded(model):
             enable_fp8(model, self.train_cfg.fp8, device, self.log)
         if self.train_cfg.packed_attention == "flex":
-            check_flex_training(device)
+            heads = [m.config.head_dim for m in model.modules() if isinstance(m, Decoder)]
+            check_flex_training(device, heads[0] if heads else None)
         note = compile_note(self.train_cfg, device)
         if note:
             self.log(note)
