@@ -28,15 +28,20 @@ checks)
     ;;
 probe)
     # The training GPU tests with whole tracebacks in OUT_DIR, then where GPT-2's step time goes
-    # (the kernels of 3 profiled steps) and whether 64 x 1 beats 32 x 2 now the loss is smaller.
-    timeout 240 python3 -m pytest -q -m "gpu or slow" -p no:cacheprovider --tb=long -rf \
+    # (the kernels of 3 profiled steps), whether 64 x 1 beats 32 x 2 now the loss is smaller, and
+    # FlashAttention-2 in place of cuDNN's attention (a process of its own: a global switch).
+    timeout 180 python3 -m pytest -q -m "gpu or slow" -p no:cacheprovider --tb=long -rf \
         tests/test_fused_loss.py tests/test_packed_attention.py > "$out/gpu_tests_full.txt" 2>&1
     grep -E "passed|failed|^FAILED|Error" "$out/gpu_tests_full.txt" | tail -15
-    timeout 300 python3 benchmarks/train_throughput.py --shape gpt2 --runners truthgpt \
+    timeout 230 python3 benchmarks/train_throughput.py --shape gpt2 --runners truthgpt \
         --batch-size 32 --accum 2 --steps 16 --warmup 6 --repeats 2 --profile \
         --variant 64x1:training.batch_size=64,training.grad_accum_steps=1 \
         --json "$out/gpt2_probe.json" > "$out/gpt2_probe.txt" 2>&1
-    quiet < "$out/gpt2_probe.txt" | tail -12
+    quiet < "$out/gpt2_probe.txt" | tail -8
+    timeout 120 python3 benchmarks/train_throughput.py --shape gpt2 --runners truthgpt \
+        --batch-size 32 --accum 2 --steps 16 --warmup 6 --no-cudnn-attention \
+        --json "$out/gpt2_fa2.json" > "$out/gpt2_fa2.txt" 2>&1
+    quiet < "$out/gpt2_fa2.txt" | tail -5
     ;;
 gpt2)
     # 32 x 2 is the best split measured (528k tokens/s with the Triton loss, now the default):

@@ -586,6 +586,12 @@ def main() -> None:
     )
     parser.add_argument("--profile", action="store_true", help="print truthgpt's top kernels")
     parser.add_argument(
+        "--no-cudnn-attention",
+        action="store_true",
+        help="keep SDPA off cuDNN's attention (it then takes FlashAttention-2), for the whole "
+        "process: every runner alike",
+    )
+    parser.add_argument(
         "--repeats",
         type=int,
         default=1,
@@ -609,6 +615,8 @@ def main() -> None:
     device = torch.device("cuda" if cuda else "cpu")
     bf16 = args.precision == "bf16" and cuda
     torch.backends.cuda.matmul.allow_tf32 = True
+    if args.no_cudnn_attention:
+        torch.backends.cuda.enable_cudnn_sdp(False)
     rows: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)

@@ -76,6 +76,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
         )
         with torch.autocast(device, enabled=False):
             w = weight.to(compute)
+            # On CUDA the weight's gradient is summed in fp32 by the GEMM itself (cuBLAS with
+            # an fp32 output), not through a bf16 product, its fp32 copy and an add.
+            fp32_sum = hidden.is_cuda and compute in (torch.bfloat16, torch.float16)
             valid = labels != ignore_index
             grad_hidden = torch.empty_like(hidden)
             grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
@@ -92,7 +95,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     losses, grad = _cross_entropy_rows_torch(logits, labels[rows], ignore_index)
                 total += losses.sum()
                 grad_hidden[rows] = (grad @ w).to(hidden.dtype)
-                grad_weight += (grad.T @ h).float()
+                if fp32_sum:
+                    grad_weight = torch.addmm(grad_weight, grad.T, h, out_dtype=torch.float32)
+                else:
+                    grad_weight += (grad.T @ h).float()
         count = valid.sum().clamp(min=1).float()
         ctx.save_for_backward(grad_hidden, grad_weight, count)
         ctx.weight_dtype = weight.dtype
