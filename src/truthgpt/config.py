@@ -262,8 +262,8 @@ class TrainingConfig(Section):
         "dense",
         description="native decoder, packed documents (data.batching: pack): dense = a boolean "
         "[T, T] mask for SDPA (off its flash kernel), flex = a FlexAttention block mask that "
-        "skips the empty tiles (CUDA only, model.dropout 0); auto: flex on CUDA without dropout, "
-        "else dense",
+        "skips the empty tiles (CUDA only, model.dropout 0, heads of 16 dimensions or more); auto: "
+        "flex where it can run, else dense",
     )
     fp8: Literal["none", "tensorwise", "rowwise"] = Field(
         "none",
