@@ -275,7 +275,8 @@ def _less_memory_hint(config: Config) -> str:
     steps = []
     if not config.training.gradient_checkpointing:
         steps.append("set training.gradient_checkpointing: true")
-    if config.training.fused_loss is not True and config.model.arch != "hf":
+    # auto is already on where the probe runs (CUDA, with the Triton kernel)
+    if config.training.fused_loss is False and config.model.arch != "hf":
         steps.append("training.fused_loss: true")
     steps.append("lower data.max_seq_len, or shard the model (training.parallel: fsdp)")
     return "To fit: " + ", ".join(steps) + "."
