@@ -13,6 +13,8 @@ import torch
 import transformers
 from serving_fixtures import make_model_folder, start_server
 
+from truthgpt.serving.responses import TextOffsets, completion_logprobs, prompt_offsets
+
 GREEDY = {"temperature": 0, "extra_body": {"ignore_eos": True}}
 
 
@@ -377,11 +379,9 @@ def test_top_logprobs_hold_the_chosen_token_and_the_likelier_of_equal_texts(clie
         assert top[token] == chosen and 1 <= len(top) <= 2  # top 1, plus the chosen one
         assert only == {token: chosen}
 
-    from truthgpt.serving.responses import completion_logprobs
-
     texts = {5: "\ufffd", 6: "\ufffd", 7: "in"}  # two byte tokens both print as U+FFFD
     entry = {"token_id": 7, "logprob": -2.5, "top": [(5, -1.0), (6, -1.5), (7, -2.5)]}
-    body = completion_logprobs([entry], texts.__getitem__, 0)
+    body = completion_logprobs([entry], texts.__getitem__, [0])
     assert body["top_logprobs"] == [{"\ufffd": -1.0, "in": -2.5}]
 
 
@@ -554,3 +554,48 @@ def test_a_request_leaving_sampling_out_takes_the_runs_inference_defaults(folder
         assert given.json()["choices"][0]["text"] == greedy[0].outputs[0].text
     finally:
         running.stop()
+
+
+# Text in which characters span several byte-level tokens: every token's own text counts them
+# once per token (U+FFFD each), the decoded text once.
+SPLIT_TEXT = "naïve café: 日本語の文 ✓ Ωmega — end"
+
+
+def test_text_offsets_follow_the_decoded_text_not_each_tokens_own(server):
+    tokenizer = server.state.tokenizer
+    prompt = tokenizer.encode("def f(x):\n    return x", add_special_tokens=False)
+    output = tokenizer.encode(SPLIT_TEXT, add_special_tokens=False)
+    assert sum(len(tokenizer.decode([t])) for t in output) != len(SPLIT_TEXT)  # the old drift
+    counter = TextOffsets(tokenizer, prompt, skip_special_tokens=True)
+    counter.add(output[:5])
+    counter.add(output[5:])  # in two updates, as a stream gets them
+    head = len(tokenizer.decode(prompt))
+    clean = 0
+    for i, offset in enumerate(counter.offsets):
+        before = tokenizer.decode(prompt + output[:i])
+        if not before.endswith("\ufffd"):  # not inside a character
+            assert offset == len(before) - head, i
+            clean += 1
+    assert clean > len(output) // 2
+    assert counter.offsets == sorted(counter.offsets) and counter.text_length() == len(SPLIT_TEXT)
+    # The echoed prompt: sent as text, it is echoed as sent.
+    ids = tokenizer.encode(SPLIT_TEXT)
+    starts = prompt_offsets(tokenizer, ids, SPLIT_TEXT)
+    assert starts[0] == 0 and starts == sorted(starts) and starts[-1] < len(SPLIT_TEXT)
+
+
+def test_echoed_logprobs_offsets_index_the_returned_text(client, server):
+    reply = client.completions.create(
+        model=server.model_id, prompt=SPLIT_TEXT, max_tokens=12, echo=True, logprobs=1, seed=3
+    )
+    choice = reply.choices[0]
+    offsets, tokens = choice.logprobs.text_offset, choice.logprobs.tokens
+    assert choice.text.startswith(SPLIT_TEXT)
+    assert offsets == sorted(offsets) and offsets[-1] <= len(choice.text)
+    # Where a prompt token's text is whole characters, the returned text has it at its offset.
+    # (The random model's output holds invalid UTF-8: a token after a lone byte starts at that
+    # byte's U+FFFD, which is shown only once the next token proves it final.)
+    prompt = [(at, t) for at, t in zip(offsets, tokens) if at < len(SPLIT_TEXT)]
+    whole = [(at, t) for at, t in prompt if t and "\ufffd" not in t]
+    assert len(whole) >= 15
+    assert all(choice.text[at : at + len(t)] == t for at, t in whole)

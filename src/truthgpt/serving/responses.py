@@ -15,7 +15,9 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
+from truthgpt.inference.detokenizer import IncrementalDetokenizer
 from truthgpt.inference.request import CompletionOutput
+from truthgpt.inference.sampling_params import SamplingParams
 
 
 def new_id(prefix: str) -> str:
@@ -36,7 +38,8 @@ class Choice:
 
     `echo`: the prompt's text, sent before the output (completions' echo); `prompt_logprobs`:
     its tokens' entries (the first one's logprob None), once the engine has scored them.
-    `score_only`: max_tokens 0 with echo: the one token the engine had to make is dropped."""
+    `score_only`: max_tokens 0 with echo: the one token the engine had to make is dropped.
+    `offsets`: where each output token's text starts (completions' logprobs ask for them)."""
 
     index: int
     text: str = ""
@@ -46,6 +49,9 @@ class Choice:
     echo: str = ""
     prompt_logprobs: list[dict] | None = None
     score_only: bool = False
+    offsets: TextOffsets | None = None
+    prompt_offsets: list[int] | None = None
+    _logprobs_seen: int = 0
     _sent_text: int = 0
     _sent_logprobs: int = 0
     _sent_echo: bool = False
@@ -60,15 +66,67 @@ class Choice:
         self.text += out.delta_text
         self.num_tokens = len(out.token_ids)
         if out.logprobs is not None:
+            # The engine's list, which may grow before the next update: its entries up to now
+            # are the ones that go with this text.
             self.logprobs = out.logprobs
+            self._logprobs_seen = len(out.logprobs)
+            if self.offsets is not None:
+                done = len(self.offsets.offsets)
+                self.offsets.add(e["token_id"] for e in out.logprobs[done : self._logprobs_seen])
 
-    def take_delta(self) -> tuple[str, list[dict], str]:
-        """New text, new logprob entries, and the echoed prompt the first time (else "")."""
-        text, logprobs = self.text[self._sent_text :], self.logprobs[self._sent_logprobs :]
-        self._sent_text, self._sent_logprobs = len(self.text), len(self.logprobs)
+    def take_delta(self) -> tuple[str, list[dict], str, list[int]]:
+        """New text, new logprob entries with their text offsets in the output, and the echoed
+        prompt the first time (else "")."""
+        seen = self._logprobs_seen
+        text, logprobs = self.text[self._sent_text :], self.logprobs[self._sent_logprobs : seen]
+        offsets = self.output_offsets()[self._sent_logprobs : seen]
+        self._sent_text, self._sent_logprobs = len(self.text), seen
         echo = "" if self._sent_echo else self.echo
         self._sent_echo = True
-        return text, logprobs, echo
+        return text, logprobs, echo, offsets
+
+    def entries(self) -> list[dict]:
+        """The logprob entries of the tokens so far."""
+        return self.logprobs[: self._logprobs_seen]
+
+    def output_offsets(self) -> list[int]:
+        return self.offsets.offsets if self.offsets is not None else []
+
+
+class TextOffsets:
+    """Where each token's text starts, in characters: the length of what the tokens before it
+    decode to, decoded as the engine decodes its output (a window over the latest tokens, with
+    the prompt's last ones as context). A character whose bytes span tokens, or a piece whose
+    text depends on the one before (SentencePiece's leading space), is then counted once, where
+    the text has it, not once per token as the tokens' own texts would count it."""
+
+    def __init__(
+        self, tokenizer: PreTrainedTokenizerBase, context: list[int], skip_special_tokens: bool
+    ) -> None:
+        params = SamplingParams(ignore_eos=True, skip_special_tokens=skip_special_tokens)
+        self._decoder = IncrementalDetokenizer(tokenizer, context, params)
+        self._at = 0
+        self.offsets: list[int] = []
+
+    def add(self, token_ids) -> None:
+        for token_id in token_ids:
+            self.offsets.append(self._at)
+            self._at += len(self._decoder.add(token_id).new_text)
+
+    def text_length(self) -> int:
+        """The characters of all the tokens added, an unfinished character included."""
+        return self._at + len(self._decoder.flush())
+
+
+def prompt_offsets(
+    tokenizer: PreTrainedTokenizerBase, prompt_ids: list[int], echo: str
+) -> list[int]:
+    """Each prompt token's start in the echoed prompt. A prompt sent as text is echoed as sent,
+    so the text a tokenizer adds before it (a BOS token) is taken off the offsets."""
+    counter = TextOffsets(tokenizer, [], skip_special_tokens=False)
+    counter.add(prompt_ids)
+    extra = max(counter.text_length() - len(echo), 0)
+    return [max(offset - extra, 0) for offset in counter.offsets]
 
 
 def prompt_entries(prompt_ids: list[int], scores: list[dict | None]) -> list[dict]:
@@ -94,31 +152,33 @@ class TokenText:
 def completion_logprobs(
     entries: list[dict],
     token_text: TokenText,
-    offset: int,
+    offsets: list[int],
     prompt: list[dict] | None = None,
+    prompt_starts: list[int] | None = None,
 ) -> dict:
     """The legacy completions format: parallel lists, top alternatives as {token: logprob}.
-    With `prompt` (echo), its entries come first with offsets from 0 (the first token's
-    logprob and top alternatives are null, as OpenAI gives them); `offset` is the output's."""
-    tokens, offsets, logprobs, tops = [], [], [], []
+    `offsets`: where each entry's text starts in the choice's text. With `prompt` (echo), its
+    entries come first, starting at `prompt_starts` (the first token's logprob and top
+    alternatives are null, as OpenAI gives them)."""
+    tokens, starts, logprobs, tops = [], [], [], []
 
-    def add(items: list[dict], at: int) -> None:
-        for entry in items:
-            offsets.append(at)
+    def add(items: list[dict], at: list[int]) -> None:
+        for entry, start in zip(items, at, strict=True):
+            starts.append(start)
             text = token_text(entry["token_id"])
             tokens.append(text)
-            at += len(text)
             logprobs.append(entry["logprob"])
             top = entry.get("top")
             tops.append(None if top is None else _top_dict(top, text, entry["logprob"], token_text))
 
-    add(prompt or [], 0)
-    add(entries, offset)
+    if prompt:
+        add(prompt, prompt_starts or [])
+    add(entries, offsets)
     return {
         "tokens": tokens,
         "token_logprobs": logprobs,
         "top_logprobs": tops,
-        "text_offset": offsets,
+        "text_offset": starts,
     }
 
 
@@ -190,7 +250,7 @@ class Reply:
             logprobs = None
             if self.chat:
                 if self.want_logprobs:
-                    logprobs = chat_logprobs(choice.logprobs, self.token_text)
+                    logprobs = chat_logprobs(choice.entries(), self.token_text)
                 rows.append(
                     {
                         "index": choice.index,
@@ -202,10 +262,11 @@ class Reply:
             else:
                 if self.want_logprobs:
                     logprobs = completion_logprobs(
-                        choice.logprobs,
+                        choice.entries(),
                         self.token_text,
-                        len(choice.echo),
+                        [len(choice.echo) + at for at in choice.output_offsets()],
                         choice.prompt_logprobs,
+                        choice.prompt_offsets,
                     )
                 rows.append(
                     {
@@ -220,10 +281,17 @@ class Reply:
         return body
 
     def chunk(
-        self, choice: Choice, text: str, logprobs: list[dict], first: bool, echo: str = ""
+        self,
+        choice: Choice,
+        text: str,
+        logprobs: list[dict],
+        first: bool,
+        echo: str = "",
+        offsets: list[int] = (),
     ) -> dict:
-        """One stream event for one choice: its new text (and logprobs), its finish reason;
-        `echo`: the prompt, sent ahead of the text in the choice's first event."""
+        """One stream event for one choice: its new text (and logprobs, whose text starts at
+        `offsets` in the output), its finish reason; `echo`: the prompt, sent ahead of the text
+        in the choice's first event."""
         entry: dict[str, Any] = {"index": choice.index}
         if self.chat:
             delta: dict[str, Any] = {"content": text}
@@ -235,10 +303,12 @@ class Reply:
             )
         else:
             entry["text"] = echo + text
-            sent_before = len(choice.echo) + len(choice.text) - len(text)
             prompt = choice.prompt_logprobs if echo else None
+            starts = [len(choice.echo) + at for at in offsets]
             entry["logprobs"] = (
-                completion_logprobs(logprobs, self.token_text, sent_before, prompt)
+                completion_logprobs(
+                    logprobs, self.token_text, starts, prompt, choice.prompt_offsets
+                )
                 if self.want_logprobs
                 else None
             )
@@ -246,13 +316,19 @@ class Reply:
         return self._envelope("chat.completion.chunk" if self.chat else "text_completion", [entry])
 
     def chunk_event(
-        self, choice: Choice, text: str, logprobs: list[dict], first: bool, echo: str = ""
+        self,
+        choice: Choice,
+        text: str,
+        logprobs: list[dict],
+        first: bool,
+        echo: str = "",
+        offsets: list[int] = (),
     ) -> str:
         """`sse(self.chunk(...))`, built from a preformatted envelope when there are no
         logprobs: a stream sends one of these per choice per step, and a dict plus
         `json.dumps` for each was most of the server's own work under load."""
         if self.want_logprobs or echo:
-            return sse(self.chunk(choice, text, logprobs, first, echo))
+            return sse(self.chunk(choice, text, logprobs, first, echo, offsets))
         if self._event_head is None:
             object_type = "chat.completion.chunk" if self.chat else "text_completion"
             self._event_head = (

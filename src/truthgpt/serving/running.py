@@ -27,7 +27,15 @@ from truthgpt.inference.request import RequestOutput
 from truthgpt.inference.sampling_params import SamplingParams
 from truthgpt.serving.metrics import Metrics
 from truthgpt.serving.protocol import APIError
-from truthgpt.serving.responses import Choice, Reply, TokenText, prompt_entries, sse
+from truthgpt.serving.responses import (
+    Choice,
+    Reply,
+    TextOffsets,
+    TokenText,
+    prompt_entries,
+    prompt_offsets,
+    sse,
+)
 
 log = logging.getLogger(__name__)
 
@@ -193,6 +201,10 @@ class _Run:
             Choice(i, echo=echo[i // params.n] if echo else "", score_only=score_only)
             for i in range(len(ids) * params.n)
         ]
+        if reply.want_logprobs and not reply.chat:  # completions give each token's text offset
+            for choice in self.choices:
+                context = ids[choice.index // params.n]
+                choice.offsets = TextOffsets(state.tokenizer, context, params.skip_special_tokens)
         self.events: asyncio.Queue = asyncio.Queue()
         self.started = time.monotonic()
         self.last_token: dict[int, float] = {}
@@ -283,6 +295,9 @@ class _Run:
                 choice.prompt_logprobs = prompt_entries(
                     output.prompt_token_ids, output.prompt_logprobs
                 )
+                choice.prompt_offsets = prompt_offsets(
+                    self.state.tokenizer, output.prompt_token_ids, choice.echo
+                )
 
     async def first(self) -> tuple[int, RequestOutput | None]:
         return await self.next()
@@ -333,11 +348,11 @@ async def _stream(run: _Run, first, include_usage: bool, cache_key) -> AsyncIter
                 if item is None:
                     break
             for choice in touched.values():
-                text, logprobs, echo = choice.take_delta()
+                text, logprobs, echo, offsets = choice.take_delta()
                 ends = choice.finish_reason is not None and choice.index not in ended
                 if text or logprobs or ends or choice.index not in started:
                     first = choice.index not in started
-                    yield reply.chunk_event(choice, text, logprobs, first, echo)
+                    yield reply.chunk_event(choice, text, logprobs, first, echo, offsets)
                     started.add(choice.index)
                     if ends:
                         ended.add(choice.index)
