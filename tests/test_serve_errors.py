@@ -348,6 +348,36 @@ def test_a_model_is_retrieved_by_its_id_only(server):
         assert error_of(response)["code"] in ("model_not_found", "not_found")
 
 
+def test_null_in_an_optional_field_means_its_default(server):
+    # Clients that send every field send null for those left unset, as OpenAI's schema allows.
+    unset = [
+        "n",
+        "stream",
+        "echo",
+        "presence_penalty",
+        "frequency_penalty",
+        "ignore_eos",
+        "min_p",
+        "skip_special_tokens",
+        "stream_options",
+        "suffix",
+        "best_of",
+    ]
+    nulls = {field: None for field in unset}
+    body = {"prompt": "def ", "max_tokens": 4, "temperature": 0, **nulls}
+    response = httpx.post(server.url + COMPLETIONS, json=body, timeout=30)
+    assert response.status_code == 200, response.text
+    plain = httpx.post(
+        server.url + COMPLETIONS, json={"prompt": "def ", "max_tokens": 4, "temperature": 0}
+    )
+    assert response.json()["choices"] == plain.json()["choices"]
+    chat = {"messages": HI, "max_tokens": 2, "n": None, "stream": None, "logprobs": None}
+    assert httpx.post(server.url + CHAT, json=chat, timeout=30).status_code == 200
+    # A required field stays required.
+    missing = httpx.post(server.url + COMPLETIONS, json={"prompt": None, "max_tokens": 2})
+    assert missing.status_code == 400 and error_of(missing)["param"] == "prompt"
+
+
 def test_the_server_still_serves_after_bad_requests(server):
     # Runs after the parametrized cases above (pytest keeps file order).
     response = httpx.post(

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from truthgpt.config import InferenceConfig
 from truthgpt.errors import RequestError, did_you_mean
@@ -50,6 +50,20 @@ class APIError(Exception):
 class _Strict(BaseModel):
     # allow_inf_nan: Python's json reads NaN and Infinity, which no field here means.
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_means_not_given(cls, data: Any) -> Any:
+        # OpenAI's schema makes every optional field nullable, and clients that send each
+        # field send null for the ones they leave unset ("n": null): that is the default.
+        if not isinstance(data, dict):
+            return data
+        fields = cls.model_fields
+        return {
+            key: value
+            for key, value in data.items()
+            if value is not None or key not in fields or fields[key].is_required()
+        }
 
 
 class StreamOptions(_Strict):
