@@ -227,7 +227,7 @@ def test_resume_flag_continues_a_run(tmp_path: Path) -> None:
             "train",
             str(path),
             "--set",
-            "training.max_steps=10",
+            "training.max_steps=12",
             "--set",
             "checkpoint.save_every=5",
             "--resume",
@@ -235,6 +235,9 @@ def test_resume_flag_continues_a_run(tmp_path: Path) -> None:
     )
     assert more.exit_code == 0, more.output
     assert "resumed from" in more.output and "at step 10" in more.output
+    done = runner.invoke(app, ["train", str(path), "--set", "training.max_steps=12", "--resume"])
+    assert done.exit_code == 0, done.output
+    assert "nothing to train" in done.output and "at step 12" in done.output
 
 
 def test_generate_chat_uses_the_template_or_the_servers_plain_one(tmp_path: Path) -> None:

@@ -225,8 +225,16 @@ def test_resume_flags(tmp_path: Path) -> None:
         train(load(raw), resume=True)
     first = train(load({**raw, "training": {**raw["training"], "resume": "auto"}}))
     assert first.steps == 5
+    run_dir = first.run_dir
+    before = {p: p.read_bytes() for p in sorted(run_dir.rglob("*")) if p.is_file()}
     again = train(load({**raw, "training": {**raw["training"], "resume": "auto"}}))
     assert again.steps == 5  # resumed at 5 of 5: nothing left to do, nothing lost
+    # A resume with nothing to train, even one that asks for fewer steps, changes no file: the
+    # run's config still says what its checkpoints were trained with.
+    fewer = train(load({**raw, "training": {**raw["training"], "max_steps": 3}}), resume=True)
+    assert fewer.steps == 5
+    after = {p: p.read_bytes() for p in sorted(run_dir.rglob("*")) if p.is_file()}
+    assert after == before
 
 
 def poisoned_trainer(tmp_path: Path, raw: dict, poison_batches: list[int]) -> Trainer:

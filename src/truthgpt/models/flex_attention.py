@@ -61,7 +61,9 @@ def use_flex(setting: str, device: torch.device, dropout: float, head_dim: int) 
         _say_once("Triton, which generates FlexAttention's kernels, is not installed")
         return False
     if head_dim < FLEX_MIN_HEAD_DIM:
-        _say_once(f"the head dimension {head_dim} is under the {FLEX_MIN_HEAD_DIM} its kernel needs")
+        _say_once(
+            f"heads of {head_dim} dimensions are under the {FLEX_MIN_HEAD_DIM} its kernel needs"
+        )
         return False
     return True
 

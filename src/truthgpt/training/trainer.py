@@ -755,6 +755,8 @@ def _train(
     )
     if not world.is_main and resume_from is not None:  # rank 0 verified it already
         resume_from = Resumable(Path(resume_from), read_train_state(resume_from))
+    if resume_from is not None and resume_from.step >= config.training.max_steps:
+        return _nothing_to_train(config, resume_from, world)
     seed_everything(config.seed)  # the same initial weights on every rank
     threads = apply_threads(config.hardware.threads)
     if device.type == "cuda":
@@ -826,3 +828,27 @@ def _train(
         log(f"{result.nonfinite_skipped} updates were skipped for non-finite loss or gradients")
     log(f"run folder: {run_dir}")
     return result
+
+
+def _nothing_to_train(config: Config, resume_from: Resumable, world: World) -> TrainResult:
+    """A resume at or past training.max_steps: no data, model or callback is built, and the
+    run folder (its config, history, metrics, checkpoints) is left exactly as it was."""
+    state = resume_from.state
+    if world.is_main:
+        print(
+            f"nothing to train: {config.run_dir} is at step {resume_from.step} and "
+            f"training.max_steps is {config.training.max_steps}; nothing was changed. Raise "
+            "max_steps (--set training.max_steps=N) to train on.",
+            flush=True,
+        )
+    return TrainResult(
+        run_dir=config.run_dir,
+        steps=resume_from.step,
+        initial_val_loss=state["initial_val_loss"],
+        final_val_loss=None,
+        best_metric=state["best_metric"],
+        tokens_per_second=0.0,
+        stopped_early=False,
+        nonfinite_skipped=state["nonfinite"]["skipped"],
+        interrupted=False,
+    )
