@@ -58,6 +58,10 @@ def format_errors(
         allowed = context.get("allowed") or _allowed_values(schema, loc)
         if not allowed and error["type"] != "value_error":  # own validators say it themselves
             allowed = _allowed_range(schema, loc, one_bound_said=error["type"] in _BOUND_ERRORS)
+        if error["type"] == "literal_error" and allowed:  # pydantic's message lists them too
+            message = "unknown value"
+            hint = closest(value, allowed.split(", ")) if isinstance(value, str) else None
+            got = f" (got {value!r}, did you mean {hint!r}?)" if hint else got
         suffix = f"; allowed: {allowed}" if allowed and "allowed" not in message else ""
         lines.append(f"  {(flags or {}).get(key, key)}: {message}{got}{suffix}")
     return "\n".join(lines)
