@@ -198,6 +198,24 @@ BAD_REQUESTS = [
     ),
     case(
         CHAT,
+        {
+            "messages": [
+                *HI,
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "text", "text": "what is"},
+                        {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}},
+                    ],
+                },
+            ]
+        },
+        "messages.1.content.1.type",
+        "content parts of type 'image_url' are not supported: this server runs a text model",
+        id="content-part-image",
+    ),
+    case(
+        CHAT,
         {"messages": [{"role": "user", "content": [{"type": "txt", "text": "hi"}]}]},
         "messages.0.content.0.type",
         "'text'",

@@ -280,6 +280,7 @@ def parse(model: type[_Strict], body: Any) -> Any:
     """Validate a decoded JSON body; the first problem becomes a 400 naming its field."""
     if not isinstance(body, dict):
         raise APIError(400, "the request body must be a JSON object")
+    _refuse_parts_not_text(body)
     try:
         request = model.model_validate(body)
     except ValidationError as exc:
@@ -306,6 +307,23 @@ def parse(model: type[_Strict], body: Any) -> Any:
         raise APIError(400, message, param=param) from None
     request.check_supported()
     return request
+
+
+def _refuse_parts_not_text(body: dict) -> None:
+    """A chat content part that is an image, audio or file is valid OpenAI, just not for a
+    text model: say so, rather than that its fields are unknown."""
+    messages = body.get("messages")
+    for i, message in enumerate(messages if isinstance(messages, list) else []):
+        content = message.get("content") if isinstance(message, dict) else None
+        for j, part in enumerate(content if isinstance(content, list) else []):
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind in ("image_url", "input_image", "input_audio", "file"):
+                raise APIError(
+                    400,
+                    f"messages.{i}.content.{j}: content parts of type {kind!r} are not supported: "
+                    "this server runs a text model (parts of type 'text' only)",
+                    param=f"messages.{i}.content.{j}.type",
+                )
 
 
 def _telling_error(errors: list[Any], body: dict) -> Any:
