@@ -168,14 +168,22 @@ def test_stop_string_ends_the_text_and_is_never_streamed(client, server):
     assert not any(stop in "".join(pieces[: i + 1])[-len(stop) - 8 :] for i in range(len(pieces)))
 
 
+def shown_bytes(token: str) -> bytes:
+    """The bytes of a legacy logprobs token: `bytes:\\xe6\\x97` spelled out, else its text's."""
+    if token.startswith("bytes:"):
+        return bytes.fromhex(token.removeprefix("bytes:").replace("\\x", ""))
+    return token.encode()
+
+
 def test_logprobs(client, server):
     reply = client.completions.create(
         model=server.model_id, prompt="def ", max_tokens=5, logprobs=3, **GREEDY
     )
     logprobs = reply.choices[0].logprobs
     assert len(logprobs.tokens) == len(logprobs.token_logprobs) == 5
-    if "\ufffd" not in "".join(logprobs.tokens):  # a token may hold part of a character
-        assert "".join(logprobs.tokens) == reply.choices[0].text
+    # A token inside a character shows its bytes (bytes:\xe6): together they make the text.
+    raw = b"".join(shown_bytes(token) for token in logprobs.tokens)
+    assert raw.decode("utf-8", errors="replace") == reply.choices[0].text
     for chosen, top in zip(logprobs.token_logprobs, logprobs.top_logprobs):
         # Keys are token texts, so two tokens of one text share a key (the legacy format's
         # limit); every value is still at most the chosen one, which greedy made the likeliest.
@@ -596,6 +604,36 @@ def test_echoed_logprobs_offsets_index_the_returned_text(client, server):
     # (The random model's output holds invalid UTF-8: a token after a lone byte starts at that
     # byte's U+FFFD, which is shown only once the next token proves it final.)
     prompt = [(at, t) for at, t in zip(offsets, tokens) if at < len(SPLIT_TEXT)]
-    whole = [(at, t) for at, t in prompt if t and "\ufffd" not in t]
+    whole = [(at, t) for at, t in prompt if t and not t.startswith("bytes:")]
     assert len(whole) >= 15
     assert all(choice.text[at : at + len(t)] == t for at, t in whole)
+
+
+def test_tokens_inside_a_character_show_their_bytes(client, server):
+    # Each byte-level piece of a CJK character decodes to U+FFFD alone: shown as OpenAI shows
+    # them (bytes:\xe6...), with their real bytes, so that top_logprobs keys stay apart and
+    # the bytes of the tokens add up to the text.
+    tokenizer, token_text = server.state.tokenizer, server.state.token_text
+    ids = tokenizer.encode(SPLIT_TEXT, add_special_tokens=False)
+    shown = [token_text(t) for t in ids]
+    assert any(text.startswith("bytes:\\x") for text in shown)
+    assert not any("\ufffd" in text for text in shown)
+    assert b"".join(bytes(token_text.bytes(t)) for t in ids) == SPLIT_TEXT.encode()
+    reply = client.completions.create(
+        model=server.model_id, prompt=SPLIT_TEXT, max_tokens=0, echo=True, logprobs=20
+    )
+    logprobs = reply.choices[0].logprobs
+    assert logprobs.tokens[: len(shown)] == shown
+    tops = [top for top in logprobs.top_logprobs[1:] if top]
+    assert all(len(top) >= 20 for top in tops)  # no two alternatives printed alike
+    chat = client.chat.completions.create(
+        model=server.model_id,
+        messages=[{"role": "user", "content": SPLIT_TEXT}],
+        max_tokens=12,
+        logprobs=True,
+        top_logprobs=3,
+        seed=1,
+    )
+    content = chat.choices[0].logprobs.content
+    raw = b"".join(bytes(item.bytes) for item in content)
+    assert raw.decode("utf-8", errors="replace") == chat.choices[0].message.content

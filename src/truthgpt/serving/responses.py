@@ -7,7 +7,9 @@ turn it into each format.
 
 from __future__ import annotations
 
+import functools
 import json
+import re
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -136,17 +138,64 @@ def prompt_entries(prompt_ids: list[int], scores: list[dict | None]) -> list[dic
 
 
 class TokenText:
-    """Token id -> its text (as OpenAI's logprobs show tokens), cached per id."""
+    """Token id -> its text as logprobs show tokens, and its bytes; cached per id.
+
+    A token that holds part of a multi-byte character decodes to U+FFFD alone, and many such
+    tokens would print alike (a top_logprobs dict keeps one of them): its text is then its bytes
+    as OpenAI writes them, `bytes:\\xe6\\x97`, and its `bytes` the real ones."""
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
         self.tokenizer = tokenizer
-        self._cache: dict[int, str] = {}
+        self._cache: dict[int, tuple[str, list[int]]] = {}
 
     def __call__(self, token_id: int) -> str:
-        text = self._cache.get(token_id)
-        if text is None:
-            text = self._cache[token_id] = self.tokenizer.decode([token_id])
-        return text
+        return self._entry(token_id)[0]
+
+    def bytes(self, token_id: int) -> list[int]:
+        return self._entry(token_id)[1]
+
+    def _entry(self, token_id: int) -> tuple[str, list[int]]:
+        entry = self._cache.get(token_id)
+        if entry is None:
+            text = self.tokenizer.decode([token_id])
+            raw = _token_bytes(self.tokenizer, token_id) if _REPLACEMENT in text else None
+            if raw is None:
+                entry = (text, list(text.encode("utf-8")))
+            else:
+                entry = ("bytes:" + "".join(f"\\x{b:02x}" for b in raw), list(raw))
+            self._cache[token_id] = entry
+        return entry
+
+
+_REPLACEMENT = "\ufffd"
+_BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # SentencePiece's byte fallback
+
+
+def _token_bytes(tokenizer: PreTrainedTokenizerBase, token_id: int) -> bytes | None:
+    """The raw bytes of a token that is not valid UTF-8 alone, where the vocabulary shows them:
+    a byte-level BPE piece (each byte one printable character, as GPT-2 maps them) or a
+    SentencePiece byte piece (`<0xE6>`); None otherwise."""
+    piece = tokenizer.convert_ids_to_tokens(token_id)
+    if not isinstance(piece, str):
+        return None
+    byte_piece = _BYTE_PIECE.fullmatch(piece)
+    if byte_piece:
+        return bytes([int(byte_piece.group(1), 16)])
+    to_byte = _byte_level_decoder()
+    if piece and all(char in to_byte for char in piece):
+        return bytes(to_byte[char] for char in piece)
+    return None
+
+
+@functools.cache
+def _byte_level_decoder() -> dict[str, int]:
+    """Character -> byte of byte-level BPE: bytes that print as themselves (! to ~, ¡ to ¬, ®
+    to ÿ) keep their character; the other 68 take the characters from U+0100 on, in order."""
+    printable = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    others = [b for b in range(256) if b not in printable]
+    mapping = {chr(b): b for b in printable}
+    mapping.update({chr(0x100 + n): b for n, b in enumerate(others)})
+    return mapping
 
 
 def completion_logprobs(
@@ -195,8 +244,11 @@ def _top_dict(top: list, chosen: str, logprob: float, token_text: TokenText) -> 
 
 def chat_logprobs(entries: list[dict], token_text: TokenText) -> dict:
     def item(token_id: int, logprob: float) -> dict:
-        text = token_text(token_id)
-        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+        return {
+            "token": token_text(token_id),
+            "logprob": logprob,
+            "bytes": token_text.bytes(token_id),
+        }
 
     return {
         "content": [
