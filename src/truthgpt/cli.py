@@ -104,9 +104,18 @@ def train(
         if os.environ.get("RANK", "0") == "0":
             typer.secho("interrupted before training began; nothing was saved", err=True)
         raise typer.Exit(code=130) from None
-    if result.interrupted:
-        # Not a finished run: a `train ... && generate ...` chain must not go on as if it were.
-        raise typer.Exit(code=130)
+    # Not a finished run: a `train ... && generate ...` chain must not go on as if it were.
+    code = 130 if result.interrupted else 0
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # A torchrun worker whose run is saved and whose process group is gone leaves without
+        # the interpreter's teardown: gloo's threads can still hold tensors then, and freeing
+        # them as Python finalizes aborted a finished rank ("terminate called without an
+        # active exception", seen in a CI run), failing the whole run.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    if code:
+        raise typer.Exit(code=code)
 
 
 @app.command(name="eval")

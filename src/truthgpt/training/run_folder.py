@@ -147,12 +147,12 @@ def prepare_run_dir(
         run_dir.mkdir(parents=True, exist_ok=True)
         mark(run_dir, "run")
         _append_history(run_dir, {"step": 0, "event": "start", "changes": {}})
-    elif resume_from.step >= config.training.max_steps:
-        return resume_from  # nothing to train (train() says so): the folder stays as it was
     else:
         step = resume_from.step
         folder = resume_from.folder
         changes = resume_changes(saved_config(folder, run_dir, log), config, folder)
+        if step >= config.training.max_steps:
+            return resume_from  # nothing to train (train() says so): the folder stays as it was
         mark(run_dir, "run")  # a run from before markers becomes a marked one
         truncate_metrics(run_dir, step)
         _append_history(run_dir, {"step": step, "event": "resume", "changes": changes})
