@@ -508,7 +508,7 @@ def test_preformatted_stream_events_equal_the_full_encoding():
     the dict + json.dumps path, in ASCII, one event per line pair, for both APIs."""
     import json
 
-    from truthgpt.serving.responses import Choice, Reply, sse
+    from truthgpt.serving.responses import Choice, Delta, Reply, sse
 
     for chat in (False, True):
         reply = Reply('model "x"', chat, False, token_text=None)
@@ -516,8 +516,8 @@ def test_preformatted_stream_events_equal_the_full_encoding():
             choice = Choice(2, finish_reason=finish)
             for first in (True, False):
                 for text in ('h\u00e9llo\u2028\n"x\\', ""):
-                    fast = reply.chunk_event(choice, text, [], first)
-                    full = sse(reply.chunk(choice, text, [], first))
+                    fast = reply.chunk_event(choice, Delta(text), first)
+                    full = sse(reply.chunk(choice, Delta(text), first))
                     assert json.loads(fast[len("data: ") :]) == json.loads(full[len("data: ") :])
                     assert fast.isascii() and fast.endswith("\n\n") and fast.count("\n") == 2
 

@@ -12,8 +12,9 @@ import json
 import re
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from transformers import PreTrainedTokenizerBase
 
@@ -32,6 +33,16 @@ def sse(payload: dict[str, Any] | str) -> str:
     # others that JSON may carry raw; escaped, they cannot cut an event in two.
     data = payload if isinstance(payload, str) else json.dumps(payload)
     return f"data: {data}\n\n"
+
+
+class Delta(NamedTuple):
+    """One stream event's share of a choice: new text, new logprob entries and where their
+    text starts in the output, and the echoed prompt (sent ahead of the text, once)."""
+
+    text: str
+    logprobs: Sequence[dict] = ()
+    echo: str = ""
+    offsets: Sequence[int] = ()
 
 
 @dataclass
@@ -76,16 +87,17 @@ class Choice:
                 done = len(self.offsets.offsets)
                 self.offsets.add(e["token_id"] for e in out.logprobs[done : self._logprobs_seen])
 
-    def take_delta(self) -> tuple[str, list[dict], str, list[int]]:
-        """New text, new logprob entries with their text offsets in the output, and the echoed
-        prompt the first time (else "")."""
+    def take_delta(self) -> Delta:
+        """What is new since the last call (the echoed prompt: the first time only)."""
         seen = self._logprobs_seen
-        text, logprobs = self.text[self._sent_text :], self.logprobs[self._sent_logprobs : seen]
-        offsets = self.output_offsets()[self._sent_logprobs : seen]
-        self._sent_text, self._sent_logprobs = len(self.text), seen
-        echo = "" if self._sent_echo else self.echo
-        self._sent_echo = True
-        return text, logprobs, echo, offsets
+        delta = Delta(
+            self.text[self._sent_text :],
+            self.logprobs[self._sent_logprobs : seen],
+            "" if self._sent_echo else self.echo,
+            self.output_offsets()[self._sent_logprobs : seen],
+        )
+        self._sent_text, self._sent_logprobs, self._sent_echo = len(self.text), seen, True
+        return delta
 
     def entries(self) -> list[dict]:
         """The logprob entries of the tokens so far."""
@@ -332,18 +344,9 @@ class Reply:
         body["usage"] = usage(prompt_tokens, choices)
         return body
 
-    def chunk(
-        self,
-        choice: Choice,
-        text: str,
-        logprobs: list[dict],
-        first: bool,
-        echo: str = "",
-        offsets: list[int] = (),
-    ) -> dict:
-        """One stream event for one choice: its new text (and logprobs, whose text starts at
-        `offsets` in the output), its finish reason; `echo`: the prompt, sent ahead of the text
-        in the choice's first event."""
+    def chunk(self, choice: Choice, delta: Delta, first: bool) -> dict:
+        """One stream event for one choice: its delta and its finish reason."""
+        text, logprobs, echo, offsets = delta
         entry: dict[str, Any] = {"index": choice.index}
         if self.chat:
             delta: dict[str, Any] = {"content": text}
@@ -367,20 +370,13 @@ class Reply:
         entry["finish_reason"] = choice.finish_reason
         return self._envelope("chat.completion.chunk" if self.chat else "text_completion", [entry])
 
-    def chunk_event(
-        self,
-        choice: Choice,
-        text: str,
-        logprobs: list[dict],
-        first: bool,
-        echo: str = "",
-        offsets: list[int] = (),
-    ) -> str:
+    def chunk_event(self, choice: Choice, delta: Delta, first: bool) -> str:
         """`sse(self.chunk(...))`, built from a preformatted envelope when there are no
         logprobs: a stream sends one of these per choice per step, and a dict plus
         `json.dumps` for each was most of the server's own work under load."""
-        if self.want_logprobs or echo:
-            return sse(self.chunk(choice, text, logprobs, first, echo, offsets))
+        if self.want_logprobs or delta.echo:
+            return sse(self.chunk(choice, delta, first))
+        text = delta.text
         if self._event_head is None:
             object_type = "chat.completion.chunk" if self.chat else "text_completion"
             self._event_head = (

@@ -29,6 +29,7 @@ from truthgpt.serving.metrics import Metrics
 from truthgpt.serving.protocol import APIError
 from truthgpt.serving.responses import (
     Choice,
+    Delta,
     Reply,
     TextOffsets,
     TokenText,
@@ -170,7 +171,7 @@ def _from_cache(body, reply: Reply, cached: dict) -> Response:
         for row in response["choices"]:
             choice = Choice(row["index"], finish_reason=row["finish_reason"])
             text = row["message"]["content"] if reply.chat else row["text"]
-            chunk = reply.chunk(choice, text, [], first=True)
+            chunk = reply.chunk(choice, Delta(text), first=True)
             if reply.want_logprobs:
                 chunk["choices"][0]["logprobs"] = row["logprobs"]
             yield sse(chunk)
@@ -348,11 +349,11 @@ async def _stream(run: _Run, first, include_usage: bool, cache_key) -> AsyncIter
                 if item is None:
                     break
             for choice in touched.values():
-                text, logprobs, echo, offsets = choice.take_delta()
+                delta = choice.take_delta()
                 ends = choice.finish_reason is not None and choice.index not in ended
-                if text or logprobs or ends or choice.index not in started:
+                if delta.text or delta.logprobs or ends or choice.index not in started:
                     first = choice.index not in started
-                    yield reply.chunk_event(choice, text, logprobs, first, echo, offsets)
+                    yield reply.chunk_event(choice, delta, first)
                     started.add(choice.index)
                     if ends:
                         ended.add(choice.index)
