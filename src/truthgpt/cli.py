@@ -94,6 +94,7 @@ def train(
     except TruthGPTError as exc:
         _fail(exc)
 
+    from truthgpt.training.distributed import exit_without_teardown as distributed_exit
     from truthgpt.training.trainer import train as run_training
 
     try:
@@ -104,16 +105,10 @@ def train(
         if os.environ.get("RANK", "0") == "0":
             typer.secho("interrupted before training began; nothing was saved", err=True)
         raise typer.Exit(code=130) from None
-    # Not a finished run: a `train ... && generate ...` chain must not go on as if it were.
+    # 130: not a finished run; a `train ... && generate ...` chain must not go on as if it were.
     code = 130 if result.interrupted else 0
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        # A torchrun worker whose run is saved and whose process group is gone leaves without
-        # the interpreter's teardown: gloo's threads can still hold tensors then, and freeing
-        # them as Python finalizes aborted a finished rank ("terminate called without an
-        # active exception", seen in a CI run), failing the whole run.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # a torchrun worker, its run saved
+        distributed_exit(code)
     if code:
         raise typer.Exit(code=code)
 

@@ -20,7 +20,7 @@ from transformers import PreTrainedTokenizerBase
 
 from truthgpt.inference.sampling_params import SamplingParams
 
-_REPLACEMENT = "\ufffd"  # what a decoder writes for bytes that are not (yet) valid UTF-8
+REPLACEMENT = "\ufffd"  # what a decoder writes for bytes that are not (yet) valid UTF-8
 # Prompt tokens kept as context for the first output token, so that its leading space, or the
 # rest of a character the prompt began, comes out as in decode(prompt + output).
 _CONTEXT_TOKENS = 5
@@ -113,7 +113,7 @@ class IncrementalDetokenizer:
     def _decode_next(self, token_id: int) -> str:
         self._window.append(token_id)
         full = self._decode(self._window)
-        settled = len(full.rstrip(_REPLACEMENT))
+        settled = len(full.rstrip(REPLACEMENT))
         stuck = settled < len(full) and len(self._window) >= _STUCK_WINDOW
         if stuck:
             # In a lossy byte decode (byte-level BPE) only the last U+FFFD stands for bytes that

@@ -18,7 +18,7 @@ from typing import Any, NamedTuple
 
 from transformers import PreTrainedTokenizerBase
 
-from truthgpt.inference.detokenizer import IncrementalDetokenizer
+from truthgpt.inference.detokenizer import REPLACEMENT, IncrementalDetokenizer
 from truthgpt.inference.request import CompletionOutput
 from truthgpt.inference.sampling_params import SamplingParams
 
@@ -170,7 +170,7 @@ class TokenText:
         entry = self._cache.get(token_id)
         if entry is None:
             text = self.tokenizer.decode([token_id])
-            raw = _token_bytes(self.tokenizer, token_id) if _REPLACEMENT in text else None
+            raw = _token_bytes(self.tokenizer, token_id) if REPLACEMENT in text else None
             if raw is None:
                 entry = (text, list(text.encode("utf-8")))
             else:
@@ -179,7 +179,6 @@ class TokenText:
         return entry
 
 
-_REPLACEMENT = "\ufffd"
 _BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # SentencePiece's byte fallback
 
 

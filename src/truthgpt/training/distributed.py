@@ -94,6 +94,15 @@ def start(config: Config, device: torch.device) -> tuple[World, torch.device]:
     return World(rank, local_rank, dist.get_world_size(), parallel), device
 
 
+def exit_without_teardown(code: int) -> None:
+    """End a worker whose process group is gone without the interpreter's teardown: gloo's
+    threads can still hold tensors then, and freeing them as Python finalizes aborted a
+    finished rank ("terminate called without an active exception", a CI run)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def stop(world: World) -> None:
     """Leave the process group this process joined in `start`."""
     if world.grouped and dist.is_initialized():
