@@ -6,6 +6,8 @@
 #   bash benchmarks/gpu_training_session.sh OUT_DIR llama1b     # ~1B Llama: compile scopes, loss
 #   bash benchmarks/gpu_training_session.sh OUT_DIR scaling     # 2 GPUs (nvidia-h200-x2): DDP/FSDP
 #   bash benchmarks/gpu_training_session.sh OUT_DIR probe       # GPU tests in full + GPT-2 profile
+#   bash benchmarks/gpu_training_session.sh OUT_DIR peers       # every runner, both shapes, 1 turn
+#   bash benchmarks/gpu_training_session.sh OUT_DIR tuning      # GPT-2: Inductor's coordinate descent
 # Every table is also written to OUT_DIR; a part that runs out of time keeps what it printed.
 set -u
 out=${1:-/tmp/train-gpu}; part=${2:-checks}
@@ -69,8 +71,29 @@ scaling)
         --steps 12 --warmup 5 --repeats 1 --json "$out/scaling_llama1b.json" 2>&1 | quiet \
         | tail -8 | tee "$out/scaling_llama1b.txt"
     ;;
+peers)
+    # The issue's acceptance table on the card it names (H100): truthgpt (32 x 2 and its best
+    # split, 64 x 1) against HF Trainer with and without compile and a plain compiled loop.
+    timeout 290 python3 benchmarks/train_throughput.py --shape gpt2 --batch-size 32 --accum 2 \
+        --steps 20 --warmup 6 --variant 64x1:training.batch_size=64,training.grad_accum_steps=1 \
+        --json "$out/peers_gpt2.json" 2>&1 | quiet | tail -12 | tee "$out/peers_gpt2.txt"
+    timeout 280 python3 benchmarks/train_throughput.py --shape llama1b --steps 12 --warmup 5 \
+        --json "$out/peers_llama1b.json" 2>&1 | quiet | tail -12 | tee "$out/peers_llama1b.txt"
+    ;;
+tuning)
+    # Coordinate-descent tuning of Inductor's pointwise and reduction kernels (gpt-fast turns it
+    # on): the fifth of GPT-2's step outside matmuls, attention and the loss. An Inductor global,
+    # so each setup is a process of its own; the kernels of the baseline's step go to OUT_DIR.
+    timeout 200 python3 benchmarks/train_throughput.py --shape gpt2 --runners truthgpt \
+        --batch-size 64 --accum 1 --steps 25 --warmup 8 --repeats 3 --profile \
+        --json "$out/tuning_base.json" > "$out/tuning_base.txt" 2>&1
+    quiet < "$out/tuning_base.txt" | tail -6
+    TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=1 timeout 330 python3 benchmarks/train_throughput.py \
+        --shape gpt2 --runners truthgpt --batch-size 64 --accum 1 --steps 25 --warmup 8 \
+        --repeats 3 --json "$out/tuning_cdt.json" 2>&1 | quiet | tail -6 | tee "$out/tuning_cdt.txt"
+    ;;
 *)
-    echo "unknown part '$part': checks, probe, gpt2, llama1b or scaling" >&2
+    echo "unknown part '$part': checks, probe, gpt2, llama1b, scaling, peers or tuning" >&2
     exit 2
     ;;
 esac
