@@ -8,6 +8,8 @@
 #   bash benchmarks/gpu_training_session.sh OUT_DIR probe       # GPU tests in full + GPT-2 profile
 #   bash benchmarks/gpu_training_session.sh OUT_DIR peers       # every runner, both shapes, 1 turn
 #   bash benchmarks/gpu_training_session.sh OUT_DIR tuning      # GPT-2: Inductor's coordinate descent
+#   bash benchmarks/gpu_training_session.sh OUT_DIR residual    # the bf16 residual stream: speed
+#   bash benchmarks/gpu_training_session.sh OUT_DIR quality     # ... and GPT-2's loss with it
 # Every table is also written to OUT_DIR; a part that runs out of time keeps what it printed.
 set -u
 out=${1:-/tmp/train-gpu}; part=${2:-checks}
@@ -92,8 +94,42 @@ tuning)
         --shape gpt2 --runners truthgpt --batch-size 64 --accum 1 --steps 25 --warmup 8 \
         --repeats 3 --json "$out/tuning_cdt.json" 2>&1 | quiet | tail -6 | tee "$out/tuning_cdt.txt"
     ;;
+residual)
+    # training.residual_dtype: bf16 against autocast's fp32 stream. A fifth of GPT-2's step is
+    # memory-bound LayerNorm, residual adds and casts over the fp32 stream (H100 profile).
+    timeout 270 python3 benchmarks/train_throughput.py --shape gpt2 --runners truthgpt \
+        --batch-size 64 --accum 1 --steps 25 --warmup 8 --repeats 3 \
+        --variant bf16-stream:training.residual_dtype=bf16 \
+        --json "$out/residual_gpt2.json" 2>&1 | quiet | tail -7 | tee "$out/residual_gpt2.txt"
+    timeout 250 python3 benchmarks/train_throughput.py --shape llama1b --runners truthgpt \
+        --steps 12 --warmup 5 --variant bf16-stream:training.residual_dtype=bf16 \
+        --json "$out/residual_llama1b.json" 2>&1 | quiet | tail -6 | tee "$out/residual_llama1b.txt"
+    ;;
+quality)
+    # GPT-2 124M on the stdlib corpus, 300 steps, the same data and seed: the bf16 stream's
+    # validation loss against the fp32 stream's. Run folders stay out of OUT_DIR (1.5 GB each).
+    evals() {  # the run's validation losses and its last logged speed, from metrics.jsonl
+        python3 -c "import json, sys
+rows = [json.loads(line) for line in open(sys.argv[1] + '/metrics.jsonl')]
+for r in rows:
+    if 'val_loss' in r: print(sys.argv[1], 'step', r['step'], 'val_loss', round(r['val_loss'], 4))
+speed = [r for r in rows if 'tokens_per_second' in r]
+print(sys.argv[1], 'last', {k: speed[-1][k] for k in ('step', 'loss', 'tokens_per_second') if k in speed[-1]} if speed else None)" "$1"
+    }
+    common=(--set output_dir=/tmp/quality --set training.max_steps=300 --set training.eval_every=100
+        --set optim.warmup_steps=50 --set checkpoint.save_every=100000 --set logging.progress=none
+        --set logging.tensorboard=false)
+    timeout 280 truthgpt train configs/gpt2-124m.yaml "${common[@]}" --set run_name=fp32 \
+        --set training.residual_dtype=fp32 --set data.tokenizer.train_max_chars=5000000 \
+        > "$out/quality_fp32_log.txt" 2>&1
+    evals /tmp/quality/fp32 | tee "$out/quality_fp32.txt"
+    timeout 260 truthgpt train configs/gpt2-124m.yaml "${common[@]}" --set run_name=bf16 \
+        --set training.residual_dtype=bf16 --set data.tokenizer.path=/tmp/quality/fp32/tokenizer \
+        > "$out/quality_bf16_log.txt" 2>&1
+    evals /tmp/quality/bf16 | tee "$out/quality_bf16.txt"
+    ;;
 *)
-    echo "unknown part '$part': checks, probe, gpt2, llama1b, scaling, peers or tuning" >&2
+    echo "unknown part '$part': checks, probe, gpt2, llama1b, scaling, peers, tuning, residual or quality" >&2
     exit 2
     ;;
 esac

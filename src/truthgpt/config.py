@@ -250,6 +250,14 @@ class TrainingConfig(Section):
         "with triton: +5% tokens/s and -37% peak memory on GPT-2, benchmarks/RESULTS.md)",
     )
 
+    residual_dtype: Literal["auto", "fp32", "bf16"] = Field(
+        "auto",
+        description="native decoder: the dtype of the residual stream between blocks (and of "
+        "its gradients). fp32: autocast's, as nanoGPT; bf16: half its memory traffic, as llm.c "
+        "and torchtitan (needs a bf16 run); auto: the weights' dtype, so fp32, except bf16 "
+        "under fsdp with bf16 gathered weights (training.fsdp_param_dtype)",
+    )
+
     @field_validator("fused_loss", mode="before")
     @classmethod
     def _fused_loss_choice(cls, value: Any) -> bool | str:

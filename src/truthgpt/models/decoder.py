@@ -466,6 +466,8 @@ class Decoder(nn.Module):
         # training.packed_attention: how document_ids mask attention: "dense" (a boolean SDPA
         # mask), "flex" (a FlexAttention BlockMask) or "auto" (flex on CUDA, dense elsewhere).
         self.packed_attention = "dense"
+        # training.residual_dtype: the residual stream's dtype; None: the embeddings' own.
+        self.residual_dtype: torch.dtype | None = None
 
     def init_weights(self) -> None:
         """GPT-2 init: N(0, 0.02), zero biases, unit norms; residual output projections scaled by
@@ -562,6 +564,8 @@ class Decoder(nn.Module):
             rope = rope_cos_sin(cfg, start_pos, seq_len, input_ids.device)
         else:
             rope = rope_cos_sin_at(cfg, positions)
+        if self.residual_dtype is not None:
+            x = x.to(self.residual_dtype)
         x = F.dropout(x, cfg.dropout, self.training)
 
         recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled()

@@ -53,6 +53,7 @@ STEERING_KEYS = (
     "training.packed_attention",
     "training.gradient_checkpointing",
     "training.fsdp_param_dtype",  # the shards and optimizer state stay fp32 either way
+    "training.residual_dtype",  # activations only: the weights and their state stay fp32
     "training.early_stopping.",
     "training.nonfinite.",
     "data.num_workers",

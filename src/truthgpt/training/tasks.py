@@ -180,6 +180,28 @@ def uses_fused_loss(config: Config, model: nn.Module) -> bool:
     return native and loss_kernel_available(resolve_device(config.hardware.device))
 
 
+def apply_residual_dtype(model: nn.Module, config: Config, dtype: torch.dtype) -> None:
+    """training.residual_dtype onto a native decoder that computes in `dtype`: fp32 or bf16
+    set its residual stream's dtype; auto leaves the embeddings' own (fp32 weights give fp32,
+    FSDP's bf16 gathered weights bf16)."""
+    setting = config.training.residual_dtype
+    if setting == "auto":
+        return
+    base = model.get_base_model() if _is_peft(model) else model
+    if not hasattr(base, "residual_dtype"):
+        raise ConfigError(
+            f"training.residual_dtype: {setting!r} needs the native decoder (model.arch llama or "
+            f"gpt2); model.arch {config.model.arch!r} keeps its own (allowed here: auto)"
+        )
+    if setting == "bf16" and dtype != torch.bfloat16:
+        computes = str(dtype).removeprefix("torch.")
+        raise ConfigError(
+            f"training.residual_dtype: 'bf16' needs a bf16 run; this one computes in {computes} "
+            f"(training.precision {config.training.precision!r})"
+        )
+    base.residual_dtype = torch.bfloat16 if setting == "bf16" else torch.float32
+
+
 def prepare_model_for_training(model: nn.Module, config: Config) -> nn.Module:
     if config.training.gradient_checkpointing:
         set_gradient_checkpointing(model)

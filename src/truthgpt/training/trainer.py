@@ -61,7 +61,13 @@ from truthgpt.training.run_folder import (
 )
 from truthgpt.training.sharded import load_sharded, save_sharded
 from truthgpt.training.signals import StopRequested
-from truthgpt.training.tasks import Task, build_task, task_unit, uses_fused_loss
+from truthgpt.training.tasks import (
+    Task,
+    apply_residual_dtype,
+    build_task,
+    task_unit,
+    uses_fused_loss,
+)
 from truthgpt.training.tasks import build_model as build_model  # re-exported for tests, benchmarks
 
 
@@ -796,6 +802,7 @@ def _train(
     )
     if uses_fused_loss(config, model):
         log(fused_loss_note(device))
+    apply_residual_dtype(model, config, resolve_precision(config.training.precision, device))
     if world.parallel == "fsdp":
         # Sharded before the micro-batch probe, which then measures what a rank really holds;
         # FP8 layers go in first, as torchao's float8 needs them under fully_shard.
