@@ -90,22 +90,27 @@ def test_a_bf16_stream_run_trains_as_the_fp32_stream_run(tmp_path: Path) -> None
 
 def test_settings_that_cannot_work_are_config_errors() -> None:
     tiny = {"hidden_size": 32, "num_layers": 1, "num_heads": 4, "max_position_embeddings": 64}
-    config = load({"model": tiny, "training": {"residual_dtype": "bf16"}})
-    model = build_model(config, vocab_size=64)
-    assert model.residual_dtype is None  # applied by the run, which knows what it computes in
-    with pytest.raises(ConfigError, match=r"residual_dtype: 'bf16' needs a bf16 run.*float32"):
-        apply_residual_dtype(model, config, torch.float32)
-    with pytest.raises(ConfigError, match="needs a bf16 run.*float16"):
-        apply_residual_dtype(model, config, torch.float16)  # fp16's range: the stream overflows
-    apply_residual_dtype(model, config, torch.bfloat16)
-    assert model.residual_dtype == torch.bfloat16
+    cpu = {"device": "cpu"}
+
+    def config(precision: str, setting: str = "bf16"):
+        training = {"residual_dtype": setting, "precision": precision}
+        return load({"model": tiny, "training": training, "hardware": cpu})
+
+    assert build_model(config("bf16"), vocab_size=64).residual_dtype == torch.bfloat16
+    assert build_model(config("bf16", "fp32"), vocab_size=64).residual_dtype == torch.float32
+    assert build_model(config("bf16", "auto"), vocab_size=64).residual_dtype is None
+    # auto computes in fp32 on a CPU; fp16's range would overflow the stream.
+    for precision, computes in (("fp32", "float32"), ("auto", "float32"), ("fp16", "float16")):
+        with pytest.raises(
+            ConfigError, match=f"residual_dtype: 'bf16' needs a bf16 run.*{computes}"
+        ):
+            build_model(config(precision), vocab_size=64)
 
     hf_model = transformers.GPT2LMHeadModel(
         transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=4, n_positions=64)
     )
     with pytest.raises(ConfigError, match=r"residual_dtype.*native decoder.*allowed here: auto"):
-        apply_residual_dtype(hf_model, config, torch.bfloat16)
-    auto = load({"model": tiny})
-    apply_residual_dtype(hf_model, auto, torch.bfloat16)  # auto: nothing to set, no error
+        apply_residual_dtype(hf_model, config("bf16"))
+    apply_residual_dtype(hf_model, config("bf16", "auto"))  # auto: nothing to set, no error
     with pytest.raises(ConfigError, match=r"training.residual_dtype.*'bf16'"):
         load({"training": {"residual_dtype": "bf61"}})

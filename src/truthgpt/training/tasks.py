@@ -180,13 +180,16 @@ def uses_fused_loss(config: Config, model: nn.Module) -> bool:
     return native and loss_kernel_available(resolve_device(config.hardware.device))
 
 
-def apply_residual_dtype(model: nn.Module, config: Config, dtype: torch.dtype) -> None:
-    """training.residual_dtype onto a native decoder that computes in `dtype`: fp32 or bf16
-    set its residual stream's dtype; auto leaves the embeddings' own (fp32 weights give fp32,
-    FSDP's bf16 gathered weights bf16)."""
+def apply_residual_dtype(model: nn.Module, config: Config) -> None:
+    """training.residual_dtype onto a native decoder: fp32 or bf16 set its residual stream's
+    dtype; auto leaves the embeddings' own (fp32 weights give fp32, FSDP's bf16 gathered
+    weights bf16)."""
     setting = config.training.residual_dtype
     if setting == "auto":
         return
+    from truthgpt.hardware import resolve_device, resolve_precision
+
+    dtype = resolve_precision(config.training.precision, resolve_device(config.hardware.device))
     base = model.get_base_model() if _is_peft(model) else model
     if not hasattr(base, "residual_dtype"):
         raise ConfigError(
@@ -208,6 +211,7 @@ def prepare_model_for_training(model: nn.Module, config: Config) -> nn.Module:
     if uses_fused_loss(config, model):
         base = model.get_base_model() if _is_peft(model) else model
         base.fused_loss = True
+    apply_residual_dtype(model, config)
     if config.training.packed_attention != "dense":
         base = model.get_base_model() if _is_peft(model) else model
         if hasattr(base, "packed_attention"):

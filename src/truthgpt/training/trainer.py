@@ -63,7 +63,6 @@ from truthgpt.training.sharded import load_sharded, save_sharded
 from truthgpt.training.signals import StopRequested
 from truthgpt.training.tasks import (
     Task,
-    apply_residual_dtype,
     build_task,
     task_unit,
     uses_fused_loss,
@@ -802,7 +801,6 @@ def _train(
     )
     if uses_fused_loss(config, model):
         log(fused_loss_note(device))
-    apply_residual_dtype(model, config, resolve_precision(config.training.precision, device))
     if world.parallel == "fsdp":
         # Sharded before the micro-batch probe, which then measures what a rank really holds;
         # FP8 layers go in first, as torchao's float8 needs them under fully_shard.
