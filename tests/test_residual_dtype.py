@@ -114,3 +114,6 @@ def test_settings_that_cannot_work_are_config_errors() -> None:
     apply_residual_dtype(hf_model, config("bf16", "auto"))  # auto: nothing to set, no error
     with pytest.raises(ConfigError, match=r"training.residual_dtype.*'bf16'"):
         load({"training": {"residual_dtype": "bf61"}})
+    image_task = {"task": "image-generation", "data": {"source": "digits"}}
+    with pytest.raises(ConfigError, match=r"residual_dtype: 'fp32'.*diffusion model"):
+        load({**image_task, "training": {"residual_dtype": "fp32"}})

@@ -254,7 +254,8 @@ class TrainingConfig(Section):
         "auto",
         description="native decoder: the dtype of the residual stream between blocks (and of "
         "its gradients). fp32: autocast's, as nanoGPT; bf16: half its memory traffic, as llm.c "
-        "and torchtitan (needs a bf16 run); auto: the weights' dtype, so fp32, except bf16 "
+        "and torchtitan (needs a bf16 run; GPT-2 on an H100: +5.6% tokens/s, val loss +0.26% "
+        "at step 300, benchmarks/RESULTS.md); auto: the weights' dtype, so fp32, except bf16 "
         "under fsdp with bf16 gathered weights (training.fsdp_param_dtype)",
     )
 
@@ -754,6 +755,12 @@ def cross_section_problems(config: Config) -> list[str]:
             f"training.micro_batch: 'auto' probes memory with token sequences of the language "
             f"tasks; task {config.task} trains on images: set training.batch_size and "
             "grad_accum_steps yourself (allowed here: empty)"
+        )
+    if image_task and config.training.residual_dtype != "auto":
+        problems.append(
+            f"training.residual_dtype: {config.training.residual_dtype!r} sets the native "
+            f"decoder's residual stream; task {config.task} trains a diffusion model (allowed "
+            "here: auto)"
         )
     if image_task and not IMAGE_SOURCES.knows(source):
         problems.append(
