@@ -136,6 +136,19 @@ def test_empty_file_is_an_error_not_a_default_run(tmp_path: Path) -> None:
         assert str(empty) in message and "empty" in message
 
 
+def test_a_key_given_twice_is_an_error_not_the_last_one_silently(tmp_path: Path) -> None:
+    twice = tmp_path / "twice.yaml"
+    twice.write_text("training:\n  max_steps: 5\n  batch_size: 2\n  max_steps: 7\n")
+    message = error_of_path(twice)
+    assert "'max_steps' is given twice" in message and "lines 2 and 4" in message
+    merged = tmp_path / "merged.yaml"  # a YAML merge key may be overridden: that is its point
+    merged.write_text("training:\n  <<: {max_steps: 5, batch_size: 2}\n  max_steps: 7\n")
+    assert load(merged).training.max_steps == 7
+    same_key_elsewhere = tmp_path / "fine.yaml"  # the same name in two mappings is no repeat
+    same_key_elsewhere.write_text("training:\n  max_steps: 5\noptim:\n  lr: 0.001\n")
+    assert load(same_key_elsewhere).training.max_steps == 5
+
+
 def test_diffusion_scheduler_name_is_checked_early() -> None:
     message = error_of({"diffusion": {"scheduler": "euler-a"}})
     assert "diffusion.scheduler" in message and "'euler-a'" in message

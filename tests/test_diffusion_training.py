@@ -471,3 +471,5 @@ def test_adamw8bit_without_a_gpu_is_a_clear_config_error(tmp_path: Path) -> None
     config = load(digits_config(tmp_path, optim={"name": "adamw8bit"}))
     with pytest.raises(ConfigError, match="optim.name: 'adamw8bit' runs on a CUDA GPU only"):
         train(config)
+    # Refused before the first step: no half-started run folder is left to --overwrite.
+    assert not config.run_dir.exists()

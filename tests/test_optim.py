@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from truthgpt.config import LoraConfig, OptimConfig
+from truthgpt.config import LoraConfig, OptimConfig, load
 from truthgpt.errors import ConfigError
 from truthgpt.models.decoder import Decoder, DecoderConfig
 from truthgpt.models.lora import apply_lora
@@ -181,6 +181,9 @@ def test_muon_with_lora_is_a_config_error() -> None:
     model = apply_lora(tiny_llama(), LoraConfig(enabled=True), "llama")
     with pytest.raises(ConfigError, match="optim.name: 'muon' does not train LoRA adapters"):
         build_optimizer(model, OptimConfig(name="muon"), torch.device("cpu"))
+    # ... and `truthgpt validate` says so too, before any data or model is built.
+    with pytest.raises(ConfigError, match="optim.name: 'muon' does not train LoRA adapters"):
+        load({"optim": {"name": "muon"}, "model": {"lora": {"enabled": True}}})
 
 
 def test_muon_vs_adamw_benchmark_runs_on_cpu(tmp_path: Path) -> None:

@@ -115,7 +115,7 @@ def train(
 
 @app.command(name="eval")
 def evaluate(
-    run: Annotated[Path, typer.Argument(help="Run folder.")],
+    run: Annotated[Path, typer.Argument(help="Run folder, or one of its checkpoint folders.")],
     data: Annotated[
         list[str] | None,
         typer.Option("--data", help="Text or .jsonl files/globs to evaluate instead (repeatable)."),
@@ -195,7 +195,7 @@ def generate(
         float | None, typer.Option(help="Nucleus mass in (0, 1]. Default: from inference:.")
     ] = None,
     seed: Annotated[
-        int | None, typer.Option(min=-(2**63), max=2**63 - 1, help="Fix the sampling RNG.")
+        int | None, typer.Option(help="Fix the sampling RNG (any 64-bit integer).")
     ] = None,
     n: Annotated[int, typer.Option(min=1, help="Samples per prompt.")] = 1,
     stop: Annotated[

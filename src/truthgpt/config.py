@@ -96,7 +96,9 @@ class DataConfig(Section):
         "dynamic padding; pack = fixed blocks (sft: attention kept inside each example)",
     )
     overlong: Literal["truncate", "drop"] = Field(
-        "truncate", description="sft examples longer than max_seq_len: cut or skip (counted)"
+        "truncate",
+        description="sft examples longer than max_seq_len: truncate keeps the first max_seq_len "
+        "tokens (an example left without answer tokens is skipped), drop skips it (both counted)",
     )
 
     @field_validator("source")
@@ -756,6 +758,12 @@ def cross_section_problems(config: Config) -> list[str]:
             f"tasks; task {config.task} trains on images: set training.batch_size and "
             "grad_accum_steps yourself (allowed here: empty)"
         )
+    if config.optim.name == "muon" and config.model.lora.enabled:
+        problems.append(
+            "optim.name: 'muon' does not train LoRA adapters (model.lora.enabled: true): Muon "
+            "orthogonalises updates of whole hidden matrices, not of low-rank factors; use "
+            "optim.name: adamw with LoRA"
+        )
     if image_task and config.training.residual_dtype != "auto":
         problems.append(
             f"training.residual_dtype: {config.training.residual_dtype!r} sets the native "
@@ -870,13 +878,36 @@ def save(config: Config, path: Path) -> None:
     path.write_text(config.to_yaml())
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping: PyYAML keeps the last,
+    so an edit further down a long config would silently undo one above it."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        lines: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` may repeat keys
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            line = key_node.start_mark.line + 1
+            if isinstance(key, str | int | float | bool) and key in lines:
+                raise yaml.constructor.ConstructorError(
+                    None,
+                    None,
+                    f"key {key!r} is given twice in one mapping (lines {lines[key]} and {line}); "
+                    "keep one",
+                    key_node.start_mark,
+                )
+            lines[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
 def _read_yaml(path: Path) -> dict[str, Any]:
     if path.is_dir():
         path = path / CONFIG_FILE
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
     if raw is None:

@@ -60,11 +60,23 @@ def load_for_generation(
 
 
 def load_tokenizer(folder: Path) -> PreTrainedTokenizerBase:
-    """The tokenizer saved beside a model (a run's checkpoint or an HF folder)."""
+    """The tokenizer saved beside a model (a run's checkpoint or an HF folder). A folder
+    without tokenizer files is an error: transformers would build an empty tokenizer from the
+    model's config alone, and every prompt would tokenize to nothing."""
+    from truthgpt.models.export import TOKENIZER_PATTERNS
+
+    if not any(any(Path(folder).glob(pattern)) for pattern in TOKENIZER_PATTERNS):
+        raise CheckpointError(
+            f"{folder} has no tokenizer files ({', '.join(TOKENIZER_PATTERNS)}): save the "
+            "tokenizer beside the model (tokenizer.save_pretrained(folder))"
+        )
     try:
-        return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"{folder} has no usable tokenizer: {exc}") from None
+    if len(tokenizer) <= 1:
+        raise CheckpointError(f"{folder}: its tokenizer files hold an empty vocabulary")
+    return tokenizer
 
 
 class LLM:

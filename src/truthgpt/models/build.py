@@ -192,6 +192,22 @@ def resolve_model_folder(
     return path
 
 
+def check_language_model_folder(folder: Path) -> None:
+    """A CheckpointError that says what `folder` holds when it is a model folder of another
+    kind than a language model's: FSDP shards, or a diffusion pipeline."""
+    if (folder / SHARDED_DIR).is_dir():
+        raise CheckpointError(
+            f"{folder} holds FSDP shards, not a model folder: write one with "
+            "`truthgpt export RUN --out DIR`, then use DIR"
+        )
+    if (folder / "model_index.json").is_file():
+        raise CheckpointError(
+            f"{folder} holds a diffusion pipeline (model_index.json), not a language model: "
+            "`truthgpt image` generates with it, and diffusers opens it as it is "
+            "(DiffusionPipeline.from_pretrained)"
+        )
+
+
 def _warn(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
@@ -213,11 +229,7 @@ def load_model(
     trainable=True leaves the adapter weights trainable (to resume training).
     """
     folder = Path(path).expanduser()
-    if (folder / SHARDED_DIR).is_dir():
-        raise CheckpointError(
-            f"{folder} holds FSDP shards, not a model folder: write one with "
-            "`truthgpt export RUN --out DIR`, then use DIR"
-        )
+    check_language_model_folder(folder)
     hf_config = read_hf_config(folder)  # CheckpointError when the folder or config.json is missing
     if is_checkpoint_folder(folder):
         # Sizes only (one stat per file): resolve_model_folder or find_resumable did the hashes.

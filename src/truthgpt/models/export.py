@@ -22,13 +22,14 @@ from typing import TYPE_CHECKING
 
 from safetensors.torch import save_file
 from torch import Tensor, nn
+from transformers import AutoTokenizer
 
 from truthgpt.atomic import publish_folder
 from truthgpt.errors import CheckpointError
 from truthgpt.guard import check_output, mark
 from truthgpt.models.build import load_model, resolve_model_folder, save_model
 from truthgpt.models.decoder import Decoder
-from truthgpt.models.hf_io import save_hf, weight_map
+from truthgpt.models.hf_io import save_hf, weight_map, write_generation_defaults
 from truthgpt.models.lora import ADAPTER_DIR, is_peft_model, plain_decoder
 
 if TYPE_CHECKING:
@@ -67,7 +68,10 @@ def export_hf(
 
     def fill(tmp: Path) -> None:
         write_export_model(model, tmp, merge_lora)
-        copy_tokenizer_files(folder, tmp)
+        if copy_tokenizer_files(folder, tmp):
+            write_generation_defaults(
+                tmp, AutoTokenizer.from_pretrained(tmp, local_files_only=True)
+            )
         mark(tmp, "export")
 
     publish_folder(out_dir, fill)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from truthgpt.config import CONFIG_FILE, Config, load
 from truthgpt.errors import ConfigError
+from truthgpt.guard import CHECKPOINTS
 
 log = logging.getLogger(__name__)
 
@@ -79,10 +80,13 @@ def build_state(model: str, config: Config):
     """Start the engine (the model loads there) and the tokenizer; returns the ServerState."""
     from truthgpt.inference.llm import load_tokenizer
     from truthgpt.models import resolve_model_folder
+    from truthgpt.models.build import check_language_model_folder
     from truthgpt.serving.openai_api import ServerState
 
     settings = config.serve
-    tokenizer = load_tokenizer(resolve_model_folder(model))
+    folder = resolve_model_folder(model)
+    check_language_model_folder(folder)  # shards or a pipeline: say so, not "no tokenizer"
+    tokenizer = load_tokenizer(folder)
     engine = start_engine(model, config)
     cache = None
     if settings.result_cache:
@@ -98,12 +102,21 @@ def build_state(model: str, config: Config):
         model_fingerprint=weights_fingerprint(model),
         engine=engine,
         tokenizer=tokenizer,
-        model_id=settings.served_model_name or Path(model).expanduser().resolve().name,
+        model_id=settings.served_model_name or default_model_id(model),
         settings=settings,
         inference=config.inference,
         api_key=settings.api_key or os.environ.get(API_KEY_ENV) or None,
         cache=cache,
     )
+
+
+def default_model_id(model: str) -> str:
+    """The name /v1/models lists: the folder's, and a run's checkpoint as RUN/NAME (its own
+    name alone would be `best` or `last`)."""
+    path = Path(model).expanduser().resolve()
+    if path.parent.name == CHECKPOINTS:
+        return f"{path.parent.parent.name}/{path.name}"
+    return path.name
 
 
 def weights_fingerprint(model: str) -> str:

@@ -33,6 +33,7 @@ from truthgpt.guard import SHARDED_DIR, TRAIN_STATE, check_output, mark
 from truthgpt.manifest import write_manifest
 from truthgpt.models.build import resolve_model_folder
 from truthgpt.models.export import export_hf, write_export_model
+from truthgpt.models.hf_io import write_generation_defaults
 from truthgpt.models.lora import is_peft_model
 from truthgpt.training import distributed
 from truthgpt.training.checkpoint import verify_checkpoint
@@ -155,6 +156,7 @@ def export_merged(
             write_export_model(model, tmp, merge_lora)
             if data.tokenizer is not None:
                 data.tokenizer.save_pretrained(tmp)
+                write_generation_defaults(tmp, data.tokenizer)
         else:
             task.save(model, data, tmp)
         mark(tmp, "export")

@@ -29,6 +29,7 @@ from truthgpt.data.packing import IGNORE_INDEX
 from truthgpt.data.prepare import PreparedData, prepare_causal_lm_data, prepare_sft_data
 from truthgpt.errors import ConfigError
 from truthgpt.models import load_model, save_model
+from truthgpt.models.hf_io import write_generation_defaults
 from truthgpt.registry import ARCHS, TASKS
 
 Batch = dict[str, torch.Tensor]
@@ -111,6 +112,7 @@ class LanguageModelTask:
         save_model(model, folder)
         if data.tokenizer is not None:
             data.tokenizer.save_pretrained(folder)
+            write_generation_defaults(folder, data.tokenizer)  # generate() stops at its eos
 
     def loss(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         # The model's loss averages over the labels that are not -100, shifted by one.

@@ -28,7 +28,7 @@ from truthgpt.config import Config
 from truthgpt.data import PreparedData
 from truthgpt.data.loader import train_batches, val_batches
 from truthgpt.data.prepare import check_enough_to_train
-from truthgpt.errors import CheckpointError, TrainingError
+from truthgpt.errors import CheckpointError, ConfigError, TrainingError
 from truthgpt.guard import CHECKPOINTS
 from truthgpt.hardware import apply_threads, peak_flops, resolve_device, resolve_precision
 from truthgpt.models.decoder import Decoder
@@ -763,7 +763,7 @@ def _train(
     if resume_from is not None and resume_from.step >= config.training.max_steps:
         return _nothing_to_train(config, resume_from, world)
     seed_everything(config.seed)  # the same initial weights on every rank
-    threads = apply_threads(config.hardware.threads)
+    apply_threads(config.hardware.threads)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = config.training.tf32
         torch.backends.cudnn.allow_tf32 = config.training.tf32
@@ -783,6 +783,46 @@ def _train(
         if fresh:
             remove_new_run_folder(run_dir)
         raise
+    try:
+        trainer = _build_trainer(config, world, device, task, data, resume_from, all_callbacks)
+    except ConfigError:
+        # A setting this machine cannot run (an optimizer that needs CUDA...), found before the
+        # first step: a folder this call made would only look like a run that started.
+        if fresh:
+            remove_new_run_folder(run_dir)
+        raise
+    result = trainer.fit()
+    # Stopped on request, the last evaluation may be the first one: no "a -> a" line.
+    evaluated = result.initial_val_loss is not None and result.final_val_loss is not None
+    if evaluated and not result.interrupted:
+        losses = f"{result.initial_val_loss:.4f} -> {result.final_val_loss:.4f}"
+        if trainer.reports_perplexity:
+            ppl = f"{result.initial_val_ppl:.2f} -> {result.final_val_ppl:.2f}"
+            log(f"val perplexity {ppl} (loss {losses})")
+        else:
+            log(f"val loss {losses}")
+    if result.nonfinite_skipped:
+        log(f"{result.nonfinite_skipped} updates were skipped for non-finite loss or gradients")
+    log(f"run folder: {run_dir}")
+    return result
+
+
+def _build_trainer(
+    config: Config,
+    world: World,
+    device: torch.device,
+    task: Task,
+    data: PreparedData,
+    resume_from: Resumable | None,
+    callbacks: list[Callback],
+) -> Trainer:
+    """The model (fresh, or the checkpoint's), placed or sharded on the device, the micro-batch
+    split, and the Trainer around them, restored when resuming."""
+
+    def log(message: str) -> None:
+        for callback in callbacks:
+            callback.on_log(message)
+
     check_enough_to_train(data, config.data.max_seq_len)
     if resume_from is not None and not resume_from.sharded:
         model = task.prepare_model(task.load_model(resume_from.folder))
@@ -797,7 +837,8 @@ def _train(
     name = describe(model) if describe else config.model.arch
     log(
         f"model {name}: {n_params / 1e6:.2f}M parameters{trainable} on {device}"
-        f"{across} ({resolve_precision(config.training.precision, device)}, {threads} CPU threads)"
+        f"{across} ({resolve_precision(config.training.precision, device)}, "
+        f"{torch.get_num_threads()} CPU threads)"
     )
     if uses_fused_loss(config, model):
         log(fused_loss_note(device))
@@ -813,26 +854,13 @@ def _train(
     # Before the Trainer compiles and wraps the model: the probe runs it as it is.
     saved = resume_from.state.get("micro_batch") if resume_from is not None else None
     split = resolve_split(config, task, data, model, world, log, saved)
-    trainer = Trainer(config, model, data, device, run_dir, all_callbacks, task, world, split)
+    trainer = Trainer(config, model, data, device, config.run_dir, callbacks, task, world, split)
     if world.size > 1:
         torch.manual_seed(config.seed + world.rank)  # dropout masks differ between ranks
     if resume_from is not None:
         trainer.restore(resume_from)
         log(f"resumed from {resume_from.folder} at step {trainer.step}")
-    result = trainer.fit()
-    # Stopped on request, the last evaluation may be the first one: no "a -> a" line.
-    evaluated = result.initial_val_loss is not None and result.final_val_loss is not None
-    if evaluated and not result.interrupted:
-        losses = f"{result.initial_val_loss:.4f} -> {result.final_val_loss:.4f}"
-        if trainer.reports_perplexity:
-            ppl = f"{result.initial_val_ppl:.2f} -> {result.final_val_ppl:.2f}"
-            log(f"val perplexity {ppl} (loss {losses})")
-        else:
-            log(f"val loss {losses}")
-    if result.nonfinite_skipped:
-        log(f"{result.nonfinite_skipped} updates were skipped for non-finite loss or gradients")
-    log(f"run folder: {run_dir}")
-    return result
+    return trainer
 
 
 def _nothing_to_train(config: Config, resume_from: Resumable, world: World) -> TrainResult:
