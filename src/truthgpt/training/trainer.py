@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -61,12 +62,7 @@ from truthgpt.training.run_folder import (
 )
 from truthgpt.training.sharded import load_sharded, save_sharded
 from truthgpt.training.signals import StopRequested
-from truthgpt.training.tasks import (
-    Task,
-    build_task,
-    task_unit,
-    uses_fused_loss,
-)
+from truthgpt.training.tasks import Task, build_task, task_unit, uses_fused_loss
 from truthgpt.training.tasks import build_model as build_model  # re-exported for tests, benchmarks
 
 
@@ -768,11 +764,7 @@ def _train(
         torch.backends.cuda.matmul.allow_tf32 = config.training.tf32
         torch.backends.cudnn.allow_tf32 = config.training.tf32
     all_callbacks = build_callbacks(config, run_dir) + callbacks if world.is_main else []
-
-    def log(message: str) -> None:
-        for callback in all_callbacks:
-            callback.on_log(message)
-
+    log = _logger(all_callbacks)
     task = build_task(config)
     # Rank 0 first: it writes what the others read (the run's tokenizer).
     try:
@@ -807,6 +799,16 @@ def _train(
     return result
 
 
+def _logger(callbacks: list[Callback]) -> Callable[[str], None]:
+    """A log function that hands each message to every callback."""
+
+    def log(message: str) -> None:
+        for callback in callbacks:
+            callback.on_log(message)
+
+    return log
+
+
 def _build_trainer(
     config: Config,
     world: World,
@@ -818,11 +820,7 @@ def _build_trainer(
 ) -> Trainer:
     """The model (fresh, or the checkpoint's), placed or sharded on the device, the micro-batch
     split, and the Trainer around them, restored when resuming."""
-
-    def log(message: str) -> None:
-        for callback in callbacks:
-            callback.on_log(message)
-
+    log = _logger(callbacks)
     check_enough_to_train(data, config.data.max_seq_len)
     if resume_from is not None and not resume_from.sharded:
         model = task.prepare_model(task.load_model(resume_from.folder))
