@@ -227,6 +227,17 @@ def test_resume_with_steering_changes_goes_on_and_records_them(run_copy: Path) -
     assert saved["training"]["max_steps"] == 15
 
 
+def test_a_copied_run_resumes_under_its_new_name(run_copy: Path) -> None:
+    copy = Path(shutil.copytree(run_copy, run_copy.parent / "copy", symlinks=True))
+    raw = run_config(copy, training__max_steps=15)
+    raw["run_name"] = "copy"
+    result = train(load(raw), resume=True)
+    assert result.run_dir == copy and result.steps == 15
+    assert history(copy)[-1]["changes"]["run_name"] == ["tiny", "copy"]
+    assert yaml.safe_load((copy / "config.yaml").read_text())["run_name"] == "copy"
+    assert history(run_copy)[-1]["event"] == "start"  # the original is untouched
+
+
 def test_resume_of_a_checkpoint_without_its_config_compares_config_yaml(run_copy: Path) -> None:
     # Checkpoints written before run_config.yaml existed: config.yaml is the reference.
     for folder in (run_copy / "checkpoints").iterdir():

@@ -33,7 +33,10 @@ HISTORY = "config_history.jsonl"
 # where it runs) but not what is trained. Everything else must match the checkpoint's config.
 # An entry ending in "." allows the whole section.
 STEERING_KEYS = (
+    # Where the run folder is and what it is called: a copied run (cp -a runs/a runs/b) resumes
+    # under its new name.
     "output_dir",
+    "run_name",
     "training.max_steps",
     "training.eval_every",
     "training.eval_batches",
