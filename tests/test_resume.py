@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -164,6 +165,49 @@ def test_kill_9_mid_training_then_resume(tmp_path: Path) -> None:
     assert sorted(got) == list(range(1, 61))
     for step in range(1, 61):
         assert got[step] == pytest.approx(expected[step], rel=1e-5), step
+
+
+def killed_mid_write(folder: Path) -> int:
+    """Write `folder` as every checkpoint is written (atomic.py), and die by a real kill -9
+    half way through; returns the dead writer's pid."""
+    code = textwrap.dedent(
+        """
+        import os, signal, sys
+        from pathlib import Path
+        from truthgpt.atomic import publish_folder
+
+        def fill(tmp):
+            (tmp / "model.safetensors").write_bytes(b"half of the weights")
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        publish_folder(Path(sys.argv[1]), fill)
+        """
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code, str(folder)])
+    assert proc.wait(timeout=60) == -signal.SIGKILL
+    return proc.pid
+
+
+def listing(checkpoints: Path) -> list[str]:
+    return sorted(p.name for p in checkpoints.iterdir())
+
+
+def test_the_next_training_tidies_what_killed_writes_left(tmp_path: Path, capsys) -> None:
+    raw = resume_config(tmp_path, "tidy", training={"max_steps": 10})
+    checkpoints = train(load(raw)).run_dir / "checkpoints"
+    pids = [killed_mid_write(checkpoints / name) for name in ("step_000015", "last")]
+    assert f".tmp-step_000015-{pids[0]}" in listing(checkpoints)
+    # Killed between publish_folder's two renames: best/ moved aside, the new one not yet in.
+    moved = checkpoints / f".old-best-{pids[1]}"
+    (checkpoints / "best").rename(moved)
+    capsys.readouterr()
+    assert train(load(raw), resume=True).steps == 10  # nothing to train: only tidied
+    lines = [line for line in capsys.readouterr().out.splitlines() if "tidied" in line]
+    assert len(lines) == 1, lines
+    assert f"removed checkpoints/.tmp-step_000015-{pids[0]}/" in lines[0]
+    assert f"restored checkpoints/best/ from checkpoints/.old-best-{pids[1]}/" in lines[0]
+    assert listing(checkpoints) == ["best", "last", "step_000005", "step_000010"]
+    verify_checkpoint(checkpoints / "best")
 
 
 def test_a_truncated_checkpoint_is_skipped_for_the_previous_one(tmp_path: Path) -> None:

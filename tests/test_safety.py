@@ -141,6 +141,19 @@ def test_pruning_deletes_only_step_folders_of_a_run(tmp_path: Path) -> None:
     assert sorted(p.name for p in loose.iterdir()) == ["step_000002", "step_notes"]
 
 
+def test_only_a_run_folder_is_tidied_when_training_takes_it(tmp_path: Path) -> None:
+    from truthgpt.training.run_folder import take_run_folder
+
+    folder = tmp_path / "notes"  # a user's folder, named as the run
+    for name in (".tmp-draft-12", "checkpoints/.tmp-last-12"):
+        (folder / name).mkdir(parents=True)
+    take_run_folder(folder).close()
+    assert listing(folder) == [".tmp-draft-12", "checkpoints", "checkpoints/.tmp-last-12"]
+    guard.mark(folder, "run")
+    take_run_folder(folder).close()
+    assert listing(folder) == [".truthgpt-run", "checkpoints"]
+
+
 def test_images_never_go_into_a_run_folder(run_copy: Path) -> None:
     for out, reason in (
         (run_copy, "is a run folder"),

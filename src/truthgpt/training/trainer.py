@@ -55,9 +55,9 @@ from truthgpt.training.optim import build_optimizer, build_scheduler
 from truthgpt.training.rng import rng_state, seed_everything, set_rng_state
 from truthgpt.training.run_folder import (
     RUN_CONFIG,
-    lock_run_folder,
     prepare_run_dir,
     remove_new_run_folder,
+    take_run_folder,
 )
 from truthgpt.training.sharded import load_sharded, save_sharded
 from truthgpt.training.signals import StopRequested
@@ -735,7 +735,7 @@ def train(
             check_flex_training(device)
         # Rank 0 holds the run folder until the run ends: a second training of it is refused.
         lock = distributed.from_main(
-            lambda: lock_run_folder(config.run_dir), share=lambda held: None
+            lambda: take_run_folder(config.run_dir), share=lambda held: None
         )
         return _train(config, world, device, callbacks or [], overwrite, resume)
     finally:
