@@ -141,6 +141,14 @@ def test_pruning_deletes_only_step_folders_of_a_run(tmp_path: Path) -> None:
     assert sorted(p.name for p in loose.iterdir()) == ["step_000002", "step_notes"]
 
 
+def test_pruning_orders_step_folders_by_their_step(tmp_path: Path) -> None:
+    checkpoints = tmp_path / "run" / "checkpoints"
+    for name in ("step_999999", "step_1000000"):  # past six digits names no longer sort
+        (checkpoints / name).mkdir(parents=True)
+    guard.mark(tmp_path / "run", "run")
+    assert prune_step_checkpoints(checkpoints, keep_last=1) == [checkpoints / "step_999999"]
+
+
 def test_only_a_run_folder_is_tidied_when_training_takes_it(tmp_path: Path) -> None:
     from truthgpt.training.run_folder import take_run_folder
 

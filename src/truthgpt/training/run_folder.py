@@ -25,7 +25,7 @@ from truthgpt.atomic import atomic_write_text, clear_interrupted_writes
 from truthgpt.config import Config
 from truthgpt.errors import CheckpointError, ConfigError
 from truthgpt.guard import CHECKPOINTS, check_output, mark, written_by
-from truthgpt.training.checkpoint import Resumable, open_resumable
+from truthgpt.training.checkpoint import Resumable, finish_interrupted_save, open_resumable
 
 RUN_CONFIG = "run_config.yaml"  # in each checkpoint: the resolved config it was trained with
 HISTORY = "config_history.jsonl"
@@ -178,8 +178,11 @@ def prepare_run_dir(
         step = resume_from.step
         folder = resume_from.folder
         changes = resume_changes(saved_config(folder, run_dir, log), config, folder)
+        finished = finish_interrupted_save(resume_from, config.checkpoint.keep_last)
+        if finished:
+            log(f"finished the save a kill interrupted: {', '.join(finished)}")
         if step >= config.training.max_steps:
-            return resume_from  # nothing to train (train() says so): the folder stays as it was
+            return resume_from  # nothing to train (train() says so): the rest stays as it was
         mark(run_dir, "run")  # a run from before markers becomes a marked one
         truncate_metrics(run_dir, step)
         _append_history(run_dir, {"step": step, "event": "resume", "changes": changes})

@@ -527,7 +527,7 @@ class Trainer:
         if self.world.is_main:
             if keep_last:
                 path = link_checkpoint(path, self.checkpoints / "last")
-            prune_step_checkpoints(self.checkpoints, keep_last)
+            prune_step_checkpoints(self.checkpoints, keep_last, self.step)
             self._emit("on_checkpoint", self.step, path)
         return path
 
@@ -837,12 +837,13 @@ def _train(
 
 def _nothing_to_train(config: Config, resume_from: Resumable, world: World) -> TrainResult:
     """A resume at or past training.max_steps: no data, model or callback is built, and the
-    run folder (its config, history, metrics, checkpoints) is left exactly as it was."""
+    run folder (its config, history, metrics, checkpoints) is left as it was, but for the end
+    of a save that a kill cut short (prepare_run_dir)."""
     state = resume_from.state
     if world.is_main:
         print(
             f"nothing to train: {config.run_dir} is at step {resume_from.step} and "
-            f"training.max_steps is {config.training.max_steps}; nothing was changed. Raise "
+            f"training.max_steps is {config.training.max_steps}; its config is unchanged. Raise "
             "max_steps (--set training.max_steps=N) to train on.",
             flush=True,
         )
