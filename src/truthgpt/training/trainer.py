@@ -60,7 +60,7 @@ from truthgpt.training.run_folder import (
     take_run_folder,
 )
 from truthgpt.training.sharded import load_sharded, save_sharded
-from truthgpt.training.signals import StopRequested
+from truthgpt.training.signals import Interrupted, StopRequested
 from truthgpt.training.tasks import (
     Task,
     build_task,
@@ -181,6 +181,7 @@ class Trainer:
                 param.grad = torch.zeros_like(param)
         self.ema = EMA(model, self.train_cfg.ema.decay) if self.train_cfg.ema.enabled else None
         self.step = 0
+        self.saved: tuple[int, Path] | None = None  # the newest resumable checkpoint: step, folder
         self.tokens_seen = 0
         self.best_metric: float | None = None
         self.initial_val_loss: float | None = None
@@ -524,12 +525,24 @@ class Trainer:
         state = self.train_state()
         name = "last" if keep_last == 0 else step_folder_name(self.step)
         path = self._save(self.checkpoints / name, state)
+        self.saved = (self.step, path)
         if self.world.is_main:
             if keep_last:
                 path = link_checkpoint(path, self.checkpoints / "last")
             prune_step_checkpoints(self.checkpoints, keep_last, self.step)
             self._emit("on_checkpoint", self.step, path)
         return path
+
+    def stopped_at_once(self) -> str:
+        """Where the run stands when a Ctrl-C stops it at once, between step boundaries."""
+        if self.saved is None:
+            return f"stopped at step {self.step}, before its first checkpoint: nothing was saved"
+        step, folder = self.saved
+        unsaved = f" (steps {step + 1}-{self.step} were not saved)" if self.step > step else ""
+        return (
+            f"stopped at step {self.step}{unsaved}; the newest checkpoint is step {step}, "
+            f"{folder}: --resume continues from it"
+        )
 
     def save_model_only(self, name: str) -> Path:
         path = self._save(self.checkpoints / name, None)
@@ -616,6 +629,7 @@ class Trainer:
                 self.model.load_state_dict(own)
             self.optimizer.load_state_dict(state["optimizer"])
         self.step = int(state["step"])
+        self.saved = (self.step, folder)
         self.tokens_seen = int(state["tokens_seen"])
         self.pending_tokens = 0
         self.best_metric = state["best_metric"]
@@ -819,7 +833,10 @@ def _train(
     if resume_from is not None:
         trainer.restore(resume_from)
         log(f"resumed from {resume_from.folder} at step {trainer.step}")
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except KeyboardInterrupt:  # a second Ctrl-C, or one after the loop gave the signals back
+        raise Interrupted(trainer.stopped_at_once()) from None
     # Stopped on request, the last evaluation may be the first one: no "a -> a" line.
     evaluated = result.initial_val_loss is not None and result.final_val_loss is not None
     if evaluated and not result.interrupted:
