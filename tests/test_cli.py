@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import signal
 import subprocess
 import sys
 import textwrap
@@ -12,11 +15,14 @@ import pytest
 import yaml
 from conftest import tiny_raw_config
 from transformers import AutoTokenizer, GPTNeoXConfig, GPTNeoXForCausalLM
-from typer.testing import CliRunner
+from typer.testing import CliRunner, Result
 
 from truthgpt.cli import app
 from truthgpt.config import load
 from truthgpt.manifest import write_manifest
+from truthgpt.training import signals
+from truthgpt.training import trainer as trainer_module
+from truthgpt.training.callbacks import Callback
 
 runner = CliRunner()
 
@@ -238,6 +244,54 @@ def test_resume_flag_continues_a_run(tmp_path: Path) -> None:
     done = runner.invoke(app, ["train", str(path), "--set", "training.max_steps=12", "--resume"])
     assert done.exit_code == 0, done.output
     assert "nothing to train" in done.output and "at step 12" in done.output
+
+
+class CtrlCTwice(Callback):
+    """Two Ctrl-C at the end of `step`: the first asks for a stop at the step boundary, the
+    second stops at once (a run stuck in a long step, as a user presses Ctrl-C again)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, step: int, metrics: dict) -> None:
+        if step == self.step:
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+def test_a_second_ctrl_c_says_which_checkpoint_a_resume_continues_from(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = write_config(tmp_path, training={"log_every": 1}, checkpoint={"save_every": 5})
+    run_dir = tmp_path / "runs" / "tiny"
+    build_callbacks = trainer_module.build_callbacks
+
+    def train_until_ctrl_c_twice(step: int, *args: str) -> Result:
+        monkeypatch.setattr(
+            trainer_module,
+            "build_callbacks",
+            lambda config, run_dir: [*build_callbacks(config, run_dir), CtrlCTwice(step)],
+        )
+        previous = signal.getsignal(signal.SIGINT)
+        try:
+            return runner.invoke(app, ["train", str(path), *args])
+        finally:  # the CLI took SIGINT over for this (test) process
+            signal.signal(signal.SIGINT, previous)
+            signals._interrupted_early.clear()
+
+    fresh = train_until_ctrl_c_twice(7)
+    assert fresh.exit_code == 130, fresh.output
+    checkpoint = run_dir / "checkpoints" / "step_000005"
+    expected = "stopped at step 7 (steps 6-7 were not saved); the newest checkpoint is step 5, "
+    assert f"{expected}{checkpoint}: --resume continues from it" in fresh.output
+    assert "before training began" not in fresh.output
+    resumed = train_until_ctrl_c_twice(12, "--resume")
+    assert resumed.exit_code == 130, resumed.output
+    assert "resumed from" in resumed.output and "at step 5" in resumed.output
+    assert "stopped at step 12 (steps 11-12 were not saved)" in resumed.output
+    assert f"the newest checkpoint is step 10, {run_dir / 'checkpoints'}" in resumed.output
+    steps = [json.loads(line)["step"] for line in (run_dir / "config_history.jsonl").open()]
+    assert steps == [0, 5]
 
 
 def test_generate_chat_uses_the_template_or_the_servers_plain_one(tmp_path: Path) -> None:

@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -16,12 +17,15 @@ import torch
 import yaml
 from conftest import tiny_raw_config
 
+from truthgpt import manifest
 from truthgpt.config import load
 from truthgpt.data import prepare_data
 from truthgpt.errors import CheckpointError, TrainingError
+from truthgpt.training import trainer as trainer_module
 from truthgpt.training.callbacks import Callback
 from truthgpt.training.checkpoint import (
     find_resumable,
+    read_train_state,
     save_checkpoint,
     step_checkpoints,
     verify_checkpoint,
@@ -164,6 +168,117 @@ def test_kill_9_mid_training_then_resume(tmp_path: Path) -> None:
     assert sorted(got) == list(range(1, 61))
     for step in range(1, 61):
         assert got[step] == pytest.approx(expected[step], rel=1e-5), step
+
+
+def killed_mid_write(folder: Path) -> int:
+    """Write `folder` as every checkpoint is written (atomic.py), and die by a real kill -9
+    half way through; returns the dead writer's pid."""
+    code = textwrap.dedent(
+        """
+        import os, signal, sys
+        from pathlib import Path
+        from truthgpt.atomic import publish_folder
+
+        def fill(tmp):
+            (tmp / "model.safetensors").write_bytes(b"half of the weights")
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        publish_folder(Path(sys.argv[1]), fill)
+        """
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code, str(folder)])
+    assert proc.wait(timeout=60) == -signal.SIGKILL
+    return proc.pid
+
+
+def listing(checkpoints: Path) -> list[str]:
+    return sorted(p.name for p in checkpoints.iterdir())
+
+
+def test_the_next_training_tidies_what_killed_writes_left(tmp_path: Path, capsys) -> None:
+    raw = resume_config(tmp_path, "tidy", training={"max_steps": 10})
+    checkpoints = train(load(raw)).run_dir / "checkpoints"
+    pids = [killed_mid_write(checkpoints / name) for name in ("step_000015", "last")]
+    assert f".tmp-step_000015-{pids[0]}" in listing(checkpoints)
+    # Killed between publish_folder's two renames: best/ moved aside, the new one not yet in.
+    moved = checkpoints / f".old-best-{pids[1]}"
+    (checkpoints / "best").rename(moved)
+    capsys.readouterr()
+    assert train(load(raw), resume=True).steps == 10  # nothing to train: only tidied
+    lines = [line for line in capsys.readouterr().out.splitlines() if "tidied" in line]
+    assert len(lines) == 1, lines
+    assert f"removed checkpoints/.tmp-step_000015-{pids[0]}/" in lines[0]
+    assert f"restored checkpoints/best/ from checkpoints/.old-best-{pids[1]}/" in lines[0]
+    assert listing(checkpoints) == ["best", "last", "step_000005", "step_000010"]
+    verify_checkpoint(checkpoints / "best")
+
+
+def crash_before_relinking_last(monkeypatch: pytest.MonkeyPatch, step: int) -> None:
+    """The next save of `step` stops (as a kill would) once step_N/ is written, before last/
+    becomes its twin and older step_N/ folders are pruned."""
+    link = trainer_module.link_checkpoint
+
+    def crashing_link(source: Path, folder: Path) -> Path:
+        if source.name == f"step_{step:06d}":
+            raise RuntimeError("simulated kill")
+        return link(source, folder)
+
+    monkeypatch.setattr(trainer_module, "link_checkpoint", crashing_link)
+
+
+def test_resume_takes_the_newest_checkpoint_when_last_is_behind(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    raw = resume_config(tmp_path, "behind", training={"max_steps": 7}, checkpoint={"save_every": 1})
+    with monkeypatch.context() as patch:
+        crash_before_relinking_last(patch, 7)
+        with pytest.raises(RuntimeError, match="simulated kill"):
+            train(load(raw))
+    checkpoints = Path(raw["output_dir"]) / "behind" / "checkpoints"
+    # One step_N/ more than keep_last (2), and last/ one checkpoint behind.
+    assert listing(checkpoints) == ["best", "last", *(f"step_00000{n}" for n in (5, 6, 7))]
+    assert read_train_state(checkpoints / "last")["step"] == 6
+    hashed: list[Path] = []
+    sha256 = manifest.sha256
+    monkeypatch.setattr(manifest, "sha256", lambda path: hashed.append(path) or sha256(path))
+    assert find_resumable(checkpoints, warn=print) == checkpoints / "step_000007"
+    assert sorted(hashed) == sorted(
+        p
+        for p in (checkpoints / "step_000007").rglob("*")
+        if p.is_file() and p.name != "manifest.json"
+    )
+    monkeypatch.undo()
+    # A resume with nothing left to train still ends the save the kill cut short.
+    capsys.readouterr()
+    assert train(load(raw), resume=True).steps == 7
+    assert "finished the save a kill interrupted" in capsys.readouterr().out
+    assert listing(checkpoints) == ["best", "last", "step_000006", "step_000007"]
+    assert read_train_state(checkpoints / "last")["step"] == 7
+    result = train(load({**raw, "training": {**raw["training"], "max_steps": 8}}), resume=True)
+    assert result.steps == 8
+    assert listing(checkpoints) == ["best", "last", "step_000007", "step_000008"]
+    resumes = [json.loads(line) for line in (result.run_dir / "config_history.jsonl").open()]
+    assert [r["step"] for r in resumes if r["event"] == "resume"] == [7]
+
+
+def test_checkpoints_past_the_one_resumed_from_count_no_more(tmp_path: Path) -> None:
+    raw = resume_config(tmp_path, "past", training={"max_steps": 10})
+    checkpoints = train(load(raw)).run_dir / "checkpoints"
+    # step_10/ (and last/, its twin) damaged: the resume goes on from step_5/.
+    weights = checkpoints / "step_000010" / "model.safetensors"
+    with open(weights, "r+b") as handle:
+        handle.truncate(weights.stat().st_size // 2)
+    resume = {
+        **raw,
+        "training": {**raw["training"], "max_steps": 6},
+        "checkpoint": {"save_every": 3, "keep_last": 1},
+    }
+    assert train(load(resume), resume=True).steps == 6
+    # The damaged step_10/ was trained again up to step 6: it is not the newest to keep.
+    assert listing(checkpoints) == ["best", "last", "step_000006"]
+    for name in ("last", "step_000006"):
+        verify_checkpoint(checkpoints / name)
+    assert read_train_state(checkpoints / "last")["step"] == 6
 
 
 def test_a_truncated_checkpoint_is_skipped_for_the_previous_one(tmp_path: Path) -> None:

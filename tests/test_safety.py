@@ -141,6 +141,27 @@ def test_pruning_deletes_only_step_folders_of_a_run(tmp_path: Path) -> None:
     assert sorted(p.name for p in loose.iterdir()) == ["step_000002", "step_notes"]
 
 
+def test_pruning_orders_step_folders_by_their_step(tmp_path: Path) -> None:
+    checkpoints = tmp_path / "run" / "checkpoints"
+    for name in ("step_999999", "step_1000000"):  # past six digits names no longer sort
+        (checkpoints / name).mkdir(parents=True)
+    guard.mark(tmp_path / "run", "run")
+    assert prune_step_checkpoints(checkpoints, keep_last=1) == [checkpoints / "step_999999"]
+
+
+def test_only_a_run_folder_is_tidied_when_training_takes_it(tmp_path: Path) -> None:
+    from truthgpt.training.run_folder import take_run_folder
+
+    folder = tmp_path / "notes"  # a user's folder, named as the run
+    for name in (".tmp-draft-12", "checkpoints/.tmp-last-12"):
+        (folder / name).mkdir(parents=True)
+    take_run_folder(folder).close()
+    assert listing(folder) == [".tmp-draft-12", "checkpoints", "checkpoints/.tmp-last-12"]
+    guard.mark(folder, "run")
+    take_run_folder(folder).close()
+    assert listing(folder) == [".truthgpt-run", "checkpoints"]
+
+
 def test_images_never_go_into_a_run_folder(run_copy: Path) -> None:
     for out, reason in (
         (run_copy, "is a run folder"),
@@ -225,6 +246,17 @@ def test_resume_with_steering_changes_goes_on_and_records_them(run_copy: Path) -
     assert changes["training.max_steps"] == [10, 15] and changes["training.log_every"] == [5, 1]
     saved = yaml.safe_load((run_copy / "checkpoints" / "last" / "run_config.yaml").read_text())
     assert saved["training"]["max_steps"] == 15
+
+
+def test_a_copied_run_resumes_under_its_new_name(run_copy: Path) -> None:
+    copy = Path(shutil.copytree(run_copy, run_copy.parent / "copy", symlinks=True))
+    raw = run_config(copy, training__max_steps=15)
+    raw["run_name"] = "copy"
+    result = train(load(raw), resume=True)
+    assert result.run_dir == copy and result.steps == 15
+    assert history(copy)[-1]["changes"]["run_name"] == ["tiny", "copy"]
+    assert yaml.safe_load((copy / "config.yaml").read_text())["run_name"] == "copy"
+    assert history(run_copy)[-1]["event"] == "start"  # the original is untouched
 
 
 def test_resume_of_a_checkpoint_without_its_config_compares_config_yaml(run_copy: Path) -> None:

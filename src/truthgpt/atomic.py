@@ -7,9 +7,14 @@ crash, a full disk or a kill mid-write never leaves a half-written checkpoint or
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
+
+# What a write in progress holds beside its target: the new version (.tmp-NAME-PID) and, for a
+# moment between two renames, the old one moved aside (.old-NAME-PID).
+_IN_PROGRESS = re.compile(r"\.(tmp|old)-(.+)-\d+")
 
 
 def publish_folder(folder: Path, fill: Callable[[Path], None]) -> Path:
@@ -39,6 +44,38 @@ def publish_folder(folder: Path, fill: Callable[[Path], None]) -> Path:
         raise
     shutil.rmtree(old, ignore_errors=True)
     return folder
+
+
+def clear_interrupted_writes(parent: Path, shown_from: Path | None = None) -> list[str]:
+    """Tidy what writers killed mid-write (kill -9, power loss) left in `parent`; returns one
+    note per entry, its path shown relative to `shown_from` (default `parent`).
+
+    A `.tmp-NAME-PID` is deleted: its write never finished. An `.old-NAME-PID` goes back to
+    NAME when NAME is missing (the kill fell between publish_folder's two renames, and the old
+    version is whole), else it is deleted. Call it only where no writer is alive, i.e. while
+    holding the lock of the folder's owner: a live writer's temporary folder would go too.
+    """
+    parent = Path(parent)
+    if not parent.is_dir():
+        return []
+    shown_from = Path(shown_from) if shown_from is not None else parent
+    notes = []
+    for path in sorted(parent.iterdir()):
+        match = _IN_PROGRESS.fullmatch(path.name)
+        if match is None:
+            continue
+        shown = path.relative_to(shown_from).as_posix() + "/" * path.is_dir()
+        target = parent / match[2]
+        if match[1] == "old" and path.is_dir() and not target.exists():
+            path.rename(target)
+            notes.append(f"restored {target.relative_to(shown_from).as_posix()}/ from {shown}")
+        elif path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+            notes.append(f"removed {shown}")
+        else:
+            path.unlink(missing_ok=True)
+            notes.append(f"removed {shown}")
+    return notes
 
 
 def fsync_tree(folder: Path) -> None:

@@ -65,7 +65,7 @@ def train(
     ] = None,
 ) -> None:
     """Train the model a YAML config describes; writes the run folder."""
-    from truthgpt.training.signals import catch_early_interrupts
+    from truthgpt.training.signals import Interrupted, catch_early_interrupts
 
     catch_early_interrupts()  # first: the imports below take seconds
     from truthgpt.training.distributed import stop_with_launcher
@@ -101,9 +101,12 @@ def train(
         result = run_training(resolved, overwrite=overwrite, resume=resume or None)
     except TruthGPTError as exc:
         _fail(exc)
-    except KeyboardInterrupt:  # Ctrl-C before the loop took over signals: nothing to save yet
+    except KeyboardInterrupt as exc:
+        # Once the loop runs, a Ctrl-C that stops at once says what was saved (Interrupted);
+        # any other came during start-up, before anything was.
         if os.environ.get("RANK", "0") == "0":
-            typer.secho("interrupted before training began; nothing was saved", err=True)
+            early = "interrupted before training began; nothing was saved"
+            typer.secho(str(exc) if isinstance(exc, Interrupted) else early, err=True)
         raise typer.Exit(code=130) from None
     # 130: not a finished run; a `train ... && generate ...` chain must not go on as if it were.
     code = 130 if result.interrupted else 0

@@ -116,15 +116,27 @@ def step_checkpoints(checkpoints: Path) -> list[Path]:
     if not checkpoints.is_dir():
         return []
     folders = [p for p in checkpoints.iterdir() if p.is_dir() and STEP_FOLDER.fullmatch(p.name)]
-    return sorted(folders, key=lambda p: p.name, reverse=True)
+    return sorted(folders, key=folder_step, reverse=True)  # by N: step_1000000 < step_999999
 
 
-def prune_step_checkpoints(checkpoints: Path, keep_last: int) -> list[Path]:
+def folder_step(folder: Path) -> int:
+    """N of a step_N/ folder."""
+    return int(folder.name.removeprefix(STEP_PREFIX))
+
+
+def prune_step_checkpoints(
+    checkpoints: Path, keep_last: int, step: int | None = None
+) -> list[Path]:
     """Delete all but the newest `keep_last` step_N/ folders; returns what was removed.
 
+    `step`: that of the checkpoint just written or resumed from. Folders past it are deleted
+    too: a run resumed from an earlier checkpoint found them damaged (find_resumable takes the
+    newest complete one), so they are a past that was trained again, not the newest work.
     Only step_N folders inside the checkpoints/ of a run folder are ever deleted (guard.py).
     """
-    removed = step_checkpoints(checkpoints)[keep_last:]
+    folders = step_checkpoints(checkpoints)
+    later = [f for f in folders if step is not None and folder_step(f) > step]
+    removed = later + [f for f in folders if f not in later][keep_last:]
     for folder in removed:
         check_prunable(folder)
         shutil.rmtree(folder, ignore_errors=True)
@@ -132,15 +144,21 @@ def prune_step_checkpoints(checkpoints: Path, keep_last: int) -> list[Path]:
 
 
 def find_resumable(checkpoints: Path, warn: Callable[[str], None]) -> Path | None:
-    """The newest complete checkpoint with training state: last/, else step_N/ newest first.
+    """The newest complete checkpoint with training state: last/ and step_N/ by their step
+    (last/ first on a tie). A kill after step_N/ was written but before last/ became its twin
+    leaves last/ a checkpoint behind: step_N/ is then the newer one.
 
-    A folder that is incomplete or corrupt (a crash during its write, a truncated file) is
-    skipped with a warning, so a run resumes from the previous good one.
+    Candidates are verified newest first, each once, until one passes: a folder that is
+    incomplete or corrupt (a crash during its write, a truncated file) is skipped with a
+    warning, so a run resumes from the previous good one.
     """
-    candidates = [checkpoints / "last", *step_checkpoints(checkpoints)]
+    candidates = step_checkpoints(checkpoints)
+    last = checkpoints / "last"
+    if last.is_dir():
+        step = _peek_step(last)
+        newer = 0 if step is None else sum(folder_step(f) > step for f in candidates)
+        candidates.insert(newer, last)
     for folder in candidates:
-        if not folder.is_dir():
-            continue
         try:
             verify_checkpoint(folder)
         except CheckpointError as exc:
@@ -149,3 +167,29 @@ def find_resumable(checkpoints: Path, warn: Callable[[str], None]) -> Path | Non
         if (folder / TRAIN_STATE).is_file():
             return folder
     return None
+
+
+def _peek_step(folder: Path) -> int | None:
+    """The step in `folder`'s train_state.pt, not yet verified, its tensors only mapped (not
+    read); None where it cannot be read (verification then says why)."""
+    try:
+        state = torch.load(folder / TRAIN_STATE, map_location="cpu", weights_only=True, mmap=True)
+        return int(state["step"])
+    except Exception:  # whatever is wrong with it, verify_checkpoint names it
+        return None
+
+
+def finish_interrupted_save(resumable: Resumable, keep_last: int) -> list[str]:
+    """What a save (Trainer.save_resumable) does after writing step_N/, done for the checkpoint
+    a run resumes from in case a kill came first: last/ its twin, step_N/ folders pruned to
+    `keep_last` (never the one resumed from). Returns what it did, for one log line."""
+    if keep_last == 0:  # no step_N/ is written: the next save, into last/, prunes them
+        return []
+    folder = resumable.folder
+    notes = []
+    if folder.name != "last":  # last/ is behind it (or damaged)
+        link_checkpoint(folder, folder.parent / "last")
+        notes.append(f"last/ is {folder.name}/ again")
+    removed = prune_step_checkpoints(folder.parent, keep_last, resumable.step)
+    notes += [f"pruned {p.name}/" for p in removed]
+    return notes

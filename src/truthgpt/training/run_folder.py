@@ -21,11 +21,11 @@ from typing import IO, Any
 import yaml
 
 from truthgpt import config as config_module
-from truthgpt.atomic import atomic_write_text
+from truthgpt.atomic import atomic_write_text, clear_interrupted_writes
 from truthgpt.config import Config
 from truthgpt.errors import CheckpointError, ConfigError
 from truthgpt.guard import CHECKPOINTS, check_output, mark, written_by
-from truthgpt.training.checkpoint import Resumable, open_resumable
+from truthgpt.training.checkpoint import Resumable, finish_interrupted_save, open_resumable
 
 RUN_CONFIG = "run_config.yaml"  # in each checkpoint: the resolved config it was trained with
 HISTORY = "config_history.jsonl"
@@ -33,7 +33,10 @@ HISTORY = "config_history.jsonl"
 # where it runs) but not what is trained. Everything else must match the checkpoint's config.
 # An entry ending in "." allows the whole section.
 STEERING_KEYS = (
+    # Where the run folder is and what it is called: a copied run (cp -a runs/a runs/b) resumes
+    # under its new name.
     "output_dir",
+    "run_name",
     "training.max_steps",
     "training.eval_every",
     "training.eval_batches",
@@ -80,6 +83,9 @@ def lock_run_folder(run_dir: Path) -> IO[str] | None:
         import fcntl
     except ImportError:
         return None
+    # One lock file whatever path (a symlink) names the folder: two "holders" of one folder
+    # would write, and tidy (take_run_folder), under each other.
+    run_dir = Path(run_dir).resolve()
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     handle = open(run_dir.parent / f".{run_dir.name}.lock", "a+")  # noqa: SIM115 (held open)
     try:
@@ -98,6 +104,26 @@ def lock_run_folder(run_dir: Path) -> IO[str] | None:
     handle.write(f"{os.getpid()}\n")
     handle.flush()
     return handle
+
+
+def take_run_folder(run_dir: Path, log: Callable[[str], None] | None = None) -> IO[str] | None:
+    """Lock `run_dir` (lock_run_folder), then tidy what earlier trainings killed mid-write
+    left in it and its checkpoints/ (atomic.py's .tmp-/.old- entries), with one log line.
+
+    Holding the lock, this process is the only training of the folder, and it has written
+    nothing yet: every such entry is a dead writer's. Under torchrun only rank 0 takes the lock,
+    before any rank writes, and the ranks write their shards into folders rank 0 names, so no
+    rank of this run has one yet either. Without a lock (no flock) nothing is tidied.
+    """
+    held = lock_run_folder(run_dir)
+    if held is None or not written_by(run_dir, "run"):  # not ours (yet): never touched
+        return held
+    notes = clear_interrupted_writes(run_dir)
+    notes += clear_interrupted_writes(run_dir / CHECKPOINTS, shown_from=run_dir)
+    if notes:
+        log = log or (lambda message: print(message, flush=True))
+        log(f"{run_dir}: tidied the unfinished writes of a killed run: {', '.join(notes)}")
+    return held
 
 
 def prepare_run_dir(
@@ -152,8 +178,11 @@ def prepare_run_dir(
         step = resume_from.step
         folder = resume_from.folder
         changes = resume_changes(saved_config(folder, run_dir, log), config, folder)
+        finished = finish_interrupted_save(resume_from, config.checkpoint.keep_last)
+        if finished:
+            log(f"finished the save a kill interrupted: {', '.join(finished)}")
         if step >= config.training.max_steps:
-            return resume_from  # nothing to train (train() says so): the folder stays as it was
+            return resume_from  # nothing to train (train() says so): the rest stays as it was
         mark(run_dir, "run")  # a run from before markers becomes a marked one
         truncate_metrics(run_dir, step)
         _append_history(run_dir, {"step": step, "event": "resume", "changes": changes})

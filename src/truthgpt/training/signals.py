@@ -24,6 +24,12 @@ def catch_early_interrupts() -> None:
         signal.signal(signal.SIGINT, handle)
 
 
+class Interrupted(KeyboardInterrupt):
+    """A Ctrl-C that stopped training at once rather than at a step boundary: the second one
+    (see StopRequested), or one after the loop gave the signals back. Its message says at which
+    step, and which checkpoint a resume continues from."""
+
+
 class StopRequested:
     """SIGINT/SIGTERM set a flag; the loop saves a checkpoint at the next step boundary.
 

@@ -56,12 +56,12 @@ from truthgpt.training.optim import build_optimizer, build_scheduler
 from truthgpt.training.rng import rng_state, seed_everything, set_rng_state
 from truthgpt.training.run_folder import (
     RUN_CONFIG,
-    lock_run_folder,
     prepare_run_dir,
     remove_new_run_folder,
+    take_run_folder,
 )
 from truthgpt.training.sharded import load_sharded, save_sharded
-from truthgpt.training.signals import StopRequested
+from truthgpt.training.signals import Interrupted, StopRequested
 from truthgpt.training.tasks import Task, build_task, task_unit, uses_fused_loss
 from truthgpt.training.tasks import build_model as build_model  # re-exported for tests, benchmarks
 
@@ -177,6 +177,7 @@ class Trainer:
                 param.grad = torch.zeros_like(param)
         self.ema = EMA(model, self.train_cfg.ema.decay) if self.train_cfg.ema.enabled else None
         self.step = 0
+        self.saved: tuple[int, Path] | None = None  # the newest resumable checkpoint: step, folder
         self.tokens_seen = 0
         self.best_metric: float | None = None
         self.initial_val_loss: float | None = None
@@ -520,12 +521,24 @@ class Trainer:
         state = self.train_state()
         name = "last" if keep_last == 0 else step_folder_name(self.step)
         path = self._save(self.checkpoints / name, state)
+        self.saved = (self.step, path)
         if self.world.is_main:
             if keep_last:
                 path = link_checkpoint(path, self.checkpoints / "last")
-            prune_step_checkpoints(self.checkpoints, keep_last)
+            prune_step_checkpoints(self.checkpoints, keep_last, self.step)
             self._emit("on_checkpoint", self.step, path)
         return path
+
+    def stopped_at_once(self) -> str:
+        """Where the run stands when a Ctrl-C stops it at once, between step boundaries."""
+        if self.saved is None:
+            return f"stopped at step {self.step}, before its first checkpoint: nothing was saved"
+        step, folder = self.saved
+        unsaved = f" (steps {step + 1}-{self.step} were not saved)" if self.step > step else ""
+        return (
+            f"stopped at step {self.step}{unsaved}; the newest checkpoint is step {step}, "
+            f"{folder}: --resume continues from it"
+        )
 
     def save_model_only(self, name: str) -> Path:
         path = self._save(self.checkpoints / name, None)
@@ -612,6 +625,7 @@ class Trainer:
                 self.model.load_state_dict(own)
             self.optimizer.load_state_dict(state["optimizer"])
         self.step = int(state["step"])
+        self.saved = (self.step, folder)
         self.tokens_seen = int(state["tokens_seen"])
         self.pending_tokens = 0
         self.best_metric = state["best_metric"]
@@ -731,7 +745,7 @@ def train(
             check_flex_training(device)
         # Rank 0 holds the run folder until the run ends: a second training of it is refused.
         lock = distributed.from_main(
-            lambda: lock_run_folder(config.run_dir), share=lambda held: None
+            lambda: take_run_folder(config.run_dir), share=lambda held: None
         )
         return _train(config, world, device, callbacks or [], overwrite, resume)
     finally:
@@ -783,7 +797,10 @@ def _train(
         if fresh:
             remove_new_run_folder(run_dir)
         raise
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except KeyboardInterrupt:  # a second Ctrl-C, or one after the loop gave the signals back
+        raise Interrupted(trainer.stopped_at_once()) from None
     # Stopped on request, the last evaluation may be the first one: no "a -> a" line.
     evaluated = result.initial_val_loss is not None and result.final_val_loss is not None
     if evaluated and not result.interrupted:
@@ -863,12 +880,13 @@ def _build_trainer(
 
 def _nothing_to_train(config: Config, resume_from: Resumable, world: World) -> TrainResult:
     """A resume at or past training.max_steps: no data, model or callback is built, and the
-    run folder (its config, history, metrics, checkpoints) is left exactly as it was."""
+    run folder (its config, history, metrics, checkpoints) is left as it was, but for the end
+    of a save that a kill cut short (prepare_run_dir)."""
     state = resume_from.state
     if world.is_main:
         print(
             f"nothing to train: {config.run_dir} is at step {resume_from.step} and "
-            f"training.max_steps is {config.training.max_steps}; nothing was changed. Raise "
+            f"training.max_steps is {config.training.max_steps}; its config is unchanged. Raise "
             "max_steps (--set training.max_steps=N) to train on.",
             flush=True,
         )
