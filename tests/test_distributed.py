@@ -29,6 +29,7 @@ from truthgpt.models import load_model
 from truthgpt.training.checkpoint import find_resumable
 from truthgpt.training.distributed import resolve_parallel
 from truthgpt.training.ema import EMA
+from truthgpt.training.evaluate import evaluate_run
 from truthgpt.training.optim import build_optimizer
 from truthgpt.training.sharded import export_checkpoint, load_sharded
 from truthgpt.training.tasks import build_task
@@ -167,6 +168,23 @@ def test_an_fsdp_checkpoint_resumes_in_one_process_and_exports_merged(
     assert result.steps == STEPS
     assert_close(losses(run_dir), losses(reference))
     assert_close(losses(run_dir, "eval"), losses(reference, "eval"))
+
+
+def test_eval_reads_an_fsdp_checkpoint_from_its_shards(tmp_path: Path, fsdp_run: dict) -> None:
+    """`truthgpt eval` merges a sharded checkpoint in one process: the loss is the one the
+    FSDP run's own evaluation logged at that step (the same eval_batches blocks)."""
+    run_dir = Path(fsdp_run["output_dir"]) / "fsdp"
+    step = STEPS // 2
+    batches = fsdp_run["training"]["eval_batches"]
+    checkpoint = run_dir / "checkpoints" / f"step_{step:06d}"
+    result = evaluate_run(checkpoint, max_batches=batches, device="cpu")
+    assert result["loss"] == pytest.approx(losses(run_dir, "eval")[step], rel=1e-5, abs=1e-6)
+    out = CliRunner().invoke(app, ["eval", str(run_dir), "--max-batches", str(batches)])
+    assert out.exit_code == 0 and "perplexity" in out.stdout, out.output
+    # Other text is tokenized with the run's tokenizer (a checkpoint of shards holds none).
+    text = tmp_path / "more.txt"
+    text.write_text("def add(a, b):\n    return a + b\n" * 20)
+    assert evaluate_run(checkpoint, data_paths=[str(text)], device="cpu")["tokens"] > 0
 
 
 def test_fsdp_gathers_bf16_weights_reduces_fp32_and_keeps_fp32_shards(
