@@ -3,7 +3,9 @@
 The reference is always one process with the same global batch (twice the grad_accum_steps):
 two processes under DDP or FSDP (each accumulating two micro-batches, so the gradient sync
 skipped on the first is exercised), a run one of whose ranks was killed and resumed, and an
-FSDP checkpoint resumed by a single process all give its per-step losses.
+FSDP checkpoint resumed by a single process all give its per-step losses. A diffusion model's
+ranks draw their own noise: its DDP run is held to one process's evaluation of the weights it
+saved.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import tiny_raw_config
+from conftest import digits_raw_config, tiny_raw_config
 from typer.testing import CliRunner
 
 from truthgpt.cli import app
@@ -185,6 +187,54 @@ def test_eval_reads_an_fsdp_checkpoint_from_its_shards(tmp_path: Path, fsdp_run:
     text = tmp_path / "more.txt"
     text.write_text("def add(a, b):\n    return a + b\n" * 20)
     assert evaluate_run(checkpoint, data_paths=[str(text)], device="cpu")["tokens"] > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# A diffusion model across processes
+
+
+def digits_dist_config(tmp_path: Path, name: str, **training: object) -> dict:
+    """The tiny digits model on 2 processes x 2 micro-batches, evaluated, sampled and saved."""
+    raw = digits_raw_config(
+        tmp_path,
+        training={
+            "max_steps": 4,
+            "batch_size": 8,
+            "grad_accum_steps": 2,
+            "eval_every": 2,
+            "log_every": 1,
+            **training,
+        },
+        checkpoint={"save_every": 2},
+        logging={"progress": "none", "tensorboard": False, "plot": False},
+        diffusion_training={"samples": {"every": 4, "prompts": ["a handwritten digit one"]}},
+    )
+    raw["diffusion_training"]["samples"]["steps"] = 2
+    return {**raw, "run_name": name}
+
+
+@pytest.fixture(scope="module")
+def digits_ddp(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    tmp_path = tmp_path_factory.mktemp("digits-ddp")
+    raw = digits_dist_config(tmp_path, "ddp")
+    run_two(tmp_path, raw)
+    return Path(raw["output_dir"]) / "ddp"
+
+
+def test_a_diffusion_model_trains_evaluates_and_saves_on_two_ddp_processes(
+    digits_ddp: Path,
+) -> None:
+    """Each rank draws its own noise, so the losses are not one process's; the evaluation is
+    shared out (rank 1 evaluates the second batch): the one-process eval of the saved weights
+    gives it only when both ranks hold the same weights, i.e. the gradients were synced."""
+    assert sorted(losses(digits_ddp)) == [1, 2, 3, 4]
+    evals = losses(digits_ddp, "eval")
+    assert sorted(evals) == [0, 2, 4] and evals[4] < evals[0]
+    last = digits_ddp / "checkpoints" / "last"
+    assert (last / "model_index.json").is_file()  # a diffusers pipeline, written by rank 0
+    assert (digits_ddp / "samples" / "step_000004.png").is_file()
+    result = evaluate_run(last, max_batches=2, device="cpu")
+    assert result["loss"] == pytest.approx(evals[4], rel=1e-5)
 
 
 def test_fsdp_gathers_bf16_weights_reduces_fp32_and_keeps_fp32_shards(

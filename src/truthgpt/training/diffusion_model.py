@@ -121,6 +121,25 @@ class DiffusionModel(nn.Module):
             return self.text_encoder(input_ids, attention_mask=attention_mask)[0]
         return self.text_encoder(input_ids)[0]
 
+    def forward(
+        self, noisy: torch.Tensor, timesteps: torch.Tensor, caption_index: torch.Tensor
+    ) -> torch.Tensor:
+        """The UNet's output for `noisy` at `timesteps`, conditioned on the captions at
+        `caption_index` of the caption table (`caption_ids`, `caption_mask` and, for a frozen
+        text encoder, `caption_embeddings`: buffers the training task registers).
+
+        Everything trained runs inside this call: DDP and FSDP wrap the module and act around
+        its forward only (gradient sync, gathering the shards), not around its parts' calls.
+        """
+        cached = getattr(self, "caption_embeddings", None)
+        if cached is not None:
+            text = cached[caption_index]
+        else:
+            text = self.encode_text(
+                self.caption_ids[caption_index], self.caption_mask[caption_index]
+            )
+        return self.unet(noisy, timesteps, encoder_hidden_states=text).sample
+
     def pipeline(self) -> DiffusionPipeline:
         """A diffusers pipeline over these very modules (no copy), for samples and saving."""
         if self.vae is None:

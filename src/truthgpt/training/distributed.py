@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import inspect
 import io
 import logging
 import os
@@ -193,10 +194,30 @@ def wrap_model(
         from torch.nn.parallel import DistributedDataParallel
 
         device_ids = [device.index] if device.type == "cuda" else None
-        return DistributedDataParallel(model, device_ids=device_ids)
+        # No model here changes a buffer as it trains (no BatchNorm), and every rank computes
+        # the same ones; a diffusion run's caption embeddings, one row per distinct caption,
+        # can be hundreds of MiB, which DDP would otherwise broadcast on every forward.
+        # (torch 2.13 renamed the switch; the old name warns there.)
+        known = inspect.signature(DistributedDataParallel).parameters
+        no_sync = "forward_sync_buffers" if "forward_sync_buffers" in known else "broadcast_buffers"
+        return DistributedDataParallel(model, device_ids=device_ids, **{no_sync: False})
     if world.parallel == "fsdp":
         shard_model(model, world, device, param_dtype)
     return model
+
+
+def unwrapped(model: nn.Module) -> nn.Module:
+    """The module itself inside what `wrap_model` (DDP) and torch.compile put around it: where
+    a task reads attributes the wrappers do not forward (a diffusion model's parts)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    while True:
+        if isinstance(model, DistributedDataParallel):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch.compile's
+            model = model._orig_mod
+        else:
+            return model
 
 
 def build_on_ranks(build: Callable[[], nn.Module], world: World) -> nn.Module:
