@@ -4,8 +4,8 @@ The reference is always one process with the same global batch (twice the grad_a
 two processes under DDP or FSDP (each accumulating two micro-batches, so the gradient sync
 skipped on the first is exercised), a run one of whose ranks was killed and resumed, and an
 FSDP checkpoint resumed by a single process all give its per-step losses. A diffusion model's
-ranks draw their own noise: its DDP run is held to one process's evaluation of the weights it
-saved.
+ranks draw their own noise: its FSDP run is held to its DDP run, and that to one process's
+evaluation of the weights it saved.
 """
 
 from __future__ import annotations
@@ -235,6 +235,35 @@ def test_a_diffusion_model_trains_evaluates_and_saves_on_two_ddp_processes(
     assert (digits_ddp / "samples" / "step_000004.png").is_file()
     result = evaluate_run(last, max_batches=2, device="cpu")
     assert result["loss"] == pytest.approx(evals[4], rel=1e-5)
+
+
+def test_a_diffusion_model_under_fsdp_gives_the_ddp_losses(
+    tmp_path: Path, digits_ddp: Path
+) -> None:
+    """FSDP shards the UNet and keeps the frozen text encoder whole on each rank: with each
+    rank's noise drawn as under DDP, every step's loss is DDP's; the shards evaluate and
+    export to a pipeline diffusers opens."""
+    from diffusers import DiffusionPipeline
+
+    from truthgpt.diffusion.pipeline import run_pipeline
+
+    raw = digits_dist_config(tmp_path, "fsdp", parallel="fsdp")
+    run_two(tmp_path, raw)
+    run_dir = Path(raw["output_dir"]) / "fsdp"
+    assert_close(losses(run_dir), losses(digits_ddp))
+    assert_close(losses(run_dir, "eval"), losses(digits_ddp, "eval"))
+    assert (run_dir / "samples" / "step_000004.png").is_file()
+    last = run_dir / "checkpoints" / "last"
+    assert (last / "sharded").is_dir() and not (last / "model_index.json").exists()
+    with pytest.raises(CheckpointError, match="holds FSDP shards.*truthgpt export"):
+        run_pipeline(run_dir)  # what `truthgpt image RUN` opens
+    # The caption embeddings are derived again from the text encoder in the shards.
+    result = evaluate_run(last, max_batches=2, device="cpu")
+    assert result["loss"] == pytest.approx(losses(run_dir, "eval")[4], rel=1e-5)
+    pipe = DiffusionPipeline.from_pretrained(export_checkpoint(last, tmp_path / "pipe"))
+    reference = DiffusionPipeline.from_pretrained(digits_ddp / "checkpoints" / "last")
+    got, expected = pipe.unet.state_dict(), reference.unet.state_dict()
+    assert all(torch.allclose(got[k], v, rtol=1e-4, atol=1e-5) for k, v in expected.items())
 
 
 def test_fsdp_gathers_bf16_weights_reduces_fp32_and_keeps_fp32_shards(

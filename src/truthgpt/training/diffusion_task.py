@@ -89,6 +89,8 @@ class ImageGenerationTask:
 
     unit = "images"  # count_tokens counts images: images_per_second, images_seen
     reports_perplexity = False  # the loss is a noise MSE, not a cross-entropy
+    # build_model encodes the captions with the text encoder: real weights on every rank.
+    builds_on_meta = False
 
     def __init__(self, config: Config) -> None:
         self.config = config
