@@ -55,6 +55,45 @@ def tiny_raw_config(tmp_path: Path, **sections: dict) -> dict:
     return raw
 
 
+def digits_raw_config(tmp_path: Path, **sections: dict) -> dict:
+    """A tiny pixel-space digits model: 16x16, one channel, a 2-level UNet."""
+    raw = {
+        "run_name": "digits",
+        "output_dir": str(tmp_path / "runs"),
+        "seed": 0,
+        "task": "image-generation",
+        "data": {"source": "digits", "val_fraction": 0.1},
+        "diffusion_training": {
+            "space": "pixel",
+            "resolution": 16,
+            "caption_dropout": 0.1,
+            "unet": {
+                "in_channels": 1,
+                "block_out_channels": [16, 32],
+                "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
+                "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"],
+                "norm_num_groups": 8,
+            },
+            "text_encoder": {"hidden_size": 32, "intermediate_size": 64},
+            "samples": {"every": 40, "prompts": ["a handwritten digit one"], "steps": 3},
+        },
+        "training": {
+            "max_steps": 40,
+            "batch_size": 16,
+            "eval_every": 40,
+            "eval_batches": 2,
+            "log_every": 10,
+        },
+        "optim": {"lr": 2e-3, "warmup_steps": 5, "weight_decay": 0.0},
+        "checkpoint": {"save_every": 40},
+        "logging": {"progress": "none", "plot": False},
+        "hardware": {"device": "cpu"},
+    }
+    for name, values in sections.items():
+        raw[name] = {**raw.get(name, {}), **values}
+    return raw
+
+
 @pytest.fixture
 def tiny_config(tmp_path: Path) -> dict:
     return tiny_raw_config(tmp_path)

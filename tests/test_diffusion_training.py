@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_raw_config
+from conftest import digits_raw_config, tiny_raw_config
 from diffusers import (
     AutoencoderKL,
     DDPMScheduler,
@@ -23,7 +23,9 @@ from diffusers import (
 )
 from PIL import Image
 from transformers import CLIPTextConfig, CLIPTextModel
+from typer.testing import CliRunner
 
+from truthgpt.cli import app
 from truthgpt.config import load
 from truthgpt.diffusion import load_pipeline
 from truthgpt.errors import ConfigError, TruthGPTError
@@ -31,6 +33,7 @@ from truthgpt.training.callbacks import Callback
 from truthgpt.training.checkpoint import verify_checkpoint
 from truthgpt.training.denoising import denoising_loss, snr
 from truthgpt.training.diffusion_model import LORA_WEIGHTS, char_clip_tokenizer
+from truthgpt.training.evaluate import evaluate_run
 from truthgpt.training.tasks import build_task
 from truthgpt.training.trainer import train
 
@@ -38,45 +41,6 @@ from truthgpt.training.trainer import train
 def records(run_dir: Path, kind: str) -> dict[int, dict]:
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     return {r["step"]: r for r in map(json.loads, lines) if r["kind"] == kind}
-
-
-def digits_config(tmp_path: Path, **sections: dict) -> dict:
-    """A tiny pixel-space digits model: 16x16, one channel, a 2-level UNet."""
-    raw = {
-        "run_name": "digits",
-        "output_dir": str(tmp_path / "runs"),
-        "seed": 0,
-        "task": "image-generation",
-        "data": {"source": "digits", "val_fraction": 0.1},
-        "diffusion_training": {
-            "space": "pixel",
-            "resolution": 16,
-            "caption_dropout": 0.1,
-            "unet": {
-                "in_channels": 1,
-                "block_out_channels": [16, 32],
-                "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
-                "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"],
-                "norm_num_groups": 8,
-            },
-            "text_encoder": {"hidden_size": 32, "intermediate_size": 64},
-            "samples": {"every": 40, "prompts": ["a handwritten digit one"], "steps": 3},
-        },
-        "training": {
-            "max_steps": 40,
-            "batch_size": 16,
-            "eval_every": 40,
-            "eval_batches": 2,
-            "log_every": 10,
-        },
-        "optim": {"lr": 2e-3, "warmup_steps": 5, "weight_decay": 0.0},
-        "checkpoint": {"save_every": 40},
-        "logging": {"progress": "none", "plot": False},
-        "hardware": {"device": "cpu"},
-    }
-    for name, values in sections.items():
-        raw[name] = {**raw.get(name, {}), **values}
-    return raw
 
 
 # ---------------------------------------------------------------------------------------------
@@ -94,7 +58,7 @@ def test_digits_from_scratch_loss_falls_and_the_run_is_a_diffusers_pipeline(
             self.lines.append(message)
 
     logged = Lines()
-    result = train(load(digits_config(tmp_path)), callbacks=[logged])
+    result = train(load(digits_raw_config(tmp_path)), callbacks=[logged])
     assert result.steps == 40
     # The log and metrics speak of images and a noise loss, not of tokens and perplexity.
     model_line = next(line for line in logged.lines if line.startswith("model "))
@@ -146,8 +110,36 @@ def test_digits_from_scratch_loss_falls_and_the_run_is_a_diffusers_pipeline(
     assert drawn(guidance=1.5) == ("1.5", "3")  # what the user gives wins
 
 
+def test_eval_of_a_diffusion_run_gives_the_loss_its_training_logged(tmp_path: Path) -> None:
+    """`truthgpt eval RUN` evaluates an image-generation run as its training does: the task's
+    noise loss on the fixed-noise validation items, over images, without a perplexity."""
+    ema = {"enabled": True, "decay": 0.5, "evaluate": True}  # best/ holds the EMA weights
+    raw = digits_raw_config(
+        tmp_path,
+        training={"max_steps": 6, "eval_every": 3, "log_every": 3, "ema": ema},
+        checkpoint={"save_every": 3},
+        diffusion_training={"samples": {"every": 0}},
+    )
+    run_dir = train(load(raw)).run_dir
+    logged = {step: r["val_loss"] for step, r in records(run_dir, "eval").items() if step}
+    best = min(logged, key=logged.get)
+    batches = str(raw["training"]["eval_batches"])  # the blocks training evaluates
+    out = CliRunner().invoke(app, ["eval", str(run_dir), "--max-batches", batches])
+    assert out.exit_code == 0, out.output
+    assert "checkpoints/best on val" in out.stdout and "(32 images, 2 batches)" in out.stdout
+    assert "perplexity" not in out.stdout
+    result = evaluate_run(run_dir, max_batches=2, device="cpu")
+    assert result["loss"] == pytest.approx(logged[best], rel=1e-6)
+    assert result["ppl"] is None and result["images"] == 32
+    text = tmp_path / "some.txt"
+    text.write_text("a handwritten digit one\n")
+    refused = CliRunner().invoke(app, ["eval", str(run_dir), "--data", str(text)])
+    assert refused.exit_code == 1 and "--data: " in refused.output
+    assert "drop --data" in refused.output, refused.output
+
+
 def test_caption_embeddings_match_the_pipelines_own_encode_prompt(tmp_path: Path) -> None:
-    config = load(digits_config(tmp_path))
+    config = load(digits_raw_config(tmp_path))
     task = build_task(config)
     model = task.build_model(task.build_data(None, lambda message: None))
     prompt = "A Handwritten digit seven "  # the pipeline lower-cases and strips it
@@ -402,7 +394,7 @@ def test_bad_diffusion_training_config_names_the_key(
     tmp_path: Path, changes: dict, expected: list[str]
 ) -> None:
     with pytest.raises(ConfigError) as info:
-        load(digits_config(tmp_path, **changes))
+        load(digits_raw_config(tmp_path, **changes))
     for text in expected:
         assert text in str(info.value)
 
@@ -411,7 +403,7 @@ def test_a_run_that_fails_at_data_preparation_leaves_no_run_folder(tmp_path: Pat
     empty = tmp_path / "no-images"
     empty.mkdir()
     data = {"source": "imagefolder", "paths": [str(empty)]}
-    config = load(digits_config(tmp_path, data=data))
+    config = load(digits_raw_config(tmp_path, data=data))
     with pytest.raises(TruthGPTError):
         train(config)
     assert not config.run_dir.exists()
@@ -439,8 +431,8 @@ def test_an_image_source_for_a_text_task_is_refused(tmp_path: Path) -> None:
 
 def test_a_bad_unet_config_is_a_config_error(tmp_path: Path) -> None:
     # Keys diffusers knows, values it refuses: still a config error naming the dict.
-    unet = {**digits_config(tmp_path)["diffusion_training"]["unet"], "act_fn": "no_such_act"}
-    config = load(digits_config(tmp_path, diffusion_training={"unet": unet}))
+    unet = {**digits_raw_config(tmp_path)["diffusion_training"]["unet"], "act_fn": "no_such_act"}
+    config = load(digits_raw_config(tmp_path, diffusion_training={"unet": unet}))
     with pytest.raises(ConfigError, match="diffusion_training.unet"):
         build_task(config).build_data(None, lambda message: None)
 
@@ -451,7 +443,7 @@ def test_every_key_the_from_scratch_builder_takes_passes_validation(tmp_path: Pa
     from truthgpt.config import DEFAULT_NOISE_SCHEDULE, DEFAULT_TEXT_ENCODER, DEFAULT_UNET
 
     config = load(
-        digits_config(
+        digits_raw_config(
             tmp_path,
             diffusion_training={
                 "unet": {**DEFAULT_UNET, "in_channels": 1},
@@ -468,7 +460,7 @@ def test_every_key_the_from_scratch_builder_takes_passes_validation(tmp_path: Pa
 
 
 def test_adamw8bit_without_a_gpu_is_a_clear_config_error(tmp_path: Path) -> None:
-    config = load(digits_config(tmp_path, optim={"name": "adamw8bit"}))
+    config = load(digits_raw_config(tmp_path, optim={"name": "adamw8bit"}))
     with pytest.raises(ConfigError, match="optim.name: 'adamw8bit' runs on a CUDA GPU only"):
         train(config)
     # Refused before the first step: no half-started run folder is left to --overwrite.

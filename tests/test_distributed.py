@@ -3,7 +3,9 @@
 The reference is always one process with the same global batch (twice the grad_accum_steps):
 two processes under DDP or FSDP (each accumulating two micro-batches, so the gradient sync
 skipped on the first is exercised), a run one of whose ranks was killed and resumed, and an
-FSDP checkpoint resumed by a single process all give its per-step losses.
+FSDP checkpoint resumed by a single process all give its per-step losses. A diffusion model's
+ranks draw their own noise: its FSDP run is held to its DDP run, and that to one process's
+evaluation of the weights it saved.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import tiny_raw_config
+from conftest import digits_raw_config, tiny_raw_config
 from typer.testing import CliRunner
 
 from truthgpt.cli import app
@@ -29,6 +31,7 @@ from truthgpt.models import load_model
 from truthgpt.training.checkpoint import find_resumable
 from truthgpt.training.distributed import resolve_parallel
 from truthgpt.training.ema import EMA
+from truthgpt.training.evaluate import evaluate_run
 from truthgpt.training.optim import build_optimizer
 from truthgpt.training.sharded import export_checkpoint, load_sharded
 from truthgpt.training.tasks import build_task
@@ -167,6 +170,100 @@ def test_an_fsdp_checkpoint_resumes_in_one_process_and_exports_merged(
     assert result.steps == STEPS
     assert_close(losses(run_dir), losses(reference))
     assert_close(losses(run_dir, "eval"), losses(reference, "eval"))
+
+
+def test_eval_reads_an_fsdp_checkpoint_from_its_shards(tmp_path: Path, fsdp_run: dict) -> None:
+    """`truthgpt eval` merges a sharded checkpoint in one process: the loss is the one the
+    FSDP run's own evaluation logged at that step (the same eval_batches blocks)."""
+    run_dir = Path(fsdp_run["output_dir"]) / "fsdp"
+    step = STEPS // 2
+    batches = fsdp_run["training"]["eval_batches"]
+    checkpoint = run_dir / "checkpoints" / f"step_{step:06d}"
+    result = evaluate_run(checkpoint, max_batches=batches, device="cpu")
+    assert result["loss"] == pytest.approx(losses(run_dir, "eval")[step], rel=1e-5, abs=1e-6)
+    out = CliRunner().invoke(app, ["eval", str(run_dir), "--max-batches", str(batches)])
+    assert out.exit_code == 0 and "perplexity" in out.stdout, out.output
+    # Other text is tokenized with the run's tokenizer (a checkpoint of shards holds none).
+    text = tmp_path / "more.txt"
+    text.write_text("def add(a, b):\n    return a + b\n" * 20)
+    assert evaluate_run(checkpoint, data_paths=[str(text)], device="cpu")["tokens"] > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# A diffusion model across processes
+
+
+def digits_dist_config(tmp_path: Path, name: str, **training: object) -> dict:
+    """The tiny digits model on 2 processes x 2 micro-batches, evaluated, sampled and saved."""
+    raw = digits_raw_config(
+        tmp_path,
+        training={
+            "max_steps": 4,
+            "batch_size": 8,
+            "grad_accum_steps": 2,
+            "eval_every": 2,
+            "log_every": 1,
+            **training,
+        },
+        checkpoint={"save_every": 2},
+        logging={"progress": "none", "tensorboard": False, "plot": False},
+        diffusion_training={"samples": {"every": 4, "prompts": ["a handwritten digit one"]}},
+    )
+    raw["diffusion_training"]["samples"]["steps"] = 2
+    return {**raw, "run_name": name}
+
+
+@pytest.fixture(scope="module")
+def digits_ddp(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    tmp_path = tmp_path_factory.mktemp("digits-ddp")
+    raw = digits_dist_config(tmp_path, "ddp")
+    run_two(tmp_path, raw)
+    return Path(raw["output_dir"]) / "ddp"
+
+
+def test_a_diffusion_model_trains_evaluates_and_saves_on_two_ddp_processes(
+    digits_ddp: Path,
+) -> None:
+    """Each rank draws its own noise, so the losses are not one process's; the evaluation is
+    shared out (rank 1 evaluates the second batch): the one-process eval of the saved weights
+    gives it only when both ranks hold the same weights, i.e. the gradients were synced."""
+    assert sorted(losses(digits_ddp)) == [1, 2, 3, 4]
+    evals = losses(digits_ddp, "eval")
+    assert sorted(evals) == [0, 2, 4] and evals[4] < evals[0]
+    last = digits_ddp / "checkpoints" / "last"
+    assert (last / "model_index.json").is_file()  # a diffusers pipeline, written by rank 0
+    assert (digits_ddp / "samples" / "step_000004.png").is_file()
+    result = evaluate_run(last, max_batches=2, device="cpu")
+    assert result["loss"] == pytest.approx(evals[4], rel=1e-5)
+
+
+def test_a_diffusion_model_under_fsdp_gives_the_ddp_losses(
+    tmp_path: Path, digits_ddp: Path
+) -> None:
+    """FSDP shards the UNet and keeps the frozen text encoder whole on each rank: with each
+    rank's noise drawn as under DDP, every step's loss is DDP's; the shards evaluate and
+    export to a pipeline diffusers opens."""
+    from diffusers import DiffusionPipeline
+
+    from truthgpt.diffusion.pipeline import run_pipeline
+
+    raw = digits_dist_config(tmp_path, "fsdp", parallel="fsdp")
+    run_two(tmp_path, raw)
+    run_dir = Path(raw["output_dir"]) / "fsdp"
+    assert_close(losses(run_dir), losses(digits_ddp))
+    assert_close(losses(run_dir, "eval"), losses(digits_ddp, "eval"))
+    assert (run_dir / "samples" / "step_000004.png").is_file()
+    last = run_dir / "checkpoints" / "last"
+    assert (last / "sharded").is_dir() and not (last / "model_index.json").exists()
+    with pytest.raises(CheckpointError, match="holds FSDP shards.*truthgpt export"):
+        run_pipeline(run_dir)  # what `truthgpt image RUN` opens
+    # The caption embeddings are derived again from the text encoder in the shards.
+    result = evaluate_run(last, max_batches=2, device="cpu")
+    assert result["loss"] == pytest.approx(losses(run_dir, "eval")[4], rel=1e-5)
+    pipe = DiffusionPipeline.from_pretrained(export_checkpoint(last, tmp_path / "pipe"))
+    reference = DiffusionPipeline.from_pretrained(digits_ddp / "checkpoints" / "last")
+    got, expected = pipe.unet.state_dict(), reference.unet.state_dict()
+    assert all(torch.allclose(got[k], v, rtol=1e-4, atol=1e-5) for k, v in expected.items())
 
 
 def test_fsdp_gathers_bf16_weights_reduces_fp32_and_keeps_fp32_shards(

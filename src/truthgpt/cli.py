@@ -130,7 +130,8 @@ def evaluate(
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N, mps or auto.")] = "auto",
     set_: SetOption = None,
 ) -> None:
-    """Print loss and perplexity of a run's best (else last) checkpoint on a split or files."""
+    """Print the validation loss (and perplexity) of a run's best (else last) checkpoint on a
+    split or files, as its training evaluates it."""
     from truthgpt.training.evaluate import evaluate_run
 
     if split not in ("val", "train"):
@@ -139,10 +140,11 @@ def evaluate(
         result = evaluate_run(run, data, split, max_batches, device, set_ or [], progress=True)
     except TruthGPTError as exc:
         _fail(exc)
+    ppl = f"perplexity {result['ppl']:.2f}  " if result["ppl"] is not None else ""
+    unit = result["unit"]
     typer.echo(
-        f"{result['checkpoint']} on {result['split']}: loss {result['loss']:.4f}  "
-        f"perplexity {result['ppl']:.2f}  "
-        f"({result['tokens']:,} tokens, {result['batches']} batches)"
+        f"{result['checkpoint']} on {result['split']}: loss {result['loss']:.4f}  {ppl}"
+        f"({result[unit]:,} {unit}, {result['batches']} batches)"
     )
 
 

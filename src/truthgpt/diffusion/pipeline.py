@@ -17,7 +17,7 @@ import yaml
 from diffusers import AutoPipelineForText2Image, DiffusionPipeline
 
 from truthgpt.errors import CheckpointError, ConfigError
-from truthgpt.guard import is_run_folder
+from truthgpt.guard import SHARDED_DIR, is_run_folder
 from truthgpt.quiet import no_load_save_bars, no_numpy_copy_notices
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -133,6 +133,11 @@ def run_pipeline(run: Path) -> tuple[Path, Path | None]:
     folder = resolve_model_folder(run)
     if (folder / "model_index.json").is_file():
         return folder, None
+    if (folder / SHARDED_DIR).is_dir():
+        raise CheckpointError(
+            f"{run}: its checkpoint {folder.name}/ holds FSDP shards (training.parallel fsdp), "
+            f"not a pipeline: write one with `truthgpt export {run} --out DIR`, then use DIR"
+        )
     if not (folder / LORA_WEIGHTS).is_file():
         raise CheckpointError(
             f"{run} is a run folder, but its checkpoint {folder.name}/ holds neither a diffusers "

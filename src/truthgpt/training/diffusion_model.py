@@ -121,6 +121,40 @@ class DiffusionModel(nn.Module):
             return self.text_encoder(input_ids, attention_mask=attention_mask)[0]
         return self.text_encoder(input_ids)[0]
 
+    def forward(
+        self, noisy: torch.Tensor, timesteps: torch.Tensor, caption_index: torch.Tensor
+    ) -> torch.Tensor:
+        """The UNet's output for `noisy` at `timesteps`, conditioned on the captions at
+        `caption_index` of the caption table (`caption_ids`, `caption_mask` and, for a frozen
+        text encoder, `caption_embeddings`: buffers the training task registers).
+
+        Everything trained runs inside this call: DDP and FSDP wrap the module and act around
+        its forward only (gradient sync, gathering the shards), not around its parts' calls.
+        """
+        cached = getattr(self, "caption_embeddings", None)
+        if cached is not None:
+            text = cached[caption_index]
+        else:
+            text = self.encode_text(
+                self.caption_ids[caption_index], self.caption_mask[caption_index]
+            )
+        return self.unet(noisy, timesteps, encoder_hidden_states=text).sample
+
+    def fsdp_plan(self) -> tuple[list[nn.Module], list[nn.Module]]:
+        """What FSDP shards (distributed.shard_model): the UNet's blocks and the UNet, each a
+        unit of its own, and so the text encoder when it trains; and what every rank keeps
+        whole: the frozen parts. They have no gradients or optimizer state to shard, and run
+        outside `forward` (encoding latents and captions), where no FSDP hook gathers shards.
+        Units of their own let the sample pipeline call the UNet and text encoder directly."""
+        unet = self.unet
+        units = [*unet.down_blocks, *([unet.mid_block] if unet.mid_block else []), *unet.up_blocks]
+        units.append(unet)
+        whole = [part for part in (self.vae, self.text_encoder) if part is not None]
+        if any(p.requires_grad for p in self.text_encoder.parameters()):
+            whole.remove(self.text_encoder)
+            units.append(self.text_encoder)
+        return units, whole
+
     def pipeline(self) -> DiffusionPipeline:
         """A diffusers pipeline over these very modules (no copy), for samples and saving."""
         if self.vae is None:

@@ -41,6 +41,7 @@ from truthgpt.training.diffusion_model import (
     save_lora,
     save_pipeline,
 )
+from truthgpt.training.distributed import unwrapped
 
 Batch = dict[str, torch.Tensor]
 DEFAULT_RESOLUTION = 32  # from scratch, when neither resolution nor unet.sample_size is given
@@ -88,6 +89,8 @@ class ImageGenerationTask:
 
     unit = "images"  # count_tokens counts images: images_per_second, images_seen
     reports_perplexity = False  # the loss is a noise MSE, not a cross-entropy
+    # build_model encodes the captions with the text encoder: real weights on every rank.
+    builds_on_meta = False
 
     def __init__(self, config: Config) -> None:
         self.config = config
@@ -212,16 +215,18 @@ class ImageGenerationTask:
     # -- loss ------------------------------------------------------------------------------
 
     def loss(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        latents = self._clean_latents(model, batch)
+        # `model` may be wrapped (DDP, torch.compile): the parts and schedules are read from the
+        # module itself, and the forward goes through the wrapper, which syncs the gradients.
+        module = unwrapped(model)
+        latents = self._clean_latents(module, batch)
         count = latents.shape[0]
         caption_index = batch["caption_index"]
-        if model.training and self.train_cfg.caption_dropout > 0:
+        if module.training and self.train_cfg.caption_dropout > 0:
             # Classifier-free guidance (Ho & Salimans 2022) needs the unconditional model too:
             # some captions are replaced by the empty one, the last row of the table.
             dropped = torch.rand(count, device=latents.device) < self.train_cfg.caption_dropout
             caption_index = torch.where(dropped, len(self.captions) - 1, caption_index)
-        text = self._text_embeddings(model, caption_index)
-        scheduler = model.noise_scheduler
+        scheduler = module.noise_scheduler
         noise = batch.get("noise")
         if noise is None:
             noise = draw_noise(latents, self.train_cfg.noise_offset)
@@ -230,7 +235,7 @@ class ImageGenerationTask:
             total = scheduler.config.num_train_timesteps
             timesteps = torch.randint(0, total, (count,), device=latents.device)
         noisy = scheduler.add_noise(latents, noise, timesteps)
-        prediction = model.unet(noisy, timesteps, encoder_hidden_states=text).sample
+        prediction = model(noisy, timesteps, caption_index)
         # A pixel-space (IF-layout) UNet also outputs variance channels; the noise comes first.
         prediction = prediction[:, : latents.shape[1]]
         loss = denoising_loss(
@@ -238,7 +243,7 @@ class ImageGenerationTask:
         )
         return loss, torch.tensor(count, device=latents.device)
 
-    def _clean_latents(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+    def _clean_latents(self, model: DiffusionModel, batch: Batch) -> torch.Tensor:
         if "latent_mean" in batch:
             mean = batch["latent_mean"]
             if not model.training:
@@ -251,13 +256,6 @@ class ImageGenerationTask:
             dist = model.vae.encode(pixels.to(model.vae.dtype)).latent_dist
             latents = dist.sample() if model.training else dist.mode()
         return latents * model.vae.config.scaling_factor
-
-    def _text_embeddings(self, model: nn.Module, caption_index: torch.Tensor) -> torch.Tensor:
-        cached = getattr(model, "caption_embeddings", None)
-        if cached is not None:
-            return cached[caption_index]
-        ids, mask = model.caption_ids[caption_index], model.caption_mask[caption_index]
-        return model.encode_text(ids, mask)
 
     def count_tokens(self, batch: Batch) -> int:
         """Images (`unit`): the throughput is images per second."""

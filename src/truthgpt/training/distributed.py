@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import inspect
 import io
 import logging
 import os
@@ -193,19 +194,41 @@ def wrap_model(
         from torch.nn.parallel import DistributedDataParallel
 
         device_ids = [device.index] if device.type == "cuda" else None
-        return DistributedDataParallel(model, device_ids=device_ids)
+        # No model here changes a buffer as it trains (no BatchNorm), and every rank computes
+        # the same ones; a diffusion run's caption embeddings, one row per distinct caption,
+        # can be hundreds of MiB, which DDP would otherwise broadcast on every forward.
+        # (torch 2.13 renamed the switch; the old name warns there.)
+        known = inspect.signature(DistributedDataParallel).parameters
+        no_sync = "forward_sync_buffers" if "forward_sync_buffers" in known else "broadcast_buffers"
+        return DistributedDataParallel(model, device_ids=device_ids, **{no_sync: False})
     if world.parallel == "fsdp":
         shard_model(model, world, device, param_dtype)
     return model
 
 
-def build_on_ranks(build: Callable[[], nn.Module], world: World) -> nn.Module:
+def unwrapped(model: nn.Module) -> nn.Module:
+    """The module itself inside what `wrap_model` (DDP) and torch.compile put around it: where
+    a task reads attributes the wrappers do not forward (a diffusion model's parts)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    while True:
+        if isinstance(model, DistributedDataParallel):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch.compile's
+            model = model._orig_mod
+        else:
+            return model
+
+
+def build_on_ranks(build: Callable[[], nn.Module], world: World, meta: bool = True) -> nn.Module:
     """The model to train, on the CPU. Under FSDP with several processes only rank 0 builds
     it in full; the others build it on the meta device (no memory, no init) and `shard_model`
     fills their shards from rank 0's weights, so host memory holds one full copy, not one per
     process. A model with buffers outside its state dict (tables computed at init, such as
-    transformers' rotary frequencies) is built in full everywhere: no broadcast carries them."""
-    if world.parallel != "fsdp" or world.size == 1 or world.is_main:
+    transformers' rotary frequencies) is built in full everywhere: no broadcast carries them.
+    `meta` False: every rank builds in full at once (a build that computes with the weights,
+    as a diffusion task's encoding of its captions, cannot run on the meta device)."""
+    if not meta or world.parallel != "fsdp" or world.size == 1 or world.is_main:
         return build()
     with torch.device("meta"):
         model = build()
@@ -233,7 +256,8 @@ def shard_model(
     model: nn.Module, world: World, device: torch.device, param_dtype: torch.dtype | None = None
 ) -> bool:
     """FSDP2: shard `model` in place onto `device`, each repeated block and then the root, so
-    only one block's full weights are gathered at a time (ZeRO-3). fully_shard moves each
+    only one block's full weights are gathered at a time (ZeRO-3); a model with an
+    `fsdp_plan()` names its units, and modules every rank keeps whole. fully_shard moves each
     group's parameters to the device as it shards them: no GPU ever holds the whole model.
     With `param_dtype` the gathered weights take that dtype (the shards stay fp32) and
     gradients are reduced in fp32 (`fsdp_param_dtype`).
@@ -244,6 +268,18 @@ def shard_model(
 
     if is_sharded(model):
         return False
+    # A model may say what to shard (a diffusion model: its UNet, not its frozen VAE).
+    plan = getattr(model, "fsdp_plan", None)
+    units, whole = plan() if plan is not None else (repeated_blocks(model), [])
+    kept = {param for module in whole for param in module.parameters()}
+    if kept and "ignored_params" not in inspect.signature(fully_shard).parameters:
+        raise ConfigError(
+            f"training.parallel: fsdp keeps a {type(model).__name__}'s frozen parts whole, "
+            f"which needs torch >= 2.7 (this is {torch.__version__}); upgrade torch or use "
+            "training.parallel: ddp"
+        )
+    for module in whole:
+        module.to(device)  # fully_shard moves what it shards only
     tensors = [*model.parameters(), *model.buffers()]
     on_meta = any(t.is_meta for t in tensors)
     from_main = any_rank([on_meta], device)[0]
@@ -252,9 +288,10 @@ def shard_model(
     # fp32 reduction: a bf16 sum over ranks and accumulated micro-batches would lose the
     # small gradients (FSDP2 then also accumulates unsynced micro-batches in fp32).
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
-    for block in repeated_blocks(model):
-        fully_shard(block, mp_policy=policy)
-    fully_shard(model, mp_policy=policy)
+    ignored = {"ignored_params": kept} if kept else {}
+    for block in units:
+        fully_shard(block, mp_policy=policy, **ignored)
+    fully_shard(model, mp_policy=policy, **ignored)
     if on_meta:
         model.to_empty(device=device)
     if from_main:

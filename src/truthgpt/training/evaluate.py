@@ -12,10 +12,9 @@ import torch
 from torch import nn
 
 from truthgpt import config as config_module
+from truthgpt.data.packing import IGNORE_INDEX
 from truthgpt.errors import CheckpointError, DataError
 from truthgpt.training import distributed
-
-IGNORE_INDEX = -100
 
 
 def perplexity(loss: float | None) -> float | None:
@@ -80,16 +79,21 @@ def evaluate_run(
     overrides: list[str] = (),
     progress: bool = False,
 ) -> dict[str, Any]:
-    """Loss and perplexity of a run's model (best, else last) on its own split or on files.
+    """The validation loss of a run's model (best, else last), as its training evaluates it
+    (the task's loss), on its own split or on files; and perplexity for a language model.
 
     `data_paths` (text or .jsonl files/globs) replace the run's data: every document in them is
-    evaluated. Otherwise the run's `split` ("val" or "train") is used. `progress`: a progress
-    bar on a terminal.
+    evaluated. Otherwise the run's `split` ("val" or "train") is used. A checkpoint of FSDP
+    shards is merged in this process. `progress`: a progress bar on a terminal. The result
+    counts what the loss is a mean over under the task's unit (`tokens`, `images`).
     """
     from truthgpt.data.loader import val_batches
+    from truthgpt.data.prepare import TOKENIZER_DIR
+    from truthgpt.guard import SHARDED_DIR
     from truthgpt.hardware import resolve_device, resolve_precision
-    from truthgpt.models import load_model, resolve_model_folder
-    from truthgpt.training.tasks import build_task
+    from truthgpt.models import resolve_model_folder
+    from truthgpt.training.sharded import load_merged
+    from truthgpt.training.tasks import build_task, task_unit
 
     run_dir = Path(run).expanduser()
     if not run_dir.exists():
@@ -106,12 +110,21 @@ def evaluate_run(
             f"{run_dir} is not a run folder, nor a checkpoint folder of one (no {config_file}); "
             "evaluate other models' folders by training from them (model.init_from)"
         )
+    sharded = (folder / SHARDED_DIR).is_dir()
     config = config_module.load(run_dir, list(overrides))
+    if data_paths and config.task in config_module.IMAGE_TASKS:
+        raise DataError(
+            f"--data: {run_dir} is a {config.task} run, which evaluates its own images; drop "
+            "--data (--split val or train picks the run's split)"
+        )
     if data_paths:
         source = "jsonl" if all(p.endswith(".jsonl") for p in data_paths) else "text"
         if config.data.source in ("jsonl", "hf") and config.task == "sft":
             source = "jsonl"
         paths = "[" + ", ".join(repr(p) for p in data_paths) + "]"
+        # The tokenizer the model was trained with: beside the weights, or the run's own copy
+        # for FSDP shards (a checkpoint of them holds no tokenizer).
+        tokenizer = run_dir / TOKENIZER_DIR if sharded else folder
         config = config_module.load(
             config.model_dump(mode="json"),
             [
@@ -119,11 +132,12 @@ def evaluate_run(
                 f"data.paths={paths}",
                 f"data.val_paths={paths}",
                 "data.max_documents=null",
-                f"data.tokenizer.path={folder}",
+                f"data.tokenizer.path={tokenizer}",
             ],
         )
         split = "val"
     task = build_task(config)
+    unit = task_unit(task)
     data = task.build_data(run_dir if not data_paths else None, lambda message: None)
     dataset = data.val if split == "val" else data.train
     if dataset is not None and not hasattr(dataset, "__len__"):
@@ -134,14 +148,24 @@ def evaluate_run(
     batches = (
         [] if dataset is None else val_batches(dataset, config.training.batch_size, max_batches)
     )
-    tokens = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
-    if not tokens:  # empty, or a lone token: a loss of 0 over nothing would look like a result
+    if unit == "tokens":  # the predicted ones, which the loss is a mean over
+        count = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
+    else:
+        count = sum(task.count_tokens(b) for b in batches)
+    if not count:  # empty, or a lone token: a loss of 0 over nothing would look like a result
         what = f"the {split} split of {run_dir}"
         if data_paths:
             what = f"the eval data ({', '.join(data_paths)})"
-        raise DataError(f"{what} has no token to predict: evaluation needs 2 at least")
+        if unit == "tokens":
+            raise DataError(f"{what} has no token to predict: evaluation needs 2 at least")
+        raise DataError(f"{what} has no {unit} to evaluate (data.val_fraction 0?)")
     torch_device = resolve_device(device)
-    model = load_model(folder, device=torch_device)
+    # The model as training evaluates it: the task's own, ready to train.
+    if sharded:
+        model = load_merged(folder, task, data)
+    else:
+        model = task.prepare_model(task.load_model(folder))
+    model = model.to(torch_device)
     dtype = resolve_precision(config.training.precision, torch_device)
     from tqdm.auto import tqdm
 
@@ -153,7 +177,8 @@ def evaluate_run(
         "checkpoint": str(folder),
         "split": split if not data_paths else ",".join(data_paths),
         "loss": loss,
-        "ppl": perplexity(loss),
-        "tokens": tokens,
+        "ppl": perplexity(loss) if getattr(task, "reports_perplexity", True) else None,
+        "unit": unit,
+        unit: count,
         "batches": len(batches),
     }

@@ -13,7 +13,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -37,6 +37,10 @@ from truthgpt.models.hf_io import write_generation_defaults
 from truthgpt.models.lora import is_peft_model
 from truthgpt.training import distributed
 from truthgpt.training.checkpoint import verify_checkpoint
+
+if TYPE_CHECKING:
+    from truthgpt.data.prepare import PreparedData
+    from truthgpt.training.tasks import Task
 
 
 def save_sharded(
@@ -128,6 +132,16 @@ def export_checkpoint(
     return export_merged(folder, Path(out_dir), overwrite, merge_lora)
 
 
+def load_merged(folder: Path, task: Task, data: PreparedData) -> nn.Module:
+    """The whole model of the sharded checkpoint `folder`, in this one process: `task` builds
+    it for `data` (the run's, with its saved tokenizer), then every shard is read into it."""
+    model = task.build_model(data)
+    load_sharded(folder, model, None)
+    # Prepared again: what the build derived from the weights it made (a diffusion model's
+    # caption embeddings, from its frozen text encoder) is derived from the checkpoint's.
+    return task.prepare_model(model)
+
+
 def export_merged(
     folder: Path, out_dir: Path, overwrite: bool = False, merge_lora: bool = True
 ) -> Path:
@@ -148,8 +162,7 @@ def export_merged(
     config = config_module.load(folder / RUN_CONFIG)
     task = build_task(config)
     data = task.build_data(run_dir, lambda message: None)
-    model = task.build_model(data)
-    load_sharded(folder, model, None)
+    model = load_merged(folder, task, data)
 
     def fill(tmp: Path) -> None:
         if is_peft_model(model):

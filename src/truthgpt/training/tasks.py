@@ -48,7 +48,8 @@ class Task(Protocol):
     "images" gives `images_per_second`, `images_seen`), `reports_perplexity` (True) says the
     loss is a cross-entropy whose exp means something, `describe_model(model)` names the model
     in the first log line (default: model.arch), `sample_every` / `samples(model, step)` draw
-    pictures of the progress.
+    pictures of the progress, `builds_on_meta` (True) says `build_model` may run on the meta
+    device (FSDP's ranks but the first build there; distributed.build_on_ranks).
     """
 
     def build_data(self, run_dir: Path | None, log: Callable[[str], None]) -> PreparedData: ...

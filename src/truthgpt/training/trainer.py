@@ -842,7 +842,8 @@ def _build_trainer(
     if resume_from is not None and not resume_from.sharded:
         model = task.prepare_model(task.load_model(resume_from.folder))
     else:  # fresh, or weights that restore() reads from the shards
-        model = distributed.build_on_ranks(lambda: task.build_model(data), world)
+        meta = getattr(task, "builds_on_meta", True)
+        model = distributed.build_on_ranks(lambda: task.build_model(data), world, meta)
     n_params = sum(p.numel() for p in model.parameters())
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     trainable = f", {n_trainable / 1e6:.3f}M trainable" if n_trainable != n_params else ""
