@@ -87,6 +87,15 @@ def test_a_bf16_stream_run_trains_as_the_fp32_stream_run(tmp_path: Path) -> None
     assert narrow.final_val_loss < narrow.initial_val_loss - 1.0  # it learns
     assert narrow.final_val_loss == pytest.approx(wide.final_val_loss, rel=3e-2)
 
+    # Evaluated where it computes in fp32 (a bf16 GPU run's `precision: auto` on a CPU): the
+    # stream follows the weights there, not a refusal.
+    from truthgpt.training.evaluate import evaluate_run
+
+    run = narrow.run_dir
+    fp32 = evaluate_run(run, max_batches=4, device="cpu", overrides=["training.precision=auto"])
+    bf16 = evaluate_run(run, max_batches=4, device="cpu")
+    assert fp32["loss"] == pytest.approx(bf16["loss"], rel=2e-2)
+
 
 def test_settings_that_cannot_work_are_config_errors() -> None:
     tiny = {"hidden_size": 32, "num_layers": 1, "num_heads": 4, "max_position_embeddings": 64}

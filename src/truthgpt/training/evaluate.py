@@ -111,7 +111,13 @@ def evaluate_run(
             "evaluate other models' folders by training from them (model.init_from)"
         )
     sharded = (folder / SHARDED_DIR).is_dir()
-    config = config_module.load(run_dir, list(overrides))
+    config = config_module.load(run_dir, [f"hardware.device={device}", *overrides])
+    computes = resolve_precision(config.training.precision, resolve_device(device))
+    if config.training.residual_dtype == "bf16" and computes != torch.bfloat16:
+        # A bf16 GPU run evaluated on a CPU: the bf16 stream is a training speed switch, and
+        # an fp32 evaluation keeps the stream its weights give.
+        more = [f"hardware.device={device}", *overrides, "training.residual_dtype=auto"]
+        config = config_module.load(run_dir, more)
     if data_paths and config.task in config_module.IMAGE_TASKS:
         raise DataError(
             f"--data: {run_dir} is a {config.task} run, which evaluates its own images; drop "
