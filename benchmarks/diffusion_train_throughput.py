@@ -139,8 +139,9 @@ def timed_steps(step, steps: int, warmup: int, device: torch.device) -> list[flo
 
 def run_ours(args, sd: Path, images: Path, workdir: Path, checkpointing: bool, device) -> dict:
     from truthgpt.config import load
+    from truthgpt.training.run_folder import prepare_run_dir
     from truthgpt.training.tasks import build_task
-    from truthgpt.training.trainer import Trainer, prepare_run_dir
+    from truthgpt.training.trainer import Trainer
 
     raw = {
         "run_name": f"ours-{checkpointing}",

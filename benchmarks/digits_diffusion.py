@@ -56,7 +56,7 @@ def to_digit_features(image: Image.Image) -> np.ndarray:
 
 def train_run(overrides: list[str]) -> tuple[Path, float]:
     from truthgpt.config import load
-    from truthgpt.training.trainer import train
+    from truthgpt.training.run import train
 
     config = load(CONFIG, overrides)
     started = time.perf_counter()

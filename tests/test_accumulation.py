@@ -12,7 +12,8 @@ from conftest import tiny_raw_config
 from truthgpt.config import load
 from truthgpt.data import prepare_data
 from truthgpt.data.packing import IGNORE_INDEX
-from truthgpt.training.trainer import Trainer, build_model, prepare_run_dir
+from truthgpt.training.run_folder import prepare_run_dir
+from truthgpt.training.trainer import Trainer, build_model
 
 
 def uneven_micro_batches(blocks: torch.Tensor) -> list[dict[str, torch.Tensor]]:

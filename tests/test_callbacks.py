@@ -23,7 +23,7 @@ from truthgpt.training.callbacks import (
     WandbLog,
     build_callbacks,
 )
-from truthgpt.training.trainer import train
+from truthgpt.training.run import train
 
 RECORDERS: list[EventRecorder] = []
 

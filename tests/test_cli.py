@@ -20,8 +20,8 @@ from typer.testing import CliRunner, Result
 from truthgpt.cli import app
 from truthgpt.config import load
 from truthgpt.manifest import write_manifest
+from truthgpt.training import run as run_module
 from truthgpt.training import signals
-from truthgpt.training import trainer as trainer_module
 from truthgpt.training.callbacks import Callback
 
 runner = CliRunner()
@@ -264,11 +264,11 @@ def test_a_second_ctrl_c_says_which_checkpoint_a_resume_continues_from(
 ) -> None:
     path = write_config(tmp_path, training={"log_every": 1}, checkpoint={"save_every": 5})
     run_dir = tmp_path / "runs" / "tiny"
-    build_callbacks = trainer_module.build_callbacks
+    build_callbacks = run_module.build_callbacks
 
     def train_until_ctrl_c_twice(step: int, *args: str) -> Result:
         monkeypatch.setattr(
-            trainer_module,
+            run_module,
             "build_callbacks",
             lambda config, run_dir: [*build_callbacks(config, run_dir), CtrlCTwice(step)],
         )

@@ -34,8 +34,8 @@ from truthgpt.training.checkpoint import verify_checkpoint
 from truthgpt.training.denoising import denoising_loss, snr
 from truthgpt.training.diffusion_model import LORA_WEIGHTS, char_clip_tokenizer
 from truthgpt.training.evaluate import evaluate_run
+from truthgpt.training.run import train
 from truthgpt.training.tasks import build_task
-from truthgpt.training.trainer import train
 
 
 def records(run_dir: Path, kind: str) -> dict[int, dict]:

@@ -33,9 +33,9 @@ from truthgpt.training.distributed import resolve_parallel
 from truthgpt.training.ema import EMA
 from truthgpt.training.evaluate import evaluate_run
 from truthgpt.training.optim import build_optimizer
+from truthgpt.training.run import train
 from truthgpt.training.sharded import export_checkpoint, load_sharded
 from truthgpt.training.tasks import build_task
-from truthgpt.training.trainer import train
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="reads /proc to find ranks")
 

@@ -11,7 +11,7 @@ from conftest import tiny_raw_config
 from truthgpt.config import load
 from truthgpt.errors import ConfigError
 from truthgpt.training.callbacks import Callback
-from truthgpt.training.trainer import train
+from truthgpt.training.run import train
 
 
 class Lines(Callback):

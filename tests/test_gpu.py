@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
 
 from truthgpt.config import load
 from truthgpt.models.hf_io import load_hf
-from truthgpt.training.trainer import train
+from truthgpt.training.run import train
 
 pytestmark = [
     pytest.mark.gpu,

@@ -12,7 +12,7 @@ from conftest import tiny_raw_config
 from truthgpt.config import load
 from truthgpt.errors import ConfigError
 from truthgpt.hardware import apply_threads, default_threads, usable_cores
-from truthgpt.training.trainer import train
+from truthgpt.training.run import train
 
 
 @pytest.fixture

@@ -24,8 +24,9 @@ from truthgpt.training.callbacks import Callback
 from truthgpt.training.checkpoint import read_train_state
 from truthgpt.training.distributed import World
 from truthgpt.training.micro_batch import Split, largest_fitting_divisor, resolve_split
+from truthgpt.training.run import train
 from truthgpt.training.tasks import build_task
-from truthgpt.training.trainer import build_model, train
+from truthgpt.training.trainer import build_model
 
 # ---------------------------------------------------------------------------------------------
 # The search

@@ -177,7 +177,7 @@ def test_flex_refuses_transformers_models() -> None:
 def test_flex_training_on_cpu_is_a_config_error(tmp_path: Path) -> None:
     from test_sft import arithmetic_rows, write_jsonl
 
-    from truthgpt.training.trainer import train
+    from truthgpt.training.run import train
 
     raw = packed_sft_config(tmp_path, write_jsonl(tmp_path / "a.jsonl", arithmetic_rows(40)))
     raw["training"]["packed_attention"] = "flex"
@@ -268,7 +268,7 @@ def test_cuda_packed_sft_trains_alike_on_flex_and_dense(tmp_path: Path) -> None:
     from test_resume import step_losses
     from test_sft import arithmetic_rows, write_jsonl
 
-    from truthgpt.training.trainer import train
+    from truthgpt.training.run import train
 
     rows = write_jsonl(tmp_path / "arithmetic.jsonl", arithmetic_rows(200))
     runs = {

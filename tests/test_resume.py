@@ -31,7 +31,9 @@ from truthgpt.training.checkpoint import (
     verify_checkpoint,
 )
 from truthgpt.training.ema import EMA
-from truthgpt.training.trainer import Trainer, build_model, prepare_run_dir, train
+from truthgpt.training.run import train
+from truthgpt.training.run_folder import prepare_run_dir
+from truthgpt.training.trainer import Trainer, build_model
 
 
 def resume_config(tmp_path: Path, name: str, **sections: dict) -> dict:

@@ -23,7 +23,7 @@ from truthgpt.manifest import write_manifest
 from truthgpt.models import load_model, resolve_model_folder
 from truthgpt.models.export import export_hf
 from truthgpt.training.checkpoint import prune_step_checkpoints
-from truthgpt.training.trainer import train
+from truthgpt.training.run import train
 
 runner = CliRunner()
 

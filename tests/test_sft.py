@@ -28,7 +28,7 @@ from truthgpt.data.sft import (
 from truthgpt.data.tokenizer import EOS_TOKEN, load_tokenizer, train_bpe_tokenizer
 from truthgpt.errors import ConfigError, DataError
 from truthgpt.models import Decoder, DecoderConfig
-from truthgpt.training.trainer import train
+from truthgpt.training.run import train
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}"

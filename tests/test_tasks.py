@@ -20,8 +20,8 @@ from truthgpt.errors import ConfigError
 from truthgpt.registry import TASKS
 from truthgpt.training.callbacks import Callback
 from truthgpt.training.checkpoint import verify_checkpoint
+from truthgpt.training.run import train
 from truthgpt.training.tasks import build_task
-from truthgpt.training.trainer import train
 
 VOCAB = 50
 WEIGHTS = "model.safetensors"

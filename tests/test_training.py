@@ -19,7 +19,9 @@ from truthgpt.errors import ConfigError
 from truthgpt.models import load_model
 from truthgpt.training.checkpoint import verify_checkpoint
 from truthgpt.training.optim import build_scheduler, param_groups
-from truthgpt.training.trainer import Trainer, build_model, prepare_run_dir, train
+from truthgpt.training.run import train
+from truthgpt.training.run_folder import prepare_run_dir
+from truthgpt.training.trainer import Trainer, build_model
 
 ROOT = Path(__file__).resolve().parents[1]
 

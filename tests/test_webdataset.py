@@ -25,7 +25,7 @@ from truthgpt.errors import CheckpointError, ConfigError, DataError
 from truthgpt.registry import SOURCES
 from truthgpt.training.callbacks import Callback
 from truthgpt.training.evaluate import evaluate_run
-from truthgpt.training.trainer import train
+from truthgpt.training.run import train
 
 # Stdlib text, cut into samples: every sample starts with its own key, so the decoded stream
 # says which sample each document is.

@@ -43,7 +43,7 @@ def train(config: Config | str | Path, overwrite: bool = False, resume: bool | s
     checkpoint; "auto": continue if there is one). None: the config's `training.resume`.
     """
     from truthgpt.config import Config, load
-    from truthgpt.training.trainer import train as run_training
+    from truthgpt.training.run import train as run_training
 
     if not isinstance(config, Config):
         config = load(config)

@@ -95,7 +95,7 @@ def train(
         _fail(exc)
 
     from truthgpt.training.distributed import exit_without_teardown as distributed_exit
-    from truthgpt.training.trainer import train as run_training
+    from truthgpt.training.run import train as run_training
 
     try:
         result = run_training(resolved, overwrite=overwrite, resume=resume or None)
