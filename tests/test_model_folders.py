@@ -101,12 +101,17 @@ def test_a_training_checkpoint_names_its_eos(tmp_path: Path) -> None:
     load_model(best)  # the manifest covers generation_config.json: the folder still verifies
 
 
-def test_a_model_folder_without_tokenizer_files_is_refused(tmp_path: Path) -> None:
-    save_model(tiny_decoder(), tmp_path)
+def test_a_model_folder_without_tokenizer_files_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    model_only = tmp_path / "model"
+    save_model(tiny_decoder(), model_only)
     with pytest.raises(CheckpointError, match="has no tokenizer files"):
-        load_tokenizer(tmp_path)
+        load_tokenizer(model_only)
     with pytest.raises(CheckpointError, match="has no tokenizer files"):
-        build_state(str(tmp_path), load({}))
+        build_state(str(model_only), load({}))
+    export_hf(model_only, tmp_path / "export")  # exported as it is, with a note that says so
+    assert "has no tokenizer files; the export holds the model alone" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("kind", ["shards", "pipeline"])

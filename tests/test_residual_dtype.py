@@ -126,3 +126,15 @@ def test_settings_that_cannot_work_are_config_errors() -> None:
     image_task = {"task": "image-generation", "data": {"source": "digits"}}
     with pytest.raises(ConfigError, match=r"residual_dtype: 'fp32'.*diffusion model"):
         load({**image_task, "training": {"residual_dtype": "fp32"}})
+
+
+def test_train_refuses_a_bf16_stream_in_an_fp32_run_before_building_anything(
+    tmp_path: Path,
+) -> None:
+    """`validate` checks the config, not the machine: `train` says it before a tokenizer is
+    trained or a corpus encoded, and leaves no run folder."""
+    raw = tiny_raw_config(tmp_path, training={"precision": "fp32", "residual_dtype": "bf16"})
+    config = load(raw)
+    with pytest.raises(ConfigError, match="residual_dtype: 'bf16' needs a bf16 run"):
+        train(config)
+    assert not config.run_dir.exists()

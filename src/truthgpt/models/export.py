@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -69,8 +70,13 @@ def export_hf(
     def fill(tmp: Path) -> None:
         write_export_model(model, tmp, merge_lora)
         if copy_tokenizer_files(folder, tmp):
-            write_generation_defaults(
-                tmp, AutoTokenizer.from_pretrained(tmp, local_files_only=True)
+            tokenizer = AutoTokenizer.from_pretrained(tmp, local_files_only=True)
+            write_generation_defaults(tmp, tokenizer)  # transformers' generate stops at its eos
+        else:
+            print(
+                f"note: {folder} has no tokenizer files; the export holds the model alone",
+                file=sys.stderr,
+                flush=True,
             )
         mark(tmp, "export")
 

@@ -99,24 +99,34 @@ def build_sgd(model: nn.Module, cfg: OptimConfig, device: torch.device) -> torch
     )
 
 
-@OPTIMIZERS.register("adamw8bit")
-def build_adamw8bit(
-    model: nn.Module, cfg: OptimConfig, device: torch.device
-) -> torch.optim.Optimizer:
-    """bitsandbytes' AdamW with 8-bit block-wise quantized moments (Dettmers et al. 2022):
-    a quarter of AdamW's optimizer memory. Needs bitsandbytes and a CUDA GPU."""
+def check_optimizer_runs(cfg: OptimConfig, device: torch.device) -> None:
+    """A ConfigError when `cfg`'s optimizer cannot run on `device` (adamw8bit: CUDA and
+    bitsandbytes); `truthgpt train` asks before any data or model is built."""
+    if cfg.name != "adamw8bit":
+        return
     if device.type != "cuda":
         raise ConfigError(
             f"optim.name: 'adamw8bit' runs on a CUDA GPU only (this run is on {device.type}); "
             "use optim.name: adamw here"
         )
     try:
-        import bitsandbytes
+        import bitsandbytes  # noqa: F401
     except ImportError:
         raise ConfigError(
             "optim.name: 'adamw8bit' needs bitsandbytes (pip install bitsandbytes), or use "
             "optim.name: adamw"
         ) from None
+
+
+@OPTIMIZERS.register("adamw8bit")
+def build_adamw8bit(
+    model: nn.Module, cfg: OptimConfig, device: torch.device
+) -> torch.optim.Optimizer:
+    """bitsandbytes' AdamW with 8-bit block-wise quantized moments (Dettmers et al. 2022):
+    a quarter of AdamW's optimizer memory. Needs bitsandbytes and a CUDA GPU."""
+    check_optimizer_runs(cfg, device)
+    import bitsandbytes
+
     return bitsandbytes.optim.AdamW8bit(
         param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps
     )

@@ -25,6 +25,7 @@ from truthgpt.training.checkpoint import (
 from truthgpt.training.distributed import World
 from truthgpt.training.fp8 import enable_fp8
 from truthgpt.training.micro_batch import resolve_split
+from truthgpt.training.optim import check_optimizer_runs
 from truthgpt.training.rng import seed_everything
 from truthgpt.training.run_folder import (
     prepare_run_dir,
@@ -32,7 +33,7 @@ from truthgpt.training.run_folder import (
     take_run_folder,
 )
 from truthgpt.training.signals import Interrupted
-from truthgpt.training.tasks import Task, build_task, uses_fused_loss
+from truthgpt.training.tasks import Task, build_task, check_residual_dtype, uses_fused_loss
 from truthgpt.training.trainer import Trainer, TrainResult
 
 
@@ -53,8 +54,7 @@ def train(
     world, device = distributed.start(config, resolve_device(config.hardware.device))
     lock = None
     try:
-        if config.training.packed_attention == "flex":  # before any data or model is built
-            check_flex_training(device)
+        check_before_building(config, device)
         # Rank 0 holds the run folder until the run ends: a second training of it is refused.
         lock = distributed.from_main(
             lambda: take_run_folder(config.run_dir), share=lambda held: None
@@ -64,6 +64,15 @@ def train(
         if lock is not None:
             lock.close()
         distributed.stop(world)
+
+
+def check_before_building(config: Config, device: torch.device) -> None:
+    """The settings this machine cannot run, refused before the data (a tokenizer to train, a
+    corpus to encode) and the model are built: `validate` checks the config, not the machine."""
+    if config.training.packed_attention == "flex":
+        check_flex_training(device)
+    check_optimizer_runs(config.optim, device)
+    check_residual_dtype(config, resolve_precision(config.training.precision, device))
 
 
 def _train(

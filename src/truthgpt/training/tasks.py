@@ -183,6 +183,17 @@ def uses_fused_loss(config: Config, model: nn.Module) -> bool:
     return native and loss_kernel_available(resolve_device(config.hardware.device))
 
 
+def check_residual_dtype(config: Config, dtype: torch.dtype) -> None:
+    """A ConfigError when training.residual_dtype cannot work in a run that computes in
+    `dtype`: a bf16 stream needs a bf16 run (fp16's range would overflow it)."""
+    if config.training.residual_dtype == "bf16" and dtype != torch.bfloat16:
+        computes = str(dtype).removeprefix("torch.")
+        raise ConfigError(
+            f"training.residual_dtype: 'bf16' needs a bf16 run; this one computes in {computes} "
+            f"(training.precision {config.training.precision!r})"
+        )
+
+
 def apply_residual_dtype(model: nn.Module, config: Config) -> None:
     """training.residual_dtype onto a native decoder: fp32 or bf16 set its residual stream's
     dtype; auto leaves the embeddings' own (fp32 weights give fp32, FSDP's bf16 gathered
@@ -192,19 +203,14 @@ def apply_residual_dtype(model: nn.Module, config: Config) -> None:
         return
     from truthgpt.hardware import resolve_device, resolve_precision
 
-    dtype = resolve_precision(config.training.precision, resolve_device(config.hardware.device))
     base = model.get_base_model() if _is_peft(model) else model
     if not hasattr(base, "residual_dtype"):
         raise ConfigError(
             f"training.residual_dtype: {setting!r} needs the native decoder (model.arch llama or "
             f"gpt2); model.arch {config.model.arch!r} keeps its own (allowed here: auto)"
         )
-    if setting == "bf16" and dtype != torch.bfloat16:
-        computes = str(dtype).removeprefix("torch.")
-        raise ConfigError(
-            f"training.residual_dtype: 'bf16' needs a bf16 run; this one computes in {computes} "
-            f"(training.precision {config.training.precision!r})"
-        )
+    device = resolve_device(config.hardware.device)
+    check_residual_dtype(config, resolve_precision(config.training.precision, device))
     base.residual_dtype = torch.bfloat16 if setting == "bf16" else torch.float32
 
 
