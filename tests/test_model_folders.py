@@ -19,8 +19,7 @@ from truthgpt.inference.llm import load_tokenizer
 from truthgpt.manifest import write_manifest
 from truthgpt.models.build import load_model, save_model
 from truthgpt.models.decoder import Decoder, DecoderConfig
-from truthgpt.models.export import export_hf
-from truthgpt.models.hf_io import write_generation_defaults
+from truthgpt.models.export import export_hf, write_generation_defaults
 from truthgpt.serving.server import build_state, default_model_id
 
 VOCAB = 64

@@ -16,10 +16,11 @@ only when merging (`fan_in_fan_out`).
 from __future__ import annotations
 
 import dataclasses
+import json
 import shutil
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from safetensors.torch import save_file
 from torch import Tensor, nn
@@ -30,7 +31,7 @@ from truthgpt.errors import CheckpointError
 from truthgpt.guard import check_output, mark
 from truthgpt.models.build import load_model, resolve_model_folder, save_model
 from truthgpt.models.decoder import Decoder
-from truthgpt.models.hf_io import save_hf, weight_map, write_generation_defaults
+from truthgpt.models.hf_io import save_hf, weight_map
 from truthgpt.models.lora import ADAPTER_DIR, is_peft_model, plain_decoder
 
 if TYPE_CHECKING:
@@ -96,6 +97,34 @@ def write_export_model(model: nn.Module, folder: Path, merge_lora: bool) -> None
             return
     # A transformers model (its adapter already has HF names) or a merged / plain model.
     save_model(model, folder)
+
+
+SPECIAL_TOKEN_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
+GENERATION_CONFIG_NAME = "generation_config.json"
+
+
+def write_generation_defaults(folder: Path, tokenizer: Any) -> None:
+    """The tokenizer's bos/eos/pad ids into the model folder's config.json where it has none,
+    and into generation_config.json: transformers' `generate` stops at eos only when one of
+    the two names it. Ids the folder already names are kept."""
+    from transformers import GenerationConfig
+
+    folder = Path(folder)
+    ids = {name: getattr(tokenizer, name, None) for name in SPECIAL_TOKEN_IDS}
+    config_path = folder / "config.json"
+    config = json.loads(config_path.read_text())
+    for name, value in ids.items():
+        if config.get(name) is None and value is not None:
+            config[name] = value
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    if (folder / GENERATION_CONFIG_NAME).is_file():
+        generation = GenerationConfig.from_pretrained(folder)
+    else:
+        generation = GenerationConfig()
+    for name, value in ids.items():
+        if getattr(generation, name, None) is None and value is not None:
+            setattr(generation, name, value)
+    generation.save_pretrained(folder)
 
 
 def copy_tokenizer_files(source: Path, folder: Path) -> list[str]:

@@ -427,34 +427,6 @@ def save_hf(model: Decoder, folder: Path, extra_config: dict[str, Any] | None = 
     (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
-SPECIAL_TOKEN_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
-GENERATION_CONFIG_NAME = "generation_config.json"
-
-
-def write_generation_defaults(folder: Path, tokenizer: Any) -> None:
-    """The tokenizer's bos/eos/pad ids into the model folder's config.json where it has none,
-    and into generation_config.json: transformers' `generate` stops at eos only when one of
-    the two names it. Ids the folder already names are kept."""
-    from transformers import GenerationConfig
-
-    folder = Path(folder)
-    ids = {name: getattr(tokenizer, name, None) for name in SPECIAL_TOKEN_IDS}
-    config_path = folder / CONFIG_NAME
-    config = json.loads(config_path.read_text())
-    for name, value in ids.items():
-        if config.get(name) is None and value is not None:
-            config[name] = value
-    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    if (folder / GENERATION_CONFIG_NAME).is_file():
-        generation = GenerationConfig.from_pretrained(folder)
-    else:
-        generation = GenerationConfig()
-    for name, value in ids.items():
-        if getattr(generation, name, None) is None and value is not None:
-            setattr(generation, name, value)
-    generation.save_pretrained(folder)
-
-
 def read_hf_weights(folder: Path, device: str | torch.device = "cpu") -> dict[str, Tensor]:
     """Every tensor of model.safetensors, or of the shards its index file lists."""
     folder = Path(folder)

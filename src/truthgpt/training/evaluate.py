@@ -116,8 +116,9 @@ def evaluate_run(
     if config.training.residual_dtype == "bf16" and computes != torch.bfloat16:
         # A bf16 GPU run evaluated on a CPU: the bf16 stream is a training speed switch, and
         # an fp32 evaluation keeps the stream its weights give.
-        more = [f"hardware.device={device}", *overrides, "training.residual_dtype=auto"]
-        config = config_module.load(run_dir, more)
+        config = config.model_copy(
+            update={"training": config.training.model_copy(update={"residual_dtype": "auto"})}
+        )
     if data_paths and config.task in config_module.IMAGE_TASKS:
         raise DataError(
             f"--data: {run_dir} is a {config.task} run, which evaluates its own images; drop "

@@ -32,8 +32,7 @@ from truthgpt.errors import CheckpointError
 from truthgpt.guard import SHARDED_DIR, TRAIN_STATE, check_output, mark
 from truthgpt.manifest import write_manifest
 from truthgpt.models.build import resolve_model_folder
-from truthgpt.models.export import export_hf, write_export_model
-from truthgpt.models.hf_io import write_generation_defaults
+from truthgpt.models.export import export_hf, write_export_model, write_generation_defaults
 from truthgpt.models.lora import is_peft_model
 from truthgpt.training import distributed
 from truthgpt.training.checkpoint import verify_checkpoint

@@ -29,7 +29,7 @@ from truthgpt.data.packing import IGNORE_INDEX
 from truthgpt.data.prepare import PreparedData, prepare_causal_lm_data, prepare_sft_data
 from truthgpt.errors import ConfigError
 from truthgpt.models import load_model, save_model
-from truthgpt.models.hf_io import write_generation_defaults
+from truthgpt.models.export import write_generation_defaults
 from truthgpt.registry import ARCHS, TASKS
 
 Batch = dict[str, torch.Tensor]
