@@ -4,6 +4,7 @@ resume never changes the model it continues, and every reader checks the checkpo
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -223,6 +224,30 @@ def test_a_run_folder_in_training_is_refused_to_a_second_training(run_copy: Path
     finally:
         held.close()
     assert train(load(run_config(run_copy, training__max_steps=15)), resume=True).steps == 15
+    assert not (run_copy.parent / f".{run_copy.name}.lock").exists()  # gone with the run
+
+
+def test_the_lock_file_goes_with_the_run_that_held_it(tmp_path: Path) -> None:
+    import fcntl
+
+    from truthgpt.training.run_folder import lock_run_folder
+
+    folder, lock_file = tmp_path / "run", tmp_path / ".run.lock"
+    lock_file.write_text("4242\n")  # left by a training killed with -9: nobody holds it
+    held = lock_run_folder(folder)
+    assert lock_file.read_text() == f"{os.getpid()}\n"
+    # A second process opened the file just before the holder let go; it then locks a file
+    # without a name, which must not count as holding the folder.
+    late = open(lock_file, "a+")  # noqa: SIM115
+    held.close()
+    assert not lock_file.exists()
+    fcntl.flock(late, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the unnamed file is free to lock...
+    again = lock_run_folder(folder)  # ...and the name is a new file, free as well
+    with pytest.raises(ConfigError, match="in use"):
+        lock_run_folder(folder)
+    late.close()
+    again.close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
 def test_resume_with_steering_changes_goes_on_and_records_them(run_copy: Path) -> None:

@@ -71,14 +71,40 @@ STEERING_KEYS = (
 _STALE = (CHECKPOINTS, "tb", "metrics.jsonl", "loss.png", "tokenizer", "samples", HISTORY)
 
 
-def lock_run_folder(run_dir: Path) -> IO[str] | None:
+class RunFolderLock:
+    """An exclusive flock on `.NAME.lock` beside a run folder (lock_run_folder). close() lets
+    go and removes the file, so a finished run leaves nothing beside its folder."""
+
+    def __init__(self, handle: IO[str]) -> None:
+        self._handle = handle
+
+    def close(self) -> None:
+        if self._handle.closed:
+            return
+        # Removed while still locked, and only if the name is still this file: a process that
+        # opened it meanwhile then locks a file without a name, sees so and opens the new one.
+        if _names_this_file(self._handle):
+            os.unlink(self._handle.name)
+        self._handle.close()
+
+
+def _names_this_file(handle: IO[str]) -> bool:
+    try:
+        named = os.stat(handle.name)
+    except FileNotFoundError:
+        return False
+    held = os.fstat(handle.fileno())
+    return (named.st_dev, named.st_ino) == (held.st_dev, held.st_ino)
+
+
+def lock_run_folder(run_dir: Path) -> RunFolderLock | None:
     """Hold `run_dir` for this process: an exclusive lock on `.NAME.lock` beside it (outside
-    it, so no folder that is not ours gets a file), released when the returned file is closed
+    it, so no folder that is not ours gets a file), released when the returned lock is closed
     or the process ends, however it ends. A second training of the same folder (a resume, an
     overwrite) is refused while the first runs. None where the OS has no flock (Windows).
 
-    The lock file stays after the run on purpose: deleting it would let a waiting process lock
-    the unlinked file while a third one locks a new file of the same name, both "holding" it."""
+    close() removes the file; a process killed holding it leaves it behind, harmless (a lock
+    on a file nobody holds is free), and the next training takes and removes it."""
     try:
         import fcntl
     except ImportError:
@@ -87,26 +113,32 @@ def lock_run_folder(run_dir: Path) -> IO[str] | None:
     # would write, and tidy (take_run_folder), under each other.
     run_dir = Path(run_dir).resolve()
     run_dir.parent.mkdir(parents=True, exist_ok=True)
-    handle = open(run_dir.parent / f".{run_dir.name}.lock", "a+")  # noqa: SIM115 (held open)
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        handle.seek(0)
-        holder = handle.read().strip() or "?"
-        handle.close()
-        raise ConfigError(
-            f"{run_dir} is in use by another `truthgpt train` (pid {holder}); nothing was "
-            "changed. Wait for it to finish, stop it (Ctrl-C saves a checkpoint), or pick "
-            "another run_name (--set run_name=NAME)."
-        ) from None
+    while True:
+        handle = open(run_dir.parent / f".{run_dir.name}.lock", "a+")  # noqa: SIM115 (held open)
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.seek(0)
+            holder = handle.read().strip() or "?"
+            handle.close()
+            raise ConfigError(
+                f"{run_dir} is in use by another `truthgpt train` (pid {holder}); nothing was "
+                "changed. Wait for it to finish, stop it (Ctrl-C saves a checkpoint), or pick "
+                "another run_name (--set run_name=NAME)."
+            ) from None
+        if _names_this_file(handle):
+            break
+        handle.close()  # its holder removed it as we opened it: lock the name's file afresh
     handle.seek(0)
     handle.truncate()
     handle.write(f"{os.getpid()}\n")
     handle.flush()
-    return handle
+    return RunFolderLock(handle)
 
 
-def take_run_folder(run_dir: Path, log: Callable[[str], None] | None = None) -> IO[str] | None:
+def take_run_folder(
+    run_dir: Path, log: Callable[[str], None] | None = None
+) -> RunFolderLock | None:
     """Lock `run_dir` (lock_run_folder), then tidy what earlier trainings killed mid-write
     left in it and its checkpoints/ (atomic.py's .tmp-/.old- entries), with one log line.
 
