@@ -372,6 +372,41 @@ def test_ctrl_c_while_the_cli_imports_exits_130_without_a_traceback() -> None:
     assert done.stderr == "" and done.stdout == ""
 
 
+@pytest.mark.parametrize("swallowed", [False, True])
+def test_ctrl_c_while_train_starts_says_nothing_was_saved(tmp_path: Path, swallowed: bool) -> None:
+    # A real SIGINT when torch starts to import (train's first seconds), once as it comes and
+    # once swallowed by the import, as a library's bare `except:` does: either way the run
+    # stops before anything is built, says so and exits 130, with no traceback.
+    path = write_config(tmp_path)
+    code = textwrap.dedent(
+        f"""
+        import os, runpy, signal, sys, time
+
+        class CtrlC:
+            def find_spec(self, name, path=None, target=None):
+                if name == "torch":
+                    sys.meta_path.remove(self)
+                    try:
+                        os.kill(os.getpid(), signal.SIGINT)
+                        time.sleep(1)  # the signal arrives here
+                    except KeyboardInterrupt:
+                        if not {swallowed}:
+                            raise
+                return None
+
+        sys.meta_path.insert(0, CtrlC())
+        sys.argv = ["truthgpt", "train", {str(path)!r}]
+        runpy.run_module("truthgpt", run_name="__main__", alter_sys=True)
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 130, done.stderr
+    assert done.stderr == "interrupted before training began; nothing was saved\n"
+    assert not (tmp_path / "runs" / "tiny" / "checkpoints").exists()
+
+
 def test_help_texts_describe_every_option_and_their_defaults() -> None:
     from truthgpt.config import DiffusionConfig
 

@@ -65,9 +65,37 @@ def train(
     ] = None,
 ) -> None:
     """Train the model a YAML config describes; writes the run folder."""
-    from truthgpt.training.signals import Interrupted, catch_early_interrupts
+    from truthgpt.training.signals import Interrupted, catch_early_interrupts, interrupted_early
 
     catch_early_interrupts()  # first: the imports below take seconds
+    try:
+        code = _train(config, set_ or [], overwrite, resume, nproc)
+    except Exception:
+        # A Ctrl-C that a library's import swallowed leaves that library half imported, and
+        # the error it causes later is the Ctrl-C's, not a bug to report.
+        if not interrupted_early():
+            raise
+        _say_interrupted_early()
+    except KeyboardInterrupt as exc:
+        # Once the loop runs, a Ctrl-C that stops at once says what was saved (Interrupted);
+        # any other came during start-up (imports, data, model), before anything was.
+        if not isinstance(exc, Interrupted):
+            _say_interrupted_early()
+        if os.environ.get("RANK", "0") == "0":
+            typer.secho(str(exc), err=True)
+        raise typer.Exit(code=130) from None
+    if code:
+        raise typer.Exit(code=code)
+
+
+def _say_interrupted_early() -> None:
+    if os.environ.get("RANK", "0") == "0":
+        typer.secho("interrupted before training began; nothing was saved", err=True)
+    raise typer.Exit(code=130)
+
+
+def _train(config: Path, set_: list[str], overwrite: bool, resume: bool, nproc: int | None) -> int:
+    """`truthgpt train`'s work; returns its exit code (130: stopped by a signal and saved)."""
     from truthgpt.training.distributed import stop_with_launcher
 
     stop_with_launcher()
@@ -82,38 +110,29 @@ def train(
             from truthgpt.training.distributed import check_nproc
 
             check_nproc(nproc)
-        resolved = load(config, set_ or [])
+        resolved = load(config, set_)
         if nproc is not None:
             from truthgpt.training.distributed import launch_on_ranks, resolve_parallel
 
             resolve_parallel(resolved, nproc)  # what every process would refuse, refused once
-            args = ["train", str(config), *[f"--set={item}" for item in set_ or []]]
+            args = ["train", str(config), *[f"--set={item}" for item in set_]]
             args += ["--overwrite"] * overwrite + ["--resume"] * resume
             sys.stdout.flush()
-            raise typer.Exit(code=launch_on_ranks(nproc, args))
-    except TruthGPTError as exc:
-        _fail(exc)
+            return launch_on_ranks(nproc, args)  # the processes say what they saved
+        from truthgpt.training.distributed import exit_without_teardown as distributed_exit
+        from truthgpt.training.run import train as run_training
+        from truthgpt.training.signals import interrupted_early
 
-    from truthgpt.training.distributed import exit_without_teardown as distributed_exit
-    from truthgpt.training.run import train as run_training
-
-    try:
+        if interrupted_early():  # swallowed by an import above: stop before anything is built
+            raise KeyboardInterrupt
         result = run_training(resolved, overwrite=overwrite, resume=resume or None)
     except TruthGPTError as exc:
         _fail(exc)
-    except KeyboardInterrupt as exc:
-        # Once the loop runs, a Ctrl-C that stops at once says what was saved (Interrupted);
-        # any other came during start-up, before anything was.
-        if os.environ.get("RANK", "0") == "0":
-            early = "interrupted before training began; nothing was saved"
-            typer.secho(str(exc) if isinstance(exc, Interrupted) else early, err=True)
-        raise typer.Exit(code=130) from None
     # 130: not a finished run; a `train ... && generate ...` chain must not go on as if it were.
     code = 130 if result.interrupted else 0
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # a torchrun worker, its run saved
         distributed_exit(code)
-    if code:
-        raise typer.Exit(code=code)
+    return code
 
 
 @app.command(name="eval")

@@ -24,6 +24,11 @@ def catch_early_interrupts() -> None:
         signal.signal(signal.SIGINT, handle)
 
 
+def interrupted_early() -> bool:
+    """Whether a Ctrl-C came during start-up (catch_early_interrupts), even one swallowed."""
+    return _interrupted_early.is_set()
+
+
 class Interrupted(KeyboardInterrupt):
     """A Ctrl-C that stopped training at once rather than at a step boundary: the second one
     (see StopRequested), or one after the loop gave the signals back. Its message says at which
