@@ -263,6 +263,22 @@ def test_resume_takes_the_newest_checkpoint_when_last_is_behind(
     assert [r["step"] for r in resumes if r["event"] == "resume"] == [7]
 
 
+def test_without_validation_best_is_never_older_than_last(tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    raw = resume_config(tmp_path, "noval", data={"val_fraction": 0.0}, training={"max_steps": 5})
+    checkpoints = train(load(raw)).run_dir / "checkpoints"
+    longer = {**raw, "training": {**raw["training"], "max_steps": 10}}
+    # The run's last checkpoint is written, then the process dies (before, best/ came after).
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(load(longer), callbacks=[CrashAt(10)], resume=True)
+    assert train(load(longer), resume=True).steps == 10
+    best, last = (load_file(checkpoints / name / "model.safetensors") for name in ("best", "last"))
+    assert read_train_state(checkpoints / "last")["step"] == 10
+    assert best.keys() == last.keys()
+    assert all(torch.equal(best[key], last[key]) for key in best)
+
+
 def test_checkpoints_past_the_one_resumed_from_count_no_more(tmp_path: Path) -> None:
     raw = resume_config(tmp_path, "past", training={"max_steps": 10})
     checkpoints = train(load(raw)).run_dir / "checkpoints"

@@ -263,6 +263,12 @@ class Trainer:
                     stopped_early = self.should_stop_early(last_eval)
                 if sampled:
                     self.draw_samples()
+                ends = stopped or self.step == max_steps
+                if ends and not self.val_batches:
+                    # Nothing to select by: best/ is the final model, written before the
+                    # checkpoint that ends the run, so a kill between the two leaves a resume
+                    # that writes both again, never a best/ older than last/.
+                    self.save_model_only("best")
                 if saves or stopped_early or stopped:
                     self.save_resumable()
                 if stopped_early:
@@ -277,8 +283,6 @@ class Trainer:
                         "Continue with --resume."
                     )
                     break
-        if not self.val_batches:
-            self.save_model_only("best")  # nothing to select by: best is the final model
         self._emit("on_train_end", self.step)
         elapsed = time.perf_counter() - run_start
         return TrainResult(
