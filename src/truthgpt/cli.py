@@ -118,7 +118,10 @@ def _train(config: Path, set_: list[str], overwrite: bool, resume: bool, nproc: 
             args = ["train", str(config), *[f"--set={item}" for item in set_]]
             args += ["--overwrite"] * overwrite + ["--resume"] * resume
             sys.stdout.flush()
-            return launch_on_ranks(nproc, args)  # the processes say what they saved
+            try:
+                return launch_on_ranks(nproc, args)  # the processes say what they saved
+            except KeyboardInterrupt:  # before torch's launcher took the signals over
+                return 130
         from truthgpt.training.distributed import exit_without_teardown as distributed_exit
         from truthgpt.training.run import train as run_training
         from truthgpt.training.signals import interrupted_early
