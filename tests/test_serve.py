@@ -637,3 +637,35 @@ def test_tokens_inside_a_character_show_their_bytes(client, server):
     content = chat.choices[0].logprobs.content
     raw = b"".join(bytes(item.bytes) for item in content)
     assert raw.decode("utf-8", errors="replace") == chat.choices[0].message.content
+
+
+def test_a_peft_adapter_in_transformers_names_is_served_natively(tmp_path):
+    """`export --no-merge-lora` writes the adapter in transformers' module names, as peft does
+    for any HF Llama: serve refused the folder as "a LlamaForCausalLM, which only transformers'
+    generate runs". Merged, the weights fit our decoder; the text is transformers + peft's."""
+    import peft
+
+    folder = make_model_folder(tmp_path / "model")
+    base = transformers.AutoModelForCausalLM.from_pretrained(folder)
+    # init_lora_weights=False: B is random too, so the adapter changes the output.
+    lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
+                           init_lora_weights=False)  # fmt: skip
+    torch.manual_seed(1)
+    adapted = peft.get_peft_model(base, lora).eval()
+    adapted.save_pretrained(folder / "adapter")
+    ids = torch.tensor([transformers.AutoTokenizer.from_pretrained(folder).encode("def ")])
+    with torch.no_grad():
+        out = adapted.generate(
+            input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+            max_new_tokens=10, min_new_tokens=10,
+        )  # fmt: skip
+    expected = transformers.AutoTokenizer.from_pretrained(folder).decode(out[0, ids.shape[1] :])
+    assert expected != hf_greedy_text(folder, "def ", 10)  # the adapter is not a no-op
+
+    running = start_server(folder)
+    try:
+        body = {"prompt": "def ", "max_tokens": 10, "temperature": 0, "ignore_eos": True}
+        reply = httpx.post(running.url + "/v1/completions", json=body, timeout=60).json()
+    finally:
+        running.stop()
+    assert reply["choices"][0]["text"] == expected
