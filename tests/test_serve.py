@@ -11,7 +11,7 @@ import openai
 import pytest
 import torch
 import transformers
-from serving_fixtures import make_model_folder, start_server
+from serving_fixtures import add_peft_adapter, make_model_folder, start_server
 
 from truthgpt.serving.responses import TextOffsets, completion_logprobs, prompt_offsets
 
@@ -36,9 +36,11 @@ def client(server):
     return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
 
 
-def hf_greedy_text(folder, prompt: str, new_tokens: int) -> str:
+def hf_greedy_text(folder, prompt: str, new_tokens: int, model=None) -> str:
+    """transformers' greedy continuation, of the folder's model or of `model` (peft's)."""
     tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
-    model = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+    if model is None:
+        model = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
     ids = torch.tensor([tokenizer.encode(prompt)])
     out = model.generate(
         ids,
@@ -643,23 +645,8 @@ def test_a_peft_adapter_in_transformers_names_is_served_natively(tmp_path):
     """`export --no-merge-lora` writes the adapter in transformers' module names, as peft does
     for any HF Llama: serve refused the folder as "a LlamaForCausalLM, which only transformers'
     generate runs". Merged, the weights fit our decoder; the text is transformers + peft's."""
-    import peft
-
     folder = make_model_folder(tmp_path / "model")
-    base = transformers.AutoModelForCausalLM.from_pretrained(folder)
-    # init_lora_weights=False: B is random too, so the adapter changes the output.
-    lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
-                           init_lora_weights=False)  # fmt: skip
-    torch.manual_seed(1)
-    adapted = peft.get_peft_model(base, lora).eval()
-    adapted.save_pretrained(folder / "adapter")
-    ids = torch.tensor([transformers.AutoTokenizer.from_pretrained(folder).encode("def ")])
-    with torch.no_grad():
-        out = adapted.generate(
-            input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
-            max_new_tokens=10, min_new_tokens=10,
-        )  # fmt: skip
-    expected = transformers.AutoTokenizer.from_pretrained(folder).decode(out[0, ids.shape[1] :])
+    expected = hf_greedy_text(folder, "def ", 10, model=add_peft_adapter(folder))
     assert expected != hf_greedy_text(folder, "def ", 10)  # the adapter is not a no-op
 
     running = start_server(folder)

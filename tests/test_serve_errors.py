@@ -24,6 +24,7 @@ import httpx
 import pytest
 from serving_fixtures import (
     CONTEXT,
+    add_peft_adapter,
     free_port,
     make_model_folder,
     metric_values,
@@ -950,3 +951,22 @@ def _statuses_until_refused(url: str, timeout_s: float) -> list[int]:
             return statuses
         time.sleep(0.01)
     raise AssertionError(f"new connections still taken {timeout_s} s after SIGTERM: {statuses}")
+
+
+def test_a_lora_server_stops_without_a_leaked_semaphore_warning(tmp_path):
+    # Merging a LoRA adapter (peft) in the engine process made tqdm create a multiprocessing
+    # lock there, which the process's quick exit never released: every stop of the server
+    # printed multiprocessing's "There appear to be 1 leaked semaphore objects" warning.
+    folder = make_model_folder(tmp_path / "model")
+    add_peft_adapter(folder)
+    process, _url = start_serve_command(folder)
+    try:
+        process.send_signal(signal.SIGINT)
+        stdout, stderr = process.communicate(timeout=30)  # the resource tracker's end too
+        assert process.returncode == 130, stderr
+        assert "stopped serving" in stdout, stdout
+        assert "leaked semaphore" not in stderr, stderr
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
