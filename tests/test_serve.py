@@ -125,6 +125,44 @@ def test_stream_equals_the_whole_reply_and_usage_comes_once_at_the_end(client, s
     assert all(chunk.usage is None for chunk in chat_chunks)  # not asked for
 
 
+def test_continuous_usage_stats_put_each_choices_usage_so_far_in_every_chunk(client, server):
+    # stream_options.continuous_usage_stats (vLLM's) was accepted and silently ignored.
+    prompts = ["import ", "class Parser:"]
+    lengths = [len(server.state.tokenizer.encode(p)) for p in prompts]
+    chunks = list(
+        client.completions.create(
+            model=server.model_id,
+            prompt=prompts,
+            n=2,
+            max_tokens=6,
+            stream=True,
+            stream_options={"include_usage": True, "continuous_usage_stats": True},
+            **GREEDY,
+        )
+    )
+    *with_choices, last = chunks
+    assert not last.choices and last.usage.completion_tokens == 4 * 6
+    counts: dict[int, list[int]] = {}
+    for chunk in with_choices:
+        (choice,) = chunk.choices
+        assert chunk.usage.prompt_tokens == lengths[choice.index // 2]
+        assert chunk.usage.total_tokens == chunk.usage.prompt_tokens + chunk.usage.completion_tokens
+        counts.setdefault(choice.index, []).append(chunk.usage.completion_tokens)
+    for index, seen in counts.items():
+        assert seen == sorted(seen) and seen[-1] == 6, (index, seen)
+        assert len(seen) > 1  # counted as the tokens came, not once at the end
+    # As in vLLM, they come with include_usage only.
+    chat = client.chat.completions.create(
+        model=server.model_id,
+        messages=[{"role": "user", "content": "hi"}],
+        max_tokens=3,
+        stream=True,
+        stream_options={"continuous_usage_stats": True},
+        **GREEDY,
+    )
+    assert all(chunk.usage is None for chunk in chat)
+
+
 def test_n_samples_have_their_indices_and_seeds_reproduce(client, server):
     params = dict(model=server.model_id, prompt="class ", max_tokens=8, temperature=1.0, seed=7)
     first = client.completions.create(n=3, **params)
