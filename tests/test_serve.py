@@ -13,7 +13,10 @@ import torch
 import transformers
 from serving_fixtures import add_peft_adapter, make_model_folder, start_server
 
-from truthgpt.serving.responses import TextOffsets, completion_logprobs, prompt_offsets
+import truthgpt
+from truthgpt.inference.detokenizer import IncrementalDetokenizer
+from truthgpt.inference.sampling_params import SamplingParams
+from truthgpt.serving.responses import completion_logprobs, prompt_offsets
 
 GREEDY = {"temperature": 0, "extra_body": {"ignore_eos": True}}
 
@@ -614,22 +617,57 @@ def test_text_offsets_follow_the_decoded_text_not_each_tokens_own(server):
     prompt = tokenizer.encode("def f(x):\n    return x", add_special_tokens=False)
     output = tokenizer.encode(SPLIT_TEXT, add_special_tokens=False)
     assert sum(len(tokenizer.decode([t])) for t in output) != len(SPLIT_TEXT)  # the old drift
-    counter = TextOffsets(tokenizer, prompt, skip_special_tokens=True)
-    counter.add(output[:5])
-    counter.add(output[5:])  # in two updates, as a stream gets them
-    head = len(tokenizer.decode(prompt))
-    clean = 0
-    for i, offset in enumerate(counter.offsets):
-        before = tokenizer.decode(prompt + output[:i])
-        if not before.endswith("\ufffd"):  # not inside a character
-            assert offset == len(before) - head, i
-            clean += 1
-    assert clean > len(output) // 2
-    assert counter.offsets == sorted(counter.offsets) and counter.text_length() == len(SPLIT_TEXT)
+    # The decoding layer's count, read before each token: a stop string that never matches but
+    # whose first character is held back now and then must not move it.
+    for stop in ((), ("Ωx", "日x")):
+        decoder = IncrementalDetokenizer(tokenizer, prompt, SamplingParams(stop=stop))
+        offsets = []
+        for token_id in output:
+            offsets.append(decoder.decoded_length)
+            decoder.add(token_id)
+        decoder.flush()
+        head = len(tokenizer.decode(prompt))
+        clean = 0
+        for i, offset in enumerate(offsets):
+            before = tokenizer.decode(prompt + output[:i])
+            if not before.endswith("\ufffd"):  # not inside a character
+                assert offset == len(before) - head, i
+                clean += 1
+        assert clean > len(output) // 2
+        assert offsets == sorted(offsets) and decoder.decoded_length == len(SPLIT_TEXT)
     # The echoed prompt: sent as text, it is echoed as sent.
     ids = tokenizer.encode(SPLIT_TEXT)
     starts = prompt_offsets(tokenizer, ids, SPLIT_TEXT)
     assert starts[0] == 0 and starts == sorted(starts) and starts[-1] < len(SPLIT_TEXT)
+
+
+def test_output_text_offsets_come_from_the_engines_decode(client, server, folder):
+    # The server decoded every output a second time to find them; the engine's own decode now
+    # gives them. The reference: the same seeded request on the offline engine, its token ids
+    # decoded whole, at every token that does not start inside a character (the random model
+    # writes many lone bytes).
+    ask = dict(
+        prompt="def parse(text):", max_tokens=40, temperature=1.0, seed=5, logprobs=1,
+        extra_body={"top_k": 0, "ignore_eos": True},
+    )  # fmt: skip
+    reply = client.completions.create(model=server.model_id, **ask)
+    stream = client.completions.create(model=server.model_id, stream=True, **ask)
+    streamed = [at for chunk in stream for c in chunk.choices for at in c.logprobs.text_offset]
+    offsets = reply.choices[0].logprobs.text_offset
+    assert streamed == offsets and offsets == sorted(offsets)
+
+    llm = truthgpt.LLM(str(folder), device="cpu")
+    params = SamplingParams(max_tokens=40, temperature=1.0, seed=5, top_k=0, ignore_eos=True)
+    (out,) = llm.generate(["def parse(text):"], params, use_tqdm=False)[0].outputs
+    assert out.text == reply.choices[0].text
+    tokenizer, prompt = server.state.tokenizer, server.state.tokenizer.encode("def parse(text):")
+    head, checked = len(tokenizer.decode(prompt)), 0
+    for i, offset in enumerate(offsets):
+        before = tokenizer.decode(prompt + out.token_ids[:i])
+        if not before.endswith("\ufffd"):  # not inside a character
+            assert offset == len(before) - head, i
+            checked += 1
+    assert checked > len(offsets) // 2
 
 
 def test_echoed_logprobs_offsets_index_the_returned_text(client, server):

@@ -31,7 +31,6 @@ from truthgpt.serving.responses import (
     Choice,
     Delta,
     Reply,
-    TextOffsets,
     TokenText,
     prompt_entries,
     prompt_offsets,
@@ -208,10 +207,6 @@ class _Run:
             Choice(i, echo=echo[i // params.n] if echo else "", score_only=score_only)
             for i in range(len(ids) * params.n)
         ]
-        if reply.want_logprobs and not reply.chat:  # completions give each token's text offset
-            for choice in self.choices:
-                context = ids[choice.index // params.n]
-                choice.offsets = TextOffsets(state.tokenizer, context, params.skip_special_tokens)
         self.events: asyncio.Queue = asyncio.Queue()
         self.started = time.monotonic()
         self.last_token: dict[int, float] = {}
