@@ -732,3 +732,34 @@ def test_a_peft_adapter_in_transformers_names_is_served_natively(tmp_path):
     finally:
         running.stop()
     assert reply["choices"][0]["text"] == expected
+
+
+def test_the_result_cache_keeps_apart_echoes_of_one_prompt_sent_as_text_and_as_ids(tmp_path):
+    # A tokenizer that adds BOS: "hi" and [BOS, hi] are the same token ids, but the first is
+    # echoed as sent ("hi") and the second as its ids decode ("<bos>hi"). The cache keyed both
+    # alike, so the second got the first's echo (and its text offsets).
+    import shutil
+
+    from tokenizers.processors import TemplateProcessing
+
+    folder = make_model_folder(tmp_path / "plain")
+    shutil.copytree(folder, tmp_path / "bos")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "bos")
+    bos = tokenizer.bos_token_id
+    tokenizer._tokenizer.post_processor = TemplateProcessing(
+        single=f"{tokenizer.bos_token} $A", special_tokens=[(tokenizer.bos_token, bos)]
+    )
+    tokenizer.save_pretrained(tmp_path / "bos")
+    ids = tokenizer.encode("def ")
+    assert ids[0] == bos
+    running = start_server(tmp_path / "bos", serve={"result_cache": True})
+    try:
+        ask = {"max_tokens": 4, "temperature": 0, "echo": True, "logprobs": 1}
+        url = running.url + "/v1/completions"
+        as_text = httpx.post(url, json={**ask, "prompt": "def "}).json()["choices"][0]
+        as_ids = httpx.post(url, json={**ask, "prompt": ids}).json()["choices"][0]
+    finally:
+        running.stop()
+    output = as_text["text"].removeprefix("def ")
+    assert as_ids["text"] == tokenizer.decode(ids) + output != as_text["text"]
+    assert as_ids["logprobs"]["text_offset"] != as_text["logprobs"]["text_offset"]

@@ -99,7 +99,9 @@ async def respond(
     include_usage = bool(options and options.include_usage)
     # vLLM's extension: usage in every chunk too, the tokens of the chunk's choice so far.
     continuous_usage = include_usage and options.continuous_usage_stats
-    fields = {"echo": echo is not None, "score_only": score_only}
+    # The echoed text itself, not only whether: one prompt as text and as ids has the same ids
+    # but echoes differently when the tokenizer adds a BOS ("hi" and "<s>hi").
+    fields = {"echo": echo, "score_only": score_only}
     # A replay from the cache has no counts as the tokens came: continuous usage is generated.
     cache_key = None if continuous_usage else _cache_key(state, endpoint, ids, params, fields)
     if cache_key is not None:
