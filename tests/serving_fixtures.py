@@ -44,6 +44,22 @@ def make_model_folder(folder: Path, context: int = CONTEXT) -> Path:
     return folder
 
 
+def add_peft_adapter(folder: Path):
+    """A random LoRA adapter on the folder's model, saved in `adapter/` with transformers' module
+    names (as `export --no-merge-lora` and peft write it); returns the adapted transformers model.
+    init_lora_weights=False: B is random too, so the adapter changes the output."""
+    import peft
+
+    lora = peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False
+    )
+    torch.manual_seed(1)
+    base = transformers.AutoModelForCausalLM.from_pretrained(folder)
+    adapted = peft.get_peft_model(base, lora).eval()
+    adapted.save_pretrained(folder / "adapter")
+    return adapted
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

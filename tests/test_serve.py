@@ -11,9 +11,12 @@ import openai
 import pytest
 import torch
 import transformers
-from serving_fixtures import make_model_folder, start_server
+from serving_fixtures import add_peft_adapter, make_model_folder, start_server
 
-from truthgpt.serving.responses import TextOffsets, completion_logprobs, prompt_offsets
+import truthgpt
+from truthgpt.inference.detokenizer import IncrementalDetokenizer
+from truthgpt.inference.sampling_params import SamplingParams
+from truthgpt.serving.responses import completion_logprobs, prompt_offsets
 
 GREEDY = {"temperature": 0, "extra_body": {"ignore_eos": True}}
 
@@ -36,9 +39,11 @@ def client(server):
     return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
 
 
-def hf_greedy_text(folder, prompt: str, new_tokens: int) -> str:
+def hf_greedy_text(folder, prompt: str, new_tokens: int, model=None) -> str:
+    """transformers' greedy continuation, of the folder's model or of `model` (peft's)."""
     tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
-    model = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+    if model is None:
+        model = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
     ids = torch.tensor([tokenizer.encode(prompt)])
     out = model.generate(
         ids,
@@ -121,6 +126,44 @@ def test_stream_equals_the_whole_reply_and_usage_comes_once_at_the_end(client, s
     )
     assert chat_chunks[0].choices[0].delta.role == "assistant"
     assert all(chunk.usage is None for chunk in chat_chunks)  # not asked for
+
+
+def test_continuous_usage_stats_put_each_choices_usage_so_far_in_every_chunk(client, server):
+    # stream_options.continuous_usage_stats (vLLM's) was accepted and silently ignored.
+    prompts = ["import ", "class Parser:"]
+    lengths = [len(server.state.tokenizer.encode(p)) for p in prompts]
+    chunks = list(
+        client.completions.create(
+            model=server.model_id,
+            prompt=prompts,
+            n=2,
+            max_tokens=6,
+            stream=True,
+            stream_options={"include_usage": True, "continuous_usage_stats": True},
+            **GREEDY,
+        )
+    )
+    *with_choices, last = chunks
+    assert not last.choices and last.usage.completion_tokens == 4 * 6
+    counts: dict[int, list[int]] = {}
+    for chunk in with_choices:
+        (choice,) = chunk.choices
+        assert chunk.usage.prompt_tokens == lengths[choice.index // 2]
+        assert chunk.usage.total_tokens == chunk.usage.prompt_tokens + chunk.usage.completion_tokens
+        counts.setdefault(choice.index, []).append(chunk.usage.completion_tokens)
+    for index, seen in counts.items():
+        assert seen == sorted(seen) and seen[-1] == 6, (index, seen)
+        assert len(seen) > 1  # counted as the tokens came, not once at the end
+    # As in vLLM, they come with include_usage only.
+    chat = client.chat.completions.create(
+        model=server.model_id,
+        messages=[{"role": "user", "content": "hi"}],
+        max_tokens=3,
+        stream=True,
+        stream_options={"continuous_usage_stats": True},
+        **GREEDY,
+    )
+    assert all(chunk.usage is None for chunk in chat)
 
 
 def test_n_samples_have_their_indices_and_seeds_reproduce(client, server):
@@ -574,22 +617,57 @@ def test_text_offsets_follow_the_decoded_text_not_each_tokens_own(server):
     prompt = tokenizer.encode("def f(x):\n    return x", add_special_tokens=False)
     output = tokenizer.encode(SPLIT_TEXT, add_special_tokens=False)
     assert sum(len(tokenizer.decode([t])) for t in output) != len(SPLIT_TEXT)  # the old drift
-    counter = TextOffsets(tokenizer, prompt, skip_special_tokens=True)
-    counter.add(output[:5])
-    counter.add(output[5:])  # in two updates, as a stream gets them
-    head = len(tokenizer.decode(prompt))
-    clean = 0
-    for i, offset in enumerate(counter.offsets):
-        before = tokenizer.decode(prompt + output[:i])
-        if not before.endswith("\ufffd"):  # not inside a character
-            assert offset == len(before) - head, i
-            clean += 1
-    assert clean > len(output) // 2
-    assert counter.offsets == sorted(counter.offsets) and counter.text_length() == len(SPLIT_TEXT)
+    # The decoding layer's count, read before each token: a stop string that never matches but
+    # whose first character is held back now and then must not move it.
+    for stop in ((), ("Ωx", "日x")):
+        decoder = IncrementalDetokenizer(tokenizer, prompt, SamplingParams(stop=stop))
+        offsets = []
+        for token_id in output:
+            offsets.append(decoder.decoded_length)
+            decoder.add(token_id)
+        decoder.flush()
+        head = len(tokenizer.decode(prompt))
+        clean = 0
+        for i, offset in enumerate(offsets):
+            before = tokenizer.decode(prompt + output[:i])
+            if not before.endswith("\ufffd"):  # not inside a character
+                assert offset == len(before) - head, i
+                clean += 1
+        assert clean > len(output) // 2
+        assert offsets == sorted(offsets) and decoder.decoded_length == len(SPLIT_TEXT)
     # The echoed prompt: sent as text, it is echoed as sent.
     ids = tokenizer.encode(SPLIT_TEXT)
     starts = prompt_offsets(tokenizer, ids, SPLIT_TEXT)
     assert starts[0] == 0 and starts == sorted(starts) and starts[-1] < len(SPLIT_TEXT)
+
+
+def test_output_text_offsets_come_from_the_engines_decode(client, server, folder):
+    # The server decoded every output a second time to find them; the engine's own decode now
+    # gives them. The reference: the same seeded request on the offline engine, its token ids
+    # decoded whole, at every token that does not start inside a character (the random model
+    # writes many lone bytes).
+    ask = dict(
+        prompt="def parse(text):", max_tokens=40, temperature=1.0, seed=5, logprobs=1,
+        extra_body={"top_k": 0, "ignore_eos": True},
+    )  # fmt: skip
+    reply = client.completions.create(model=server.model_id, **ask)
+    stream = client.completions.create(model=server.model_id, stream=True, **ask)
+    streamed = [at for chunk in stream for c in chunk.choices for at in c.logprobs.text_offset]
+    offsets = reply.choices[0].logprobs.text_offset
+    assert streamed == offsets and offsets == sorted(offsets)
+
+    llm = truthgpt.LLM(str(folder), device="cpu")
+    params = SamplingParams(max_tokens=40, temperature=1.0, seed=5, top_k=0, ignore_eos=True)
+    (out,) = llm.generate(["def parse(text):"], params, use_tqdm=False)[0].outputs
+    assert out.text == reply.choices[0].text
+    tokenizer, prompt = server.state.tokenizer, server.state.tokenizer.encode("def parse(text):")
+    head, checked = len(tokenizer.decode(prompt)), 0
+    for i, offset in enumerate(offsets):
+        before = tokenizer.decode(prompt + out.token_ids[:i])
+        if not before.endswith("\ufffd"):  # not inside a character
+            assert offset == len(before) - head, i
+            checked += 1
+    assert checked > len(offsets) // 2
 
 
 def test_echoed_logprobs_offsets_index_the_returned_text(client, server):
@@ -637,3 +715,51 @@ def test_tokens_inside_a_character_show_their_bytes(client, server):
     content = chat.choices[0].logprobs.content
     raw = b"".join(bytes(item.bytes) for item in content)
     assert raw.decode("utf-8", errors="replace") == chat.choices[0].message.content
+
+
+def test_a_peft_adapter_in_transformers_names_is_served_natively(tmp_path):
+    """`export --no-merge-lora` writes the adapter in transformers' module names, as peft does
+    for any HF Llama: serve refused the folder as "a LlamaForCausalLM, which only transformers'
+    generate runs". Merged, the weights fit our decoder; the text is transformers + peft's."""
+    folder = make_model_folder(tmp_path / "model")
+    expected = hf_greedy_text(folder, "def ", 10, model=add_peft_adapter(folder))
+    assert expected != hf_greedy_text(folder, "def ", 10)  # the adapter is not a no-op
+
+    running = start_server(folder)
+    try:
+        body = {"prompt": "def ", "max_tokens": 10, "temperature": 0, "ignore_eos": True}
+        reply = httpx.post(running.url + "/v1/completions", json=body, timeout=60).json()
+    finally:
+        running.stop()
+    assert reply["choices"][0]["text"] == expected
+
+
+def test_the_result_cache_keeps_apart_echoes_of_one_prompt_sent_as_text_and_as_ids(tmp_path):
+    # A tokenizer that adds BOS: "hi" and [BOS, hi] are the same token ids, but the first is
+    # echoed as sent ("hi") and the second as its ids decode ("<bos>hi"). The cache keyed both
+    # alike, so the second got the first's echo (and its text offsets).
+    import shutil
+
+    from tokenizers.processors import TemplateProcessing
+
+    folder = make_model_folder(tmp_path / "plain")
+    shutil.copytree(folder, tmp_path / "bos")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "bos")
+    bos = tokenizer.bos_token_id
+    tokenizer._tokenizer.post_processor = TemplateProcessing(
+        single=f"{tokenizer.bos_token} $A", special_tokens=[(tokenizer.bos_token, bos)]
+    )
+    tokenizer.save_pretrained(tmp_path / "bos")
+    ids = tokenizer.encode("def ")
+    assert ids[0] == bos
+    running = start_server(tmp_path / "bos", serve={"result_cache": True})
+    try:
+        ask = {"max_tokens": 4, "temperature": 0, "echo": True, "logprobs": 1}
+        url = running.url + "/v1/completions"
+        as_text = httpx.post(url, json={**ask, "prompt": "def "}).json()["choices"][0]
+        as_ids = httpx.post(url, json={**ask, "prompt": ids}).json()["choices"][0]
+    finally:
+        running.stop()
+    output = as_text["text"].removeprefix("def ")
+    assert as_ids["text"] == tokenizer.decode(ids) + output != as_text["text"]
+    assert as_ids["logprobs"]["text_offset"] != as_text["logprobs"]["text_offset"]

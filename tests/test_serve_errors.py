@@ -24,6 +24,7 @@ import httpx
 import pytest
 from serving_fixtures import (
     CONTEXT,
+    add_peft_adapter,
     free_port,
     make_model_folder,
     metric_values,
@@ -83,9 +84,22 @@ BAD_REQUESTS = [
     case(CHAT, {"messages": HI, "stream": "yes"}, "stream", id="chat-stream-str"),
     case(COMPLETIONS, {"prompt": "a", "n": True}, "n", id="n-bool"),
     case(COMPLETIONS, {"prompt": 5}, "prompt", id="prompt-int"),
+    # A union field says every shape it takes, not only its first ("should be a valid string").
+    case(
+        COMPLETIONS,
+        {"prompt": ["def", 1]},
+        "prompt",
+        "prompt must be a string, a list of strings, a list of token ids (integers) or a list of "
+        "lists of token ids (got ['def', 1])",
+        id="prompt-mixed-list",
+    ),
     case(CHAT, {"messages": "hi"}, "messages", id="messages-str"),
     case(
-        CHAT, {"messages": [{"role": "user", "content": 5}]}, "messages.0.content", id="content-int"
+        CHAT,
+        {"messages": [{"role": "user", "content": 5}]},
+        "messages.0.content",
+        "messages.0.content must be a string or a list of parts",
+        id="content-int",
     ),
     # Missing or empty.
     case(COMPLETIONS, {"max_tokens": 5}, "prompt", "prompt is required", id="no-prompt"),
@@ -280,7 +294,13 @@ BAD_REQUESTS = [
     case(COMPLETIONS, {"prompt": "a", "logprobs": 21}, "logprobs", id="logprobs-21"),
     case(CHAT, {"messages": HI, "logprobs": True, "top_logprobs": 21}, "top_logprobs", id="top21"),
     case(CHAT, {"messages": HI, "top_logprobs": 2}, "top_logprobs", id="top-without-logprobs"),
-    case(COMPLETIONS, {"prompt": "a", "stop": [1]}, "stop", id="stop-int"),
+    case(
+        COMPLETIONS,
+        {"prompt": "a", "stop": [1]},
+        "stop",
+        "stop must be a string or a list of strings (got [1])",
+        id="stop-int",
+    ),
     case(CHAT, {"messages": HI, "stop": ["x", None]}, "stop", id="stop-null"),
     case(COMPLETIONS, {"prompt": "a", "stop": ""}, "stop", id="stop-empty"),
     case(CHAT, {"messages": HI, "stop": ["x", ""]}, "stop", id="stop-list-empty"),
@@ -950,3 +970,22 @@ def _statuses_until_refused(url: str, timeout_s: float) -> list[int]:
             return statuses
         time.sleep(0.01)
     raise AssertionError(f"new connections still taken {timeout_s} s after SIGTERM: {statuses}")
+
+
+def test_a_lora_server_stops_without_a_leaked_semaphore_warning(tmp_path):
+    # Merging a LoRA adapter (peft) in the engine process made tqdm create a multiprocessing
+    # lock there, which the process's quick exit never released: every stop of the server
+    # printed multiprocessing's "There appear to be 1 leaked semaphore objects" warning.
+    folder = make_model_folder(tmp_path / "model")
+    add_peft_adapter(folder)
+    process, _url = start_serve_command(folder)
+    try:
+        process.send_signal(signal.SIGINT)
+        stdout, stderr = process.communicate(timeout=30)  # the resource tracker's end too
+        assert process.returncode == 130, stderr
+        assert "stopped serving" in stdout, stdout
+        assert "leaked semaphore" not in stderr, stderr
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()

@@ -63,6 +63,9 @@ class IncrementalDetokenizer:
         # are accounted for (shown, or the prompt's).
         self._window = list(prompt_ids[-_CONTEXT_TOKENS:])
         self._window_shown = len(self._decode(self._window))
+        # Characters of output the decoding layer has produced, before stop strings cut any:
+        # read before `add`, where the next token's text starts (completions' text_offset).
+        self.decoded_length = 0
         # Stop-string layer: text released so far, and decoded text held back.
         self._released: list[str] = []
         self._held = ""
@@ -122,6 +125,7 @@ class IncrementalDetokenizer:
             settled = len(full) - 1
         new_text = full[self._window_shown : settled]
         self._window_shown = max(self._window_shown, settled)
+        self.decoded_length += len(new_text)
         if len(self._window) >= _MAX_WINDOW and (settled == len(full) or stuck):
             self._cut_window(full, stuck)
         return new_text
@@ -146,6 +150,7 @@ class IncrementalDetokenizer:
         full = self._decode(self._window)
         rest = full[self._window_shown :]
         self._window_shown = max(self._window_shown, len(full))
+        self.decoded_length += len(rest)
         return rest
 
     # --- stop-string layer --------------------------------------------------------------------

@@ -326,9 +326,10 @@ class Engine:
                 seq.first_token_time = now
             if result.logprobs is not None and seq.params.logprobs is not None:
                 top = result.top_logprobs[row][: seq.params.logprobs] if result.top_logprobs else []
-                seq.logprobs.append(
-                    {"token_id": token, "logprob": result.logprobs[row], "top": top}
-                )
+                entry = {"token_id": token, "logprob": result.logprobs[row], "top": top}
+                if seq.detokenizer is not None:  # where its text starts, from the one decode
+                    entry["text_offset"] = seq.detokenizer.decoded_length
+                seq.logprobs.append(entry)
             text = self._check_stop(seq, token)
             deltas[seq.seq_id] = (text, 1)
             touched[seq.request_id] = self.requests[seq.request_id]

@@ -284,6 +284,13 @@ class _Outputs:
 def _child_main(factory: Callable[[], Engine], conn) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # tqdm's first bar (peft's merge of a LoRA adapter makes one, even disabled) creates a
+    # multiprocessing lock, a named semaphore that only an orderly exit releases; the os._exit
+    # below left it to the resource tracker, which printed "leaked semaphore objects" each time
+    # the server stopped. No other process writes this one's bars: a thread lock does.
+    from tqdm import tqdm
+
+    tqdm.set_lock(threading.RLock())
     try:
         engine = factory()
     except BaseException as exc:  # the server shows the user why, then exits

@@ -27,6 +27,12 @@ from truthgpt.inference.request import RequestOutput
 from truthgpt.inference.sampling_params import SamplingParams
 from truthgpt.models import load_model, resolve_model_folder
 from truthgpt.models.decoder import Decoder
+from truthgpt.models.hf_io import (
+    decoder_config_from_hf,
+    decoder_from_hf_state,
+    is_native,
+    read_hf_config,
+)
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +62,12 @@ def load_for_generation(
     model = load_model(folder, device=device, dtype=dtype)
     if hasattr(model, "merge_and_unload"):  # LoRA: fold the adapters in, generate at full speed
         model = model.merge_and_unload()
+    hf_config = read_hf_config(folder)
+    if not isinstance(model, Decoder) and is_native(hf_config):
+        # An adapter in transformers' module names (`export --no-merge-lora`, any peft adapter)
+        # is merged on transformers' model; the merged weights fit our Decoder as any Llama's or
+        # GPT-2's do, so the engine (and `serve`) runs them rather than transformers' generate.
+        model = decoder_from_hf_state(decoder_config_from_hf(hf_config), model.state_dict())
     return model.eval(), load_tokenizer(folder)
 
 

@@ -17,7 +17,9 @@ class CompletionOutput:
     delta_token_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None  # "stop" | "length" | "abort" | None while running
     stop_reason: str | int | None = None  # the stop string or token id that ended it
-    logprobs: list[dict] | None = None  # per token: {"token_id", "logprob", "top": [(id, lp)]}
+    # per token: {"token_id", "logprob", "top": [(id, lp)]}, and "text_offset" (where its text
+    # starts in `text`) when the request is detokenized
+    logprobs: list[dict] | None = None
 
     @property
     def finished(self) -> bool:

@@ -468,9 +468,18 @@ def load_hf(
     if dropout is not None:
         cfg = replace(cfg, dropout=dropout)
     try:
-        state = from_hf_state(cfg, read_hf_weights(folder, device))
+        model = decoder_from_hf_state(cfg, read_hf_weights(folder, device), dtype)
     except CheckpointError as exc:
         raise CheckpointError(f"{folder}: {exc}") from None
+    return model.to(device)
+
+
+def decoder_from_hf_state(
+    cfg: DecoderConfig, hf_state: dict[str, Tensor], dtype: torch.dtype | None = None
+) -> Decoder:
+    """A Decoder (eval mode) holding HF-named weights, on their device; CheckpointError when
+    they do not fit `cfg`. dtype None keeps the weights' dtype (that of the token embedding)."""
+    state = from_hf_state(cfg, hf_state)
     dtype = dtype or state["embed.weight"].dtype
     state = {name: t.to(dtype) if t.is_floating_point() else t for name, t in state.items()}
     # Built on the meta device: no memory and no random init for weights about to be replaced.
@@ -479,8 +488,8 @@ def load_hf(
     try:
         model.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as exc:  # a shape mismatch between config.json and the weights
-        raise CheckpointError(f"{folder}: weights do not fit config.json: {exc}") from None
+        raise CheckpointError(f"weights do not fit config.json: {exc}") from None
     if cfg.tie_embeddings:  # assign=True made two Parameters; tie them back into one
         model.lm_head.weight = model.embed.weight
     # eval mode, as transformers' from_pretrained returns; the trainer switches to train().
-    return model.to(device).eval()
+    return model.eval()

@@ -300,13 +300,42 @@ def parse(model: type[_Strict], body: Any) -> Any:
         else:
             got = error.get("input")
             shown = repr(got) if len(repr(got)) < 80 else repr(got)[:77] + "..."
+            shapes = _union_shapes(exc.errors(), error["loc"])
             if error["type"] == "model_type":  # pydantic's text names our class (TextPart)
                 message = f"{param} must be an object (got {shown})"
+            elif shapes is not None:  # pydantic's text names its first branch only
+                message = f"{param} must be {shapes} (got {shown})"
             else:
                 message = f"{param}: {error['msg']} (got {shown})"
         raise APIError(400, message, param=param) from None
     request.check_supported()
     return request
+
+
+# What each branch of a union field takes, in a user's words (pydantic names the branch by type).
+_BRANCH_SHAPES = {
+    "str": "a string",
+    "list[str]": "a list of strings",
+    "list[int]": "a list of token ids (integers)",
+    "list[list[int]]": "a list of lists of token ids",
+    "list[TextPart]": 'a list of parts {"type": "text", "text": ...}',
+    "dict[str,any]": "an object",
+}
+
+
+def _union_shapes(errors: list[Any], loc: tuple) -> str | None:
+    """What a union field takes ("a string or a list of strings"), when `loc` is its value or an
+    item of it: pydantic's message for `"prompt": ["a", 1]` was only its first branch's, "Input
+    should be a valid string", although lists are allowed. None for errors deeper inside (a
+    content part's keys) and for fields that are not unions."""
+    at = next((i for i, part in enumerate(loc) if part in _BRANCH_SHAPES), None)
+    if at is None or len(loc) > at + 2:
+        return None
+    branches = dict.fromkeys(e["loc"][at] for e in errors if e["loc"][:at] == loc[:at])
+    shapes = [_BRANCH_SHAPES[branch] for branch in branches if branch in _BRANCH_SHAPES]
+    if len(shapes) < 2:
+        return None
+    return ", ".join(shapes[:-1]) + " or " + shapes[-1]
 
 
 def _refuse_parts_not_text(body: dict) -> None:

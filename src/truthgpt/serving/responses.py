@@ -52,7 +52,7 @@ class Choice:
     `echo`: the prompt's text, sent before the output (completions' echo); `prompt_logprobs`:
     its tokens' entries (the first one's logprob None), once the engine has scored them.
     `score_only`: max_tokens 0 with echo: the one token the engine had to make is dropped.
-    `offsets`: where each output token's text starts (completions' logprobs ask for them)."""
+    `prompt_offsets`: where each echoed prompt token's text starts in `echo`."""
 
     index: int
     text: str = ""
@@ -62,7 +62,6 @@ class Choice:
     echo: str = ""
     prompt_logprobs: list[dict] | None = None
     score_only: bool = False
-    offsets: TextOffsets | None = None
     prompt_offsets: list[int] | None = None
     _logprobs_seen: int = 0
     _sent_text: int = 0
@@ -83,18 +82,16 @@ class Choice:
             # are the ones that go with this text.
             self.logprobs = out.logprobs
             self._logprobs_seen = len(out.logprobs)
-            if self.offsets is not None:
-                done = len(self.offsets.offsets)
-                self.offsets.add(e["token_id"] for e in out.logprobs[done : self._logprobs_seen])
 
     def take_delta(self) -> Delta:
         """What is new since the last call (the echoed prompt: the first time only)."""
         seen = self._logprobs_seen
+        entries = self.logprobs[self._sent_logprobs : seen]
         delta = Delta(
             self.text[self._sent_text :],
-            self.logprobs[self._sent_logprobs : seen],
+            entries,
             "" if self._sent_echo else self.echo,
-            self.output_offsets()[self._sent_logprobs : seen],
+            [entry["text_offset"] for entry in entries],
         )
         self._sent_text, self._sent_logprobs, self._sent_echo = len(self.text), seen, True
         return delta
@@ -104,43 +101,25 @@ class Choice:
         return self.logprobs[: self._logprobs_seen]
 
     def output_offsets(self) -> list[int]:
-        return self.offsets.offsets if self.offsets is not None else []
-
-
-class TextOffsets:
-    """Where each token's text starts, in characters: the length of what the tokens before it
-    decode to, decoded as the engine decodes its output (a window over the latest tokens, with
-    the prompt's last ones as context). A character whose bytes span tokens, or a piece whose
-    text depends on the one before (SentencePiece's leading space), is then counted once, where
-    the text has it, not once per token as the tokens' own texts would count it."""
-
-    def __init__(
-        self, tokenizer: PreTrainedTokenizerBase, context: list[int], skip_special_tokens: bool
-    ) -> None:
-        params = SamplingParams(ignore_eos=True, skip_special_tokens=skip_special_tokens)
-        self._decoder = IncrementalDetokenizer(tokenizer, context, params)
-        self._at = 0
-        self.offsets: list[int] = []
-
-    def add(self, token_ids) -> None:
-        for token_id in token_ids:
-            self.offsets.append(self._at)
-            self._at += len(self._decoder.add(token_id).new_text)
-
-    def text_length(self) -> int:
-        """The characters of all the tokens added, an unfinished character included."""
-        return self._at + len(self._decoder.flush())
+        """Where each output token's text starts: the engine's decode says (its text_offset)."""
+        return [entry["text_offset"] for entry in self.entries()]
 
 
 def prompt_offsets(
     tokenizer: PreTrainedTokenizerBase, prompt_ids: list[int], echo: str
 ) -> list[int]:
-    """Each prompt token's start in the echoed prompt. A prompt sent as text is echoed as sent,
-    so the text a tokenizer adds before it (a BOS token) is taken off the offsets."""
-    counter = TextOffsets(tokenizer, [], skip_special_tokens=False)
-    counter.add(prompt_ids)
-    extra = max(counter.text_length() - len(echo), 0)
-    return [max(offset - extra, 0) for offset in counter.offsets]
+    """Each prompt token's start in the echoed prompt, decoded as the engine decodes an output
+    (a character whose bytes span tokens counts once, where the text has it). A prompt sent as
+    text is echoed as sent, so the text a tokenizer adds before it (a BOS) is taken off."""
+    params = SamplingParams(ignore_eos=True, skip_special_tokens=False)
+    decoder = IncrementalDetokenizer(tokenizer, [], params)
+    starts = []
+    for token_id in prompt_ids:
+        starts.append(decoder.decoded_length)
+        decoder.add(token_id)
+    decoder.flush()  # an unfinished character at the end counts too
+    extra = max(decoder.decoded_length - len(echo), 0)
+    return [max(start - extra, 0) for start in starts]
 
 
 def prompt_entries(prompt_ids: list[int], scores: list[dict | None]) -> list[dict]:

@@ -31,11 +31,11 @@ from truthgpt.serving.responses import (
     Choice,
     Delta,
     Reply,
-    TextOffsets,
     TokenText,
     prompt_entries,
     prompt_offsets,
     sse,
+    usage,
 )
 
 log = logging.getLogger(__name__)
@@ -95,8 +95,15 @@ async def respond(
     """`echo`: each prompt's text, sent before its choices' output; `score_only`: max_tokens 0
     (the engine makes one token, which the answer leaves out)."""
     prompt_tokens = sum(len(prompt) for prompt in ids)
-    fields = {"echo": echo is not None, "score_only": score_only}
-    cache_key = _cache_key(state, endpoint, ids, params, fields)
+    options = body.stream_options if body.stream else None
+    include_usage = bool(options and options.include_usage)
+    # vLLM's extension: usage in every chunk too, the tokens of the chunk's choice so far.
+    continuous_usage = include_usage and options.continuous_usage_stats
+    # The echoed text itself, not only whether: one prompt as text and as ids has the same ids
+    # but echoes differently when the tokenizer adds a BOS ("hi" and "<s>hi").
+    fields = {"echo": echo, "score_only": score_only}
+    # A replay from the cache has no counts as the tokens came: continuous usage is generated.
+    cache_key = None if continuous_usage else _cache_key(state, endpoint, ids, params, fields)
     if cache_key is not None:
         cached = await asyncio.to_thread(state.cache.get, cache_key)
         if cached is not None:
@@ -110,10 +117,9 @@ async def respond(
     except BaseException:
         run.close()
         raise
-    include_usage = bool(body.stream and body.stream_options and body.stream_options.include_usage)
     if body.stream:
         return StreamingResponse(
-            _stream(run, first, include_usage, cache_key),
+            _stream(run, first, include_usage, continuous_usage, cache_key),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
@@ -197,15 +203,12 @@ class _Run:
         self.state = state
         self.reply = reply
         self.params = params
-        self.prompt_tokens = sum(len(prompt) for prompt in ids)
+        self.prompt_lengths = [len(prompt) for prompt in ids]
+        self.prompt_tokens = sum(self.prompt_lengths)
         self.choices = [
             Choice(i, echo=echo[i // params.n] if echo else "", score_only=score_only)
             for i in range(len(ids) * params.n)
         ]
-        if reply.want_logprobs and not reply.chat:  # completions give each token's text offset
-            for choice in self.choices:
-                context = ids[choice.index // params.n]
-                choice.offsets = TextOffsets(state.tokenizer, context, params.skip_special_tokens)
         self.events: asyncio.Queue = asyncio.Queue()
         self.started = time.monotonic()
         self.last_token: dict[int, float] = {}
@@ -328,10 +331,13 @@ class _Run:
                 self.state.engine.abort(request_id)
 
 
-async def _stream(run: _Run, first, include_usage: bool, cache_key) -> AsyncIterator[str]:
+async def _stream(
+    run: _Run, first, include_usage: bool, continuous_usage: bool, cache_key
+) -> AsyncIterator[str]:
     """SSE events: each wake-up takes every output already queued and sends one chunk per
     choice that changed. Under load a chunk then carries several tokens, so the event loop's
-    work per second stays bounded instead of falling behind the engine one token at a time."""
+    work per second stays bounded instead of falling behind the engine one token at a time.
+    `continuous_usage`: each chunk also carries the usage of its choice so far (vLLM's)."""
     reply, started, ended = run.reply, set(), set()
     item = first
     try:
@@ -353,7 +359,13 @@ async def _stream(run: _Run, first, include_usage: bool, cache_key) -> AsyncIter
                 ends = choice.finish_reason is not None and choice.index not in ended
                 if delta.text or delta.logprobs or ends or choice.index not in started:
                     first = choice.index not in started
-                    yield reply.chunk_event(choice, delta, first)
+                    if continuous_usage:
+                        chunk = reply.chunk(choice, delta, first)
+                        prompt = run.prompt_lengths[choice.index // run.params.n]
+                        chunk["usage"] = usage(prompt, [choice])
+                        yield sse(chunk)
+                    else:
+                        yield reply.chunk_event(choice, delta, first)
                     started.add(choice.index)
                     if ends:
                         ended.add(choice.index)
