@@ -260,3 +260,21 @@ def test_top_k_0_and_minus_1_mean_off_as_in_the_sampler() -> None:
     for off in (0, -1, None):
         assert load({"inference": {"top_k": off}}).inference.top_k == off
     assert "inference.top_k" in error_of({"inference": {"top_k": -2}})
+
+
+def test_generate_and_serve_of_a_run_leave_its_training_threads_behind(tmp_path: Path) -> None:
+    from truthgpt.config import load_for_model
+
+    # Trained with one thread beside other jobs; the run's config says so.
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(
+        yaml.safe_dump({"hardware": {"threads": 1}, "inference": {"temperature": 0.3}})
+    )
+    used = load_for_model(run, None)
+    assert used.hardware.threads is None  # every core the job may use, as any other command
+    assert used.inference.temperature == 0.3  # the rest of the run's config still counts
+    assert load_for_model(run, None, ["hardware.threads=2"]).hardware.threads == 2
+    # A config given on purpose (--config) is taken whole, the run folder's as any other.
+    assert load_for_model(run, run / "config.yaml").hardware.threads == 1
+    assert load_for_model(tmp_path / "hf-folder", None).hardware.threads is None

@@ -736,6 +736,21 @@ def load(
     return validate(raw, flags)
 
 
+def load_for_model(
+    model: str | Path,
+    config: str | Path | None,
+    overrides: list[str] = (),
+    flags: dict[str, str] | None = None,
+) -> Config:
+    """The config that `generate` and `serve` of `model` run with: `config` (--config), else
+    the run folder's own config, else the defaults; then the overrides. A run folder's
+    `hardware.threads` is left out: it said how that training shared its machine, not how many
+    cores a later job with the model may use (--set hardware.threads=N still sets one)."""
+    if config is None and (Path(model).expanduser() / CONFIG_FILE).is_file():
+        return load(Path(model).expanduser(), ["hardware.threads=null", *overrides], flags)
+    return load(config, list(overrides), flags)
+
+
 def validate(raw: dict[str, Any], flags: dict[str, str] | None = None) -> Config:
     try:
         config = Config.model_validate(raw)

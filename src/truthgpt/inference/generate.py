@@ -115,18 +115,15 @@ def length_note(llm, prompt: str | list[int], max_tokens: int) -> str | None:
 def open_llm(model: str, config, given: dict, overrides: list[str], n: int, seed, stop):
     """(LLM, SamplingParams) for the CLI: defaults from `inference:` of --config, else of the
     run folder's own config, else the schema's; flags and --set override them."""
-    from truthgpt.config import CONFIG_FILE, flag_overrides, load
+    from truthgpt.config import flag_overrides, load_for_model
     from truthgpt.inference.llm import LLM
     from truthgpt.inference.sampling_params import SamplingParams
 
-    source = config
-    if source is None and (Path(model).expanduser() / CONFIG_FILE).is_file():
-        source = Path(model).expanduser()
     # An error in a value given as a flag names the flag (--top-p), not the key it sets.
     flagged, flags = flag_overrides(
         {f"inference.{key}": value for key, value in given.items()}, overrides
     )
-    loaded = load(source, flagged + list(overrides), flags)
+    loaded = load_for_model(model, config, flagged + list(overrides), flags)
     from truthgpt.hardware import apply_threads
 
     apply_threads(loaded.hardware.threads)

@@ -7,7 +7,7 @@ import os
 import signal
 from pathlib import Path
 
-from truthgpt.config import CONFIG_FILE, Config, load
+from truthgpt.config import CONFIG_FILE, Config, load_for_model
 from truthgpt.errors import ConfigError
 from truthgpt.guard import CHECKPOINTS
 
@@ -28,12 +28,9 @@ def serve_config(
     overrides: list[str],
     flags: dict[str, str] | None = None,
 ) -> Config:
-    """--config, else the run folder's own config, else the defaults; then the overrides.
-    flags: key path -> the command-line flag that set it, for errors (see `config.load`)."""
-    source = config
-    if source is None and (Path(model).expanduser() / CONFIG_FILE).is_file():
-        source = Path(model).expanduser()
-    return load(source, list(overrides), flags)
+    """--config, else the run folder's own config, else the defaults; then the overrides
+    (`config.load_for_model`). flags: key path -> the command-line flag that set it."""
+    return load_for_model(model, config, overrides, flags)
 
 
 def load_engine(model: str, config: Config):
