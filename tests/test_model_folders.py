@@ -13,6 +13,7 @@ import torch
 import transformers
 from tokenizers import Tokenizer, models
 
+import truthgpt
 from truthgpt.config import load
 from truthgpt.errors import CheckpointError
 from truthgpt.inference.llm import load_tokenizer
@@ -143,3 +144,11 @@ def test_a_checkpoint_is_served_under_its_run_name(tmp_path: Path) -> None:
     assert default_model_id(str(tmp_path / "runs" / "quick")) == "quick"
     assert default_model_id(str(tmp_path / "runs/quick/checkpoints/best")) == "quick/best"
     assert default_model_id(str(tmp_path / "exported")) == "exported"
+
+
+def test_a_file_given_for_a_model_folder_is_named_as_a_file(tmp_path: Path) -> None:
+    config = tmp_path / "run.yaml"  # the training config, typed where the run folder goes
+    config.write_text("run_name: x\n")
+    for open_it in (truthgpt.load_model, lambda path: build_state(str(path), load(None))):
+        with pytest.raises(CheckpointError, match=r"run\.yaml is a file; expected a run folder"):
+            open_it(config)

@@ -159,6 +159,11 @@ def resolve_model_folder(
     path = Path(path).expanduser()
     if not path.exists():
         raise CheckpointError(f"{path} does not exist (expected a run folder or a model folder)")
+    if path.is_file():  # a training YAML, say: `generate` and `serve` take one as --config
+        raise CheckpointError(
+            f"{path} is a file; expected a run folder (runs/NAME) or a model folder (one with "
+            "config.json)"
+        )
     checkpoints = path / CHECKPOINTS
     # config.yaml is written when training starts, checkpoints/ only at the first save.
     if checkpoints.is_dir() or (path / CONFIG_FILE).is_file():
