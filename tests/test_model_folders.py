@@ -114,12 +114,13 @@ def test_a_model_folder_without_tokenizer_files_is_refused(
     assert "has no tokenizer files; the export holds the model alone" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("kind", ["shards", "pipeline"])
+@pytest.mark.parametrize("kind", ["shards", "pipeline", "diffusion-lora"])
 def test_serve_says_what_a_folder_holds_instead_of_blaming_its_tokenizer(
     tmp_path: Path, kind: str
 ) -> None:
-    """A run whose checkpoint is FSDP shards, or a diffusion pipeline, with no tokenizer files
-    beside the weights: the error names what the folder is, as generate's does."""
+    """A run whose checkpoint is FSDP shards, a diffusion pipeline or a diffusion LoRA adapter,
+    with no tokenizer files beside the weights: serve, generate, export and load_model name
+    what the folder is (a LoRA image run's said "no config.json; is it a model folder?")."""
     run = tmp_path / "run"
     best = run / "checkpoints" / "best"
     best.mkdir(parents=True)
@@ -129,15 +130,23 @@ def test_serve_says_what_a_folder_holds_instead_of_blaming_its_tokenizer(
         (best / "sharded").mkdir()
         (best / "sharded" / "__0_0.distcp").write_bytes(b"0")
         expected = "holds FSDP shards"
-    else:
+    elif kind == "pipeline":
         (best / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline"}')
         (best / "unet").mkdir()
         expected = "holds a diffusion pipeline"
+    else:  # what a LoRA run of task image-generation saves: the adapter alone
+        (best / "pytorch_lora_weights.safetensors").write_bytes(b"0")
+        expected = "holds a diffusion LoRA adapter .* `truthgpt image RUN`"
     write_manifest(best)
     with pytest.raises(CheckpointError, match=expected):
         build_state(str(run), load({}))
     with pytest.raises(CheckpointError, match=expected):
         load_model(best)
+    if kind != "shards":  # export merges shards (tests/test_distributed.py)
+        with pytest.raises(CheckpointError, match=expected):
+            export_hf(run, tmp_path / "export")
+    with pytest.raises(CheckpointError, match=expected):
+        truthgpt.LLM(str(run))
 
 
 def test_a_checkpoint_is_served_under_its_run_name(tmp_path: Path) -> None:

@@ -24,6 +24,8 @@ CONFIG_FILE = "config.yaml"  # the resolved config of a run (config.CONFIG_FILE)
 CHECKPOINTS = "checkpoints"
 TRAIN_STATE = "train_state.pt"
 SHARDED_DIR = "sharded"  # an FSDP checkpoint's model and optimizer shards (training/sharded.py)
+# A LoRA run of task image-generation saves only its adapter, under diffusers' file name.
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 STEP_PREFIX = "step_"
 STEP_FOLDER = re.compile(rf"{STEP_PREFIX}\d+")
 MARKERS = {"run": ".truthgpt-run", "export": ".truthgpt-export", "image": ".truthgpt-image"}

@@ -17,12 +17,11 @@ import yaml
 from diffusers import AutoPipelineForText2Image, DiffusionPipeline
 
 from truthgpt.errors import CheckpointError, ConfigError
-from truthgpt.guard import SHARDED_DIR, is_run_folder
+from truthgpt.guard import LORA_WEIGHTS, SHARDED_DIR, is_run_folder
 from truthgpt.quiet import no_load_save_bars, no_numpy_copy_notices
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
-LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # diffusers' name for a LoRA adapter file
 # owner/name, the shape of a hub repository id; anything else that is not a folder is a typo.
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 

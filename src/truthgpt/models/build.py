@@ -20,7 +20,13 @@ from torch import nn
 
 from truthgpt.config import CONFIG_FILE, ModelConfig
 from truthgpt.errors import CheckpointError, ConfigError
-from truthgpt.guard import CHECKPOINTS, SHARDED_DIR, STEP_FOLDER, is_checkpoint_folder
+from truthgpt.guard import (
+    CHECKPOINTS,
+    LORA_WEIGHTS,
+    SHARDED_DIR,
+    STEP_FOLDER,
+    is_checkpoint_folder,
+)
 from truthgpt.manifest import check_manifest
 from truthgpt.models.decoder import Decoder, DecoderConfig
 from truthgpt.models.hf_io import is_native, load_hf, read_hf_config, save_hf
@@ -199,7 +205,7 @@ def resolve_model_folder(
 
 def check_language_model_folder(folder: Path) -> None:
     """A CheckpointError that says what `folder` holds when it is a model folder of another
-    kind than a language model's: FSDP shards, or a diffusion pipeline."""
+    kind than a language model's: FSDP shards, a diffusion pipeline or a diffusion LoRA."""
     if (folder / SHARDED_DIR).is_dir():
         raise CheckpointError(
             f"{folder} holds FSDP shards, not a model folder: write one with "
@@ -210,6 +216,12 @@ def check_language_model_folder(folder: Path) -> None:
             f"{folder} holds a diffusion pipeline (model_index.json), not a language model: "
             "`truthgpt image` generates with it, and diffusers opens it as it is "
             "(DiffusionPipeline.from_pretrained)"
+        )
+    if (folder / LORA_WEIGHTS).is_file():
+        raise CheckpointError(
+            f"{folder} holds a diffusion LoRA adapter ({LORA_WEIGHTS}), not a language model: "
+            "`truthgpt image RUN` draws with it on its base pipeline (the run's "
+            f"model.init_from), as does `truthgpt image BASE --lora {folder}`"
         )
 
 

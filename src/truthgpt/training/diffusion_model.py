@@ -42,9 +42,8 @@ from truthgpt.config import (
     LoraConfig,
 )
 from truthgpt.errors import CheckpointError, ConfigError
+from truthgpt.guard import LORA_WEIGHTS
 from truthgpt.quiet import no_load_save_bars
-
-LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # diffusers' LoRA file name
 
 CLIP_MAX_TOKENS = 77  # the context both pipelines pad prompts to
 
