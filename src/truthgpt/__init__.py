@@ -60,30 +60,34 @@ def load_model(path: str | Path, device: str = "cpu"):
 def generate(
     model: str | Path,
     prompt: str,
-    max_new_tokens: int = 128,
-    temperature: float = 0.8,
-    top_k: int | None = 50,
-    top_p: float = 1.0,
+    max_new_tokens: int | None = None,
+    temperature: float | None = None,
+    top_k: int | None = None,
+    top_p: float | None = None,
     seed: int | None = None,
     device: str = "cpu",
     threads: int | None = None,
 ) -> str:
     """Continue `prompt` with the model in a run or model folder; returns the new text.
+    max_new_tokens, temperature (0: greedy), top_k (0 or -1: off) and top_p default, as in
+    `truthgpt generate`, to the run folder's `inference:` section (else the config defaults).
     threads: CPU threads for torch (None: OMP_NUM_THREADS, else the usable cores).
     For many prompts, or to keep the model loaded, use `truthgpt.LLM`."""
+    import dataclasses
+
     from truthgpt.hardware import apply_threads
     from truthgpt.inference.llm import LLM
-    from truthgpt.inference.sampling_params import SamplingParams
 
+    if not isinstance(prompt, str):
+        raise RequestError(
+            f"prompt must be a string, got {type(prompt).__name__}; for token ids use "
+            "truthgpt.LLM(model).generate([ids])"
+        )
     apply_threads(threads)
-    params = SamplingParams(
-        max_tokens=max_new_tokens,
-        temperature=temperature,
-        top_k=top_k or 0,
-        top_p=top_p,
-        seed=seed,
-    )
     llm = LLM(model, device=device)
+    given = dict(max_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p)
+    chosen = {key: value for key, value in given.items() if value is not None}
+    params = dataclasses.replace(llm.default_params(), seed=seed, **chosen)
     return llm.generate([prompt], params, use_tqdm=False)[0].outputs[0].text
 
 

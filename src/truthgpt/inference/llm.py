@@ -39,13 +39,23 @@ log = logging.getLogger(__name__)
 Prompt = str | Seq[int]
 
 
-def inference_options(options: InferenceConfig | dict[str, Any] | None) -> InferenceConfig:
-    """Validate engine options the way the YAML `inference:` section is validated."""
+def inference_options(
+    options: InferenceConfig | dict[str, Any] | None, model: str | Path | None = None
+) -> InferenceConfig:
+    """Validate engine options the way the YAML `inference:` section is validated. A run
+    folder `model` brings its own `inference:` section, which `options` override (as the CLI's
+    flags do); any other folder starts from the defaults."""
     if isinstance(options, InferenceConfig):
         return options
-    from truthgpt.config import load
+    import json
 
-    return load({"inference": dict(options or {})}).inference
+    from truthgpt.config import load, load_for_model
+
+    # JSON is YAML: each value reads back as given (a string stays a string).
+    overrides = [f"inference.{key}={json.dumps(value)}" for key, value in (options or {}).items()]
+    if model is None:
+        return load(None, overrides).inference
+    return load_for_model(model, None, overrides).inference
 
 
 def inference_dtype(choice: str, device: torch.device) -> torch.dtype:
@@ -102,13 +112,16 @@ class LLM:
         **options: Any,
     ) -> None:
         """model: a run, checkpoint or HF folder (or a loaded module with `tokenizer`);
-        options: `inference:` config keys (block_size, max_num_seqs, device, dtype, ...), or
-        a whole validated `inference` section."""
+        options: `inference:` config keys (block_size, max_num_seqs, device, dtype, ...) over
+        a run folder's own `inference:` section (else the defaults), or a whole validated
+        `inference` section."""
         from truthgpt.hardware import resolve_device
 
         if inference is not None and options:
             raise ConfigError("give either inference= or keyword options, not both")
-        self.options = inference if inference is not None else inference_options(options)
+        if inference is None:
+            inference = inference_options(options, None if isinstance(model, nn.Module) else model)
+        self.options = inference
         device = resolve_device(self.options.device, "inference.device")
         dtype = inference_dtype(self.options.dtype, device)
         if isinstance(model, nn.Module):
@@ -169,11 +182,23 @@ class LLM:
         prompts = list(prompts)
         if not prompts:
             return []
+        for position, prompt in enumerate(prompts):
+            if not (isinstance(prompt, str) or _token_ids(prompt)):
+                raise RequestError(
+                    f"prompt {position} must be a string or a list of token ids (ints), got "
+                    f"{type(prompt).__name__}"
+                )
         if params is None:
             params = self.default_params()
         if isinstance(params, SamplingParams):
             params = [params] * len(prompts)
-        params = list(params)
+        elif isinstance(params, Seq) and all(isinstance(p, SamplingParams) for p in params):
+            params = list(params)
+        else:  # a dict of settings, say, whose keys would be taken for one SamplingParams each
+            raise RequestError(
+                "params must be a SamplingParams, or a list of them (one per prompt), got "
+                f"{type(params).__name__}: truthgpt.SamplingParams(temperature=0, ...)"
+            )
         if len(params) != len(prompts):
             raise RequestError(f"{len(params)} SamplingParams for {len(prompts)} prompts")
         if self.engine is None:
@@ -243,6 +268,13 @@ class LLM:
         if bar is not None:
             bar.close()
         return outputs
+
+
+def _token_ids(prompt: Any) -> bool:
+    """Whether `prompt` is a list (or tuple) of token ids."""
+    return isinstance(prompt, Seq) and all(
+        isinstance(token, int) and not isinstance(token, bool) for token in prompt
+    )
 
 
 def _progress(enabled: bool, total: int):

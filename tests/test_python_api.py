@@ -1,0 +1,59 @@
+"""The Python API the README shows (`import truthgpt`) does what the CLI does: a run's own
+`inference:` defaults, and user mistakes as the library's errors, not as Python internals."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from conftest import tiny_raw_config
+from typer.testing import CliRunner
+
+import truthgpt
+from truthgpt.cli import app
+from truthgpt.config import load
+
+# What the run's config says generation defaults to, unlike the schema's (0.8, 128 tokens).
+RUN_INFERENCE = {"temperature": 0.0, "max_new_tokens": 6}
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    tmp_path = tmp_path_factory.mktemp("api")
+    raw = tiny_raw_config(
+        tmp_path,
+        training={"max_steps": 10, "eval_every": 10},
+        checkpoint={"save_every": 10},
+        logging={"progress": "none", "tensorboard": False, "plot": False},
+        inference=RUN_INFERENCE,
+    )
+    return truthgpt.train(load(raw)).run_dir
+
+
+def test_generate_and_llm_sample_with_the_runs_inference_section(run_dir: Path) -> None:
+    """truthgpt.generate and truthgpt.LLM sampled at 0.8 for 128 tokens whatever the run's
+    `inference:` said, while `truthgpt generate RUN` used it."""
+    llm = truthgpt.LLM(run_dir)
+    assert llm.options.temperature == 0 and llm.options.max_new_tokens == 6
+    explicit = truthgpt.SamplingParams(temperature=0, max_tokens=6, top_k=50)
+    greedy = llm.generate(["def "], explicit, use_tqdm=False)[0].outputs[0].text
+    assert llm.generate(["def "], use_tqdm=False)[0].outputs[0].text == greedy
+    assert truthgpt.generate(run_dir, "def ") == greedy
+    cli = CliRunner().invoke(app, ["generate", str(run_dir), "--prompt", "def "])
+    assert cli.exit_code == 0, cli.output
+    assert cli.stdout == "def " + greedy + "\n"
+    # A value given wins over the run's; the rest stays the run's.
+    three = truthgpt.LLM(run_dir, max_new_tokens=3).options
+    assert three.max_new_tokens == 3 and three.temperature == 0
+    assert len(llm.tokenizer.encode(truthgpt.generate(run_dir, "def ", max_new_tokens=2))) <= 2
+
+
+def test_bad_prompts_and_params_are_request_errors(run_dir: Path) -> None:
+    llm = truthgpt.LLM(run_dir)
+    # A dict of settings was iterated as its keys: "params must be SamplingParams, got str".
+    with pytest.raises(truthgpt.RequestError, match="a SamplingParams, or a list .* got dict"):
+        llm.generate(["def "], {"temperature": 0})
+    with pytest.raises(truthgpt.RequestError, match="prompt 1 must be a string or a list of"):
+        llm.generate(["def ", None])  # was a TypeError from deep inside the engine
+    with pytest.raises(truthgpt.RequestError, match="prompt must be a string, got int"):
+        truthgpt.generate(run_dir, 5)  # was taken for the token id 5
