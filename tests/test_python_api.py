@@ -57,3 +57,18 @@ def test_bad_prompts_and_params_are_request_errors(run_dir: Path) -> None:
         llm.generate(["def ", None])  # was a TypeError from deep inside the engine
     with pytest.raises(truthgpt.RequestError, match="prompt must be a string, got int"):
         truthgpt.generate(run_dir, 5)  # was taken for the token id 5
+
+
+def test_load_config_takes_one_override_as_a_string_and_refuses_a_dict() -> None:
+    # A string was read character by character: "override 't' must look like key.path=value".
+    assert load({}, "training.max_steps=7").training.max_steps == 7
+    with pytest.raises(truthgpt.ConfigError, match=r"\['training.max_steps=7'\]\), got dict"):
+        truthgpt.load_config({}, {"training.max_steps": 7})
+
+
+def test_train_refuses_a_resume_that_is_not_true_false_or_auto(tmp_path: Path) -> None:
+    """resume="yes" started a new run where there was none (and resumed where there was)."""
+    config = load(tiny_raw_config(tmp_path))
+    with pytest.raises(truthgpt.ConfigError, match="resume: 'yes' is not one of True"):
+        truthgpt.train(config, resume="yes")
+    assert not config.run_dir.exists()

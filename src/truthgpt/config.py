@@ -724,6 +724,15 @@ def load(
     """Validate a YAML file, a run folder (its config.yaml) or a dict, with `a.b=c` overrides.
     flags: key path -> the command-line flag that set it (`inference.top_p` -> `--top-p`), so
     that an error in it names what the user typed."""
+    if isinstance(overrides, str):  # one override, not its characters one by one
+        overrides = [overrides]
+    elif not isinstance(overrides, list | tuple):
+        given = overrides.items() if isinstance(overrides, dict) else ()
+        example = [f"{key}={value}" for key, value in given][:1] or ["training.max_steps=50"]
+        raise ConfigError(
+            f"overrides must be a list of 'key.path=value' strings (e.g. {example}), got "
+            f"{type(overrides).__name__}"
+        )
     if source is None:
         raw: dict[str, Any] = {}
     elif isinstance(source, dict):

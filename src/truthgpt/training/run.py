@@ -50,6 +50,13 @@ def train(
     Under torchrun (or with `training.parallel` ddp / fsdp) this process joins the others
     (distributed.py); rank 0 alone writes the run folder and calls `callbacks`.
     """
+    if not (resume is None or isinstance(resume, bool) or resume == "auto"):
+        # Any other truthy value ("yes") would resume a run or silently start a new one.
+        raise ConfigError(
+            f"resume: {resume!r} is not one of True (continue; an error if there is nothing to "
+            "continue), 'auto' (continue if there is a checkpoint), False, or None (the "
+            "config's training.resume)"
+        )
     resume = config.training.resume if resume is None else resume
     world, device = distributed.start(config, resolve_device(config.hardware.device))
     lock = None
