@@ -64,6 +64,46 @@ def test_registry_name_did_you_mean() -> None:
     assert "model.arch" in message and "'llama'" in message
 
 
+def test_a_key_in_the_wrong_section_names_where_it_lives() -> None:
+    message = error_of({}, ["max_steps=5", "training.lr=1e-3", "device=cpu"])
+    assert "max_steps: unknown key. Did you mean 'training.max_steps'?" in message
+    assert "training.lr: unknown key. Did you mean 'optim.lr'?" in message
+    assert "Did you mean 'hardware.device' or 'inference.device'?" in message
+
+
+def test_a_union_field_is_one_error_with_its_value_and_every_choice() -> None:
+    # pydantic reports each member: "training.resume.bool: ... (got None)" and
+    # "training.resume.literal['auto']: Input should be 'auto' (got None)".
+    message = error_of({}, ["training.resume=maybe"])
+    assert message == (
+        "1 config error(s):\n"
+        "  training.resume: unknown value (got 'maybe'); allowed: true, false, auto"
+    )
+    assert "did you mean 'auto'?" in error_of({}, ["training.resume=aut"])
+
+
+def test_lists_and_tuples_of_the_wrong_shape_show_one_that_fits() -> None:
+    # Was "optim.betas.1: Field required", with neither the value nor what fits.
+    message = error_of({}, ["optim.betas=[0.9]"])
+    assert "optim.betas: too few values (got [0.9]); allowed: a list of 2 numbers" in message
+    assert "e.g. [0.9, 0.95]" in message
+    assert "optim.betas: too many values" in error_of({}, ["optim.betas=[0.9,0.9,0.9]"])
+    assert "optim.betas: not a list (got 0.9)" in error_of({}, ["optim.betas=0.9"])
+    message = error_of({"data": {"source": "text", "paths": "notes.txt"}})
+    assert "data.paths: not a list (got 'notes.txt'); allowed: a list, e.g. ['notes.txt']" in (
+        message
+    )
+
+
+def test_a_value_where_a_section_goes_lists_its_keys() -> None:
+    # Was "Input should be a valid dictionary or instance of LoraConfig (got True)".
+    message = error_of({}, ["model.lora=true"])
+    assert "model.lora: is a section of keys, not a value (got True, did you mean " in message
+    assert "'model.lora.enabled'?); allowed: enabled, r, alpha" in message
+    assert "LoraConfig" not in message
+    assert "training: is a section of keys, not a value (got 5)" in error_of({"training": 5})
+
+
 def test_every_error_is_reported_at_once() -> None:
     message = error_of({"training": {"max_steps": 0, "batch_size": "x"}, "seed": "s"})
     assert message.startswith("3 config error(s)")
