@@ -297,6 +297,20 @@ def test_lora_finetune_resumes_exactly_and_diffusers_loads_the_adapter(
     with torch.no_grad():
         drawn = through_run.unet(sample, timesteps, encoder_hidden_states=text).sample
     torch.testing.assert_close(drawn, expected, rtol=1e-5, atol=1e-5)
+    # `--lora RUN` on that base draws the same picture (it was "no file named
+    # pytorch_lora_weights.bin found in directory RUN").
+    from truthgpt.config import DiffusionConfig
+    from truthgpt.diffusion import generate_images
+
+    def draw(model: Path, loras: list[str]) -> np.ndarray:
+        cfg = DiffusionConfig(
+            model=str(model), loras=loras, prompt="a red square", steps=2, guidance=3.0,
+            width=32, height=32, memory="none", dtype="fp32", seed=0,
+            output_dir=str(tmp_path / f"images-{len(loras)}"),
+        )  # fmt: skip
+        return np.asarray(generate_images(cfg, log=lambda m: None, progress=False).images[0])
+
+    assert np.array_equal(draw(tiny_sd, [f"{full.run_dir}:1"]), draw(full.run_dir, []))
 
 
 def test_full_finetune_with_the_text_encoder_saves_a_stable_diffusion_pipeline(
@@ -316,6 +330,15 @@ def test_full_finetune_with_the_text_encoder_saves_a_stable_diffusion_pipeline(
         trained = dict(getattr(pipe, part).state_dict())
         same = all(torch.equal(v, trained[k]) for k, v in getattr(base, part).state_dict().items())
         assert same == (part == "vae"), part  # the VAE is frozen, the others learned
+    # A run that trained a whole pipeline is a model, not a --lora.
+    from truthgpt.config import DiffusionConfig
+    from truthgpt.diffusion import generate_images
+
+    cfg = DiffusionConfig(
+        model=str(tiny_sd), loras=[str(result.run_dir)], output_dir=str(tmp_path / "images")
+    )
+    with pytest.raises(TruthGPTError, match=r"loras\[0\]: .* holds no LoRA adapter"):
+        generate_images(cfg, log=lambda m: None, progress=False)
 
 
 # ---------------------------------------------------------------------------------------------

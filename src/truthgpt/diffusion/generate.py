@@ -25,6 +25,7 @@ from truthgpt.diffusion.memory import MemoryMonitor, MemoryStats, apply_memory_l
 from truthgpt.diffusion.pipeline import (
     denoiser_of,
     load_pipeline,
+    lora_folder,
     resolve_dtype,
     run_sampling_defaults,
 )
@@ -193,6 +194,10 @@ def _load_loras(pipe, specs: list[str]) -> None:
         if not Path(folder).exists():
             raise CheckpointError(f"diffusion.loras[{i}]: LoRA folder {folder!r} does not exist")
         name = f"lora{i}_" + re.sub(r"\W+", "_", Path(folder).name)
+        try:
+            folder = str(lora_folder(Path(folder)))  # a LoRA run: its checkpoint's adapter
+        except CheckpointError as exc:
+            raise CheckpointError(f"diffusion.loras[{i}]: {exc}") from None
         try:
             pipe.load_lora_weights(folder, adapter_name=name)
         except (OSError, ValueError, KeyError, RuntimeError) as exc:

@@ -152,6 +152,24 @@ def run_pipeline(run: Path) -> tuple[Path, Path | None]:
     return folder, Path(base).expanduser()
 
 
+def lora_folder(path: Path) -> Path:
+    """The folder an adapter of `--lora` is read from: `path` itself, or for a LoRA run of task
+    image-generation its checkpoint (best, else last), as `truthgpt image RUN` reads it."""
+    if not is_run_folder(path):
+        return path
+    from truthgpt.models import resolve_model_folder
+
+    folder = resolve_model_folder(path)
+    if not (folder / LORA_WEIGHTS).is_file():
+        raise CheckpointError(
+            f"{path} is a run folder whose checkpoint {folder.name}/ holds no LoRA adapter "
+            f"({LORA_WEIGHTS}); a LoRA is an adapter folder or a run trained with task "
+            "image-generation and model.lora (a run that trained a whole pipeline is a model: "
+            f"`truthgpt image {path}`)"
+        )
+    return folder
+
+
 def run_sampling_defaults(model: str | Path) -> dict[str, float | int]:
     """The guidance and steps a run of task image-generation drew its validation samples with
     (`diffusion_training.samples`), when `model` is such a run folder; else nothing. A model
