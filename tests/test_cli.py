@@ -184,6 +184,20 @@ def test_eval_on_the_run_split_and_on_files(tmp_path: Path) -> None:
     assert "extra.txt" in files.stdout
     loss = float(files.stdout.split("loss ")[1].split()[0])
     assert 0 < loss < 20
+    # Rows of a .jsonl file are read as rows (the text in data.field), not as raw JSON text;
+    # mixed with text files (where `--data a.txt --data 'b/*.jsonl'` read the rows' JSON
+    # syntax as text) they are refused, as is a glob that matches nothing, named as --data.
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(json.dumps({"body": text.read_text()}) + "\n")
+    as_rows = runner.invoke(
+        app, ["eval", str(run_dir), "--data", str(rows), "--set=data.field=body"]
+    )
+    assert as_rows.exit_code == 0, as_rows.output
+    assert float(as_rows.stdout.split("loss ")[1].split()[0]) == loss
+    mixed = runner.invoke(app, ["eval", str(run_dir), "--data", str(text), "--data", str(rows)])
+    assert mixed.exit_code == 1 and "evaluate each kind in a command of its own" in mixed.output
+    nothing = runner.invoke(app, ["eval", str(run_dir), "--data", str(tmp_path / "no*.txt")])
+    assert nothing.exit_code == 1 and "--data: " in nothing.output, nothing.output
     # One checkpoint of the run, on the run's data.
     one = runner.invoke(app, ["eval", str(run_dir / "checkpoints" / "last"), "--max-batches", "3"])
     assert one.exit_code == 0, one.output

@@ -125,7 +125,19 @@ def evaluate_run(
             "--data (--split val or train picks the run's split)"
         )
     if data_paths:
-        source = "jsonl" if all(p.endswith(".jsonl") for p in data_paths) else "text"
+        from truthgpt.data.sources import expand_paths
+
+        # By the files, not the patterns ('more/*' may hold .jsonl): one source reads them all,
+        # and a text source would read a .jsonl file's JSON syntax as the text to evaluate.
+        files = expand_paths(data_paths, "--data")
+        rows = [file for file in files if file.suffix == ".jsonl"]
+        if rows and len(rows) < len(files):
+            text = next(file for file in files if file.suffix != ".jsonl")
+            raise DataError(
+                f"--data: {rows[0]} holds JSON rows (the text in data.field) and {text} is "
+                "plain text (one document per file); evaluate each kind in a command of its own"
+            )
+        source = "jsonl" if rows else "text"
         if config.data.source in ("jsonl", "hf") and config.task == "sft":
             source = "jsonl"
         paths = "[" + ", ".join(repr(p) for p in data_paths) + "]"
