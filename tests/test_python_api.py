@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import tiny_raw_config
 from typer.testing import CliRunner
 
@@ -72,3 +73,17 @@ def test_train_refuses_a_resume_that_is_not_true_false_or_auto(tmp_path: Path) -
     with pytest.raises(truthgpt.ConfigError, match="resume: 'yes' is not one of True"):
         truthgpt.train(config, resume="yes")
     assert not config.run_dir.exists()
+
+
+def test_a_device_or_thread_count_that_cannot_be_is_a_config_error(run_dir: Path) -> None:
+    # load_model said "pin_memory=True requires a CUDA or other accelerator backend" (no CUDA)
+    # or "cannot read the weights in ...: device gpu is invalid".
+    with pytest.raises(truthgpt.ConfigError, match="device: 'gpu' is not one of auto, cpu"):
+        truthgpt.load_model(run_dir, device="gpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(truthgpt.ConfigError, match="'cuda' asked for, but CUDA is not"):
+            truthgpt.load_model(run_dir, device="cuda")
+    model, _ = truthgpt.load_model(run_dir, device="auto")
+    assert next(model.parameters()).device.type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(truthgpt.ConfigError, match="threads: 0 is not a count"):
+        truthgpt.generate(run_dir, "def ", threads=0)  # was the default count, silently

@@ -51,10 +51,14 @@ def train(config: Config | str | Path, overwrite: bool = False, resume: bool | s
 
 
 def load_model(path: str | Path, device: str = "cpu"):
-    """(model, tokenizer) from a run folder, a checkpoint folder or any local HF model folder."""
+    """(model, tokenizer) from a run folder, a checkpoint folder or any local HF model folder.
+    device: cpu, cuda, cuda:N, mps or auto."""
+    from truthgpt.hardware import resolve_device
     from truthgpt.inference.llm import load_for_generation
 
-    return load_for_generation(path, device=device)
+    # Checked first: torch's own errors come from deep in the load ("pin_memory=True requires
+    # a CUDA...", "cannot read the weights: device gpu is invalid").
+    return load_for_generation(path, device=resolve_device(device, "device"))
 
 
 def generate(

@@ -34,6 +34,8 @@ def apply_threads(threads: int | None) -> int:
     """Give torch `threads` intra-op threads (None: `default_threads()`); returns the count."""
     import torch
 
+    if threads is not None and (not isinstance(threads, int) or threads < 1):
+        raise ConfigError(f"threads: {threads!r} is not a count of threads (>= 1, or None)")
     count = threads or default_threads()
     if torch.get_num_threads() != count:
         torch.set_num_threads(count)
@@ -53,7 +55,10 @@ def resolve_device(name: str, key: str = "hardware.device") -> torch.device:
         return torch.device("cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"{key}: {name!r} asked for, but CUDA is not available")
-    return torch.device(name)
+    try:
+        return torch.device(name)
+    except RuntimeError:  # torch's message lists its two dozen device types
+        raise ConfigError(f"{key}: {name!r} is not one of auto, cpu, cuda, cuda:N, mps") from None
 
 
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
