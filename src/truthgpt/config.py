@@ -359,7 +359,9 @@ class CheckpointConfig(Section):
 
 
 class LoggingConfig(Section):
-    progress: Literal["rich", "tqdm", "none"] = Field("rich", description="progress bar style")
+    progress: Literal["rich", "tqdm", "none"] = Field(
+        "rich", description="progress bar style: rich | tqdm | none (log lines only)"
+    )
     tensorboard: bool = Field(True, description="write TensorBoard event files to tb/")
     plot: bool = Field(True, description="write loss.png at the end")
     histograms_every: int = Field(
