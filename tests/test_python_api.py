@@ -87,3 +87,22 @@ def test_a_device_or_thread_count_that_cannot_be_is_a_config_error(run_dir: Path
     assert next(model.parameters()).device.type == ("cuda" if torch.cuda.is_available() else "cpu")
     with pytest.raises(truthgpt.ConfigError, match="threads: 0 is not a count"):
         truthgpt.generate(run_dir, "def ", threads=0)  # was the default count, silently
+
+
+def test_a_wrong_init_from_is_refused_before_the_data_is_read(
+    tmp_path: Path, run_dir: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """A typo in model.init_from was found once a tokenizer was trained and the corpus encoded
+    (minutes on a real corpus); so was a checkpoint of the other family."""
+    missing = load(tiny_raw_config(tmp_path, model={"init_from": str(tmp_path / "nope")}))
+    with pytest.raises(truthgpt.ConfigError, match="model.init_from: .* is not a local folder"):
+        truthgpt.train(missing)
+    best = run_dir / "checkpoints" / "best"
+    other = tiny_raw_config(tmp_path, model={"arch": "gpt2", "init_from": str(best)})
+    with pytest.raises(truthgpt.ConfigError, match="holds a 'llama' model; set model.arch: llama"):
+        truthgpt.train(load(other))
+    # A run folder was "has no config.json; is it a model folder?"
+    run = tiny_raw_config(tmp_path, model={"init_from": str(run_dir)})
+    with pytest.raises(truthgpt.ConfigError, match=r"is a run folder; give the checkpoint .*best"):
+        truthgpt.train(load(run))
+    assert "data:" not in capsys.readouterr().out

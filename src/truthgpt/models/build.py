@@ -91,14 +91,22 @@ def _check_vocab(model_vocab: int, vocab_size: int, init_from: str) -> None:
         )
 
 
-def _build_native(cfg: ModelConfig, vocab_size: int) -> Decoder:
-    if not cfg.init_from:
-        return Decoder(decoder_config(cfg, vocab_size))
+def check_init_from(cfg: ModelConfig) -> None:
+    """The errors a native arch's `model.init_from` meets at the build (not a local folder, a
+    model of the other family), for training to find before it reads and encodes the data."""
+    if not cfg.init_from or cfg.arch not in ("llama", "gpt2"):
+        return
     folder = Path(cfg.init_from).expanduser()
     if not folder.is_dir():
         raise ConfigError(
             f"model.init_from: {cfg.init_from!r} is not a local folder; download the model first, "
             "or use model.arch: hf to load a hub id through transformers"
+        )
+    if (folder / CHECKPOINTS).is_dir() and not (folder / "config.json").is_file():
+        best = Path(cfg.init_from) / CHECKPOINTS / "best"
+        raise ConfigError(
+            f"model.init_from: {cfg.init_from!r} is a run folder; give the checkpoint to start "
+            f"from, e.g. {str(best)!r}"
         )
     model_type = read_hf_config(folder).get("model_type")
     family = "gpt2" if model_type == "gpt2" else "llama"
@@ -107,6 +115,13 @@ def _build_native(cfg: ModelConfig, vocab_size: int) -> Decoder:
             f"model.arch is {cfg.arch!r} but model.init_from {cfg.init_from!r} holds a "
             f"{model_type!r} model; set model.arch: {family}"
         )
+
+
+def _build_native(cfg: ModelConfig, vocab_size: int) -> Decoder:
+    if not cfg.init_from:
+        return Decoder(decoder_config(cfg, vocab_size))
+    check_init_from(cfg)
+    folder = Path(cfg.init_from).expanduser()
     model = load_hf(folder, dtype=torch.float32, dropout=cfg.dropout)
     _check_vocab(model.config.vocab_size, vocab_size, cfg.init_from)
     return model
