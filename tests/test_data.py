@@ -246,6 +246,15 @@ def test_tokenizer_save_and_load(tmp_path: Path, tokenizer: PreTrainedTokenizerF
     cfg = config_module.load({"data": {"tokenizer": {"path": str(tmp_path / "missing")}}}).data
     with pytest.raises(ConfigError, match="data.tokenizer.path"):
         build_tokenizer(cfg.tokenizer, Corpus(train=["x"], val=[]))
+    # A folder without tokenizer files (a run folder, say) was transformers' five lines about
+    # sentencepiece and tiktoken; a run folder's own tokenizer/ is suggested.
+    run = tmp_path / "run"
+    tokenizer.save_pretrained(run / "tokenizer")
+    cfg = config_module.load({"data": {"tokenizer": {"path": str(run)}}}).data
+    with pytest.raises(
+        ConfigError, match=r"holds no tokenizer files .* did you mean .*/tokenizer'"
+    ):
+        build_tokenizer(cfg.tokenizer, Corpus(train=["x"], val=[]))
 
 
 def test_load_tokenizer_pads_with_eos_and_needs_eos(

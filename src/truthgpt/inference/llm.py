@@ -85,9 +85,9 @@ def load_tokenizer(folder: Path) -> PreTrainedTokenizerBase:
     """The tokenizer saved beside a model (a run's checkpoint or an HF folder). A folder
     without tokenizer files is an error: transformers would build an empty tokenizer from the
     model's config alone, and every prompt would tokenize to nothing."""
-    from truthgpt.models.export import TOKENIZER_PATTERNS
+    from truthgpt.data.tokenizer import TOKENIZER_PATTERNS, has_tokenizer_files
 
-    if not any(any(Path(folder).glob(pattern)) for pattern in TOKENIZER_PATTERNS):
+    if not has_tokenizer_files(folder):
         raise CheckpointError(
             f"{folder} has no tokenizer files ({', '.join(TOKENIZER_PATTERNS)}): save the "
             "tokenizer beside the model (tokenizer.save_pretrained(folder))"

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from transformers import AutoTokenizer
 
 from truthgpt.atomic import publish_folder
+from truthgpt.data.tokenizer import TOKENIZER_PATTERNS
 from truthgpt.errors import CheckpointError
 from truthgpt.guard import check_output, mark
 from truthgpt.models.build import load_model, resolve_model_folder, save_model
@@ -38,17 +39,6 @@ if TYPE_CHECKING:
     from peft import PeftModel
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
-# Files a saved tokenizer may consist of (fast and slow tokenizers, chat templates).
-TOKENIZER_PATTERNS = (
-    "tokenizer*",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "vocab.json",
-    "vocab.txt",
-    "merges.txt",
-    "spiece.model",
-    "chat_template.*",
-)
 _PEFT_PREFIX = "base_model.model."  # peft's prefix for adapter weights in a saved state dict
 
 
