@@ -318,3 +318,17 @@ def test_generate_and_serve_of_a_run_leave_its_training_threads_behind(tmp_path:
     # A config given on purpose (--config) is taken whole, the run folder's as any other.
     assert load_for_model(run, run / "config.yaml").hardware.threads == 1
     assert load_for_model(tmp_path / "hf-folder", None).hardware.threads is None
+
+
+def test_a_checkpoint_folder_brings_the_config_it_was_trained_with(tmp_path: Path) -> None:
+    from truthgpt.config import RUN_CONFIG, load_for_model
+
+    # runs/x/checkpoints/best: generate and serve of it sample as of its run folder.
+    checkpoint = tmp_path / "checkpoints" / "best"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / RUN_CONFIG).write_text(
+        yaml.safe_dump({"hardware": {"threads": 1}, "inference": {"top_p": 0.5}})
+    )
+    used = load_for_model(checkpoint, None, ["inference.temperature=0.2"])
+    assert used.inference.top_p == 0.5 and used.inference.temperature == 0.2
+    assert used.hardware.threads is None

@@ -28,6 +28,7 @@ from truthgpt.registry import (
 )
 
 CONFIG_FILE = "config.yaml"
+RUN_CONFIG = "run_config.yaml"  # in each checkpoint: the resolved config it was trained with
 
 
 class Section(BaseModel):
@@ -754,11 +755,14 @@ def load_for_model(
     flags: dict[str, str] | None = None,
 ) -> Config:
     """The config that `generate` and `serve` of `model` run with: `config` (--config), else
-    the run folder's own config, else the defaults; then the overrides. A run folder's
-    `hardware.threads` is left out: it said how that training shared its machine, not how many
-    cores a later job with the model may use (--set hardware.threads=N still sets one)."""
-    if config is None and (Path(model).expanduser() / CONFIG_FILE).is_file():
-        return load(Path(model).expanduser(), ["hardware.threads=null", *overrides], flags)
+    the run folder's own config (of a checkpoint folder: the config it was trained with), else
+    the defaults; then the overrides. The run's `hardware.threads` is left out: it said how
+    that training shared its machine, not how many cores a later job with the model may use
+    (--set hardware.threads=N still sets one)."""
+    folder = Path(model).expanduser()
+    for own in (folder / CONFIG_FILE, folder / RUN_CONFIG):
+        if config is None and own.is_file():
+            return load(own, ["hardware.threads=null", *overrides], flags)
     return load(config, list(overrides), flags)
 
 

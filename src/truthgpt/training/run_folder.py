@@ -22,12 +22,11 @@ import yaml
 
 from truthgpt import config as config_module
 from truthgpt.atomic import atomic_write_text, clear_interrupted_writes
-from truthgpt.config import Config
+from truthgpt.config import RUN_CONFIG, Config
 from truthgpt.errors import CheckpointError, ConfigError
 from truthgpt.guard import CHECKPOINTS, check_output, mark, written_by
 from truthgpt.training.checkpoint import Resumable, finish_interrupted_save, open_resumable
 
-RUN_CONFIG = "run_config.yaml"  # in each checkpoint: the resolved config it was trained with
 HISTORY = "config_history.jsonl"
 # Keys a resume may change: they steer the run (how long, how often to log, evaluate and save,
 # where it runs) but not what is trained. Everything else must match the checkpoint's config.

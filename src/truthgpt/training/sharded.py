@@ -152,13 +152,12 @@ def export_merged(
     The model is rebuilt from the config the checkpoint was trained with and the run's data
     (its saved tokenizer), then the full weights are read from the shards.
     """
-    from truthgpt.training.run_folder import RUN_CONFIG
     from truthgpt.training.tasks import build_task
 
     folder = Path(folder)
     run_dir = folder.parent.parent
     out_dir = check_output(out_dir, "export", overwrite, sources=[run_dir, folder])
-    config = config_module.load(folder / RUN_CONFIG)
+    config = config_module.load(folder / config_module.RUN_CONFIG)
     task = build_task(config)
     data = task.build_data(run_dir, lambda message: None)
     model = load_merged(folder, task, data)

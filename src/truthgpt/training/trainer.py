@@ -25,7 +25,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from truthgpt.config import Config
+from truthgpt.config import RUN_CONFIG, Config
 from truthgpt.data import PreparedData
 from truthgpt.data.loader import train_batches, val_batches
 from truthgpt.errors import CheckpointError, TrainingError
@@ -52,9 +52,6 @@ from truthgpt.training.fp8 import enable_fp8
 from truthgpt.training.micro_batch import Split, global_batch_note
 from truthgpt.training.optim import build_optimizer, build_scheduler
 from truthgpt.training.rng import rng_state, set_rng_state
-from truthgpt.training.run_folder import (
-    RUN_CONFIG,
-)
 from truthgpt.training.sharded import load_sharded, save_sharded
 from truthgpt.training.signals import StopRequested
 from truthgpt.training.tasks import Task, build_task, task_unit
