@@ -759,10 +759,11 @@ def load_for_model(
     the defaults; then the overrides. The run's `hardware.threads` is left out: it said how
     that training shared its machine, not how many cores a later job with the model may use
     (--set hardware.threads=N still sets one)."""
-    folder = Path(model).expanduser()
-    for own in (folder / CONFIG_FILE, folder / RUN_CONFIG):
-        if config is None and own.is_file():
-            return load(own, ["hardware.threads=null", *overrides], flags)
+    if config is None:
+        folder = Path(model).expanduser()
+        own = [path for path in (folder / CONFIG_FILE, folder / RUN_CONFIG) if path.is_file()]
+        if own:
+            return load(own[0], ["hardware.threads=null", *overrides], flags)
     return load(config, list(overrides), flags)
 
 

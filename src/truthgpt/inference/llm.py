@@ -72,12 +72,14 @@ def load_for_generation(
     model = load_model(folder, device=device, dtype=dtype)
     if hasattr(model, "merge_and_unload"):  # LoRA: fold the adapters in, generate at full speed
         model = model.merge_and_unload()
-    hf_config = read_hf_config(folder)
-    if not isinstance(model, Decoder) and is_native(hf_config):
-        # An adapter in transformers' module names (`export --no-merge-lora`, any peft adapter)
-        # is merged on transformers' model; the merged weights fit our Decoder as any Llama's or
-        # GPT-2's do, so the engine (and `serve`) runs them rather than transformers' generate.
-        model = decoder_from_hf_state(decoder_config_from_hf(hf_config), model.state_dict())
+    if not isinstance(model, Decoder):
+        hf_config = read_hf_config(folder)
+        if is_native(hf_config):
+            # An adapter in transformers' module names (`export --no-merge-lora`, any peft
+            # adapter) is merged on transformers' model; the merged weights fit our Decoder as
+            # any Llama's or GPT-2's do, so the engine (and `serve`) runs them rather than
+            # transformers' generate.
+            model = decoder_from_hf_state(decoder_config_from_hf(hf_config), model.state_dict())
     return model.eval(), load_tokenizer(folder)
 
 
