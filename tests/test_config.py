@@ -219,6 +219,9 @@ def test_validate_imports_no_torch() -> None:
         "from truthgpt.cli import app\n"
         "app(['validate', 'configs/quickstart.yaml', '--set', 'diffusion.scheduler=ddim',"
         " '--set', 'logging.callbacks=[jsonl]'], standalone_mode=False)\n"
+        # ... and its look at the paths a config names reads no file with them.
+        "app(['validate', 'configs/quickstart.yaml', '--set', 'data.source=text',"
+        " '--set', 'data.paths=[README.md]'], standalone_mode=False)\n"
         "from truthgpt.config import load\n"
         "from truthgpt.errors import ConfigError\n"
         "try:\n"

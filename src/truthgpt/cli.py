@@ -38,11 +38,16 @@ def validate(
 ) -> None:
     """Print the resolved config (the sections its task reads), or every error in it (exit 1)."""
     from truthgpt.config import load
+    from truthgpt.local_paths import path_problems
 
     try:
         resolved = load(config, set_ or [])
     except TruthGPTError as exc:
         _fail(exc)
+    problems = path_problems(resolved)
+    if problems:
+        lines = "".join(f"\n  {problem}" for problem in problems)
+        _fail(ConfigError(f"{len(problems)} missing or wrong path(s):{lines}"))
     typer.echo(resolved.to_yaml(relevant_only=True), nl=False)
 
 

@@ -8,7 +8,6 @@ depends only on a stable hash of its content, never on a random seed or on file 
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 import sysconfig
@@ -20,6 +19,7 @@ from typing import Any
 
 from truthgpt.config import DataConfig
 from truthgpt.errors import ConfigError, DataError
+from truthgpt.local_paths import expand_paths
 from truthgpt.registry import SOURCES
 
 # Streaming datasets have no length to take a fraction of: without data.max_documents this
@@ -119,34 +119,6 @@ def python_stdlib(cfg: DataConfig) -> Corpus:
 
 # ---------------------------------------------------------------------------------------------
 # Local files: text and jsonl
-
-
-def expand_paths(patterns: list[str], key_path: str) -> list[Path]:
-    """Files matching each pattern (glob, `**` recursive), sorted per pattern, duplicates once.
-
-    Raises DataError naming the first pattern that matches no file.
-    """
-    files: list[Path] = []
-    seen: set[str] = set()
-    for pattern in patterns:
-        matches = sorted(
-            path
-            for path in glob.glob(os.path.expanduser(pattern), recursive=True)
-            if os.path.isfile(path)
-        )
-        if not matches:
-            folder = os.path.isdir(os.path.expanduser(pattern))
-            files_in_it = f"{pattern.rstrip('/')}/**/*"
-            hint = f"; it is a folder: give a glob of its files, e.g. {files_in_it!r}"
-            raise DataError(
-                f"{key_path}: {pattern!r} matches no file (relative paths start at "
-                f"{os.getcwd()}){hint if folder else ''}"
-            )
-        for path in matches:
-            if path not in seen:
-                seen.add(path)
-                files.append(Path(path))
-    return files
 
 
 def _read_utf8(path: Path) -> str:

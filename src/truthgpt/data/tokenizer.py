@@ -10,30 +10,14 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedToken
 
 from truthgpt.config import TokenizerConfig
 from truthgpt.data.sources import Corpus
-from truthgpt.errors import ConfigError, DataError
+from truthgpt.errors import DataError
+from truthgpt.local_paths import check_tokenizer_path
 
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
 
 # Packing, not the tokenizer, decides sequence length; a small limit would only warn.
 _UNLIMITED_LENGTH = 1_000_000_000_000
-
-# Files a saved tokenizer may consist of (fast and slow tokenizers, chat templates).
-TOKENIZER_PATTERNS = (
-    "tokenizer*",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "vocab.json",
-    "vocab.txt",
-    "merges.txt",
-    "spiece.model",
-    "chat_template.*",
-)
-
-
-def has_tokenizer_files(folder: Path) -> bool:
-    # Files only: "tokenizer*" also matches the tokenizer/ folder of a run.
-    return any(path.is_file() for pattern in TOKENIZER_PATTERNS for path in folder.glob(pattern))
 
 
 def _first_chars(texts: Iterable[str], max_chars: int) -> Iterator[str]:
@@ -101,23 +85,6 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
 def build_tokenizer(cfg: TokenizerConfig, corpus: Corpus) -> PreTrainedTokenizerBase:
     """Load the tokenizer at `cfg.path` if set, else train a byte-level BPE on `corpus.train`."""
     if cfg.path:
-        folder = Path(cfg.path).expanduser()
-        if not folder.is_dir():
-            raise ConfigError(
-                f"data.tokenizer.path: {cfg.path!r} is not a folder; give a local Hugging Face "
-                "tokenizer folder, or leave it empty to train one on the data"
-            )
-        if not has_tokenizer_files(folder):  # transformers would blame sentencepiece
-            run_tokenizer = Path(cfg.path) / "tokenizer"  # where a run folder keeps its own
-            hint = (
-                f"; did you mean {str(run_tokenizer)!r}?"
-                if has_tokenizer_files(folder / "tokenizer")
-                else ""
-            )
-            raise ConfigError(
-                f"data.tokenizer.path: {cfg.path!r} holds no tokenizer files "
-                f"({', '.join(TOKENIZER_PATTERNS)}){hint}; give a local Hugging Face tokenizer "
-                "folder, or leave it empty to train one on the data"
-            )
+        check_tokenizer_path(cfg)
         return load_tokenizer(cfg.path)
     return train_bpe_tokenizer(corpus.train, cfg.vocab_size, cfg.train_max_chars)

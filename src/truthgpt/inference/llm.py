@@ -87,7 +87,7 @@ def load_tokenizer(folder: Path) -> PreTrainedTokenizerBase:
     """The tokenizer saved beside a model (a run's checkpoint or an HF folder). A folder
     without tokenizer files is an error: transformers would build an empty tokenizer from the
     model's config alone, and every prompt would tokenize to nothing."""
-    from truthgpt.data.tokenizer import TOKENIZER_PATTERNS, has_tokenizer_files
+    from truthgpt.local_paths import TOKENIZER_PATTERNS, has_tokenizer_files
 
     if not has_tokenizer_files(folder):
         raise CheckpointError(

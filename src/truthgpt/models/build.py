@@ -27,6 +27,7 @@ from truthgpt.guard import (
     STEP_FOLDER,
     is_checkpoint_folder,
 )
+from truthgpt.local_paths import check_init_from
 from truthgpt.manifest import check_manifest
 from truthgpt.models.decoder import Decoder, DecoderConfig
 from truthgpt.models.hf_io import is_native, load_hf, read_hf_config, save_hf
@@ -88,32 +89,6 @@ def _check_vocab(model_vocab: int, vocab_size: int, init_from: str) -> None:
         raise ConfigError(
             f"model.init_from: {init_from!r} has {model_vocab} token embeddings but the tokenizer "
             f"has {vocab_size} tokens; use the tokenizer that came with the model"
-        )
-
-
-def check_init_from(cfg: ModelConfig) -> None:
-    """The errors a native arch's `model.init_from` meets at the build (not a local folder, a
-    model of the other family), for training to find before it reads and encodes the data."""
-    if not cfg.init_from or cfg.arch not in ("llama", "gpt2"):
-        return
-    folder = Path(cfg.init_from).expanduser()
-    if not folder.is_dir():
-        raise ConfigError(
-            f"model.init_from: {cfg.init_from!r} is not a local folder; download the model first, "
-            "or use model.arch: hf to load a hub id through transformers"
-        )
-    if (folder / CHECKPOINTS).is_dir() and not (folder / "config.json").is_file():
-        best = Path(cfg.init_from) / CHECKPOINTS / "best"
-        raise ConfigError(
-            f"model.init_from: {cfg.init_from!r} is a run folder; give the checkpoint to start "
-            f"from, e.g. {str(best)!r}"
-        )
-    model_type = read_hf_config(folder).get("model_type")
-    family = "gpt2" if model_type == "gpt2" else "llama"
-    if family != cfg.arch:
-        raise ConfigError(
-            f"model.arch is {cfg.arch!r} but model.init_from {cfg.init_from!r} holds a "
-            f"{model_type!r} model; set model.arch: {family}"
         )
 
 

@@ -27,9 +27,9 @@ from torch import Tensor, nn
 from transformers import AutoTokenizer
 
 from truthgpt.atomic import publish_folder
-from truthgpt.data.tokenizer import TOKENIZER_PATTERNS
 from truthgpt.errors import CheckpointError
 from truthgpt.guard import check_output, mark
+from truthgpt.local_paths import TOKENIZER_PATTERNS
 from truthgpt.models.build import load_model, resolve_model_folder, save_model
 from truthgpt.models.decoder import Decoder
 from truthgpt.models.hf_io import save_hf, weight_map

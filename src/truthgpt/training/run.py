@@ -9,12 +9,12 @@ from pathlib import Path
 
 import torch
 
-from truthgpt.config import IMAGE_TASKS, Config
+from truthgpt.config import Config
 from truthgpt.data import PreparedData
 from truthgpt.data.prepare import check_enough_to_train
 from truthgpt.errors import ConfigError
 from truthgpt.hardware import apply_threads, resolve_device, resolve_precision
-from truthgpt.models.build import check_init_from
+from truthgpt.local_paths import path_problems
 from truthgpt.models.flex_attention import check_flex_training
 from truthgpt.models.fused_loss import fused_loss_note
 from truthgpt.training import distributed
@@ -77,8 +77,9 @@ def train(
 def check_before_building(config: Config, device: torch.device) -> None:
     """The settings this machine cannot run, refused before the data (a tokenizer to train, a
     corpus to encode) and the model are built: `validate` checks the config, not the machine."""
-    if config.task not in IMAGE_TASKS:  # an image task's init_from is a pipeline folder
-        check_init_from(config.model)
+    problems = path_problems(config)
+    if problems:
+        raise problems[0]
     if config.training.packed_attention == "flex":
         check_flex_training(device)
     check_optimizer_runs(config.optim, device)
