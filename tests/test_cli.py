@@ -22,6 +22,7 @@ from truthgpt.config import load
 from truthgpt.manifest import write_manifest
 from truthgpt.training import run as run_module
 from truthgpt.training import signals
+from truthgpt.training import trainer as trainer_module
 from truthgpt.training.callbacks import Callback
 
 runner = CliRunner()
@@ -306,6 +307,33 @@ def test_a_second_ctrl_c_says_which_checkpoint_a_resume_continues_from(
     assert f"the newest checkpoint is step 10, {run_dir / 'checkpoints'}" in resumed.output
     steps = [json.loads(line)["step"] for line in (run_dir / "config_history.jsonl").open()]
     assert steps == [0, 5]
+
+
+def test_ctrl_c_right_after_a_checkpoints_rename_names_that_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The step_N/ folder is complete once renamed into place; a Ctrl-C before the save returns
+    # must name it (as --resume takes it), not the checkpoint before.
+    path = write_config(tmp_path, checkpoint={"save_every": 5})
+    save = trainer_module.save_checkpoint
+
+    def save_then_ctrl_c_twice(folder: Path, *args: object, **kwargs: object) -> object:
+        written = save(folder, *args, **kwargs)
+        if folder.name == "step_000010":
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+        return written
+
+    monkeypatch.setattr(trainer_module, "save_checkpoint", save_then_ctrl_c_twice)
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        stopped = runner.invoke(app, ["train", str(path)])
+    finally:  # the CLI took SIGINT over for this (test) process
+        signal.signal(signal.SIGINT, previous)
+        signals._interrupted_early.clear()
+    assert stopped.exit_code == 130, stopped.output
+    step_10 = tmp_path / "runs" / "tiny" / "checkpoints" / "step_000010"
+    assert f"the newest checkpoint is step 10, {step_10}: --resume" in stopped.output
 
 
 def test_generate_chat_uses_the_template_or_the_servers_plain_one(tmp_path: Path) -> None:

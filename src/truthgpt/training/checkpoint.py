@@ -169,6 +169,17 @@ def find_resumable(checkpoints: Path, warn: Callable[[str], None]) -> Path | Non
     return None
 
 
+def newest_on_disk(checkpoints: Path) -> tuple[int, Path] | None:
+    """The step and folder of the newest checkpoint with training state in `checkpoints`, not
+    verified (find_resumable does that): what a Ctrl-C message names as --resume's start."""
+    found = [(folder_step(f), f) for f in step_checkpoints(checkpoints)[:1]]
+    last = checkpoints / "last"
+    step = _peek_step(last) if (last / TRAIN_STATE).is_file() else None
+    if step is not None:
+        found.append((step, last))
+    return max(found, key=lambda pair: pair[0], default=None)
+
+
 def _peek_step(folder: Path) -> int | None:
     """The step in `folder`'s train_state.pt, not yet verified, its tensors only mapped (not
     read); None where it cannot be read (verification then says why)."""

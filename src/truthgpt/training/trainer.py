@@ -39,6 +39,7 @@ from truthgpt.training.checkpoint import (
     Resumable,
     find_resumable,
     link_checkpoint,
+    newest_on_disk,
     prune_step_checkpoints,
     read_train_state,
     save_checkpoint,
@@ -527,9 +528,14 @@ class Trainer:
 
     def stopped_at_once(self) -> str:
         """Where the run stands when a Ctrl-C stops it at once, between step boundaries."""
-        if self.saved is None:
+        saved = self.saved
+        # A Ctrl-C between a save's rename and its return leaves a newer folder than `saved`.
+        on_disk = newest_on_disk(self.checkpoints)
+        if on_disk is not None and (saved is None or on_disk[0] > saved[0]):
+            saved = on_disk
+        if saved is None:
             return f"stopped at step {self.step}, before its first checkpoint: nothing was saved"
-        step, folder = self.saved
+        step, folder = saved
         unsaved = f" (steps {step + 1}-{self.step} were not saved)" if self.step > step else ""
         return (
             f"stopped at step {self.step}{unsaved}; the newest checkpoint is step {step}, "
