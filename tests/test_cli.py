@@ -336,6 +336,35 @@ def test_ctrl_c_right_after_a_checkpoints_rename_names_that_checkpoint(
     assert f"the newest checkpoint is step 10, {step_10}: --resume" in stopped.output
 
 
+class CtrlCAtTheLastLine(Callback):
+    def on_log(self, message: str) -> None:
+        if message.startswith("run folder:"):
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+def test_ctrl_c_after_the_run_finished_says_it_is_saved(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The loop has given the signals back; this Ctrl-C must not say "before training began".
+    path = write_config(tmp_path, training={"max_steps": 4})
+    build_callbacks = run_module.build_callbacks
+    monkeypatch.setattr(
+        run_module,
+        "build_callbacks",
+        lambda config, run_dir: [*build_callbacks(config, run_dir), CtrlCAtTheLastLine()],
+    )
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        stopped = runner.invoke(app, ["train", str(path)])
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        signals._interrupted_early.clear()
+    assert stopped.exit_code == 130, stopped.output
+    assert "before training began" not in stopped.output
+    final = tmp_path / "runs" / "tiny" / "checkpoints" / "step_000004"
+    assert f"interrupted after training finished at step 4; it is saved in {final}" in stopped.output
+
+
 def test_generate_chat_uses_the_template_or_the_servers_plain_one(tmp_path: Path) -> None:
     path = write_config(tmp_path)
     assert runner.invoke(app, ["train", str(path), "--set", "training.max_steps=2"]).exit_code == 0

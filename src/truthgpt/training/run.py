@@ -131,13 +131,20 @@ def _train(
         raise
     try:
         result = trainer.fit()
+        _report(result, trainer.reports_perplexity, run_dir, log)
     except KeyboardInterrupt:  # a second Ctrl-C, or one after the loop gave the signals back
         raise Interrupted(trainer.stopped_at_once()) from None
+    return result
+
+
+def _report(
+    result: TrainResult, reports_perplexity: bool, run_dir: Path, log: Callable[[str], None]
+) -> None:
     # Stopped on request, the last evaluation may be the first one: no "a -> a" line.
     evaluated = result.initial_val_loss is not None and result.final_val_loss is not None
     if evaluated and not result.interrupted:
         losses = f"{result.initial_val_loss:.4f} -> {result.final_val_loss:.4f}"
-        if trainer.reports_perplexity:
+        if reports_perplexity:
             ppl = f"{result.initial_val_ppl:.2f} -> {result.final_val_ppl:.2f}"
             log(f"val perplexity {ppl} (loss {losses})")
         else:
@@ -145,7 +152,6 @@ def _train(
     if result.nonfinite_skipped:
         log(f"{result.nonfinite_skipped} updates were skipped for non-finite loss or gradients")
     log(f"run folder: {run_dir}")
-    return result
 
 
 def _logger(callbacks: list[Callback]) -> Callable[[str], None]:

@@ -536,6 +536,8 @@ class Trainer:
         if saved is None:
             return f"stopped at step {self.step}, before its first checkpoint: nothing was saved"
         step, folder = saved
+        if step >= self.train_cfg.max_steps:  # a Ctrl-C in the last lines the run prints
+            return f"interrupted after training finished at step {step}; it is saved in {folder}"
         unsaved = f" (steps {step + 1}-{self.step} were not saved)" if self.step > step else ""
         return (
             f"stopped at step {self.step}{unsaved}; the newest checkpoint is step {step}, "
