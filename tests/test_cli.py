@@ -362,7 +362,8 @@ def test_ctrl_c_after_the_run_finished_says_it_is_saved(
     assert stopped.exit_code == 130, stopped.output
     assert "before training began" not in stopped.output
     final = tmp_path / "runs" / "tiny" / "checkpoints" / "step_000004"
-    assert f"interrupted after training finished at step 4; it is saved in {final}" in stopped.output
+    expected = f"interrupted after training finished at step 4; it is saved in {final}"
+    assert expected in stopped.output
 
 
 def test_generate_chat_uses_the_template_or_the_servers_plain_one(tmp_path: Path) -> None:

@@ -3,9 +3,12 @@ resume never changes the model it continues, and every reader checks the checkpo
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,7 +18,7 @@ from conftest import tiny_raw_config
 from typer.testing import CliRunner
 
 import truthgpt
-from truthgpt import guard
+from truthgpt import atomic, guard
 from truthgpt.cli import app
 from truthgpt.config import DiffusionConfig, load
 from truthgpt.diffusion.generate import generate_images
@@ -23,7 +26,7 @@ from truthgpt.errors import CheckpointError, ConfigError
 from truthgpt.manifest import write_manifest
 from truthgpt.models import load_model, resolve_model_folder
 from truthgpt.models.export import export_hf
-from truthgpt.training.checkpoint import prune_step_checkpoints
+from truthgpt.training.checkpoint import prune_step_checkpoints, save_checkpoint
 from truthgpt.training.run import train
 
 runner = CliRunner()
@@ -387,3 +390,59 @@ def test_other_tools_folders_are_not_taken_for_runs_or_checkpoints(tmp_path: Pat
     (app_dir / "manifest.json").write_text('{"name": "app", "icons": []}')
     (app_dir / "config.json").write_text("{}")
     assert not guard.is_checkpoint_folder(app_dir) and not guard.is_run_folder(project)
+
+
+# -- a full disk or a folder the machine refuses: one line, and nothing half-written ------------
+
+
+def test_a_write_that_fails_on_a_full_disk_is_called_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # torch.save on a full disk says "unexpected pos 576 vs 534"; what it means is ENOSPC.
+    folder = tmp_path / "checkpoint"
+    folder.mkdir()
+    (folder / "weights").write_text("the previous version")
+
+    def fill(tmp: Path) -> None:
+        (tmp / "weights").write_text("half of the new")
+        torch.save(torch.zeros(4), tmp / "state.pt")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
+
+    monkeypatch.setattr(atomic, "free_bytes", lambda path: 10 << 20)  # 10 MiB left: full
+    with pytest.raises(OSError) as info:
+        atomic.publish_folder(folder, fill)
+    assert info.value.errno == errno.ENOSPC and info.value.filename == str(folder)
+    assert "No space left on device (" in str(info.value) and "576 vs 534" in str(info.value)
+    assert listing(tmp_path) == ["checkpoint", "checkpoint/weights"]
+    assert (folder / "weights").read_text() == "the previous version"
+
+    # With room left on the disk, the failure is the writer's own and keeps its type.
+    monkeypatch.setattr(atomic, "free_bytes", lambda path: 100 << 30)
+    with pytest.raises(RuntimeError, match="576 vs 534"):
+        atomic.publish_folder(folder, fill)
+    with pytest.raises(CheckpointError, match="could not write checkpoint .*No space left"):
+        monkeypatch.setattr(atomic, "free_bytes", lambda path: 0)
+        save_checkpoint(folder, lambda tmp: fill(tmp), None)
+    assert (folder / "weights").read_text() == "the previous version"
+
+
+def test_the_cli_names_what_the_machine_refused_in_one_line(trained: Path) -> None:
+    target = Path("/sys/truthgpt-export-test")  # a folder nobody may make, root included
+    try:
+        target.mkdir()
+    except OSError as exc:
+        if exc.errno not in (errno.EPERM, errno.EACCES, errno.EROFS):
+            pytest.skip(f"/sys here refuses with {exc}")
+    else:
+        target.rmdir()
+        pytest.skip("/sys is writable here")
+    done = subprocess.run(
+        [sys.executable, "-m", "truthgpt", "export", str(trained), "--out", str(target)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith("error: "), done.stderr
+    assert "/sys/" in done.stderr

@@ -1,6 +1,11 @@
 """`python -m truthgpt ...` and the `truthgpt` command (what torchrun runs on every rank)."""
 
+import errno
+import os
 import sys
+
+# What the machine refused (a full disk, a read-only folder), not a bug: one line, no traceback.
+MACHINE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 
 
 def main() -> None:
@@ -12,6 +17,13 @@ def main() -> None:
         app(prog_name="truthgpt")
     except KeyboardInterrupt:
         sys.exit(130)
+    except OSError as exc:
+        if exc.errno not in MACHINE_ERRORS:
+            raise
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank meets it
+            where = f": {exc.filename}" if exc.filename else ""
+            print(f"error: {exc.strerror}{where}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

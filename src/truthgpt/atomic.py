@@ -6,6 +6,7 @@ crash, a full disk or a kill mid-write never leaves a half-written checkpoint or
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import shutil
@@ -15,6 +16,10 @@ from pathlib import Path
 # What a write in progress holds beside its target: the new version (.tmp-NAME-PID) and, for a
 # moment between two renames, the old one moved aside (.old-NAME-PID).
 _IN_PROGRESS = re.compile(r"\.(tmp|old)-(.+)-\d+")
+# A write that fails with less than this left free on its disk failed for want of space,
+# whatever the writer called it: torch.save says "unexpected pos 576 vs 534", safetensors
+# "I/O error".
+NEARLY_FULL_BYTES = 64 << 20
 
 
 def publish_folder(folder: Path, fill: Callable[[Path], None]) -> Path:
@@ -37,13 +42,23 @@ def publish_folder(folder: Path, fill: Callable[[Path], None]) -> Path:
             folder.rename(old)
         tmp.rename(folder)
         fsync(folder.parent)
-    except BaseException:
+    except BaseException as exc:
+        full = isinstance(exc, Exception) and tmp.exists() and free_bytes(tmp) < NEARLY_FULL_BYTES
         shutil.rmtree(tmp, ignore_errors=True)
         if old.exists() and not folder.exists():
             old.rename(folder)
+        if full:
+            message = f"{os.strerror(errno.ENOSPC)} ({exc})"
+            raise OSError(errno.ENOSPC, message, str(folder)) from exc
         raise
     shutil.rmtree(old, ignore_errors=True)
     return folder
+
+
+def free_bytes(path: Path) -> int:
+    """Bytes an unprivileged writer may still put on `path`'s filesystem."""
+    stats = os.statvfs(path)
+    return stats.f_bavail * stats.f_frsize
 
 
 def clear_interrupted_writes(parent: Path, shown_from: Path | None = None) -> list[str]:
