@@ -158,6 +158,30 @@ def test_a_row_with_neither_format_names_its_line_and_keys(tmp_path: Path) -> No
         prepare_data(sft_config(tmp_path, bad_message, val_fraction=0.0), None, log=print)
 
 
+@pytest.mark.parametrize(
+    ("messages", "expected"),
+    [
+        ([], r"f\.jsonl:7: `messages` is empty"),
+        (
+            [{"role": "user", "content": "2+2?"}, {"role": "asistant", "content": "4"}],
+            r"f\.jsonl:7: message 1 has role 'asistant'; did you mean 'assistant'\?",
+        ),
+        (
+            [{"role": "User", "content": "2+2?"}, {"role": "assistant", "content": "4"}],
+            r"f\.jsonl:7: message 0 has role 'User'; did you mean 'user'\?",
+        ),
+    ],
+)
+def test_an_empty_chat_or_an_unknown_role_is_an_error_naming_the_row(
+    tokenizer, messages: list, expected: str
+) -> None:
+    # Before: an empty list raised transformers' ValueError from inside the template, and a
+    # misspelt assistant role rendered as a prompt, so the row was silently skipped.
+    row = SFTRow({"messages": messages}, "f.jsonl:7")
+    with pytest.raises(DataError, match=expected):
+        encode_rows(tokenizer, [row], "auto", 64, "truncate")
+
+
 def test_hf_json_rows_with_mixed_columns(tmp_path: Path) -> None:
     path = write_jsonl(tmp_path / "mixed.jsonl", arithmetic_rows(6) + [{"text": "no answer"}])
     data = {"source": "hf", "hf_name": "json", "paths": [str(path)], "val_fraction": 0.0}

@@ -29,7 +29,7 @@ from truthgpt.config import DataConfig
 from truthgpt.data.loader import pad_collate
 from truthgpt.data.packing import IGNORE_INDEX
 from truthgpt.data.sources import expand_paths, iter_jsonl, load_hf_dataset, split_train_val
-from truthgpt.errors import ConfigError, DataError
+from truthgpt.errors import ConfigError, DataError, did_you_mean
 
 # The template set on a tokenizer that has none (our trained BPE): ChatML-like role headers in
 # plain text and our EOS closing every turn, so a generated answer ends where generation stops.
@@ -43,6 +43,10 @@ DEFAULT_CHAT_TEMPLATE = (
 )
 
 SFT_SOURCES = ("jsonl", "hf")
+
+# The roles of OpenAI's chat format and of the chat templates that follow it (Llama 3's
+# `ipython`, OpenAI's `developer` and the older `function`).
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool", "function", "ipython")
 
 # Rows tokenized per tokenizer call.
 _ENCODE_BATCH = 512
@@ -215,6 +219,11 @@ def _messages(row: SFTRow) -> list[dict[str, Any]]:
     messages = row.record["messages"]
     if not isinstance(messages, list):
         raise DataError(f"{row.where}: `messages` is a {type(messages).__name__}, not a list")
+    if not messages:
+        raise DataError(
+            f"{row.where}: `messages` is empty; a chat row needs its turns, at least one "
+            "`assistant` message (the answer the loss is on)"
+        )
     for index, message in enumerate(messages):
         ok = (
             isinstance(message, dict)
@@ -225,6 +234,14 @@ def _messages(row: SFTRow) -> list[dict[str, Any]]:
             raise DataError(
                 f"{row.where}: message {index} must be an object with text `role` and `content`, "
                 f"got {message!r:.200}"
+            )
+        # Only `assistant` turns carry the loss: a misspelt role ("asistant", "Assistant")
+        # would otherwise render as a prompt and its row be skipped as one without answers.
+        if message["role"] not in CHAT_ROLES:
+            raise DataError(
+                f"{row.where}: message {index} has role {message['role']!r}"
+                f"{did_you_mean(message['role'], CHAT_ROLES)} (roles: {', '.join(CHAT_ROLES)}; "
+                "the loss is on the `assistant` messages)"
             )
     return messages
 
