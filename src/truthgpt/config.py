@@ -96,10 +96,12 @@ class DataConfig(Section):
         description="auto: pack for causal_lm, bucket for sft; bucket = length-grouped batches, "
         "dynamic padding; pack = fixed blocks (sft: attention kept inside each example)",
     )
-    overlong: Literal["truncate", "drop"] = Field(
+    overlong: Literal["truncate", "keep_end", "drop"] = Field(
         "truncate",
         description="sft examples longer than max_seq_len: truncate keeps the first max_seq_len "
-        "tokens (an example left without answer tokens is skipped), drop skips it (both counted)",
+        "tokens, keep_end the last ones (a long prompt loses its start, the final answer stays, "
+        "as TRL's truncation_mode keep_end); an example left without answer tokens is skipped; "
+        "drop skips it (all counted, with the longest row's length)",
     )
 
     @field_validator("source")
