@@ -106,3 +106,23 @@ def test_a_wrong_init_from_is_refused_before_the_data_is_read(
     with pytest.raises(truthgpt.ConfigError, match=r"is a run folder; give the checkpoint .*best"):
         truthgpt.train(load(run))
     assert "data:" not in capsys.readouterr().out
+
+
+def test_a_wrong_hf_init_from_is_named_before_the_data_is_read(
+    tmp_path: Path, run_dir: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """arch hf passed any init_from to transformers after the data was encoded: a misspelt
+    folder read as a hub id ("We couldn't connect to 'https://huggingface.co'"), a run folder
+    as "Unrecognized model ... Should have a `model_type` key"."""
+    checkpoints = run_dir / "checkpoints"
+    typo = str(checkpoints / "bets")
+    for arch in ("hf", "llama"):
+        config = tiny_raw_config(tmp_path, model={"arch": arch, "init_from": typo})
+        with pytest.raises(truthgpt.ConfigError) as error:
+            truthgpt.train(load(config))
+        expected = f"model.init_from: {typo!r} is not a local folder (did you mean "
+        assert str(error.value).startswith(expected + f"{str(checkpoints / 'best')!r}?)")
+    run = tiny_raw_config(tmp_path, model={"arch": "hf", "init_from": str(run_dir)})
+    with pytest.raises(truthgpt.ConfigError, match=r"is a run folder; give the checkpoint .*best"):
+        truthgpt.train(load(run))
+    assert "data:" not in capsys.readouterr().out

@@ -19,7 +19,7 @@ from safetensors import SafetensorError
 from torch import nn
 
 from truthgpt.config import CONFIG_FILE, ModelConfig
-from truthgpt.errors import CheckpointError, ConfigError
+from truthgpt.errors import CheckpointError, ConfigError, closest
 from truthgpt.guard import (
     CHECKPOINTS,
     LORA_WEIGHTS,
@@ -92,15 +92,27 @@ def _check_vocab(model_vocab: int, vocab_size: int, init_from: str) -> None:
 
 
 def check_init_from(cfg: ModelConfig) -> None:
-    """The errors a native arch's `model.init_from` meets at the build (not a local folder, a
-    model of the other family), for training to find before it reads and encodes the data."""
-    if not cfg.init_from or cfg.arch not in ("llama", "gpt2"):
+    """The errors `model.init_from` meets at the build (not a local folder, a run folder, a
+    model of the other family), for training to find before it reads and encodes the data.
+
+    arch hf also takes a hub id, so there a missing folder is an error only when the value
+    cannot be one (an absolute path, `./x`, `~/x`, `a/b/c`) or its parent folder is here
+    (`models/lama` beside `models/llama`: a typo, not a hub repository named so).
+    """
+    if not cfg.init_from or cfg.arch not in ("llama", "gpt2", "hf"):
         return
     folder = Path(cfg.init_from).expanduser()
     if not folder.is_dir():
+        if cfg.arch == "hf" and _could_be_hub_id(cfg.init_from):
+            return
+        hint = (
+            "download the model first, or use model.arch: hf to load a hub id through transformers"
+            if cfg.arch != "hf"
+            else "download the model first, or give a hub id (namespace/name)"
+        )
         raise ConfigError(
-            f"model.init_from: {cfg.init_from!r} is not a local folder; download the model first, "
-            "or use model.arch: hf to load a hub id through transformers"
+            f"model.init_from: {cfg.init_from!r} is not a local folder"
+            f"{_sibling_hint(folder)}; {hint}"
         )
     if (folder / CHECKPOINTS).is_dir() and not (folder / "config.json").is_file():
         best = Path(cfg.init_from) / CHECKPOINTS / "best"
@@ -108,6 +120,8 @@ def check_init_from(cfg: ModelConfig) -> None:
             f"model.init_from: {cfg.init_from!r} is a run folder; give the checkpoint to start "
             f"from, e.g. {str(best)!r}"
         )
+    if cfg.arch == "hf":
+        return
     model_type = read_hf_config(folder).get("model_type")
     family = "gpt2" if model_type == "gpt2" else "llama"
     if family != cfg.arch:
@@ -115,6 +129,27 @@ def check_init_from(cfg: ModelConfig) -> None:
             f"model.arch is {cfg.arch!r} but model.init_from {cfg.init_from!r} holds a "
             f"{model_type!r} model; set model.arch: {family}"
         )
+
+
+def _could_be_hub_id(value: str) -> bool:
+    """Whether `value` reads as a hub id ("gpt2", "Qwen/Qwen2-0.5B") rather than a local path."""
+    if value.startswith((".", "~", "/")) or "\\" in value or value.count("/") > 1:
+        return False
+    parent = Path(value).parent
+    return parent == Path(".") or not parent.is_dir()
+
+
+def _sibling_hint(folder: Path) -> str:
+    """ " (did you mean 'models/llama'?)" for a misspelt folder whose parent exists, else ""."""
+    parent = folder.parent
+    if not parent.is_dir():
+        return ""
+    try:
+        siblings = [path.name for path in parent.iterdir() if path.is_dir()]
+    except OSError:
+        return ""
+    hint = closest(folder.name, siblings)
+    return f" (did you mean {str(parent / hint)!r}?)" if hint else ""
 
 
 def _build_native(cfg: ModelConfig, vocab_size: int) -> Decoder:
