@@ -480,7 +480,11 @@ def test_prepare_data_without_val_and_with_too_little_text(tmp_path: Path) -> No
 
     # Too little to train on is training's refusal (evaluation reads the same data).
     short = prepare_data(
-        config_module.load({"data": {**data, "max_seq_len": 100_000}}), None, log=print
+        config_module.load(
+            {"data": {**data, "max_seq_len": 100_000}, "model": {"max_position_embeddings": 10**5}}
+        ),
+        None,
+        log=print,
     )
     check_enough_to_train(prepared, 16)
     with pytest.raises(DataError, match="lower data.max_seq_len") as error:

@@ -819,6 +819,17 @@ def cross_section_problems(config: Config) -> list[str]:
             f"{config.model.dropout}; set model.dropout: 0, or packed_attention auto or dense "
             "(allowed: auto, dense, flex)"
         )
+    model = config.model
+    positions = model.max_position_embeddings
+    native = model.arch in ("llama", "gpt2") and not model.init_from
+    if not image_task and native and config.data.max_seq_len > positions:
+        # gpt2's learned positions end there (an IndexError mid-run); llama's RoPE would run
+        # on, but config.json says the shorter length and generation stops at it.
+        problems.append(
+            f"data.max_seq_len: {config.data.max_seq_len} is longer than the model takes "
+            f"(model.max_position_embeddings: {positions}); raise max_position_embeddings or "
+            f"lower max_seq_len (allowed: 8 to {positions})"
+        )
     if not image_task:
         return problems
     for key, metric in (

@@ -91,13 +91,14 @@ def _check_vocab(model_vocab: int, vocab_size: int, init_from: str) -> None:
         )
 
 
-def check_init_from(cfg: ModelConfig) -> None:
+def check_init_from(cfg: ModelConfig, max_seq_len: int | None = None) -> None:
     """The errors `model.init_from` meets at the build (not a local folder, a run folder, a
     model of the other family), for training to find before it reads and encodes the data.
 
     arch hf also takes a hub id, so there a missing folder is an error only when the value
     cannot be one (an absolute path, `./x`, `~/x`, `a/b/c`) or its parent folder is here
     (`models/lama` beside `models/llama`: a typo, not a hub repository named so).
+    `max_seq_len` (data.max_seq_len) must fit in the positions the folder's model takes.
     """
     if not cfg.init_from or cfg.arch not in ("llama", "gpt2", "hf"):
         return
@@ -120,15 +121,31 @@ def check_init_from(cfg: ModelConfig) -> None:
             f"model.init_from: {cfg.init_from!r} is a run folder; give the checkpoint to start "
             f"from, e.g. {str(best)!r}"
         )
+    if cfg.arch == "hf" and not (folder / "config.json").is_file():
+        return  # transformers says what is missing
+    hf = read_hf_config(folder)
+    positions = next((hf[key] for key in _CONTEXT_KEYS if isinstance(hf.get(key), int)), None)
+    if max_seq_len is not None and positions is not None and max_seq_len > positions:
+        # gpt2's learned positions end there (an IndexError mid-run); RoPE would run on past
+        # what the model was trained for, and its config.json would still say the shorter.
+        raise ConfigError(
+            f"data.max_seq_len: {max_seq_len} is longer than the {positions} positions "
+            f"model.init_from {cfg.init_from!r} takes; set data.max_seq_len to {positions} or "
+            "less (data.overlong says what happens to longer sft rows)"
+        )
     if cfg.arch == "hf":
         return
-    model_type = read_hf_config(folder).get("model_type")
+    model_type = hf.get("model_type")
     family = "gpt2" if model_type == "gpt2" else "llama"
     if family != cfg.arch:
         raise ConfigError(
             f"model.arch is {cfg.arch!r} but model.init_from {cfg.init_from!r} holds a "
             f"{model_type!r} model; set model.arch: {family}"
         )
+
+
+# The context length under the names transformers' configs give it.
+_CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
 
 
 def _could_be_hub_id(value: str) -> bool:

@@ -78,7 +78,7 @@ def check_before_building(config: Config, device: torch.device) -> None:
     """The settings this machine cannot run, refused before the data (a tokenizer to train, a
     corpus to encode) and the model are built: `validate` checks the config, not the machine."""
     if config.task not in IMAGE_TASKS:  # an image task's init_from is a pipeline folder
-        check_init_from(config.model)
+        check_init_from(config.model, config.data.max_seq_len)
     if config.training.packed_attention == "flex":
         check_flex_training(device)
     check_optimizer_runs(config.optim, device)
