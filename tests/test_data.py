@@ -115,6 +115,24 @@ def test_text_source_val_paths_and_errors(tmp_path: Path) -> None:
         source_corpus({"source": "text"})
 
 
+def test_jsonl_lines_that_are_not_utf8_are_named_and_a_bom_is_skipped(tmp_path: Path) -> None:
+    rows = [json.dumps({"text": f"row {i}"}) for i in range(4)]
+    latin1 = tmp_path / "latin1.jsonl"
+    latin1.write_bytes(("\n".join(rows[:2]) + '\n{"text": "caf').encode() + b'\xe9"}\n')
+    with pytest.raises(DataError, match="not UTF-8") as error:
+        source_corpus({"source": "jsonl", "paths": [str(latin1)]})
+    assert f"{latin1}:3" in str(error.value)
+
+    plain = write(tmp_path / "plain.jsonl", "\n".join(rows) + "\n")
+    bom = tmp_path / "bom.jsonl"
+    bom.write_bytes(b"\xef\xbb\xbf" + plain.read_bytes())
+    read = [
+        source_corpus({"source": "jsonl", "paths": [str(path)], "val_fraction": 0.0}).train
+        for path in (plain, bom)
+    ]
+    assert read[0] == read[1] == [f"row {i}" for i in range(4)]
+
+
 def test_jsonl_source_reads_field_and_reports_bad_lines(tmp_path: Path) -> None:
     rows = [{"text": f"row {i}", "id": i} for i in range(10)] + [{"text": ""}, {"text": None}]
     good = write(tmp_path / "good.jsonl", "\n".join(json.dumps(row) for row in rows) + "\n\n")
@@ -123,9 +141,9 @@ def test_jsonl_source_reads_field_and_reports_bad_lines(tmp_path: Path) -> None:
     assert corpus.val and not set(corpus.train) & set(corpus.val)
 
     bad_json = write(tmp_path / "bad.jsonl", '{"text": "ok"}\n{"text": oops}\n')
-    with pytest.raises(DataError, match="not a JSON object") as error:
+    with pytest.raises(DataError, match="not valid JSON") as error:
         source_corpus({"source": "jsonl", "paths": [str(bad_json)]})
-    assert f"{bad_json}:2" in str(error.value)
+    assert f"{bad_json}:2" in str(error.value) and "column 10" in str(error.value)
 
     no_field = write(tmp_path / "nofield.jsonl", '{"text": "ok"}\n{"body": "x", "id": 3}\n')
     with pytest.raises(DataError) as error:
@@ -462,7 +480,11 @@ def test_prepare_data_without_val_and_with_too_little_text(tmp_path: Path) -> No
 
     # Too little to train on is training's refusal (evaluation reads the same data).
     short = prepare_data(
-        config_module.load({"data": {**data, "max_seq_len": 100_000}}), None, log=print
+        config_module.load(
+            {"data": {**data, "max_seq_len": 100_000}, "model": {"max_position_embeddings": 10**5}}
+        ),
+        None,
+        log=print,
     )
     check_enough_to_train(prepared, 16)
     with pytest.raises(DataError, match="lower data.max_seq_len") as error:

@@ -135,8 +135,25 @@ def test_default_targets_cover_every_projection() -> None:
 
 def test_unknown_target_module_is_a_config_error() -> None:
     bad = LoraConfig(enabled=True, target_modules=["q_proj"])
-    with pytest.raises(ConfigError, match="model.lora.target_modules.*attn.qkv"):
+    with pytest.raises(ConfigError, match="model.lora.target_modules.*attn.qkv") as error:
         apply_lora(base_model("llama"), bad, "llama")
+    # A config written for the transformers model is told our names, and why q alone cannot be.
+    assert "'q_proj' is transformers' name; ours is attn.qkv" in str(error.value)
+    assert "adapting it adapts all three" in str(error.value)
+
+
+@pytest.mark.parametrize(
+    ("kind", "good", "typo"), [("hf-llama", "q_proj", "v_prj"), ("llama", "attn.qkv", "attn.ot")]
+)
+def test_one_misspelt_target_beside_a_good_one_is_a_config_error(
+    kind: str, good: str, typo: str
+) -> None:
+    # peft refuses a list only when no name matches: [q_proj, v_prj] adapted q_proj alone.
+    bad = LoraConfig(enabled=True, target_modules=[good, typo])
+    with pytest.raises(ConfigError, match=f"model.lora.target_modules: '{typo}' names no module"):
+        apply_lora(base_model(kind), bad, kind)
+    wrapped = apply_lora(base_model(kind), LoraConfig(enabled=True, target_modules=[good]), kind)
+    assert any(".lora_A." in name for name in trainable_names(wrapped))
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -106,3 +106,44 @@ def test_a_wrong_init_from_is_refused_before_the_data_is_read(
     with pytest.raises(truthgpt.ConfigError, match=r"is a run folder; give the checkpoint .*best"):
         truthgpt.train(load(run))
     assert "data:" not in capsys.readouterr().out
+
+
+def test_a_max_seq_len_past_the_init_from_models_positions_is_refused_before_the_data(
+    tmp_path: Path, run_dir: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """A gpt2 folder's learned positions ended mid-run (native: 'position 127 is past ...',
+    arch hf: an IndexError traceback); a llama one trained past its config.json's length."""
+    best = str(run_dir / "checkpoints" / "best")  # the tiny llama: 64 positions
+    for arch in ("llama", "hf"):
+        model = {"arch": arch, "init_from": best}
+        config = tiny_raw_config(tmp_path, model=model, data={"max_seq_len": 128})
+        with pytest.raises(truthgpt.ConfigError) as error:
+            truthgpt.train(load(config))
+        assert str(error.value).startswith(
+            f"data.max_seq_len: 128 is longer than the 64 positions model.init_from {best!r} takes"
+        )
+    assert "data:" not in capsys.readouterr().out
+    # From scratch, the config's own length: found by validate.
+    scratch = tiny_raw_config(tmp_path, model={"arch": "gpt2"}, data={"max_seq_len": 128})
+    with pytest.raises(truthgpt.ConfigError, match=r"data.max_seq_len: 128 is longer than"):
+        load(scratch)
+
+
+def test_a_wrong_hf_init_from_is_named_before_the_data_is_read(
+    tmp_path: Path, run_dir: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """arch hf passed any init_from to transformers after the data was encoded: a misspelt
+    folder read as a hub id ("We couldn't connect to 'https://huggingface.co'"), a run folder
+    as "Unrecognized model ... Should have a `model_type` key"."""
+    checkpoints = run_dir / "checkpoints"
+    typo = str(checkpoints / "bets")
+    for arch in ("hf", "llama"):
+        config = tiny_raw_config(tmp_path, model={"arch": arch, "init_from": typo})
+        with pytest.raises(truthgpt.ConfigError) as error:
+            truthgpt.train(load(config))
+        expected = f"model.init_from: {typo!r} is not a local folder (did you mean "
+        assert str(error.value).startswith(expected + f"{str(checkpoints / 'best')!r}?)")
+    run = tiny_raw_config(tmp_path, model={"arch": "hf", "init_from": str(run_dir)})
+    with pytest.raises(truthgpt.ConfigError, match=r"is a run folder; give the checkpoint .*best"):
+        truthgpt.train(load(run))
+    assert "data:" not in capsys.readouterr().out

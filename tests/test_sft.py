@@ -4,6 +4,7 @@ with real tokenizers trained here and a tiny end-to-end training run."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -158,6 +159,30 @@ def test_a_row_with_neither_format_names_its_line_and_keys(tmp_path: Path) -> No
         prepare_data(sft_config(tmp_path, bad_message, val_fraction=0.0), None, log=print)
 
 
+@pytest.mark.parametrize(
+    ("messages", "expected"),
+    [
+        ([], r"f\.jsonl:7: `messages` is empty"),
+        (
+            [{"role": "user", "content": "2+2?"}, {"role": "asistant", "content": "4"}],
+            r"f\.jsonl:7: message 1 has role 'asistant'; did you mean 'assistant'\?",
+        ),
+        (
+            [{"role": "User", "content": "2+2?"}, {"role": "assistant", "content": "4"}],
+            r"f\.jsonl:7: message 0 has role 'User'; did you mean 'user'\?",
+        ),
+    ],
+)
+def test_an_empty_chat_or_an_unknown_role_is_an_error_naming_the_row(
+    tokenizer, messages: list, expected: str
+) -> None:
+    # Before: an empty list raised transformers' ValueError from inside the template, and a
+    # misspelt assistant role rendered as a prompt, so the row was silently skipped.
+    row = SFTRow({"messages": messages}, "f.jsonl:7")
+    with pytest.raises(DataError, match=expected):
+        encode_rows(tokenizer, [row], "auto", 64, "truncate")
+
+
 def test_hf_json_rows_with_mixed_columns(tmp_path: Path) -> None:
     path = write_jsonl(tmp_path / "mixed.jsonl", arithmetic_rows(6) + [{"text": "no answer"}])
     data = {"source": "hf", "hf_name": "json", "paths": [str(path)], "val_fraction": 0.0}
@@ -265,23 +290,45 @@ def test_overlong_examples_are_truncated_or_dropped_and_counted(tmp_path: Path, 
         SFTRow({"prompt": long_prompt, "completion": "780"}, "a:3"),  # answer cut off
         SFTRow({"messages": [{"role": "user", "content": "no reply"}]}, "a:4"),
     ]
+    whole, _ = encode_rows(tokenizer, rows[:3], "auto", 10_000, "truncate")
+    longest = max(len(input_ids) for input_ids, _ in whole)
+
     kept, stats = encode_rows(tokenizer, rows, "auto", 24, "truncate")
-    assert (stats.examples, stats.truncated, stats.dropped, stats.no_answer) == (2, 2, 0, 2)
-    assert all(len(input_ids) <= 24 for input_ids, _ in kept)
-    assert len(kept[1][0]) == 24 and kept[1][0][:5] == tokenizer("Q: 1+2?\nA:")["input_ids"][:5]
+    counts = (stats.examples, stats.truncated, stats.dropped, stats.answer_cut, stats.no_answer)
+    assert counts == (2, 1, 0, 1, 1) and stats.longest == longest
+    assert kept[1] == (whole[1][0][:24], whole[1][1][:24])
+
+    # keep_end: the long prompt loses its start and its answer stays (TRL's keep_end).
+    kept, stats = encode_rows(tokenizer, rows, "auto", 24, "keep_end")
+    counts = (stats.examples, stats.truncated, stats.dropped, stats.answer_cut, stats.no_answer)
+    assert counts == (3, 2, 0, 0, 1)
+    assert kept[1:] == [(ids[-24:], labels[-24:]) for ids, labels in whole[1:]]
+    assert answer_runs(tokenizer, kept[2][1]) == [f"780{EOS_TOKEN}"]
+
     kept, stats = encode_rows(tokenizer, rows, "auto", 24, "drop")
-    assert (stats.examples, stats.truncated, stats.dropped, stats.no_answer) == (1, 0, 2, 1)
+    counts = (stats.examples, stats.truncated, stats.dropped, stats.answer_cut, stats.no_answer)
+    assert counts == (1, 0, 2, 0, 1)
 
     lines: list[str] = []
     rows = arithmetic_rows(20) + [{"prompt": long_prompt, "completion": "780"}] * 3
     prepare_data(sft_config(tmp_path, rows, val_fraction=0.0), None, lines.append)
-    assert (
-        "train 20 examples, 3 truncated, 0 dropped, 3 with no answer tokens left (dropped)"
-        in (lines[2])
+    assert re.search(
+        r"train 20 examples, 3 skipped \(truncation cut off every answer token\), longest row "
+        r"\d+ tokens; val 0 examples \(",
+        lines[2],
     )
-    with pytest.raises(DataError, match="no sft train example is left"):
-        rows = [{"prompt": long_prompt, "completion": "780"}]
+    # The advice names what would keep the rows, not a setting that is already there.
+    rows = [{"prompt": long_prompt, "completion": "780"}]
+    with pytest.raises(DataError, match="no sft train example is left") as error:
         prepare_data(sft_config(tmp_path, rows, max_seq_len=24, overlong="drop"), None, print)
+    message = str(error.value)
+    assert re.search(r"raise data.max_seq_len \(now 24; the longest row is \d+ tokens\)", message)
+    assert "data.overlong: keep_end" in message and "`assistant`" not in message
+    rows = [{"messages": [{"role": "user", "content": "no reply"}]}]
+    with pytest.raises(DataError, match="no sft train example is left") as error:
+        prepare_data(sft_config(tmp_path, rows, val_fraction=0.0), None, print)
+    assert "an `assistant` message" in str(error.value)
+    assert "max_seq_len" not in str(error.value).split(";", 1)[1]
 
 
 # ---------------------------------------------------------------------------------------------

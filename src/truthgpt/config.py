@@ -96,10 +96,12 @@ class DataConfig(Section):
         description="auto: pack for causal_lm, bucket for sft; bucket = length-grouped batches, "
         "dynamic padding; pack = fixed blocks (sft: attention kept inside each example)",
     )
-    overlong: Literal["truncate", "drop"] = Field(
+    overlong: Literal["truncate", "keep_end", "drop"] = Field(
         "truncate",
         description="sft examples longer than max_seq_len: truncate keeps the first max_seq_len "
-        "tokens (an example left without answer tokens is skipped), drop skips it (both counted)",
+        "tokens, keep_end the last ones (a long prompt loses its start, the final answer stays, "
+        "as TRL's truncation_mode keep_end); an example left without answer tokens is skipped; "
+        "drop skips it (all counted, with the longest row's length)",
     )
 
     @field_validator("source")
@@ -816,6 +818,17 @@ def cross_section_problems(config: Config) -> list[str]:
             f"training.packed_attention: 'flex' has no attention dropout, and model.dropout is "
             f"{config.model.dropout}; set model.dropout: 0, or packed_attention auto or dense "
             "(allowed: auto, dense, flex)"
+        )
+    model = config.model
+    positions = model.max_position_embeddings
+    native = model.arch in ("llama", "gpt2") and not model.init_from
+    if not image_task and native and config.data.max_seq_len > positions:
+        # gpt2's learned positions end there (an IndexError mid-run); llama's RoPE would run
+        # on, but config.json says the shorter length and generation stops at it.
+        problems.append(
+            f"data.max_seq_len: {config.data.max_seq_len} is longer than the model takes "
+            f"(model.max_position_embeddings: {positions}); raise max_position_embeddings or "
+            f"lower max_seq_len (allowed: 8 to {positions})"
         )
     if not image_task:
         return problems

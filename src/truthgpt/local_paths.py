@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 
 from truthgpt.config import IMAGE_TASKS, Config, ModelConfig, TokenizerConfig
-from truthgpt.errors import CheckpointError, ConfigError, DataError, TruthGPTError
+from truthgpt.errors import CheckpointError, ConfigError, DataError, TruthGPTError, closest
 from truthgpt.guard import CHECKPOINTS
 
 # Files a saved tokenizer may consist of (fast and slow tokenizers, chat templates).
@@ -89,16 +89,28 @@ def check_tokenizer_path(cfg: TokenizerConfig) -> None:
         )
 
 
-def check_init_from(cfg: ModelConfig) -> None:
-    """A native arch's `model.init_from` is a local HF model folder of the same family (not a
-    run folder, not the other family). `hf` may name a hub id, so it is left to transformers."""
-    if not cfg.init_from or cfg.arch not in ("llama", "gpt2"):
+def check_init_from(cfg: ModelConfig, max_seq_len: int | None = None) -> None:
+    """`model.init_from` is a local HF model folder (not a run folder) whose family fits
+    `model.arch` and whose positions hold `max_seq_len` (data.max_seq_len).
+
+    arch hf also takes a hub id, so there a missing folder is an error only when the value
+    cannot be one (an absolute path, `./x`, `~/x`, `a/b/c`) or its parent folder is here
+    (`models/lama` beside `models/llama`: a typo, not a hub repository named so).
+    """
+    if not cfg.init_from or cfg.arch not in ("llama", "gpt2", "hf"):
         return
     folder = Path(cfg.init_from).expanduser()
     if not folder.is_dir():
+        if cfg.arch == "hf" and _could_be_hub_id(cfg.init_from):
+            return
+        hint = (
+            "download the model first, or use model.arch: hf to load a hub id through transformers"
+            if cfg.arch != "hf"
+            else "download the model first, or give a hub id (namespace/name)"
+        )
         raise ConfigError(
-            f"model.init_from: {cfg.init_from!r} is not a local folder; download the model first, "
-            "or use model.arch: hf to load a hub id through transformers"
+            f"model.init_from: {cfg.init_from!r} is not a local folder"
+            f"{_sibling_hint(folder)}; {hint}"
         )
     config_file = folder / "config.json"
     if (folder / CHECKPOINTS).is_dir() and not config_file.is_file():
@@ -108,22 +120,61 @@ def check_init_from(cfg: ModelConfig) -> None:
             f"from, e.g. {str(best)!r}"
         )
     if not config_file.is_file():
+        if cfg.arch == "hf":
+            return  # transformers says what is missing
         raise CheckpointError(
             f"model.init_from: {cfg.init_from!r} has no config.json, so it is not a Hugging Face "
             "model folder (one written by save_pretrained)"
         )
     try:
-        model_type = json.loads(config_file.read_text()).get("model_type")
-    except (json.JSONDecodeError, AttributeError) as exc:
-        raise CheckpointError(
-            f"model.init_from: {str(config_file)!r} is not a JSON object: {exc}"
-        ) from None
+        hf = json.loads(config_file.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"model.init_from: {str(config_file)!r} is not JSON: {exc}") from None
+    if not isinstance(hf, dict):
+        raise CheckpointError(f"model.init_from: {str(config_file)!r} is not a JSON object")
+    positions = next((hf[key] for key in _CONTEXT_KEYS if isinstance(hf.get(key), int)), None)
+    if max_seq_len is not None and positions is not None and max_seq_len > positions:
+        # gpt2's learned positions end there (an IndexError mid-run); RoPE would run on past
+        # what the model was trained for, and its config.json would still say the shorter.
+        raise ConfigError(
+            f"data.max_seq_len: {max_seq_len} is longer than the {positions} positions "
+            f"model.init_from {cfg.init_from!r} takes; set data.max_seq_len to {positions} or "
+            "less (data.overlong says what happens to longer sft rows)"
+        )
+    if cfg.arch == "hf":
+        return
+    model_type = hf.get("model_type")
     family = "gpt2" if model_type == "gpt2" else "llama"
     if family != cfg.arch:
         raise ConfigError(
             f"model.arch is {cfg.arch!r} but model.init_from {cfg.init_from!r} holds a "
             f"{model_type!r} model; set model.arch: {family}"
         )
+
+
+# The context length under the names transformers' configs give it.
+_CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
+
+
+def _could_be_hub_id(value: str) -> bool:
+    """Whether `value` reads as a hub id ("gpt2", "Qwen/Qwen2-0.5B") rather than a local path."""
+    if value.startswith((".", "~", "/")) or "\\" in value or value.count("/") > 1:
+        return False
+    parent = Path(value).parent
+    return parent == Path(".") or not parent.is_dir()
+
+
+def _sibling_hint(folder: Path) -> str:
+    """ " (did you mean 'models/llama'?)" for a misspelt folder whose parent exists, else ""."""
+    parent = folder.parent
+    if not parent.is_dir():
+        return ""
+    try:
+        siblings = [path.name for path in parent.iterdir() if path.is_dir()]
+    except OSError:
+        return ""
+    hint = closest(folder.name, siblings)
+    return f" (did you mean {str(parent / hint)!r}?)" if hint else ""
 
 
 def _check_pipeline_folder(init_from: str | None) -> None:
@@ -152,7 +203,7 @@ def path_problems(config: Config) -> list[TruthGPTError]:
             checks.append(lambda: _check_folders(data.paths, "data.paths"))
             checks.append(lambda: _check_folders(data.val_paths, "data.val_paths"))
     else:
-        checks.append(lambda: check_init_from(config.model))
+        checks.append(lambda: check_init_from(config.model, data.max_seq_len))
         checks.append(lambda: check_tokenizer_path(data.tokenizer))
         if data.source in FILE_SOURCES:
             checks.append(lambda: expand_paths(data.paths, "data.paths"))

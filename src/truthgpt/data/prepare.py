@@ -186,8 +186,8 @@ def prepare_sft_data(
     )
     if not train_examples:
         raise DataError(
-            f"no sft train example is left ({train_stats.describe()}); raise data.max_seq_len, "
-            "set data.overlong: truncate, or check that rows have answers"
+            f"no sft train example is left ({train_stats.describe()}); "
+            + train_stats.advice(data.max_seq_len, data.overlong)
         )
 
     pad_id = tokenizer.pad_token_id

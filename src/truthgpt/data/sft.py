@@ -29,7 +29,7 @@ from truthgpt.config import DataConfig
 from truthgpt.data.loader import pad_collate
 from truthgpt.data.packing import IGNORE_INDEX
 from truthgpt.data.sources import expand_paths, iter_jsonl, load_hf_dataset, split_train_val
-from truthgpt.errors import ConfigError, DataError
+from truthgpt.errors import ConfigError, DataError, did_you_mean
 
 # The template set on a tokenizer that has none (our trained BPE): ChatML-like role headers in
 # plain text and our EOS closing every turn, so a generated answer ends where generation stops.
@@ -43,6 +43,10 @@ DEFAULT_CHAT_TEMPLATE = (
 )
 
 SFT_SOURCES = ("jsonl", "hf")
+
+# The roles of OpenAI's chat format and of the chat templates that follow it (Llama 3's
+# `ipython`, OpenAI's `developer` and the older `function`).
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool", "function", "ipython")
 
 # Rows tokenized per tokenizer call.
 _ENCODE_BATCH = 512
@@ -58,18 +62,48 @@ class SFTRow:
 
 @dataclass
 class SFTStats:
-    """What encoding a split did: examples kept, cut, skipped as overlong, without answers."""
+    """What encoding a split did: examples kept, kept but cut, skipped as overlong, skipped
+    because cutting left no answer token, skipped as rows without an answer; the longest row."""
 
     examples: int = 0
     truncated: int = 0
     dropped: int = 0
+    answer_cut: int = 0
     no_answer: int = 0
+    longest: int = 0
 
     def describe(self) -> str:
-        return (
-            f"{self.examples} examples, {self.truncated} truncated, {self.dropped} dropped, "
-            f"{self.no_answer} with no answer tokens left (dropped)"
-        )
+        """ "20 examples, 3 truncated, 1 skipped (...), longest row 75 tokens": zeros left out."""
+        counts = [
+            (self.truncated, "truncated"),
+            (self.dropped, "dropped as overlong"),
+            (self.answer_cut, "skipped (truncation cut off every answer token)"),
+            (self.no_answer, "skipped (no answer)"),
+        ]
+        parts = [f"{self.examples} examples"] + [f"{n} {what}" for n, what in counts if n]
+        if self.longest:
+            parts.append(f"longest row {self.longest} tokens")
+        return ", ".join(parts)
+
+    def advice(self, max_seq_len: int, overlong: str) -> str:
+        """What to change when these counts left no example, for the rows they name."""
+        tips = []
+        if self.answer_cut or self.dropped:
+            tips.append(
+                f"raise data.max_seq_len (now {max_seq_len}; the longest row is {self.longest} "
+                "tokens)"
+            )
+            if overlong != "keep_end":
+                tips.append(
+                    "set data.overlong: keep_end (keeps each row's last max_seq_len tokens, "
+                    "its final answer)"
+                )
+        if self.no_answer:
+            tips.append(
+                "give every row an answer: a chat row an `assistant` message, a "
+                "prompt/completion row its `completion`"
+            )
+        return "; or ".join(tips) if tips else "check that the rows have answers"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -215,6 +249,11 @@ def _messages(row: SFTRow) -> list[dict[str, Any]]:
     messages = row.record["messages"]
     if not isinstance(messages, list):
         raise DataError(f"{row.where}: `messages` is a {type(messages).__name__}, not a list")
+    if not messages:
+        raise DataError(
+            f"{row.where}: `messages` is empty; a chat row needs its turns, at least one "
+            "`assistant` message (the answer the loss is on)"
+        )
     for index, message in enumerate(messages):
         ok = (
             isinstance(message, dict)
@@ -225,6 +264,14 @@ def _messages(row: SFTRow) -> list[dict[str, Any]]:
             raise DataError(
                 f"{row.where}: message {index} must be an object with text `role` and `content`, "
                 f"got {message!r:.200}"
+            )
+        # Only `assistant` turns carry the loss: a misspelt role ("asistant", "Assistant")
+        # would otherwise render as a prompt and its row be skipped as one without answers.
+        if message["role"] not in CHAT_ROLES:
+            raise DataError(
+                f"{row.where}: message {index} has role {message['role']!r}"
+                f"{did_you_mean(message['role'], CHAT_ROLES)} (roles: {', '.join(CHAT_ROLES)}; "
+                "the loss is on the `assistant` messages)"
             )
     return messages
 
@@ -256,8 +303,9 @@ def encode_rows(
 ) -> tuple[list[tuple[list[int], list[int]]], SFTStats]:
     """(input_ids, labels) per kept row, labels -100 outside the answers, and the counts.
 
-    Longer than max_seq_len: `overlong` "truncate" keeps the first max_seq_len tokens, "drop"
-    skips the row. A row with no answer token left to predict is skipped and counted.
+    Longer than max_seq_len: `overlong` "truncate" keeps the first max_seq_len tokens,
+    "keep_end" the last ones (the final answer survives a long prompt), "drop" skips the row.
+    A row with no answer token left to predict is skipped and counted.
     """
     if not tokenizer.is_fast:
         raise DataError(
@@ -267,16 +315,22 @@ def encode_rows(
     examples: list[tuple[list[int], list[int]]] = []
     stats = SFTStats()
     for input_ids, labels in _encode(tokenizer, rows, sft_format):
-        if len(input_ids) > max_seq_len:
-            if overlong == "drop":
-                stats.dropped += 1
-                continue
-            input_ids, labels = input_ids[:max_seq_len], labels[:max_seq_len]
-            stats.truncated += 1
+        stats.longest = max(stats.longest, len(input_ids))
+        cut = len(input_ids) > max_seq_len
+        if cut and overlong == "drop":
+            stats.dropped += 1
+            continue
+        if cut:
+            keep = slice(-max_seq_len, None) if overlong == "keep_end" else slice(max_seq_len)
+            input_ids, labels = input_ids[keep], labels[keep]
         # labels[0] is never predicted (the model shifts labels by one).
         if all(label == IGNORE_INDEX for label in labels[1:]):
-            stats.no_answer += 1
+            if cut:
+                stats.answer_cut += 1
+            else:
+                stats.no_answer += 1
             continue
+        stats.truncated += cut
         examples.append((input_ids, labels))
     stats.examples = len(examples)
     return examples, stats

@@ -162,17 +162,30 @@ def text_files(cfg: DataConfig) -> Corpus:
 
 
 def iter_jsonl(files: list[Path]) -> Iterator[tuple[str, Any]]:
-    """(file:line, parsed value) for every non-blank line; a line that is not JSON is an error."""
+    """(file:line, parsed value) for every non-blank line; a line that is not UTF-8 or not JSON
+    is an error naming it. A UTF-8 byte-order mark (Windows editors write one) is skipped."""
     for path in files:
-        with open(path, encoding="utf-8") as lines:
-            for line_number, line in enumerate(lines, start=1):
+        # Bytes, decoded line by line: a stray latin-1 byte is named with its line, not raised
+        # from inside the file iterator as a bare UnicodeDecodeError.
+        with open(path, "rb") as lines:
+            for line_number, raw in enumerate(lines, start=1):
+                where = f"{path}:{line_number}"
+                try:
+                    line = raw.decode("utf-8-sig" if line_number == 1 else "utf-8")
+                except UnicodeDecodeError as exc:
+                    raise DataError(
+                        f"{where}: not UTF-8 text (byte {exc.start + 1} of the line); convert the "
+                        "file to UTF-8 or fix that line"
+                    ) from None
                 if not line.strip():
                     continue
-                where = f"{path}:{line_number}"
                 try:
                     yield where, json.loads(line)
                 except json.JSONDecodeError as exc:
-                    raise DataError(f"{where}: not a JSON object ({exc.msg})") from None
+                    raise DataError(
+                        f"{where}: not valid JSON ({exc.msg} at column {exc.colno}); each line "
+                        "must be one JSON object"
+                    ) from None
 
 
 def _read_jsonl(files: list[Path], field: str, max_documents: int | None) -> list[str]:

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from truthgpt.config import LoraConfig
-from truthgpt.errors import CheckpointError, ConfigError
+from truthgpt.errors import CheckpointError, ConfigError, closest
 from truthgpt.models.decoder import Decoder
 from truthgpt.quiet import no_peft_checkpointing_notices
 
@@ -64,6 +64,8 @@ def apply_lora(model: nn.Module, cfg: LoraConfig, arch: str) -> PeftModel:
         targets = native_target_modules(model)
     else:
         targets = "all-linear"
+    if isinstance(targets, list):
+        _check_targets(model, targets, native, arch)
     lora_config = peft.LoraConfig(
         r=cfg.r,
         lora_alpha=cfg.alpha,
@@ -83,6 +85,55 @@ def apply_lora(model: nn.Module, cfg: LoraConfig, arch: str) -> PeftModel:
         ) from None
     make_input_embeddings_require_grad(wrapped)
     return wrapped
+
+
+# transformers' projection names -> the native decoder's, for a config written for the HF model
+# (peft's usual q_proj/v_proj). Our q, k and v are one fused Linear, GPT-2's c_proj two layers.
+_NATIVE_NAMES = {
+    "q_proj": "attn.qkv",
+    "k_proj": "attn.qkv",
+    "v_proj": "attn.qkv",
+    "o_proj": "attn.out",
+    "gate_proj": "mlp.gate",
+    "up_proj": "mlp.up",
+    "down_proj": "mlp.down",
+    "c_attn": "attn.qkv",
+    "c_fc": "mlp.up",
+    "c_proj": "attn.out and mlp.down",
+}
+
+
+def _check_targets(model: nn.Module, targets: list[str], native: bool, arch: str) -> None:
+    """ConfigError for each target that names no module. peft refuses only a list of which
+    none matches: one typo beside a good name ([q_proj, v_prj]) silently adapts less."""
+    names = [name for name, _ in model.named_modules()]
+    # peft's rule for a list: the module's full name is the target or ends with "." + target.
+    unmatched = [
+        target
+        for target in targets
+        if not any(name == target or name.endswith("." + target) for name in names)
+    ]
+    if not unmatched:
+        return
+    available = native_target_modules(model) if native else _linear_names(model)
+    hints = []
+    for target in unmatched:
+        if native and target in _NATIVE_NAMES:
+            hints.append(f"{target!r} is transformers' name; ours is {_NATIVE_NAMES[target]}")
+        elif hint := closest(target, available):
+            hints.append(f"{target!r}: did you mean {hint!r}?")
+    fused = ""
+    if native and any(_NATIVE_NAMES.get(target) == "attn.qkv" for target in unmatched):
+        fused = (
+            ". The native decoder's q, k and v are one Linear, attn.qkv (adapting it adapts all "
+            "three); model.arch: hf adapts q_proj, k_proj, v_proj one by one"
+        )
+    raise ConfigError(
+        f"model.lora.target_modules: {', '.join(map(repr, unmatched))} "
+        f"{'names' if len(unmatched) == 1 else 'name'} no module of the model"
+        f"{' (' + '; '.join(hints) + ')' if hints else ''}; model.arch {arch!r} has these "
+        f"linear layers: {', '.join(available)}{fused}"
+    )
 
 
 def load_adapter(model: nn.Module, adapter_folder: str, trainable: bool) -> PeftModel:
