@@ -471,6 +471,40 @@ def test_ctrl_c_under_nproc_saves_on_every_rank_and_exits_130(tmp_path: Path) ->
     assert last is not None and (last / "train_state.pt").is_file()
 
 
+def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None and not path.exists():
+        time.sleep(0.01)
+    assert path.exists(), f"{path} never appeared"
+
+
+def test_ctrl_c_under_nproc_saves_at_the_next_step_however_far_the_next_log_step(
+    tmp_path: Path,
+) -> None:
+    # The ranks agreed on a stop at log steps only: torch's launcher, which passes the Ctrl-C
+    # on, kills them 30 s later, so with log steps further apart than that nothing was saved.
+    raw = dist_config(tmp_path, "far", max_steps=100_000, log_every=100_000, eval_every=100_000)
+    raw["checkpoint"]["save_every"] = 3
+    proc = launch(tmp_path, raw, session=True)
+    checkpoints = Path(raw["output_dir"]) / "far" / "checkpoints"
+    wait_for(checkpoints / "step_000003", proc)
+    os.killpg(proc.pid, signal.SIGINT)
+    output = proc.communicate(timeout=120)[0].decode()
+    assert proc.returncode == 130, output[-3000:]
+    assert "on request; checkpoint saved" in output and "Traceback" not in output, output[-3000:]
+    last = find_resumable(checkpoints, warn=print)
+    assert last is not None
+    stopped = torch.load(last / "train_state.pt", weights_only=True)["step"]
+    assert 3 <= stopped < 100_000
+    # Stopped between log steps, it resumes as an uninterrupted run trains.
+    raw["training"].update(max_steps=stopped + 2, log_every=1)
+    run_two(tmp_path, raw, "--resume")
+    reference = train(load({**raw, "run_name": "reference"}, ["training.grad_accum_steps=4"]))
+    got, expected = losses(checkpoints.parent), losses(reference.run_dir)
+    assert sorted(got) == [stopped + 1, stopped + 2]
+    assert_close(got, {step: expected[step] for step in got})
+
+
 def test_kill_9_of_the_launcher_stops_its_processes(tmp_path: Path) -> None:
     # They get SIGTERM and try to save, but their collectives may fail with the launcher (and
     # its rendezvous store) gone: what is certain is that none trains on, orphaned.

@@ -153,6 +153,41 @@ def min_over_ranks(value: int, device: torch.device) -> int:
     return int(tensor.item())
 
 
+class StopVote:
+    """Whether any rank was asked to stop (Ctrl-C, SIGTERM), agreed at every step without making
+    a step wait: each step every rank starts a max-reduce of its flag on a gloo group of its
+    own (host memory: no device sync, no place among the training's collectives) and reads the
+    one it started the step before, which the others have joined by then. So all ranks stop
+    at the same step, one after the request; torchrun, which passes a Ctrl-C on to the ranks
+    and kills them 30 s later, never finds them still waiting for a distant log step."""
+
+    def __init__(self) -> None:
+        self.group = dist.new_group(backend="gloo") if _active() else None
+        self.pending: tuple[Any, torch.Tensor] | None = None
+
+    def cast(self, requested: bool) -> bool:
+        """This rank's vote for this step; returns whether the ranks agreed to stop (alone:
+        `requested` itself; together: the vote of the step before)."""
+        if self.group is None:
+            return requested
+        if self.finish():
+            return True
+        flag = torch.tensor([int(requested)])
+        work = dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group, async_op=True)
+        self.pending = (work, flag)
+        return False
+
+    def finish(self) -> bool:
+        """The vote in flight, waited for (the loop calls it as it ends: no collective is
+        left behind); False when none is."""
+        if self.pending is None:
+            return False
+        work, flag = self.pending
+        self.pending = None
+        work.wait()
+        return bool(flag.item())
+
+
 def barrier() -> None:
     if _active():
         dist.barrier()
