@@ -411,22 +411,25 @@ LAUNCHER_PID = "TRUTHGPT_LAUNCHER_PID"
 
 
 def stop_with_launcher() -> None:
-    """In a process `launch_on_ranks` started: have the kernel send this process SIGTERM if
-    the launcher dies (even by kill -9), so no rank trains on, orphaned, beside a later resume.
-    SIGTERM asks for a checkpoint at the next step, as Ctrl-C does, but with the launcher's
-    rendezvous store gone the ranks' collectives may fail first: at most the steps since the
-    last checkpoint are lost. Linux only (prctl)."""
+    """In a process `launch_on_ranks` started: have the kernel send this process
+    LAUNCHER_GONE (SIGHUP) if the launcher dies (even by kill -9), so no rank trains on,
+    orphaned, beside a later resume. In the loop it asks for a checkpoint at the next step, as
+    Ctrl-C does (the ranks talk to each other without the launcher's rendezvous store); before
+    the loop it ends the process. Linux only (prctl)."""
     launcher = os.environ.get(LAUNCHER_PID)
     if launcher is None or not sys.platform.startswith("linux"):
         return
     import ctypes
     import signal
 
+    from truthgpt.training.signals import LAUNCHER_GONE
+
+    signal.signal(LAUNCHER_GONE, signal.SIG_DFL)  # under nohup it came ignored
     pr_set_pdeathsig = 1
     libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
+    libc.prctl(pr_set_pdeathsig, LAUNCHER_GONE, 0, 0, 0)
     if os.getppid() != int(launcher):  # it died before the request was in place
-        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), LAUNCHER_GONE)
 
 
 def check_nproc(nproc: int) -> None:
