@@ -10,11 +10,14 @@ evaluation of the weights it saved.
 
 from __future__ import annotations
 
+import inspect
+import io
 import json
 import os
 import signal
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 
@@ -535,6 +538,32 @@ def test_kill_9_of_the_launcher_stops_its_processes_and_they_save(tmp_path: Path
     last = find_resumable(metrics.parent / "checkpoints", warn=print)
     assert last is not None
     assert 3 <= torch.load(last / "train_state.pt", weights_only=True)["step"] < 100_000
+
+
+@pytest.mark.parametrize("damaged", [0, 1])  # one rank reads each
+def test_an_error_only_one_rank_meets_is_said(tmp_path: Path, damaged: int) -> None:
+    # A rank past 0 prints no error (rank 0 says the ones every rank meets): a damaged shard
+    # that only it reads was said by no one, under rank 0's traceback of the lost connection.
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    text = inspect.getsource(json)
+    for shard in range(2):
+        with tarfile.open(shards / f"shard-{shard}.tar", "w") as tar:
+            for i in range(40):
+                data = text[i * 900 : (i + 1) * 900].encode()
+                info = tarfile.TarInfo(f"s{shard}-{i:03d}.txt")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    path = shards / f"shard-{damaged}.tar"
+    path.write_bytes(path.read_bytes()[: 20 * 1024])  # cut short past its first samples
+    raw = dist_config(tmp_path, "damaged", max_steps=100_000, eval_every=100_000, log_every=50)
+    raw["data"] = {**raw["data"], "source": "webdataset", "paths": [str(shards / "*.tar")]}
+    del raw["data"]["max_documents"]
+    raw["data"]["tokenizer"] = {"vocab_size": 300, "train_max_chars": 5_000}  # from shard 0
+    proc = launch(tmp_path, raw)
+    output = proc.communicate(timeout=240)[0].decode()
+    assert proc.returncode == 1, output[-3000:]
+    assert f"shard-{damaged}.tar is not a readable tar archive" in output, output[-3000:]
 
 
 def test_bad_process_settings_are_errors_naming_the_key(tmp_path: Path) -> None:

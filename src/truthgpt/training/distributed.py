@@ -12,14 +12,16 @@ import contextlib
 import datetime
 import inspect
 import io
+import json
 import logging
 import os
 import pickle
 import sys
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -27,6 +29,9 @@ from torch import nn
 
 from truthgpt.config import Config, TrainingConfig
 from truthgpt.errors import ConfigError
+
+if TYPE_CHECKING:
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
 T = TypeVar("T")
 
@@ -440,6 +445,36 @@ def check_nproc(nproc: int) -> None:
         raise ConfigError("--nproc given inside a torchrun launch: drop --nproc (or torchrun)")
 
 
+def record_error(message: str) -> None:
+    """In a process torchrun (or `--nproc`) started: leave the user error `message` where its
+    launcher looks when the process fails (torch elastic's TORCHELASTIC_ERROR_FILE), so an
+    error that only a rank past 0 met, which prints none, is still said (`launch_on_ranks`;
+    torchrun's failure summary)."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if path:
+        with open(path, "w") as file:
+            json.dump({"message": message, "timestamp": int(time.time())}, file)
+
+
+def _said_by_other_ranks(failure: ChildFailedError) -> list[tuple[int, str]]:
+    """(rank, message) of the errors ranks past 0 recorded (`record_error`) that rank 0,
+    which printed its own, did not meet."""
+    recorded = {
+        rank: failed.message
+        for rank, failed in sorted(failure.failures.items())
+        # ours is a string (torch's own record is a dict); no file: a death by signal
+        if os.path.isfile(failed.error_file)
+        and isinstance(failed.error_file_data.get("message"), str)
+    }
+    said = {recorded.get(0)}
+    unsaid = []
+    for rank, message in recorded.items():
+        if message not in said:
+            said.add(message)
+            unsaid.append((rank, message))
+    return unsaid
+
+
 def launch_on_ranks(nproc: int, cli_args: list[str]) -> int:
     """`truthgpt train --nproc N`: run `python -m truthgpt *cli_args` on N processes of this
     machine, as `torchrun --standalone --nproc-per-node N` would, from this process. Returns
@@ -472,6 +507,11 @@ def launch_on_ranks(nproc: int, cli_args: list[str]) -> int:
     try:
         elastic_launch(config, entrypoint=sys.executable)("-m", "truthgpt", *cli_args)
     except ChildFailedError as exc:
+        unsaid = _said_by_other_ranks(exc)
+        for rank, message in unsaid:
+            print(f"error: (process {rank}) {message}", file=sys.stderr)
+        if unsaid:
+            return 1
         _, failure = exc.get_first_failure()
         if failure.exitcode > 0:
             return failure.exitcode
