@@ -10,11 +10,14 @@ evaluation of the weights it saved.
 
 from __future__ import annotations
 
+import inspect
+import io
 import json
 import os
 import signal
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 
@@ -471,10 +474,46 @@ def test_ctrl_c_under_nproc_saves_on_every_rank_and_exits_130(tmp_path: Path) ->
     assert last is not None and (last / "train_state.pt").is_file()
 
 
-def test_kill_9_of_the_launcher_stops_its_processes(tmp_path: Path) -> None:
-    # They get SIGTERM and try to save, but their collectives may fail with the launcher (and
-    # its rendezvous store) gone: what is certain is that none trains on, orphaned.
-    raw = dist_config(tmp_path, "orphans", max_steps=400, eval_every=200)
+def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None and not path.exists():
+        time.sleep(0.01)
+    assert path.exists(), f"{path} never appeared"
+
+
+def test_ctrl_c_under_nproc_saves_at_the_next_step_however_far_the_next_log_step(
+    tmp_path: Path,
+) -> None:
+    # The ranks agreed on a stop at log steps only: torch's launcher, which passes the Ctrl-C
+    # on, kills them 30 s later, so with log steps further apart than that nothing was saved.
+    raw = dist_config(tmp_path, "far", max_steps=100_000, log_every=100_000, eval_every=100_000)
+    raw["checkpoint"]["save_every"] = 3
+    proc = launch(tmp_path, raw, session=True)
+    checkpoints = Path(raw["output_dir"]) / "far" / "checkpoints"
+    wait_for(checkpoints / "step_000003", proc)
+    os.killpg(proc.pid, signal.SIGINT)
+    output = proc.communicate(timeout=120)[0].decode()
+    assert proc.returncode == 130, output[-3000:]
+    assert "on request; checkpoint saved" in output and "Traceback" not in output, output[-3000:]
+    last = find_resumable(checkpoints, warn=print)
+    assert last is not None
+    stopped = torch.load(last / "train_state.pt", weights_only=True)["step"]
+    assert 3 <= stopped < 100_000
+    # Stopped between log steps, it resumes as an uninterrupted run trains.
+    raw["training"].update(max_steps=stopped + 2, log_every=1)
+    run_two(tmp_path, raw, "--resume")
+    reference = train(load({**raw, "run_name": "reference"}, ["training.grad_accum_steps=4"]))
+    got, expected = losses(checkpoints.parent), losses(reference.run_dir)
+    assert sorted(got) == [stopped + 1, stopped + 2]
+    assert_close(got, {step: expected[step] for step in got})
+
+
+def test_kill_9_of_the_launcher_stops_its_processes_and_they_save(tmp_path: Path) -> None:
+    # The kernel tells them with a signal (prctl PR_SET_PDEATHSIG); a multi-threaded launcher's
+    # death sends it once per thread that goes, and a second SIGTERM stopped them at once,
+    # unsaved. None may train on, orphaned; with the rendezvous store gone, they still save.
+    raw = dist_config(tmp_path, "orphans", max_steps=100_000, eval_every=100_000)
+    raw["checkpoint"]["save_every"] = 100_000
     proc = launch(tmp_path, raw)
     metrics = Path(raw["output_dir"]) / "orphans" / "metrics.jsonl"
     deadline = time.time() + 120
@@ -487,16 +526,44 @@ def test_kill_9_of_the_launcher_stops_its_processes(tmp_path: Path) -> None:
     ranks = rank_pids(proc.pid)
     assert sorted(ranks) == [0, 1]
     os.kill(proc.pid, signal.SIGKILL)
-    proc.communicate(timeout=30)
-    deadline = time.time() + 60  # SIGTERM from the kernel: they save at a step boundary
+    output = proc.communicate(timeout=120)[0].decode()  # the ranks write to its pipe too
+    deadline = time.time() + 60
     while time.time() < deadline and any(Path(f"/proc/{pid}").exists() for pid in ranks.values()):
         time.sleep(0.1)
     alive = [pid for pid in ranks.values() if Path(f"/proc/{pid}").exists()]
     for pid in alive:
         os.kill(pid, signal.SIGKILL)
     assert not alive, "ranks trained on after their launcher was killed"
-    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
-    assert max(steps) < 400
+    assert "on request; checkpoint saved" in output, output[-3000:]
+    last = find_resumable(metrics.parent / "checkpoints", warn=print)
+    assert last is not None
+    assert 3 <= torch.load(last / "train_state.pt", weights_only=True)["step"] < 100_000
+
+
+@pytest.mark.parametrize("damaged", [0, 1])  # one rank reads each
+def test_an_error_only_one_rank_meets_is_said(tmp_path: Path, damaged: int) -> None:
+    # A rank past 0 prints no error (rank 0 says the ones every rank meets): a damaged shard
+    # that only it reads was said by no one, under rank 0's traceback of the lost connection.
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    text = inspect.getsource(json)
+    for shard in range(2):
+        with tarfile.open(shards / f"shard-{shard}.tar", "w") as tar:
+            for i in range(40):
+                data = text[i * 900 : (i + 1) * 900].encode()
+                info = tarfile.TarInfo(f"s{shard}-{i:03d}.txt")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    path = shards / f"shard-{damaged}.tar"
+    path.write_bytes(path.read_bytes()[: 20 * 1024])  # cut short past its first samples
+    raw = dist_config(tmp_path, "damaged", max_steps=100_000, eval_every=100_000, log_every=50)
+    raw["data"] = {**raw["data"], "source": "webdataset", "paths": [str(shards / "*.tar")]}
+    del raw["data"]["max_documents"]
+    raw["data"]["tokenizer"] = {"vocab_size": 300, "train_max_chars": 5_000}  # from shard 0
+    proc = launch(tmp_path, raw)
+    output = proc.communicate(timeout=240)[0].decode()
+    assert proc.returncode == 1, output[-3000:]
+    assert f"shard-{damaged}.tar is not a readable tar archive" in output, output[-3000:]
 
 
 def test_bad_process_settings_are_errors_naming_the_key(tmp_path: Path) -> None:

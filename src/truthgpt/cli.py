@@ -25,9 +25,14 @@ SetOption = Annotated[
 
 
 def _fail(exc: Exception) -> None:
-    # Under --nproc / torchrun every process meets the same user error: rank 0 says it.
+    # Under --nproc / torchrun most user errors are met by every process: rank 0 says it, and
+    # each leaves it for the launcher, which says one that rank 0 did not meet.
     if os.environ.get("RANK", "0") == "0":
         typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+    if "TORCHELASTIC_ERROR_FILE" in os.environ:
+        from truthgpt.training.distributed import record_error
+
+        record_error(str(exc))
     raise typer.Exit(code=1)
 
 

@@ -12,14 +12,16 @@ import contextlib
 import datetime
 import inspect
 import io
+import json
 import logging
 import os
 import pickle
 import sys
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -27,6 +29,9 @@ from torch import nn
 
 from truthgpt.config import Config, TrainingConfig
 from truthgpt.errors import ConfigError
+
+if TYPE_CHECKING:
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
 T = TypeVar("T")
 
@@ -151,6 +156,41 @@ def min_over_ranks(value: int, device: torch.device) -> int:
     tensor = torch.tensor([value], device=device)
     dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
     return int(tensor.item())
+
+
+class StopVote:
+    """Whether any rank was asked to stop (Ctrl-C, SIGTERM), agreed at every step without making
+    a step wait: each step every rank starts a max-reduce of its flag on a gloo group of its
+    own (host memory: no device sync, no place among the training's collectives) and reads the
+    one it started the step before, which the others have joined by then. So all ranks stop
+    at the same step, one after the request; torchrun, which passes a Ctrl-C on to the ranks
+    and kills them 30 s later, never finds them still waiting for a distant log step."""
+
+    def __init__(self) -> None:
+        self.group = dist.new_group(backend="gloo") if _active() else None
+        self.pending: tuple[Any, torch.Tensor] | None = None
+
+    def cast(self, requested: bool) -> bool:
+        """This rank's vote for this step; returns whether the ranks agreed to stop (alone:
+        `requested` itself; together: the vote of the step before)."""
+        if self.group is None:
+            return requested
+        if self.finish():
+            return True
+        flag = torch.tensor([int(requested)])
+        work = dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group, async_op=True)
+        self.pending = (work, flag)
+        return False
+
+    def finish(self) -> bool:
+        """The vote in flight, waited for (the loop calls it as it ends: no collective is
+        left behind); False when none is."""
+        if self.pending is None:
+            return False
+        work, flag = self.pending
+        self.pending = None
+        work.wait()
+        return bool(flag.item())
 
 
 def barrier() -> None:
@@ -376,22 +416,25 @@ LAUNCHER_PID = "TRUTHGPT_LAUNCHER_PID"
 
 
 def stop_with_launcher() -> None:
-    """In a process `launch_on_ranks` started: have the kernel send this process SIGTERM if
-    the launcher dies (even by kill -9), so no rank trains on, orphaned, beside a later resume.
-    SIGTERM asks for a checkpoint at the next step, as Ctrl-C does, but with the launcher's
-    rendezvous store gone the ranks' collectives may fail first: at most the steps since the
-    last checkpoint are lost. Linux only (prctl)."""
+    """In a process `launch_on_ranks` started: have the kernel send this process
+    LAUNCHER_GONE (SIGHUP) if the launcher dies (even by kill -9), so no rank trains on,
+    orphaned, beside a later resume. In the loop it asks for a checkpoint at the next step, as
+    Ctrl-C does (the ranks talk to each other without the launcher's rendezvous store); before
+    the loop it ends the process. Linux only (prctl)."""
     launcher = os.environ.get(LAUNCHER_PID)
     if launcher is None or not sys.platform.startswith("linux"):
         return
     import ctypes
     import signal
 
+    from truthgpt.training.signals import LAUNCHER_GONE
+
+    signal.signal(LAUNCHER_GONE, signal.SIG_DFL)  # under nohup it came ignored
     pr_set_pdeathsig = 1
     libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
+    libc.prctl(pr_set_pdeathsig, LAUNCHER_GONE, 0, 0, 0)
     if os.getppid() != int(launcher):  # it died before the request was in place
-        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), LAUNCHER_GONE)
 
 
 def check_nproc(nproc: int) -> None:
@@ -400,6 +443,36 @@ def check_nproc(nproc: int) -> None:
         raise ConfigError(f"--nproc must be a positive number of processes, got {nproc}")
     if env_world_size() > 1 or "TORCHELASTIC_RUN_ID" in os.environ:
         raise ConfigError("--nproc given inside a torchrun launch: drop --nproc (or torchrun)")
+
+
+def record_error(message: str) -> None:
+    """In a process torchrun (or `--nproc`) started: leave the user error `message` where its
+    launcher looks when the process fails (torch elastic's TORCHELASTIC_ERROR_FILE), so an
+    error that only a rank past 0 met, which prints none, is still said (`launch_on_ranks`;
+    torchrun's failure summary)."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if path:
+        with open(path, "w") as file:
+            json.dump({"message": message, "timestamp": int(time.time())}, file)
+
+
+def _said_by_other_ranks(failure: ChildFailedError) -> list[tuple[int, str]]:
+    """(rank, message) of the errors ranks past 0 recorded (`record_error`) that rank 0,
+    which printed its own, did not meet."""
+    recorded = {
+        rank: failed.message
+        for rank, failed in sorted(failure.failures.items())
+        # ours is a string (torch's own record is a dict); no file: a death by signal
+        if os.path.isfile(failed.error_file)
+        and isinstance(failed.error_file_data.get("message"), str)
+    }
+    said = {recorded.get(0)}
+    unsaid = []
+    for rank, message in recorded.items():
+        if message not in said:
+            said.add(message)
+            unsaid.append((rank, message))
+    return unsaid
 
 
 def launch_on_ranks(nproc: int, cli_args: list[str]) -> int:
@@ -434,6 +507,11 @@ def launch_on_ranks(nproc: int, cli_args: list[str]) -> int:
     try:
         elastic_launch(config, entrypoint=sys.executable)("-m", "truthgpt", *cli_args)
     except ChildFailedError as exc:
+        unsaid = _said_by_other_ranks(exc)
+        for rank, message in unsaid:
+            print(f"error: (process {rank}) {message}", file=sys.stderr)
+        if unsaid:
+            return 1
         _, failure = exc.get_first_failure()
         if failure.exitcode > 0:
             return failure.exitcode

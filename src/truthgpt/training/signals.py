@@ -1,4 +1,5 @@
-"""Ctrl-C and SIGTERM during training: finish the step, save, stop (resumable)."""
+"""Ctrl-C and SIGTERM (or a dead launcher) during training: finish the step, save, stop
+(resumable)."""
 
 from __future__ import annotations
 
@@ -35,11 +36,18 @@ class Interrupted(KeyboardInterrupt):
     step, and which checkpoint a resume continues from."""
 
 
-class StopRequested:
-    """SIGINT/SIGTERM set a flag; the loop saves a checkpoint at the next step boundary.
+# What a process of `truthgpt train --nproc` gets when its launcher dies (the kernel sends it,
+# distributed.stop_with_launcher). The kernel sends it again for each of the launcher's threads
+# as they go, so unlike a second Ctrl-C, a repeat never means "stop at once".
+LAUNCHER_GONE = signal.SIGHUP
 
-    A second signal falls through to the default behaviour (immediate stop), so a stuck run
-    can still be killed.
+
+class StopRequested:
+    """SIGINT/SIGTERM (and LAUNCHER_GONE) set a flag; the loop saves a checkpoint at the next
+    step boundary.
+
+    A second SIGINT or SIGTERM falls through to the default behaviour (immediate stop), so a
+    stuck run can still be killed.
     """
 
     def __init__(self) -> None:
@@ -49,13 +57,14 @@ class StopRequested:
     def __enter__(self) -> StopRequested:
         self.requested = _interrupted_early.is_set()
         if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
+            for sig in (signal.SIGINT, signal.SIGTERM, LAUNCHER_GONE):
                 self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
     def _handle(self, signum: int, frame: Any) -> None:
         self.requested = True
-        signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
+        if signum != LAUNCHER_GONE:
+            signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
 
     def __exit__(self, *exc: Any) -> None:
         for sig, handler in self._previous.items():

@@ -220,6 +220,7 @@ class Trainer:
         applied = torch.zeros((), device=self.device)
         run_start, start_tokens = time.perf_counter(), self.tokens_seen
         stopped_early = stopped = False
+        stop_vote = distributed.StopVote()
         with StopRequested() as stop:
             while self.step < max_steps:
                 loss, grad_norm, tokens, skipped = self.train_step()
@@ -249,7 +250,7 @@ class Trainer:
                     window_start, window_tokens, self.data_wait = time.perf_counter(), 0, 0.0
                     loss_sum.zero_()
                     applied.zero_()
-                stopped = self._stop_agreed(stop.requested, logged)
+                stopped = stop_vote.cast(stop.requested)
                 if stopped and not due:  # asked between log steps: the checkpoint needs counts
                     if self.check_nonfinite():
                         continue
@@ -281,6 +282,7 @@ class Trainer:
                         "Continue with --resume."
                     )
                     break
+            stop_vote.finish()
         self._emit("on_train_end", self.step)
         elapsed = time.perf_counter() - run_start
         return TrainResult(
@@ -301,13 +303,6 @@ class Trainer:
         self.pending_tokens = 0
         self.tokens_seen += tokens
         return tokens
-
-    def _stop_agreed(self, requested: bool, logged: bool) -> bool:
-        """Alone, a Ctrl-C stops after this step. Under torchrun the ranks agree at log steps
-        (one small all-reduce there, none in between), so every rank stops at the same step."""
-        if self.world.size == 1:
-            return requested
-        return logged and distributed.any_rank([requested], self.device)[0]
 
     def train_step(self) -> StepResult:
         """One optimizer step over grad_accum_steps micro-batches (on every rank).
