@@ -307,6 +307,46 @@ def test_llm_api_on_a_folder_and_the_transformers_fallback(tokenizer, tmp_path):
     assert [o.outputs[0].token_ids for o in outputs] == [_hf_greedy(other, p) for p in prompts]
 
 
+@pytest.mark.parametrize("kind", ["qwen2", "opt"])
+def test_every_end_token_the_folder_lists_ends_an_answer_as_in_transformers(
+    kind, tokenizer, tmp_path
+):
+    # Qwen's and Llama 3's instruct models list the end of a chat turn beside eos in
+    # generation_config.json; transformers stops at any of them, so must the engine (qwen2)
+    # and the fallback (opt).
+    folder = tmp_path / kind
+    if kind == "opt":
+        _opt_model(tokenizer, folder)
+    else:
+        _models(kind, tokenizer, folder)
+    reference = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+    prompt = _prompts([9], seed=9)[0]
+    free_run = _hf_greedy(reference, prompt)
+    # A token the greedy answer reaches after a few others (tiny random models repeat one
+    # token, the opt of this seed changes token at step 4; the qwen2 stops at its first).
+    position = next((i for i in range(1, NEW_TOKENS) if free_run[i] not in free_run[:i]), 0)
+    turn_end = free_run[position]
+    assert turn_end != tokenizer.eos_token_id
+    generation = transformers.GenerationConfig(eos_token_id=[tokenizer.eos_token_id, turn_end])
+    generation.save_pretrained(folder)
+    reference = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+    ids = torch.tensor([prompt])
+    expected = reference.generate(
+        ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=NEW_TOKENS
+    )[0, len(prompt) :].tolist()
+    assert expected == free_run[: position + 1]  # transformers stopped at the listed token
+
+    llm = LLM(folder, device="cpu", block_size=4)
+    assert llm.end_token_ids == (tokenizer.eos_token_id, turn_end)
+    params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS)
+    (output,) = llm.generate([prompt], params, use_tqdm=False)[0].outputs
+    assert output.token_ids == expected
+    assert (output.finish_reason, output.stop_reason) == ("stop", turn_end)
+    unbounded = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
+    (output,) = llm.generate([prompt], unbounded, use_tqdm=False)[0].outputs
+    assert output.token_ids == free_run and output.finish_reason == "length"
+
+
 def test_generate_benchmark_runs_on_cpu(tmp_path: Path) -> None:
     """Keeps benchmarks/generate_throughput.py in step with the engine (a smoke run: the numbers
     exist and the engine made every token; no timing is asserted)."""

@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import tiny_raw_config
 from tokenizers import Tokenizer
-from transformers import PreTrainedTokenizerFast
+from transformers import GenerationConfig, PreTrainedTokenizerFast
 
 from truthgpt import config as config_module
 from truthgpt.data import prepare_data
@@ -25,10 +25,13 @@ from truthgpt.data.sft import (
     ensure_chat_template,
     read_sft_rows,
     row_format,
+    turn_end_token_id,
 )
 from truthgpt.data.tokenizer import EOS_TOKEN, load_tokenizer, train_bpe_tokenizer
 from truthgpt.errors import ConfigError, DataError
+from truthgpt.inference.llm import LLM
 from truthgpt.models import Decoder, DecoderConfig
+from truthgpt.models.export import export_hf
 from truthgpt.training.run import train
 
 CHATML_TEMPLATE = (
@@ -499,3 +502,45 @@ def test_tiny_sft_run_lowers_the_val_loss(tmp_path: Path, batching: str) -> None
     assert result.final_val_loss < result.initial_val_loss - 0.5
     assert (result.run_dir / "tokenizer" / "tokenizer.json").is_file()
     assert load_tokenizer(result.run_dir / "tokenizer").chat_template == DEFAULT_CHAT_TEMPLATE
+
+
+def test_a_template_that_ends_turns_with_its_own_token_makes_it_an_end_of_answer(
+    tmp_path: Path, tokenizer: PreTrainedTokenizerFast, chatml_tokenizer: PreTrainedTokenizerFast
+) -> None:
+    # A base model's tokenizer (Qwen2.5's): eos <|endoftext|>, turns closed by <|im_end|>. A
+    # model fine-tuned on the template ends its answers with <|im_end|>; generation that stops
+    # only at eos ran on to max_tokens.
+    backend = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
+    chatml = PreTrainedTokenizerFast(tokenizer_object=backend)
+    chatml.add_special_tokens(
+        {"eos_token": EOS_TOKEN, "additional_special_tokens": ["<|im_start|>", "<|im_end|>"]}
+    )
+    chatml.pad_token = EOS_TOKEN
+    chatml.chat_template = CHATML_TEMPLATE
+    im_end = chatml.convert_tokens_to_ids("<|im_end|>")
+    assert turn_end_token_id(chatml) == im_end
+    assert turn_end_token_id(chatml_tokenizer) is None  # its eos is <|im_end|> already
+    assert turn_end_token_id(tokenizer) is None  # the default template ends turns with eos
+    chatml.save_pretrained(tmp_path / "tokenizer")
+
+    rows = [row for row in arithmetic_rows(40) if "messages" in row]
+    raw = tiny_raw_config(
+        tmp_path,
+        task="sft",
+        data={
+            "source": "jsonl",
+            "paths": [str(write_jsonl(tmp_path / "chat.jsonl", rows))],
+            "max_documents": None,
+            "max_seq_len": 48,
+            "tokenizer": {"path": str(tmp_path / "tokenizer")},
+        },
+        training={"max_steps": 2, "eval_every": 2, "eval_batches": 1},
+        logging={"progress": "none", "tensorboard": False, "plot": False},
+    )
+    run_dir = train(config_module.load(raw)).run_dir
+    best = run_dir / "checkpoints" / "best"
+    ends = [chatml.eos_token_id, im_end]
+    assert GenerationConfig.from_pretrained(best).eos_token_id == ends
+    assert LLM(run_dir, device="cpu").end_token_ids == tuple(ends)
+    exported = export_hf(run_dir, tmp_path / "export")
+    assert GenerationConfig.from_pretrained(exported).eos_token_id == ends

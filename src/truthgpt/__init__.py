@@ -58,7 +58,8 @@ def load_model(path: str | Path, device: str = "cpu"):
 
     # Checked first: torch's own errors come from deep in the load ("pin_memory=True requires
     # a CUDA...", "cannot read the weights: device gpu is invalid").
-    return load_for_generation(path, device=resolve_device(device, "device"))
+    model, tokenizer, _ = load_for_generation(path, device=resolve_device(device, "device"))
+    return model, tokenizer
 
 
 def generate(

@@ -208,6 +208,31 @@ def ensure_chat_template(tokenizer: PreTrainedTokenizerBase) -> bool:
     return True
 
 
+def turn_end_token_id(tokenizer: PreTrainedTokenizerBase) -> int | None:
+    """The special token the chat template closes an assistant turn with, when it is not eos
+    (ChatML's <|im_end|>, Llama 3's <|eot_id|>): a model trained on the template ends its
+    answers with it, so generation must stop there too. None: no template, or turns end with
+    eos or with plain text."""
+    if not tokenizer.chat_template:
+        return None
+    answer = "\u2063answer\u2063"  # invisible separators: no template or tokenizer merges them
+    messages = [{"role": "user", "content": "question"}, {"role": "assistant", "content": answer}]
+    try:
+        text = tokenizer.apply_chat_template(messages, tokenize=False)
+    except jinja2.TemplateError:  # a template that wants a system turn first, say
+        return None
+    if answer not in text:
+        return None
+    tail = text[text.rindex(answer) + len(answer) :].strip()
+    ids = tokenizer.encode(tail, add_special_tokens=False) if tail else []
+    special = set(tokenizer.all_special_ids) | {
+        token_id for token_id, token in tokenizer.added_tokens_decoder.items() if token.special
+    }
+    if len(ids) == 1 and ids[0] in special and ids[0] != tokenizer.eos_token_id:
+        return ids[0]
+    return None
+
+
 def render_row(
     tokenizer: PreTrainedTokenizerBase, row: SFTRow, sft_format: str
 ) -> tuple[str, list[tuple[int, int]]]:

@@ -14,6 +14,7 @@ Two layers, both with bounded work per token whatever the output length:
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from transformers import PreTrainedTokenizerBase
@@ -50,14 +51,19 @@ class IncrementalDetokenizer:
         tokenizer: PreTrainedTokenizerBase,
         prompt_ids: list[int],
         params: SamplingParams,
+        end_token_ids: Iterable[int] | None = None,
     ) -> None:
+        """`end_token_ids`: the tokens that end the answer unless params.ignore_eos (default:
+        the tokenizer's eos)."""
         self._tokenizer = tokenizer
         self._skip_special_tokens = params.skip_special_tokens
         self._stop_strings = params.stop
         self._include_stop_string = params.include_stop_str_in_output
         stop_ids = set(params.stop_token_ids)
-        if not params.ignore_eos and tokenizer.eos_token_id is not None:
-            stop_ids.add(tokenizer.eos_token_id)
+        if end_token_ids is None:
+            end_token_ids = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
+        if not params.ignore_eos:
+            stop_ids.update(end_token_ids)
         self._stop_token_ids = frozenset(stop_ids)
         # Decoding layer: the latest token ids, and how many characters of their decoded text
         # are accounted for (shown, or the prompt's).

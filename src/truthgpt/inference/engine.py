@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import random
 import time
+from collections.abc import Iterable
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 
@@ -91,7 +92,10 @@ class Engine:
         model: Decoder,
         tokenizer: PreTrainedTokenizerBase,
         options: InferenceConfig | None = None,
+        end_token_ids: Iterable[int] | None = None,
     ) -> None:
+        """`end_token_ids`: the tokens that end an answer unless a request sets ignore_eos
+        (default: the tokenizer's eos; a folder's generation_config.json may name more)."""
         if not isinstance(model, Decoder):
             raise RequestError(
                 f"the engine runs truthgpt's native decoder (llama and gpt2 families); got "
@@ -128,7 +132,9 @@ class Engine:
             cuda_graphs=options.cuda_graphs and device.type == "cuda" and use_kernels,
             sample_vocab=len(tokenizer),
         )
-        self.eos_token_id = tokenizer.eos_token_id
+        if end_token_ids is None:
+            end_token_ids = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
+        self.end_token_ids = frozenset(end_token_ids)
         self.requests: dict[str, _Request] = {}
         self._next_seq_id = 0
         self._seed_rng = random.Random()
@@ -245,7 +251,9 @@ class Engine:
             )
             detok = None
             if detokenize or params.stop:
-                detok = IncrementalDetokenizer(self.tokenizer, prompt_ids, params)
+                detok = IncrementalDetokenizer(
+                    self.tokenizer, prompt_ids, params, self.end_token_ids
+                )
             seq = Sequence(
                 seq_id=self._next_seq_id,
                 request_id=request_id,
@@ -351,7 +359,7 @@ class Engine:
             if step.stopped:
                 seq.finish_reason, seq.stop_reason = "stop", step.stop_reason
         elif token in params.stop_token_ids or (
-            token == self.eos_token_id and not params.ignore_eos
+            token in self.end_token_ids and not params.ignore_eos
         ):
             seq.finish_reason, seq.stop_reason = "stop", token
         if seq.finish_reason is None and (

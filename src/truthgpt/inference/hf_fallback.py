@@ -4,6 +4,7 @@ at a time, behind the same `RequestOutput` shape so callers need not care."""
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -26,8 +27,10 @@ def hf_generate(
     prompt_ids: list[int],
     params: SamplingParams,
     prompt: str | None = None,
+    end_token_ids: Sequence[int] | None = None,
 ) -> RequestOutput:
-    """All n samples of one request through `model.generate` (stop strings cut afterwards)."""
+    """All n samples of one request through `model.generate` (stop strings cut afterwards).
+    `end_token_ids`: the tokens that end an answer (default: the tokenizer's eos)."""
     from truthgpt.errors import RequestError
 
     device = next(model.parameters()).device
@@ -40,7 +43,9 @@ def hf_generate(
     arrival = time.monotonic()
     if params.seed is not None:
         torch.manual_seed(params.seed)
-    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    if end_token_ids is None:
+        end_token_ids = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
+    eos = list(end_token_ids)
     settings = {
         "max_new_tokens": max_new,
         "do_sample": not params.greedy,

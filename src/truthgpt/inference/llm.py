@@ -11,11 +11,12 @@ a time), with a log line that says so.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Sequence as Seq
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -27,6 +28,7 @@ from truthgpt.inference.request import RequestOutput
 from truthgpt.inference.sampling_params import SamplingParams
 from truthgpt.models import load_model, resolve_model_folder
 from truthgpt.models.decoder import Decoder
+from truthgpt.models.export import GENERATION_CONFIG_NAME
 from truthgpt.models.hf_io import (
     decoder_config_from_hf,
     decoder_from_hf_state,
@@ -64,10 +66,17 @@ def inference_dtype(choice: str, device: torch.device) -> torch.dtype:
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[choice]
 
 
+class Loaded(NamedTuple):
+    model: nn.Module
+    tokenizer: PreTrainedTokenizerBase
+    end_token_ids: tuple[int, ...]  # what ends an answer: eos, and any more the folder names
+
+
 def load_for_generation(
     path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
-) -> tuple[nn.Module, PreTrainedTokenizerBase]:
-    """A run, checkpoint or HF folder -> (model in eval mode, LoRA merged; its tokenizer)."""
+) -> Loaded:
+    """A run, checkpoint or HF folder -> the model in eval mode (LoRA merged), its tokenizer,
+    and the tokens that end an answer."""
     folder = resolve_model_folder(path)
     model = load_model(folder, device=device, dtype=dtype)
     if hasattr(model, "merge_and_unload"):  # LoRA: fold the adapters in, generate at full speed
@@ -80,7 +89,28 @@ def load_for_generation(
             # any Llama's or GPT-2's do, so the engine (and `serve`) runs them rather than
             # transformers' generate.
             model = decoder_from_hf_state(decoder_config_from_hf(hf_config), model.state_dict())
-    return model.eval(), load_tokenizer(folder)
+    tokenizer = load_tokenizer(folder)
+    return Loaded(model.eval(), tokenizer, end_token_ids(tokenizer, _generation_eos(folder)))
+
+
+def end_token_ids(tokenizer: PreTrainedTokenizerBase, named: Any = None) -> tuple[int, ...]:
+    """The tokenizer's eos, then the ids `named` gives (generation_config's eos_token_id: an
+    id or a list, as Qwen's and Llama 3's instruct models list the end of a chat turn)."""
+    ids = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
+    for token_id in named if isinstance(named, list) else [named]:
+        if isinstance(token_id, int) and token_id >= 0 and token_id not in ids:
+            ids.append(token_id)
+    return tuple(ids)
+
+
+def _generation_eos(folder: Path) -> Any:
+    """eos_token_id of `folder`'s generation_config.json (None when it has none)."""
+    path = folder / GENERATION_CONFIG_NAME
+    try:
+        return json.loads(path.read_text()).get("eos_token_id") if path.is_file() else None
+    except (json.JSONDecodeError, AttributeError, OSError):
+        log.warning("%s is unreadable; answers end at the tokenizer's eos alone", path)
+        return None
 
 
 def load_tokenizer(folder: Path) -> PreTrainedTokenizerBase:
@@ -131,17 +161,22 @@ class LLM:
                 raise ConfigError("LLM(model_object) needs tokenizer= as well")
             self.model = model.to(device=device, dtype=dtype).eval()
             self.tokenizer = tokenizer
+            generation = getattr(model, "generation_config", None)
+            self.end_token_ids = end_token_ids(tokenizer, getattr(generation, "eos_token_id", None))
         else:
-            self.model, self.tokenizer = load_for_generation(model, device=device, dtype=dtype)
+            self.model, self.tokenizer, self.end_token_ids = load_for_generation(
+                model, device=device, dtype=dtype
+            )
             if isinstance(self.model, Decoder):  # our own copy: its weights may be re-laid
                 self.model.fuse_for_inference()
             if tokenizer is not None:
                 self.tokenizer = tokenizer
+                self.end_token_ids = end_token_ids(tokenizer)
         self.engine = None
         if isinstance(self.model, Decoder):
             from truthgpt.inference.engine import Engine
 
-            self.engine = Engine(self.model, self.tokenizer, self.options)
+            self.engine = Engine(self.model, self.tokenizer, self.options, self.end_token_ids)
         else:
             log.warning(
                 "%s is not a native truthgpt decoder: generating with transformers' generate, "
@@ -263,7 +298,15 @@ class LLM:
             self._counter += 1
             text = prompt if isinstance(prompt, str) else None
             outputs.append(
-                hf_generate(self.model, self.tokenizer, request_id, prompt_ids, sampling, text)
+                hf_generate(
+                    self.model,
+                    self.tokenizer,
+                    request_id,
+                    prompt_ids,
+                    sampling,
+                    text,
+                    self.end_token_ids,
+                )
             )
             if bar is not None:
                 bar.update(1)

@@ -96,8 +96,12 @@ GENERATION_CONFIG_NAME = "generation_config.json"
 def write_generation_defaults(folder: Path, tokenizer: Any) -> None:
     """The tokenizer's bos/eos/pad ids into the model folder's config.json where it has none,
     and into generation_config.json: transformers' `generate` stops at eos only when one of
-    the two names it. Ids the folder already names are kept."""
+    the two names it. Ids the folder already names are kept. generation_config's eos also
+    lists the token the chat template ends a turn with, where that is another (ChatML's
+    <|im_end|>): transformers, vLLM and our engine stop at every id listed."""
     from transformers import GenerationConfig
+
+    from truthgpt.data.sft import turn_end_token_id
 
     folder = Path(folder)
     ids = {name: getattr(tokenizer, name, None) for name in SPECIAL_TOKEN_IDS}
@@ -114,6 +118,11 @@ def write_generation_defaults(folder: Path, tokenizer: Any) -> None:
     for name, value in ids.items():
         if getattr(generation, name, None) is None and value is not None:
             setattr(generation, name, value)
+    turn_end = turn_end_token_id(tokenizer)
+    eos = generation.eos_token_id
+    eos = [] if eos is None else list(eos) if isinstance(eos, list) else [eos]
+    if turn_end is not None and turn_end not in eos:
+        generation.eos_token_id = [*eos, turn_end]
     generation.save_pretrained(folder)
 
 

@@ -49,7 +49,9 @@ def load_engine(model: str, config: Config):
         # 10-20x slower with every core given to torch). Leave the server one core.
         threads = max(1, default_threads() - 1)
     apply_threads(threads)
-    loaded, tokenizer = load_for_generation(model, device, inference_dtype(options.dtype, device))
+    loaded, tokenizer, end_ids = load_for_generation(
+        model, device, inference_dtype(options.dtype, device)
+    )
     if not isinstance(loaded, Decoder):
         raise ConfigError(
             f"serve runs native models (Llama, Mistral, Qwen2, GPT-2); {model} is a "
@@ -57,7 +59,7 @@ def load_engine(model: str, config: Config):
             "time: use `truthgpt generate` for it"
         )
     loaded.fuse_for_inference()
-    return Engine(loaded, tokenizer, options)
+    return Engine(loaded, tokenizer, options, end_ids)
 
 
 def start_engine(model: str, config: Config):
