@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ from truthgpt.config import load
 from truthgpt.data import prepare_data
 from truthgpt.errors import ConfigError
 from truthgpt.models import load_model
+from truthgpt.training.callbacks import Callback
 from truthgpt.training.checkpoint import verify_checkpoint
 from truthgpt.training.optim import build_scheduler, param_groups
 from truthgpt.training.run import train
@@ -57,6 +59,26 @@ def test_thirty_steps_lower_the_loss_and_write_the_run_folder(tmp_path: Path) ->
     assert (run_dir / "checkpoints" / "last" / "train_state.pt").is_file()
     # The resolved config in the run folder is itself loadable and equal.
     assert load(run_dir) == config
+
+
+class SlowEvaluation(Callback):
+    """An evaluation that takes 3 s longer than the training steps around it."""
+
+    def on_eval(self, step: int, metrics: dict) -> None:
+        time.sleep(3.0)
+
+
+def test_logged_throughput_leaves_out_evaluation_time(tmp_path: Path) -> None:
+    # The log line after an evaluation counted its time as training (3,000 tokens/s where the
+    # steps ran at 30,000). Ten tiny steps take a fraction of the 3 s each evaluation adds.
+    raw = tiny_raw_config(
+        tmp_path, training={"max_steps": 10, "log_every": 5, "eval_every": 5, "eval_batches": 1}
+    )
+    train(load(raw), callbacks=[SlowEvaluation()])
+    logged = [r for r in read_metrics(tmp_path / "runs" / "tiny") if r["kind"] == "train"]
+    assert [r["step"] for r in logged] == [5, 10]
+    window_tokens = logged[1]["tokens_seen"] - logged[0]["tokens_seen"]
+    assert window_tokens / logged[1]["tokens_per_second"] < 3.0
 
 
 def build_trainer(config, tmp_path: Path) -> Trainer:

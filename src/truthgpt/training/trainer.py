@@ -255,6 +255,9 @@ class Trainer:
                     if self.check_nonfinite():
                         continue
                     window_tokens += self._count_tokens()
+                # Evaluation, samples and saves are not training: the throughput of the next
+                # log line leaves their time out.
+                pause_start = time.perf_counter()
                 if evaluated:
                     last_eval = self.evaluate()
                     self._emit("on_eval", self.step, last_eval)
@@ -270,6 +273,7 @@ class Trainer:
                     self.save_model_only("best")
                 if saves or stopped_early or stopped:
                     self.save_resumable()
+                window_start += time.perf_counter() - pause_start
                 if stopped_early:
                     self.log(
                         f"early stopping at step {self.step}: no improvement in "
