@@ -12,6 +12,8 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import torch
+import transformers
 import yaml
 from conftest import tiny_raw_config
 from transformers import AutoTokenizer, GPTNeoXConfig, GPTNeoXForCausalLM
@@ -19,6 +21,7 @@ from typer.testing import CliRunner, Result
 
 from truthgpt.cli import app
 from truthgpt.config import load
+from truthgpt.data.tokenizer import train_bpe_tokenizer
 from truthgpt.manifest import write_manifest
 from truthgpt.training import run as run_module
 from truthgpt.training import signals
@@ -219,7 +222,46 @@ def test_eval_on_the_run_split_and_on_files(tmp_path: Path) -> None:
     missing = runner.invoke(app, ["eval", str(tmp_path / "nothing")])
     assert missing.exit_code == 1 and "does not exist" in missing.output
     other = runner.invoke(app, ["eval", str(tmp_path)])
-    assert other.exit_code == 1 and "nor a checkpoint folder of one" in other.output
+    assert other.exit_code == 1 and "is not a run folder" in other.output
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "opt"])
+def test_eval_of_a_model_folder_on_files_is_transformers_loss(tmp_path: Path, kind: str) -> None:
+    # A base model's loss on your own data, before fine-tuning it: any HF folder (gpt2 runs
+    # on our decoder, opt through transformers), the loss transformers computes on it.
+    tokenizer = train_bpe_tokenizer(["def add(a, b):\n    return a + b\n"] * 50, 300, 10_000)
+    shape = dict(vocab_size=len(tokenizer), max_position_embeddings=64)
+    config = (
+        transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, **shape)
+        if kind == "gpt2"
+        else transformers.OPTConfig(
+            hidden_size=32,
+            ffn_dim=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            word_embed_proj_dim=32,
+            **shape,
+        )
+    )
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    folder = tmp_path / kind
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    text = tmp_path / "code.txt"
+    text.write_text("def add(a, b):\n    return a + b\n" * 3)
+
+    result = runner.invoke(app, ["eval", str(folder), "--data", str(text), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    loss = float(result.stdout.split("loss ")[1].split()[0])
+    # The file is one document, shorter than the folder's 64 positions: one block, its eos.
+    ids = tokenizer(text.read_text(), add_special_tokens=False)["input_ids"]
+    ids = torch.tensor([ids + [tokenizer.eos_token_id]])
+    with torch.no_grad():
+        expected = model(input_ids=ids, labels=ids).loss.item()
+    assert loss == pytest.approx(expected, abs=1e-4)
+    no_data = runner.invoke(app, ["eval", str(folder)])
+    assert no_data.exit_code == 1 and "evaluate it on with --data" in no_data.output
 
 
 def test_eval_on_a_run_without_checkpoints_says_so(tmp_path: Path) -> None:

@@ -150,7 +150,10 @@ def _train(config: Path, set_: list[str], overwrite: bool, resume: bool, nproc: 
 
 @app.command(name="eval")
 def evaluate(
-    run: Annotated[Path, typer.Argument(help="Run folder, or one of its checkpoint folders.")],
+    run: Annotated[
+        Path,
+        typer.Argument(help="Run folder, one of its checkpoint folders, or a model folder."),
+    ],
     data: Annotated[
         list[str] | None,
         typer.Option("--data", help="Text or .jsonl files/globs to evaluate instead (repeatable)."),
@@ -163,7 +166,7 @@ def evaluate(
     set_: SetOption = None,
 ) -> None:
     """Print the validation loss (and perplexity) of a run's best (else last) checkpoint on a
-    split or files, as its training evaluates it."""
+    split or files, as its training evaluates it; a model folder (HF, an export) on --data."""
     from truthgpt.training.evaluate import evaluate_run
 
     if split not in ("val", "train"):

@@ -70,6 +70,21 @@ def mean_loss(
     return loss_sum / max(count, 1)
 
 
+def model_folder_config(folder: Path) -> dict[str, Any]:
+    """The config that evaluates a model folder as a run would: its own family on the native
+    decoder where that fits (else transformers), blocks as long as its context (1,024 at most,
+    GPT-2's evaluation length; `--set data.max_seq_len=N` changes it)."""
+    from truthgpt.models.hf_io import is_native, read_hf_config
+
+    hf = read_hf_config(folder)
+    arch = ("gpt2" if hf.get("model_type") == "gpt2" else "llama") if is_native(hf) else "hf"
+    positions = hf.get("max_position_embeddings") or hf.get("n_positions") or 1024
+    return {
+        "model": {"arch": arch, "init_from": str(folder)},
+        "data": {"max_seq_len": min(int(positions), 1024)},
+    }
+
+
 def evaluate_run(
     run: str | Path,
     data_paths: list[str] | None = None,
@@ -100,18 +115,28 @@ def evaluate_run(
         raise CheckpointError(f"{run_dir} does not exist (expected a run folder)")
     config_file = config_module.CONFIG_FILE
     owner = run_dir.resolve().parent.parent  # the run, if this is runs/NAME/checkpoints/X
+    model_only = None  # the config of a model folder, which has no run
     if not (run_dir / config_file).is_file() and (owner / config_file).is_file():
         # One checkpoint of a run: the run's data, that checkpoint's weights.
         folder, run_dir = resolve_model_folder(run_dir), owner
     elif (run_dir / config_file).is_file():
         folder = resolve_model_folder(run_dir)
+    elif (run_dir / "config.json").is_file():  # a model folder: HF's, an export
+        if not data_paths:
+            raise DataError(
+                f"{run_dir} is a model folder, which brings no data of its own: give the files "
+                "to evaluate it on with --data"
+            )
+        folder = resolve_model_folder(run_dir)
+        model_only = model_folder_config(folder)
     else:
         raise CheckpointError(
-            f"{run_dir} is not a run folder, nor a checkpoint folder of one (no {config_file}); "
-            "evaluate other models' folders by training from them (model.init_from)"
+            f"{run_dir} is not a run folder, a checkpoint folder of one, nor a model folder "
+            f"(no {config_file}, no config.json)"
         )
     sharded = (folder / SHARDED_DIR).is_dir()
-    config = config_module.load(run_dir, [f"hardware.device={device}", *overrides])
+    given = model_only if model_only is not None else run_dir
+    config = config_module.load(given, [f"hardware.device={device}", *overrides])
     computes = resolve_precision(config.training.precision, resolve_device(device))
     if config.training.residual_dtype == "bf16" and computes != torch.bfloat16:
         # A bf16 GPU run evaluated on a CPU: the bf16 stream is a training speed switch, and
