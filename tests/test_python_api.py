@@ -147,3 +147,28 @@ def test_a_wrong_hf_init_from_is_named_before_the_data_is_read(
     with pytest.raises(truthgpt.ConfigError, match=r"is a run folder; give the checkpoint .*best"):
         truthgpt.train(load(run))
     assert "data:" not in capsys.readouterr().out
+
+
+def test_evaluate_and_export_are_the_cli_commands(run_dir: Path, tmp_path: Path) -> None:
+    # The README's "everything the CLI does is one import away" holds for eval and export.
+    cli = CliRunner().invoke(app, ["eval", str(run_dir), "--device", "cpu"])
+    assert cli.exit_code == 0, cli.output
+    result = truthgpt.evaluate(run_dir, device="cpu")
+    assert f"loss {result['loss']:.4f}" in cli.stdout and result["split"] == "val"
+    exported = truthgpt.export(run_dir, tmp_path / "hf")
+    text = tmp_path / "code.txt"
+    text.write_text("def add(a, b):\n    return a + b\n" * 5)
+    on_the_run = truthgpt.evaluate(run_dir, str(text), device="cpu")
+    # The export on the same file (its own config: blocks of the context, so the same
+    # max_seq_len is set here) gives the loss of the run's model.
+    seq_len = load(run_dir).data.max_seq_len
+    on_the_export = truthgpt.evaluate(
+        exported, [text], device="cpu", overrides=f"data.max_seq_len={seq_len}"
+    )
+    assert on_the_export["loss"] == pytest.approx(on_the_run["loss"], abs=1e-5)
+    with pytest.raises(truthgpt.ConfigError, match="split must be"):
+        truthgpt.evaluate(run_dir, split="test")
+    with pytest.raises(truthgpt.ConfigError, match="data must be a path"):
+        truthgpt.evaluate(run_dir, data=3)
+    with pytest.raises(truthgpt.CheckpointError, match="which `truthgpt export` reads"):
+        truthgpt.export(run_dir, run_dir)

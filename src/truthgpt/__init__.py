@@ -27,6 +27,8 @@ __all__ = [
     "RequestError",
     "SamplingParams",
     "TruthGPTError",
+    "evaluate",
+    "export",
     "generate",
     "image",
     "load_config",
@@ -60,6 +62,40 @@ def load_model(path: str | Path, device: str = "cpu"):
     # a CUDA...", "cannot read the weights: device gpu is invalid").
     model, tokenizer, _ = load_for_generation(path, device=resolve_device(device, "device"))
     return model, tokenizer
+
+
+def evaluate(
+    model: str | Path,
+    data: str | list[str] | None = None,
+    split: str = "val",
+    max_batches: int | None = None,
+    device: str = "auto",
+    overrides: list[str] | None = None,
+) -> dict:
+    """`truthgpt eval`: the loss (and perplexity) of a run's best (else last) checkpoint on its
+    own `split` ("val" or "train") or on `data` files/globs; a model folder takes `data`.
+    Returns {"loss", "ppl", "checkpoint", "split", "batches", and the count of its unit}."""
+    from truthgpt.training.evaluate import evaluate_run
+
+    if split not in ("val", "train"):
+        raise ConfigError(f"split must be 'val' or 'train', got {split!r}")
+    paths = [data] if isinstance(data, str | Path) else data
+    if not (paths is None or isinstance(paths, list | tuple)):
+        raise ConfigError(f"data must be a path, a glob or a list of them, got {data!r}")
+    overrides = [overrides] if isinstance(overrides, str) else overrides
+    paths = [str(path) for path in paths or []]
+    return evaluate_run(model, paths, split, max_batches, device, overrides or [])
+
+
+def export(
+    model: str | Path, out: str | Path, merge_lora: bool = True, overwrite: bool = False
+) -> Path:
+    """`truthgpt export`: the model of a run or checkpoint folder (FSDP shards merged) as a
+    Hugging Face folder `out`; returns it. `merge_lora=False` keeps a LoRA adapter in
+    `out/adapter` for peft."""
+    from truthgpt.training.sharded import export_checkpoint
+
+    return export_checkpoint(model, out, merge_lora=merge_lora, overwrite=overwrite)
 
 
 def generate(
