@@ -32,7 +32,7 @@ from truthgpt.config import load
 from truthgpt.errors import CheckpointError, ConfigError
 from truthgpt.models import load_model
 from truthgpt.training.checkpoint import find_resumable
-from truthgpt.training.distributed import resolve_parallel
+from truthgpt.training.distributed import check_gpu_count, resolve_parallel
 from truthgpt.training.ema import EMA
 from truthgpt.training.evaluate import evaluate_run
 from truthgpt.training.optim import build_optimizer
@@ -592,6 +592,11 @@ def test_bad_process_settings_are_errors_naming_the_key(tmp_path: Path) -> None:
         resolve_parallel(config, world_size=2)
     assert resolve_parallel(load(dist_config(tmp_path, "auto")), world_size=2) == "ddp"
     assert resolve_parallel(load(dist_config(tmp_path, "auto")), world_size=1) == "none"
+    # One GPU per process: --nproc 64 on an 8-GPU machine is refused before anything starts
+    # (each process would meet cuda:63 in a traceback of its own).
+    with pytest.raises(ConfigError, match="64 processes on this machine, but it has 8 GPU"):
+        check_gpu_count(64, gpus=8)
+    check_gpu_count(8, gpus=8)
 
 
 def test_fsdp_ranks_past_0_build_on_meta_unless_buffers_need_a_full_build() -> None:

@@ -122,9 +122,17 @@ def _train(config: Path, set_: list[str], overwrite: bool, resume: bool, nproc: 
             check_nproc(nproc)
         resolved = load(config, set_)
         if nproc is not None:
-            from truthgpt.training.distributed import launch_on_ranks, resolve_parallel
+            from truthgpt.hardware import resolve_device
+            from truthgpt.training.distributed import (
+                check_gpu_count,
+                launch_on_ranks,
+                resolve_parallel,
+            )
 
-            resolve_parallel(resolved, nproc)  # what every process would refuse, refused once
+            # What every process would refuse, refused once.
+            resolve_parallel(resolved, nproc)
+            if resolve_device(resolved.hardware.device).type == "cuda":
+                check_gpu_count(nproc)
             args = ["train", str(config), *[f"--set={item}" for item in set_]]
             args += ["--overwrite"] * overwrite + ["--resume"] * resume
             sys.stdout.flush()

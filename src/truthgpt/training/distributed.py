@@ -84,6 +84,7 @@ def start(config: Config, device: torch.device) -> tuple[World, torch.device]:
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if device.type == "cuda":
+        check_gpu_count(int(os.environ.get("LOCAL_WORLD_SIZE", local_rank + 1)))
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     elif device.type != "cpu":
@@ -443,6 +444,18 @@ def check_nproc(nproc: int) -> None:
         raise ConfigError(f"--nproc must be a positive number of processes, got {nproc}")
     if env_world_size() > 1 or "TORCHELASTIC_RUN_ID" in os.environ:
         raise ConfigError("--nproc given inside a torchrun launch: drop --nproc (or torchrun)")
+
+
+def check_gpu_count(nproc: int, gpus: int | None = None) -> None:
+    """ConfigError unless this machine has a GPU for each of `nproc` processes (each trains on
+    cuda:LOCAL_RANK). `gpus`: how many there are (default: torch's count)."""
+    gpus = torch.cuda.device_count() if gpus is None else gpus
+    if nproc > gpus:
+        raise ConfigError(
+            f"{nproc} processes on this machine, but it has {gpus} GPU(s); each process trains "
+            f"on a GPU of its own: start {gpus} or fewer (--nproc, torchrun --nproc-per-node), "
+            "or set hardware.device: cpu"
+        )
 
 
 def record_error(message: str) -> None:
