@@ -488,6 +488,14 @@ def _said_by_other_ranks(failure: ChildFailedError) -> list[tuple[int, str]]:
     return unsaid
 
 
+# How long `--nproc` lets its processes save after a Ctrl-C before it kills them.
+SAVE_GRACE_S = 600
+
+
+def _has_field(cls: type, name: str) -> bool:
+    return name in getattr(cls, "__dataclass_fields__", {})
+
+
 def launch_on_ranks(nproc: int, cli_args: list[str]) -> int:
     """`truthgpt train --nproc N`: run `python -m truthgpt *cli_args` on N processes of this
     machine, as `torchrun --standalone --nproc-per-node N` would, from this process. Returns
@@ -502,6 +510,11 @@ def launch_on_ranks(nproc: int, cli_args: list[str]) -> int:
     inherited = {LAUNCHER_PID: str(os.getpid())}  # they stop if this one is killed
     if nproc > 1 and "OMP_NUM_THREADS" not in os.environ:
         inherited["OMP_NUM_THREADS"] = "1"  # as torchrun: N x all-core thread pools would fight
+    # After a Ctrl-C the processes finish their step and save: torch's 30 s before it kills
+    # them cuts a large checkpoint off (the previous one stays whole, the work since is lost).
+    # An older torch has no such field and waits its 30 s.
+    known = _has_field(LaunchConfig, "shutdown_timeout")
+    grace = {"shutdown_timeout": SAVE_GRACE_S} if known else {}
     config = LaunchConfig(
         min_nodes=1,
         max_nodes=1,
@@ -510,6 +523,7 @@ def launch_on_ranks(nproc: int, cli_args: list[str]) -> int:
         rdzv_backend="c10d",
         rdzv_endpoint="localhost:0",
         max_restarts=0,
+        **grace,
     )
     # The launcher's own log lines repeat what the failing process said; a death by signal,
     # which says nothing itself, is reported below.
