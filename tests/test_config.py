@@ -36,6 +36,15 @@ def test_unknown_key_has_full_path_and_did_you_mean() -> None:
     assert "batch_size" in message  # the allowed keys of that section are listed
 
 
+def test_hf_trainer_and_peft_names_point_to_ours() -> None:
+    # `rank` is no misspelling of `r`: the names other tools use are looked up as such.
+    assert "Did you mean 'model.lora.r'?" in error_of({"model": {"lora": {"rank": 4}}})
+    assert "Did you mean 'optim.lr'?" in error_of({"training": {"learning_rate": 1e-3}})
+    message = error_of({"training": {"gradient_accumulation_steps": 4}})
+    assert "Did you mean 'training.grad_accum_steps'?" in message
+    assert "Did you mean 'data.max_seq_len'?" in error_of({"data": {"max_length": 512}})
+
+
 def test_unknown_top_level_section() -> None:
     message = error_of({"modle": {"arch": "llama"}})
     assert "modle: unknown key" in message

@@ -26,13 +26,13 @@ from transformers import CLIPTextConfig, CLIPTextModel
 from typer.testing import CliRunner
 
 from truthgpt.cli import app
-from truthgpt.config import load
+from truthgpt.config import LoraConfig, load
 from truthgpt.diffusion import load_pipeline
 from truthgpt.errors import ConfigError, TruthGPTError
 from truthgpt.training.callbacks import Callback
 from truthgpt.training.checkpoint import verify_checkpoint
 from truthgpt.training.denoising import denoising_loss, snr
-from truthgpt.training.diffusion_model import LORA_WEIGHTS, char_clip_tokenizer
+from truthgpt.training.diffusion_model import LORA_WEIGHTS, add_lora, char_clip_tokenizer
 from truthgpt.training.evaluate import evaluate_run
 from truthgpt.training.run import train
 from truthgpt.training.tasks import build_task
@@ -488,3 +488,13 @@ def test_adamw8bit_without_a_gpu_is_a_clear_config_error(tmp_path: Path) -> None
         train(config)
     # Refused before the first step: no half-started run folder is left to --overwrite.
     assert not config.run_dir.exists()
+
+
+def test_a_misspelt_unet_lora_target_beside_a_good_one_is_an_error(tiny_sd: Path) -> None:
+    # peft refuses only a list that matches nothing: [to_q, to_vv] adapted to_q alone.
+    unet = UNet2DConditionModel.from_pretrained(tiny_sd / "unet")
+    lora = LoraConfig(enabled=True, r=4, target_modules=["to_q", "to_vv"])
+    with pytest.raises(ConfigError, match="'to_vv' names no module.*did you mean 'to_v'"):
+        add_lora(unet, lora)
+    add_lora(unet, LoraConfig(enabled=True, r=4, target_modules=["to_q", "to_v"]))
+    assert any(p.requires_grad for p in unet.parameters())

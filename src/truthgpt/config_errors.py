@@ -25,14 +25,36 @@ def field_error(field: str, message: str, allowed: str) -> PydanticCustomError:
     return PydanticCustomError("field_value", message, {"field": field, "allowed": allowed})
 
 
+# Names HF Trainer's TrainingArguments and peft's LoraConfig give keys of ours, which a
+# spelling distance does not find (`rank` is no typo of `r`).
+SYNONYMS = {
+    "rank": "r",
+    "lora_r": "r",
+    "lora_alpha": "alpha",
+    "lora_dropout": "dropout",
+    "learning_rate": "lr",
+    "per_device_train_batch_size": "batch_size",
+    "gradient_accumulation_steps": "grad_accum_steps",
+    "max_grad_norm": "grad_clip",
+    "lr_scheduler_type": "schedule",
+    "save_steps": "save_every",
+    "eval_steps": "eval_every",
+    "logging_steps": "log_every",
+    "save_total_limit": "keep_last",
+    "seq_len": "max_seq_len",
+    "max_length": "max_seq_len",
+}
+
+
 def unknown_key_problem(loc: list[str], allowed: list[str], elsewhere: list[str] = ()) -> str:
     """`a.b.kye: unknown key. Did you mean 'a.b.key'? Allowed here: ...`. elsewhere: every key
     path of the schema, searched for the name when none here is close (`max_steps` at the top
     -> 'training.max_steps')."""
-    hint = closest(loc[-1], allowed)
+    name = SYNONYMS.get(loc[-1], loc[-1])
+    hint = closest(name, allowed)
     paths = [".".join(loc[:-1] + [hint])] if hint else []
     if not paths and elsewhere:
-        name = closest(loc[-1], {path.rsplit(".", 1)[-1] for path in elsewhere})
+        name = closest(name, {path.rsplit(".", 1)[-1] for path in elsewhere})
         paths = [path for path in elsewhere if path.rsplit(".", 1)[-1] == name]
     suggestion = f" Did you mean {' or '.join(map(repr, paths))}?" if paths else ""
     return f"{'.'.join(loc)}: unknown key.{suggestion} Allowed here: {', '.join(allowed)}"

@@ -65,7 +65,8 @@ def apply_lora(model: nn.Module, cfg: LoraConfig, arch: str) -> PeftModel:
     else:
         targets = "all-linear"
     if isinstance(targets, list):
-        _check_targets(model, targets, native, arch)
+        available = native_target_modules(model) if native else _linear_names(model)
+        check_targets(model, targets, available, f"model.arch {arch!r}", native)
     lora_config = peft.LoraConfig(
         r=cfg.r,
         lora_alpha=cfg.alpha,
@@ -103,9 +104,12 @@ _NATIVE_NAMES = {
 }
 
 
-def _check_targets(model: nn.Module, targets: list[str], native: bool, arch: str) -> None:
-    """ConfigError for each target that names no module. peft refuses only a list of which
-    none matches: one typo beside a good name ([q_proj, v_prj]) silently adapts less."""
+def check_targets(
+    model: nn.Module, targets: list[str], available: list[str], owner: str, native: bool = False
+) -> None:
+    """ConfigError for each target that names no module of `model` (`owner` says which, in the
+    message; `available`: the names to suggest). peft refuses only a list of which none
+    matches: one typo beside a good name ([q_proj, v_prj]) silently adapts less."""
     names = [name for name, _ in model.named_modules()]
     # peft's rule for a list: the module's full name is the target or ends with "." + target.
     unmatched = [
@@ -115,7 +119,6 @@ def _check_targets(model: nn.Module, targets: list[str], native: bool, arch: str
     ]
     if not unmatched:
         return
-    available = native_target_modules(model) if native else _linear_names(model)
     hints = []
     for target in unmatched:
         if native and target in _NATIVE_NAMES:
@@ -131,7 +134,7 @@ def _check_targets(model: nn.Module, targets: list[str], native: bool, arch: str
     raise ConfigError(
         f"model.lora.target_modules: {', '.join(map(repr, unmatched))} "
         f"{'names' if len(unmatched) == 1 else 'name'} no module of the model"
-        f"{' (' + '; '.join(hints) + ')' if hints else ''}; model.arch {arch!r} has these "
+        f"{' (' + '; '.join(hints) + ')' if hints else ''}; {owner} has these "
         f"linear layers: {', '.join(available)}{fused}"
     )
 

@@ -43,6 +43,7 @@ from truthgpt.config import (
 )
 from truthgpt.errors import CheckpointError, ConfigError
 from truthgpt.guard import LORA_WEIGHTS
+from truthgpt.models.lora import check_targets
 from truthgpt.quiet import no_load_save_bars
 
 CLIP_MAX_TOKENS = 77  # the context both pipelines pad prompts to
@@ -356,6 +357,7 @@ def add_lora(unet: UNet2DConditionModel, lora: LoraConfig) -> None:
 
     unet.requires_grad_(False)
     targets = list(lora.target_modules or UNET_LORA_TARGETS)
+    check_targets(unet, targets, list(UNET_LORA_TARGETS), "the UNet's attention")
     unet.add_adapter(
         PeftLoraConfig(
             r=lora.r,
@@ -366,11 +368,6 @@ def add_lora(unet: UNet2DConditionModel, lora: LoraConfig) -> None:
             target_modules=targets,
         )
     )
-    if not any(p.requires_grad for p in unet.parameters()):
-        raise ConfigError(
-            f"model.lora.target_modules: {targets} match no UNet module (the attention "
-            f"projections are {', '.join(UNET_LORA_TARGETS)})"
-        )
 
 
 # ---------------------------------------------------------------------------------------------
