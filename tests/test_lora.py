@@ -11,17 +11,19 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
+from conftest import tiny_raw_config
 from peft import PeftModel
 from tokenizers import Tokenizer, models
 from torch import nn
 
-from truthgpt.config import LoraConfig, OptimConfig
+from truthgpt.config import LoraConfig, OptimConfig, load
 from truthgpt.errors import CheckpointError, ConfigError
 from truthgpt.models.build import load_model, save_model
 from truthgpt.models.decoder import Decoder, DecoderConfig
 from truthgpt.models.export import export_hf
-from truthgpt.models.lora import apply_lora, trainable_parameters
+from truthgpt.models.lora import apply_lora, check_native_targets, trainable_parameters
 from truthgpt.training.optim import build_optimizer
+from truthgpt.training.run import train
 
 VOCAB = 64
 KINDS = ["llama", "gpt2", "hf-gpt_neox", "hf-llama"]
@@ -154,6 +156,20 @@ def test_one_misspelt_target_beside_a_good_one_is_a_config_error(
         apply_lora(base_model(kind), bad, kind)
     wrapped = apply_lora(base_model(kind), LoraConfig(enabled=True, target_modules=[good]), kind)
     assert any(".lora_A." in name for name in trainable_names(wrapped))
+
+
+def test_a_native_targets_typo_is_refused_before_the_data_is_read(tmp_path: Path) -> None:
+    # The data (a tokenizer to train, a corpus to encode: minutes on a large one) came first.
+    raw = tiny_raw_config(tmp_path, model={"lora": {"enabled": True, "target_modules": ["qkv"]}})
+    raw["model"]["lora"]["target_modules"] = ["attn.qkv", "mlp.gate_proj"]
+    config = load(raw)
+    with pytest.raises(ConfigError, match="'mlp.gate_proj' names no module.*did you mean"):
+        train(config)
+    assert not config.run_dir.exists()  # no folder made, no tokenizer trained
+    # gpt2 has no gate: transformers' gate_proj is not told it is mlp.gate.
+    with pytest.raises(ConfigError) as error:
+        check_native_targets("gpt2", LoraConfig(enabled=True, target_modules=["gate_proj"]))
+    assert "ours is" not in str(error.value) and "mlp.up, mlp.down" in str(error.value)
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -48,6 +48,21 @@ def native_target_modules(model: Decoder) -> list[str]:
     return names
 
 
+def check_native_targets(arch: str, cfg: LoraConfig) -> None:
+    """`model.lora.target_modules` of a native arch checked against a one-layer Decoder of that
+    family on the meta device (no memory, no weights): training asks before it reads the data.
+    The linear layers of a block depend only on the family (llama's gate, GPT-2's none)."""
+    from truthgpt.models.decoder import DecoderConfig
+
+    if not (cfg.enabled and cfg.target_modules) or arch not in ("llama", "gpt2"):
+        return
+    shape = DecoderConfig(family=arch, vocab_size=8, hidden_size=8, num_layers=1, num_heads=1)
+    with torch.device("meta"):
+        model = Decoder(shape)
+    available = native_target_modules(model)
+    check_targets(model, list(cfg.target_modules), available, f"model.arch {arch!r}", True)
+
+
 def apply_lora(model: nn.Module, cfg: LoraConfig, arch: str) -> PeftModel:
     """Wrap `model` with fresh adapters; only the adapter weights are left trainable.
 
@@ -121,8 +136,9 @@ def check_targets(
         return
     hints = []
     for target in unmatched:
-        if native and target in _NATIVE_NAMES:
-            hints.append(f"{target!r} is transformers' name; ours is {_NATIVE_NAMES[target]}")
+        ours = _NATIVE_NAMES.get(target, "")
+        if native and ours.split(" and ")[0] in available:  # gpt2 has no gate for gate_proj
+            hints.append(f"{target!r} is transformers' name; ours is {ours}")
         elif hint := closest(target, available):
             hints.append(f"{target!r}: did you mean {hint!r}?")
     fused = ""

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from truthgpt.config import Config
+from truthgpt.config import IMAGE_TASKS, Config
 from truthgpt.data import PreparedData
 from truthgpt.data.prepare import check_enough_to_train
 from truthgpt.errors import ConfigError
@@ -17,6 +17,7 @@ from truthgpt.hardware import apply_threads, resolve_device, resolve_precision
 from truthgpt.local_paths import path_problems
 from truthgpt.models.flex_attention import check_flex_training
 from truthgpt.models.fused_loss import fused_loss_note
+from truthgpt.models.lora import check_native_targets
 from truthgpt.training import distributed
 from truthgpt.training.callbacks import Callback, build_callbacks
 from truthgpt.training.checkpoint import (
@@ -83,6 +84,8 @@ def check_before_building(config: Config, device: torch.device) -> None:
     if config.training.packed_attention == "flex":
         check_flex_training(device)
     check_optimizer_runs(config.optim, device)
+    if config.task not in IMAGE_TASKS:
+        check_native_targets(config.model.arch, config.model.lora)
     check_residual_dtype(config, resolve_precision(config.training.precision, device))
 
 
