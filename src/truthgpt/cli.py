@@ -30,7 +30,7 @@ def _fail(exc: Exception) -> None:
     if os.environ.get("RANK", "0") == "0":
         typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
     if "TORCHELASTIC_ERROR_FILE" in os.environ:
-        from truthgpt.training.distributed import record_error
+        from truthgpt.training.launcher import record_error
 
         record_error(str(exc))
     raise typer.Exit(code=1)
@@ -106,7 +106,7 @@ def _say_interrupted_early() -> None:
 
 def _train(config: Path, set_: list[str], overwrite: bool, resume: bool, nproc: int | None) -> int:
     """`truthgpt train`'s work; returns its exit code (130: stopped by a signal and saved)."""
-    from truthgpt.training.distributed import stop_with_launcher
+    from truthgpt.training.launcher import stop_with_launcher
 
     stop_with_launcher()
     from truthgpt.config import load
@@ -117,17 +117,14 @@ def _train(config: Path, set_: list[str], overwrite: bool, resume: bool, nproc: 
                 "--overwrite starts the run over and --resume continues it: give one of them"
             )
         if nproc is not None:
-            from truthgpt.training.distributed import check_nproc
+            from truthgpt.training.launcher import check_nproc
 
             check_nproc(nproc)
         resolved = load(config, set_)
         if nproc is not None:
             from truthgpt.hardware import resolve_device
-            from truthgpt.training.distributed import (
-                check_gpu_count,
-                launch_on_ranks,
-                resolve_parallel,
-            )
+            from truthgpt.training.distributed import check_gpu_count, resolve_parallel
+            from truthgpt.training.launcher import launch_on_ranks
 
             # What every process would refuse, refused once.
             resolve_parallel(resolved, nproc)

@@ -37,7 +37,7 @@ class Interrupted(KeyboardInterrupt):
 
 
 # What a process of `truthgpt train --nproc` gets when its launcher dies (the kernel sends it,
-# distributed.stop_with_launcher). The kernel sends it again for each of the launcher's threads
+# launcher.stop_with_launcher). The kernel sends it again for each of the launcher's threads
 # as they go, so unlike a second Ctrl-C, a repeat never means "stop at once".
 LAUNCHER_GONE = signal.SIGHUP
 
