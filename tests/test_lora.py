@@ -258,3 +258,18 @@ def test_gradient_checkpointing_still_reaches_the_adapters(kind: str) -> None:
     # lora_B starts at zero, so only B has a gradient at the first step (A's is B^T times it).
     grads = [p.grad for n, p in model.named_parameters() if ".lora_B." in n]
     assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)
+
+
+def test_lora_on_transformers_gpt2_adapts_its_conv1d_weights_without_a_warning() -> None:
+    # GPT-2's Conv1D holds its weights transposed; peft fixed fan_in_fan_out itself, warning
+    # on every run. Set up front, and the adapted model still starts equal to the base one.
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=VOCAB)
+    base = transformers.GPT2LMHeadModel(config).eval()
+    ids = torch.randint(0, VOCAB, (2, 8))
+    expected = base(ids).logits
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        wrapped = apply_lora(base, LORA, "hf")
+    assert wrapped.peft_config["default"].fan_in_fan_out
+    torch.testing.assert_close(wrapped(ids).logits, expected)

@@ -89,6 +89,8 @@ def apply_lora(model: nn.Module, cfg: LoraConfig, arch: str) -> PeftModel:
         target_modules=targets,
         # The task wrapper adapts generate() and HF's forward signature; our Decoder has its own.
         task_type=None if native else "CAUSAL_LM",
+        # GPT-2's Conv1D stores weights transposed: peft sets this itself, with a warning.
+        fan_in_fan_out=_has_conv1d(model),
     )
     try:
         with no_peft_checkpointing_notices():
@@ -225,6 +227,12 @@ def plain_decoder(model: PeftModel) -> Decoder:
     if base.config.tie_embeddings:  # assign=True made two Parameters; tie them back into one
         plain.lm_head.weight = plain.embed.weight
     return plain
+
+
+def _has_conv1d(model: nn.Module) -> bool:
+    from transformers.pytorch_utils import Conv1D
+
+    return any(isinstance(module, Conv1D) for module in model.modules())
 
 
 def _linear_names(model: nn.Module) -> list[str]:
