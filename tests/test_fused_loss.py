@@ -79,7 +79,7 @@ def test_the_switch_reaches_the_model_and_refuses_transformers_models() -> None:
 
     from truthgpt.training.tasks import prepare_model_for_training
 
-    tiny = {"hidden_size": 32, "num_layers": 1, "num_heads": 4, "max_position_embeddings": 64}
+    tiny = {"hidden_size": 32, "num_layers": 1, "num_heads": 4, "max_position_embeddings": 256}
     config = load({"model": tiny, "training": {"fused_loss": True}})
     assert build_model(config, vocab_size=64).fused_loss
     hf_model = transformers.GPT2LMHeadModel(
@@ -97,7 +97,7 @@ def test_auto_is_on_only_where_the_triton_kernel_runs(monkeypatch) -> None:
 
     from truthgpt.training.tasks import prepare_model_for_training, uses_fused_loss
 
-    tiny = {"hidden_size": 32, "num_layers": 1, "num_heads": 4, "max_position_embeddings": 64}
+    tiny = {"hidden_size": 32, "num_layers": 1, "num_heads": 4, "max_position_embeddings": 256}
     config = load({"model": tiny, "hardware": {"device": "cpu"}})
     assert config.training.fused_loss == "auto"
     monkeypatch.setattr(fused_loss, "_INTERPRET", False)  # a CPU without Triton's interpreter

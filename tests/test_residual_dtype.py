@@ -98,7 +98,7 @@ def test_a_bf16_stream_run_trains_as_the_fp32_stream_run(tmp_path: Path) -> None
 
 
 def test_settings_that_cannot_work_are_config_errors() -> None:
-    tiny = {"hidden_size": 32, "num_layers": 1, "num_heads": 4, "max_position_embeddings": 64}
+    tiny = {"hidden_size": 32, "num_layers": 1, "num_heads": 4, "max_position_embeddings": 256}
     cpu = {"device": "cpu"}
 
     def config(precision: str, setting: str = "bf16"):
