@@ -80,12 +80,18 @@ def train(
     catch_early_interrupts()  # first: the imports below take seconds
     try:
         code = _train(config, set_ or [], overwrite, resume, nproc)
-    except Exception:
+    except Exception as exc:
         # A Ctrl-C that a library's import swallowed leaves that library half imported, and
         # the error it causes later is the Ctrl-C's, not a bug to report.
-        if not interrupted_early():
+        if interrupted_early():
+            _say_interrupted_early()
+        from truthgpt.training.distributed import peer_lost
+
+        if not peer_lost(exc):
             raise
-        _say_interrupted_early()
+        # Another process failed (it says why, through the launcher) or was killed: this
+        # one's traceback of a broken connection would bury that.
+        _fail(RuntimeError("another process of this run stopped, and this one lost its connection"))
     except KeyboardInterrupt as exc:
         # Once the loop runs, a Ctrl-C that stops at once says what was saved (Interrupted);
         # any other came during start-up (imports, data, model), before anything was.

@@ -97,6 +97,19 @@ def start(config: Config, device: torch.device) -> tuple[World, torch.device]:
     return World(rank, local_rank, dist.get_world_size(), parallel), device
 
 
+def peer_lost(exc: BaseException) -> bool:
+    """Whether `exc` is a collective that failed because another process of the group is gone
+    (NCCL and the store raise torch's DistError; gloo a RuntimeError that says so)."""
+    if env_world_size() <= 1:
+        return False
+    if isinstance(exc, dist.DistError):
+        return True
+    message = str(exc)
+    return isinstance(exc, RuntimeError) and any(
+        phrase in message for phrase in ("Connection closed by peer", "Connection reset by peer")
+    )
+
+
 def exit_without_teardown(code: int) -> None:
     """End a worker whose process group is gone without the interpreter's teardown: gloo's
     threads can still hold tensors then, and freeing them as Python finalizes aborted a
