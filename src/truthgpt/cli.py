@@ -90,8 +90,11 @@ def train(
         if not peer_lost(exc):
             raise
         # Another process failed (it says why, through the launcher) or was killed: this
-        # one's traceback of a broken connection would bury that.
-        _fail(RuntimeError("another process of this run stopped, and this one lost its connection"))
+        # one's traceback of a broken connection would bury that. Said by rank 0 alone and
+        # not recorded for the launcher: it is the other process's error that counts.
+        if os.environ.get("RANK", "0") == "0":
+            typer.secho("error: another process of this run stopped; see its error", err=True)
+        raise typer.Exit(code=1) from None
     except KeyboardInterrupt as exc:
         # Once the loop runs, a Ctrl-C that stops at once says what was saved (Interrupted);
         # any other came during start-up (imports, data, model), before anything was.
