@@ -91,6 +91,15 @@ def test_a_union_field_is_one_error_with_its_value_and_every_choice() -> None:
     assert "did you mean 'auto'?" in error_of({}, ["training.resume=aut"])
 
 
+def test_a_beta_outside_zero_to_one_is_a_config_error() -> None:
+    # Was accepted by `truthgpt validate`, then a traceback from torch's AdamW at the first step.
+    message = error_of({}, ["optim.betas=[0.9, 1.5]"])
+    assert "optim.betas" in message and "(got [0.9, 1.5])" in message
+    assert "[0, 1)" in message and "e.g. [0.9, 0.95]" in message
+    assert "optim.betas" in error_of({"optim": {"betas": [-0.1, 0.99]}})
+    assert load({}, ["optim.betas=[0.0, 0.999]"]).optim.betas == (0.0, 0.999)
+
+
 def test_lists_and_tuples_of_the_wrong_shape_show_one_that_fits() -> None:
     # Was "optim.betas.1: Field required", with neither the value nor what fits.
     message = error_of({}, ["optim.betas=[0.9]"])

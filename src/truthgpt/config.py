@@ -349,6 +349,16 @@ class OptimConfig(Section):
     def _known_schedule(cls, value: str) -> str:
         return _check_registered(SCHEDULES, value)
 
+    @field_validator("betas")
+    @classmethod
+    def _betas_below_one(cls, value: tuple[float, float]) -> tuple[float, float]:
+        # Averaging factors of Adam and Lion: torch refuses one outside [0, 1) at the first step.
+        if not all(0 <= beta < 1 for beta in value):
+            raise ValueError(
+                "each beta must be in [0, 1) (allowed: two numbers in [0, 1), e.g. [0.9, 0.95])"
+            )
+        return value
+
 
 class CheckpointConfig(Section):
     save_every: int = Field(500, ge=1, description="optimizer steps between saves of last/")
