@@ -277,6 +277,16 @@ def test_readme_documents_every_key_and_ci_runs_its_test_command() -> None:
     readme = (ROOT / "README.md").read_text()
     for key, _, _ in describe_fields():
         assert f"`{key}`" in readme, f"README config table lacks {key}"
+    # The reference table says each key's default and meaning as the schema does (they had
+    # drifted: rows no field had, a default unquoted, meanings left empty).
+    table = readme.split("## Config reference", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in table.splitlines() if line.startswith("| `")]
+    expected = [
+        f"| `{key}` | `{default}` | {meaning.replace('|', chr(92) + '|')} |"
+        for key, default, meaning in describe_fields()
+    ]
+    assert rows == expected
+    assert all(meaning for _, _, meaning in describe_fields()), "a key without a meaning"
     ci = (ROOT / ".ci" / "run").read_text()
     command = next(line for line in ci.splitlines() if "pytest" in line and "pip install" in line)
     assert command.strip() in readme

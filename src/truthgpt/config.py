@@ -65,7 +65,8 @@ class DataConfig(Section):
     )
     paths: list[str] = Field(
         default_factory=list,
-        description="text/jsonl/hf: files or globs; webdataset: .tar shards; imagefolder: a folder",
+        description="text/jsonl/hf: files or globs; webdataset: .tar shards; "
+        "imagefolder: one folder",
     )
     val_paths: list[str] = Field(
         default_factory=list, description="explicit validation files; empty: split off val_fraction"
@@ -153,7 +154,10 @@ class ModelConfig(Section):
         None, ge=1, description="empty: the tokenizer's size, rounded up to a multiple of 64"
     )
     hf_config: dict[str, Any] = Field(
-        default_factory=dict, description="arch hf: a transformers config dict with model_type"
+        default_factory=dict,
+        description="arch hf: a transformers config dict with model_type and the shape in the "
+        "type's own names (hidden_size, num_hidden_layers, ...); model.hidden_size etc. are not "
+        "read",
     )
     lora: LoraConfig = Field(default_factory=LoraConfig)
 
@@ -209,9 +213,11 @@ class EmaConfig(Section):
 
 
 class EarlyStoppingConfig(Section):
-    enabled: bool = False
-    metric: Literal["val_loss", "val_ppl"] = "val_loss"
-    mode: Literal["min", "max"] = "min"
+    enabled: bool = Field(False, description="stop when the metric stops improving")
+    metric: Literal["val_loss", "val_ppl"] = Field(
+        "val_loss", description="val_loss | val_ppl: the evaluation metric watched"
+    )
+    mode: Literal["min", "max"] = Field("min", description="min: lower is better; max: higher")
     patience: int = Field(3, ge=1, description="evaluations without improvement before stopping")
     min_delta: float = Field(0.0, ge=0, description="smaller changes do not count as improvement")
 
