@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from truthgpt.config_errors import field_error, format_errors, unknown_key_problem
 from truthgpt.errors import ConfigError, did_you_mean
+from truthgpt.guard import is_run_folder
 from truthgpt.registry import (
     ARCHS,
     CALLBACKS,
@@ -760,10 +761,22 @@ def load(
         raw = dict(source)
     else:
         raw = _read_yaml(Path(source))
+        raw.update(_run_location(Path(source)))
     for item in overrides:
         key_path, value = parse_override(item)
         _set_path(raw, key_path, value)
     return validate(raw, flags)
+
+
+def _run_location(source: Path) -> dict[str, str]:
+    """Where a run folder given as the config lies: that folder is the run, wherever it was
+    moved or copied. Its config.yaml names the folder it was written in, relative to where
+    training ran, so a copy resumed the original and another working directory looked for a run
+    that was not there. `--set output_dir=... run_name=...` still names another."""
+    if not (source.is_dir() and is_run_folder(source)):
+        return {}
+    folder = source if source.name not in ("", "..") else source.resolve()
+    return {"output_dir": str(folder.parent), "run_name": folder.name}
 
 
 def load_for_model(
