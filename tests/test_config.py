@@ -91,6 +91,18 @@ def test_a_union_field_is_one_error_with_its_value_and_every_choice() -> None:
     assert "did you mean 'auto'?" in error_of({}, ["training.resume=aut"])
 
 
+def test_validate_finds_the_task_data_and_batching_mismatches_training_would_meet() -> None:
+    # `truthgpt validate` passed these, and training refused them only once it read the data.
+    message = error_of({"task": "sft"})
+    assert "data.source: 'python-stdlib' has no sft rows" in message and "jsonl, hf" in message
+    message = error_of({"task": "sft", "model": {"arch": "hf"}, "data": {"batching": "pack"}})
+    assert "data.batching: 'pack'" in message and "model.arch llama or gpt2" in message
+    message = error_of({"data": {"batching": "bucket"}})
+    assert "data.batching: 'bucket' is for task: sft" in message and "auto, pack" in message
+    sft = {"task": "sft", "data": {"source": "jsonl", "paths": ["rows.jsonl"]}}
+    assert load({**sft, "data": {**sft["data"], "batching": "pack"}}).data.batching == "pack"
+
+
 def test_a_beta_outside_zero_to_one_is_a_config_error() -> None:
     # Was accepted by `truthgpt validate`, then a traceback from torch's AdamW at the first step.
     message = error_of({}, ["optim.betas=[0.9, 1.5]"])

@@ -579,6 +579,8 @@ class DiffusionConfig(Section):
 
 # Tasks that learn from images read `data.source` from IMAGE_SOURCES; the others from SOURCES.
 IMAGE_TASKS = ("image-generation",)
+# The data sources whose rows task sft reads (messages, or prompt and completion).
+SFT_SOURCES = ("jsonl", "hf")
 # LoRA on a UNet adapts the attention projections (q, k, v and the output projection).
 UNET_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 
@@ -847,6 +849,24 @@ def cross_section_problems(config: Config) -> list[str]:
             f"training.packed_attention: 'flex' has no attention dropout, and model.dropout is "
             f"{config.model.dropout}; set model.dropout: 0, or packed_attention auto or dense "
             "(allowed: auto, dense, flex)"
+        )
+    batching = config.data.batching
+    if config.task == "causal_lm" and batching == "bucket":
+        problems.append(
+            "data.batching: 'bucket' is for task: sft; task causal_lm packs documents into "
+            "blocks (allowed: auto, pack)"
+        )
+    if config.task == "sft" and source not in SFT_SOURCES:
+        problems.append(
+            f"data.source: {source!r} has no sft rows; task sft reads jsonl files (or hf with a "
+            f"json builder) whose rows hold `messages` or `prompt` and `completion` (allowed: "
+            f"{', '.join(SFT_SOURCES)})"
+        )
+    if config.task == "sft" and batching == "pack" and config.model.arch == "hf":
+        problems.append(
+            "data.batching: 'pack' keeps packed sft examples apart with document ids, which "
+            "only the native decoder (model.arch llama or gpt2) takes; with model.arch: hf use "
+            "data.batching: bucket (allowed: auto, bucket)"
         )
     model = config.model
     positions = model.max_position_embeddings
