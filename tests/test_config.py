@@ -91,6 +91,27 @@ def test_a_union_field_is_one_error_with_its_value_and_every_choice() -> None:
     assert "did you mean 'auto'?" in error_of({}, ["training.resume=aut"])
 
 
+def test_validate_finds_the_task_data_and_batching_mismatches_training_would_meet() -> None:
+    # `truthgpt validate` passed these, and training refused them only once it read the data.
+    message = error_of({"task": "sft"})
+    assert "data.source: 'python-stdlib' has no sft rows" in message and "jsonl, hf" in message
+    message = error_of({"task": "sft", "model": {"arch": "hf"}, "data": {"batching": "pack"}})
+    assert "data.batching: 'pack'" in message and "model.arch llama or gpt2" in message
+    message = error_of({"data": {"batching": "bucket"}})
+    assert "data.batching: 'bucket' is for task: sft" in message and "auto, pack" in message
+    sft = {"task": "sft", "data": {"source": "jsonl", "paths": ["rows.jsonl"]}}
+    assert load({**sft, "data": {**sft["data"], "batching": "pack"}}).data.batching == "pack"
+
+
+def test_a_beta_outside_zero_to_one_is_a_config_error() -> None:
+    # Was accepted by `truthgpt validate`, then a traceback from torch's AdamW at the first step.
+    message = error_of({}, ["optim.betas=[0.9, 1.5]"])
+    assert "optim.betas" in message and "(got [0.9, 1.5])" in message
+    assert "[0, 1)" in message and "e.g. [0.9, 0.95]" in message
+    assert "optim.betas" in error_of({"optim": {"betas": [-0.1, 0.99]}})
+    assert load({}, ["optim.betas=[0.0, 0.999]"]).optim.betas == (0.0, 0.999)
+
+
 def test_lists_and_tuples_of_the_wrong_shape_show_one_that_fits() -> None:
     # Was "optim.betas.1: Field required", with neither the value nor what fits.
     message = error_of({}, ["optim.betas=[0.9]"])
@@ -268,6 +289,16 @@ def test_readme_documents_every_key_and_ci_runs_its_test_command() -> None:
     readme = (ROOT / "README.md").read_text()
     for key, _, _ in describe_fields():
         assert f"`{key}`" in readme, f"README config table lacks {key}"
+    # The reference table says each key's default and meaning as the schema does (they had
+    # drifted: rows no field had, a default unquoted, meanings left empty).
+    table = readme.split("## Config reference", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in table.splitlines() if line.startswith("| `")]
+    expected = [
+        f"| `{key}` | `{default}` | {meaning.replace('|', chr(92) + '|')} |"
+        for key, default, meaning in describe_fields()
+    ]
+    assert rows == expected
+    assert all(meaning for _, _, meaning in describe_fields()), "a key without a meaning"
     ci = (ROOT / ".ci" / "run").read_text()
     command = next(line for line in ci.splitlines() if "pytest" in line and "pip install" in line)
     assert command.strip() in readme

@@ -172,3 +172,35 @@ def test_evaluate_and_export_are_the_cli_commands(run_dir: Path, tmp_path: Path)
         truthgpt.evaluate(run_dir, data=3)
     with pytest.raises(truthgpt.CheckpointError, match="which `truthgpt export` reads"):
         truthgpt.export(run_dir, run_dir)
+
+
+def test_a_callback_registered_as_the_readme_shows_runs_in_training(tmp_path: Path) -> None:
+    # The README registers with `@truthgpt.registry.CALLBACKS.register("name")` after a plain
+    # `import truthgpt`, which was an AttributeError. A fresh interpreter, as a user's script.
+    import subprocess
+    import sys
+
+    raw = tiny_raw_config(
+        tmp_path,
+        training={"max_steps": 2, "eval_every": 2, "log_every": 1},
+        logging={"progress": "none", "tensorboard": False, "plot": False},
+    )
+    script = f"""
+import truthgpt
+
+@truthgpt.registry.CALLBACKS.register("steps_seen")
+class StepsSeen:
+    def __init__(self, config, run_dir):
+        self.steps = []
+    def on_step_end(self, step, metrics):
+        self.steps.append(step)
+    def on_train_end(self, step):
+        print("steps seen", self.steps)
+
+raw = {raw!r}
+raw["logging"]["callbacks"] = ["steps_seen"]
+truthgpt.train(truthgpt.load_config(raw))
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "steps seen [1, 2]" in done.stdout

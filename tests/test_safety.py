@@ -287,6 +287,31 @@ def test_a_copied_run_resumes_under_its_new_name(run_copy: Path) -> None:
     assert history(run_copy)[-1]["event"] == "start"  # the original is untouched
 
 
+def test_a_run_folder_given_to_train_is_the_run_it_trains(
+    run_copy: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # `truthgpt train RUN_FOLDER` trained <output_dir>/<run_name> of the folder's config.yaml,
+    # from the working directory: a copied run resumed the original, and from elsewhere a run
+    # found nothing to resume (or, without --resume, a new run started there).
+    copy = Path(shutil.copytree(run_copy, run_copy.parent / "copy", symlinks=True))
+    raw = yaml.safe_load((copy / "config.yaml").read_text())
+    raw["output_dir"] = str(run_copy.parent)  # as written: it names the original, run_copy
+    (copy / "config.yaml").write_text(yaml.safe_dump(raw))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    result = runner.invoke(app, ["train", str(copy), "--resume", "--set=training.max_steps=15"])
+    assert result.exit_code == 0, result.output
+    assert history(copy)[-1]["event"] == "resume"
+    assert history(copy)[-1]["changes"]["run_name"] == ["tiny", "copy"]
+    assert history(run_copy)[-1]["event"] == "start"  # the original is untouched
+    assert list(elsewhere.iterdir()) == []
+    # validate says where that run is; a --set run_name still names another one.
+    shown = yaml.safe_load(runner.invoke(app, ["validate", str(copy)]).output)
+    assert (shown["output_dir"], shown["run_name"]) == (str(copy.parent), "copy")
+    assert load(copy, ["run_name=other"]).run_name == "other"
+
+
 def test_resume_of_a_checkpoint_without_its_config_compares_config_yaml(run_copy: Path) -> None:
     # Checkpoints written before run_config.yaml existed: config.yaml is the reference.
     for folder in (run_copy / "checkpoints").iterdir():

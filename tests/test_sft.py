@@ -202,7 +202,7 @@ def test_sft_needs_a_row_source_and_a_matching_batching(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="data.batching: bucket"):
         raw = {"task": "sft", "model": {"arch": "hf"}, "data": {"batching": "pack"}}
         prepare_data(config_module.load(raw), None, log=print)
-    with pytest.raises(ConfigError, match="bucket is for task: sft"):
+    with pytest.raises(ConfigError, match="'bucket' is for task: sft"):
         prepare_data(config_module.load({"data": {"batching": "bucket"}}), None, log=print)
 
 

@@ -124,7 +124,8 @@ def test_registry_lists_the_builtin_tasks_and_matches_its_static_list() -> None:
     TASKS.load()
     own = {n for n, b in TASKS.items() if b.__module__ == TASKS.builtin_module}
     assert own == set(TASKS.builtins) == {"causal_lm", "sft", "image-generation"}
-    assert type(build_task(load({"task": "sft"}))).__name__ == "SFTTask"
+    sft = load({"task": "sft", "data": {"source": "jsonl"}})
+    assert type(build_task(sft)).__name__ == "SFTTask"
 
 
 def test_an_unknown_task_is_a_config_error_naming_the_allowed_ones() -> None:

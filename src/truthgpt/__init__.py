@@ -152,6 +152,10 @@ def __getattr__(name: str):
         from truthgpt.inference.sampling_params import SamplingParams
 
         return SamplingParams
+    if name == "registry":  # `@truthgpt.registry.CALLBACKS.register(...)`, as the README shows
+        import importlib
+
+        return importlib.import_module("truthgpt.registry")
     raise AttributeError(f"module 'truthgpt' has no attribute {name!r}")
 
 

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from truthgpt.config_errors import field_error, format_errors, unknown_key_problem
 from truthgpt.errors import ConfigError, did_you_mean
+from truthgpt.guard import is_run_folder
 from truthgpt.registry import (
     ARCHS,
     CALLBACKS,
@@ -65,7 +66,8 @@ class DataConfig(Section):
     )
     paths: list[str] = Field(
         default_factory=list,
-        description="text/jsonl/hf: files or globs; webdataset: .tar shards; imagefolder: a folder",
+        description="text/jsonl/hf: files or globs; webdataset: .tar shards; "
+        "imagefolder: one folder",
     )
     val_paths: list[str] = Field(
         default_factory=list, description="explicit validation files; empty: split off val_fraction"
@@ -153,7 +155,10 @@ class ModelConfig(Section):
         None, ge=1, description="empty: the tokenizer's size, rounded up to a multiple of 64"
     )
     hf_config: dict[str, Any] = Field(
-        default_factory=dict, description="arch hf: a transformers config dict with model_type"
+        default_factory=dict,
+        description="arch hf: a transformers config dict with model_type and the shape in the "
+        "type's own names (hidden_size, num_hidden_layers, ...); model.hidden_size etc. are not "
+        "read",
     )
     lora: LoraConfig = Field(default_factory=LoraConfig)
 
@@ -209,9 +214,11 @@ class EmaConfig(Section):
 
 
 class EarlyStoppingConfig(Section):
-    enabled: bool = False
-    metric: Literal["val_loss", "val_ppl"] = "val_loss"
-    mode: Literal["min", "max"] = "min"
+    enabled: bool = Field(False, description="stop when the metric stops improving")
+    metric: Literal["val_loss", "val_ppl"] = Field(
+        "val_loss", description="val_loss | val_ppl: the evaluation metric watched"
+    )
+    mode: Literal["min", "max"] = Field("min", description="min: lower is better; max: higher")
     patience: int = Field(3, ge=1, description="evaluations without improvement before stopping")
     min_delta: float = Field(0.0, ge=0, description="smaller changes do not count as improvement")
 
@@ -348,6 +355,16 @@ class OptimConfig(Section):
     @classmethod
     def _known_schedule(cls, value: str) -> str:
         return _check_registered(SCHEDULES, value)
+
+    @field_validator("betas")
+    @classmethod
+    def _betas_below_one(cls, value: tuple[float, float]) -> tuple[float, float]:
+        # Averaging factors of Adam and Lion: torch refuses one outside [0, 1) at the first step.
+        if not all(0 <= beta < 1 for beta in value):
+            raise ValueError(
+                "each beta must be in [0, 1) (allowed: two numbers in [0, 1), e.g. [0.9, 0.95])"
+            )
+        return value
 
 
 class CheckpointConfig(Section):
@@ -562,6 +579,8 @@ class DiffusionConfig(Section):
 
 # Tasks that learn from images read `data.source` from IMAGE_SOURCES; the others from SOURCES.
 IMAGE_TASKS = ("image-generation",)
+# The data sources whose rows task sft reads (messages, or prompt and completion).
+SFT_SOURCES = ("jsonl", "hf")
 # LoRA on a UNet adapts the attention projections (q, k, v and the output projection).
 UNET_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 
@@ -744,10 +763,22 @@ def load(
         raw = dict(source)
     else:
         raw = _read_yaml(Path(source))
+        raw.update(_run_location(Path(source)))
     for item in overrides:
         key_path, value = parse_override(item)
         _set_path(raw, key_path, value)
     return validate(raw, flags)
+
+
+def _run_location(source: Path) -> dict[str, str]:
+    """Where a run folder given as the config lies: that folder is the run, wherever it was
+    moved or copied. Its config.yaml names the folder it was written in, relative to where
+    training ran, so a copy resumed the original and another working directory looked for a run
+    that was not there. `--set output_dir=... run_name=...` still names another."""
+    if not (source.is_dir() and is_run_folder(source)):
+        return {}
+    folder = source if source.name not in ("", "..") else source.resolve()
+    return {"output_dir": str(folder.parent), "run_name": folder.name}
 
 
 def load_for_model(
@@ -818,6 +849,24 @@ def cross_section_problems(config: Config) -> list[str]:
             f"training.packed_attention: 'flex' has no attention dropout, and model.dropout is "
             f"{config.model.dropout}; set model.dropout: 0, or packed_attention auto or dense "
             "(allowed: auto, dense, flex)"
+        )
+    batching = config.data.batching
+    if config.task == "causal_lm" and batching == "bucket":
+        problems.append(
+            "data.batching: 'bucket' is for task: sft; task causal_lm packs documents into "
+            "blocks (allowed: auto, pack)"
+        )
+    if config.task == "sft" and source not in SFT_SOURCES:
+        problems.append(
+            f"data.source: {source!r} has no sft rows; task sft reads jsonl files (or hf with a "
+            f"json builder) whose rows hold `messages` or `prompt` and `completion` (allowed: "
+            f"{', '.join(SFT_SOURCES)})"
+        )
+    if config.task == "sft" and batching == "pack" and config.model.arch == "hf":
+        problems.append(
+            "data.batching: 'pack' keeps packed sft examples apart with document ids, which "
+            "only the native decoder (model.arch llama or gpt2) takes; with model.arch: hf use "
+            "data.batching: bucket (allowed: auto, bucket)"
         )
     model = config.model
     positions = model.max_position_embeddings

@@ -36,7 +36,7 @@ from truthgpt.data.sft import (
 from truthgpt.data.shards import TarShards, TokenShards
 from truthgpt.data.sources import Corpus
 from truthgpt.data.tokenizer import build_tokenizer, load_tokenizer
-from truthgpt.errors import ConfigError, DataError
+from truthgpt.errors import DataError
 from truthgpt.registry import SOURCES
 
 TOKENIZER_DIR = "tokenizer"
@@ -62,27 +62,9 @@ class PreparedData:
     batching: str = "pack"  # "pack" or "bucket"
 
 
-def _check_text_batching(config: Config) -> None:
-    """causal_lm data is always packed: `data.batching` may be auto or pack."""
-    if config.data.batching == "bucket":
-        raise ConfigError(
-            "data.batching: bucket is for task: sft; task causal_lm packs documents into "
-            "blocks (data.batching: pack or auto)"
-        )
-
-
 def _sft_batching(config: Config) -> str:
-    """`data.batching` for sft, auto resolved to bucket, checked against the model."""
-    batching = config.data.batching
-    if batching == "auto":
-        return "bucket"
-    if batching == "pack" and config.model.arch == "hf":
-        raise ConfigError(
-            "data.batching: pack keeps packed sft examples apart with document ids, which only "
-            "the native decoder (model.arch llama or gpt2) takes; with model.arch: hf use "
-            "data.batching: bucket"
-        )
-    return batching
+    """`data.batching` for sft, auto resolved to bucket (config.py checks it fits the model)."""
+    return "bucket" if config.data.batching == "auto" else config.data.batching
 
 
 def prepare_data(
@@ -103,7 +85,6 @@ def prepare_causal_lm_data(
     config: Config, run_dir: Path | None, log: Callable[[str], None] = print
 ) -> PreparedData:
     """Documents -> tokenizer -> `PackedDataset` blocks of `data.max_seq_len` (see prepare_data)."""
-    _check_text_batching(config)
     data = config.data
     started = time.perf_counter()
     corpus: Corpus = SOURCES.get_builder(data.source, "data.source")(data)

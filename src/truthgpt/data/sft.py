@@ -25,7 +25,7 @@ import torch
 from torch.utils.data import Dataset
 from transformers import PreTrainedTokenizerBase
 
-from truthgpt.config import DataConfig
+from truthgpt.config import SFT_SOURCES, DataConfig
 from truthgpt.data.loader import pad_collate
 from truthgpt.data.packing import IGNORE_INDEX
 from truthgpt.data.sources import expand_paths, iter_jsonl, load_hf_dataset, split_train_val
@@ -42,7 +42,6 @@ DEFAULT_CHAT_TEMPLATE = (
     "{%- if add_generation_prompt -%}{{- '<|assistant|>\\n' -}}{%- endif -%}"
 )
 
-SFT_SOURCES = ("jsonl", "hf")
 
 # The roles of OpenAI's chat format and of the chat templates that follow it (Llama 3's
 # `ipython`, OpenAI's `developer` and the older `function`).

@@ -162,7 +162,9 @@ def _logger(callbacks: list[Callback]) -> Callable[[str], None]:
 
     def log(message: str) -> None:
         for callback in callbacks:
-            callback.on_log(message)
+            on_log = getattr(callback, "on_log", None)  # a user's callback may have none
+            if on_log is not None:
+                on_log(message)
 
     return log
 

@@ -717,8 +717,11 @@ class Trainer:
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
     def _emit(self, event: str, *args: Any) -> None:
+        # A user's callback has any of the events' methods, not necessarily all (callbacks.py).
         for callback in self.callbacks:
-            getattr(callback, event)(*args)
+            handler = getattr(callback, event, None)
+            if handler is not None:
+                handler(*args)
 
     def log(self, message: str) -> None:
         self._emit("on_log", message)
