@@ -32,6 +32,7 @@ from truthgpt.errors import ConfigError, DataError
 from truthgpt.inference.llm import LLM
 from truthgpt.models import Decoder, DecoderConfig
 from truthgpt.models.export import export_hf
+from truthgpt.training.evaluate import evaluate_run
 from truthgpt.training.run import train
 
 CHATML_TEMPLATE = (
@@ -544,3 +545,27 @@ def test_a_template_that_ends_turns_with_its_own_token_makes_it_an_end_of_answer
     assert LLM(run_dir, device="cpu").end_token_ids == tuple(ends)
     exported = export_hf(run_dir, tmp_path / "export")
     assert GenerationConfig.from_pretrained(exported).eos_token_id == ends
+
+
+def test_eval_of_an_sft_run_on_plain_text_says_it_takes_rows(tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "arithmetic.jsonl", arithmetic_rows(40))
+    raw = tiny_raw_config(
+        tmp_path,
+        task="sft",
+        data={
+            "source": "jsonl",
+            "paths": [str(path)],
+            "max_documents": None,
+            "max_seq_len": 48,
+            "tokenizer": {"vocab_size": 300},
+        },
+        training={"max_steps": 2, "eval_every": 2, "eval_batches": 1},
+        logging={"progress": "none", "tensorboard": False, "plot": False},
+    )
+    run_dir = train(config_module.load(raw)).run_dir
+    text = tmp_path / "notes.txt"
+    text.write_text("what is 2+2? 4\n")
+    with pytest.raises(DataError, match="notes.txt is plain text, and .* is an sft run"):
+        evaluate_run(run_dir, [str(text)], device="cpu")
+    rows = evaluate_run(run_dir, [str(path)], device="cpu")  # its own rows: a loss
+    assert rows["loss"] > 0

@@ -184,7 +184,7 @@ def evaluate(
     from truthgpt.training.evaluate import evaluate_run
 
     if split not in ("val", "train"):
-        _fail(ValueError(f"--split must be val or train, got {split!r}"))
+        _fail(ConfigError(f"--split must be val or train, got {split!r}"))
     try:
         result = evaluate_run(run, data, split, max_batches, device, set_ or [], progress=True)
     except TruthGPTError as exc:
@@ -213,7 +213,7 @@ def export(
     from truthgpt.training.sharded import export_checkpoint
 
     if format != "hf":
-        _fail(ValueError(f"--format {format!r} is not supported; use hf"))
+        _fail(ConfigError(f"--format {format!r} is not supported; use hf"))
     try:
         folder = export_checkpoint(run, out, merge_lora=merge_lora, overwrite=overwrite)
     except TruthGPTError as exc:

@@ -163,7 +163,13 @@ def evaluate_run(
                 "plain text (one document per file); evaluate each kind in a command of its own"
             )
         source = "jsonl" if rows else "text"
-        if config.data.source in ("jsonl", "hf") and config.task == "sft":
+        if config.task == "sft":
+            if not rows:
+                raise DataError(
+                    f"--data: {files[0]} is plain text, and {run_dir} is an sft run, whose loss "
+                    "is on the answers of rows (`messages`, or `prompt` and `completion`): give "
+                    ".jsonl files of such rows"
+                )
             source = "jsonl"
         paths = "[" + ", ".join(repr(p) for p in data_paths) + "]"
         # The tokenizer the model was trained with: beside the weights, or the run's own copy
