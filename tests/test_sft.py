@@ -505,6 +505,24 @@ def test_tiny_sft_run_lowers_the_val_loss(tmp_path: Path, batching: str) -> None
     assert load_tokenizer(result.run_dir / "tokenizer").chat_template == DEFAULT_CHAT_TEMPLATE
 
 
+def short_sft_run(tmp_path: Path, rows: Path, tokenizer: dict) -> Path:
+    """A two-step sft run on the jsonl `rows` (`tokenizer`: its data.tokenizer section)."""
+    raw = tiny_raw_config(
+        tmp_path,
+        task="sft",
+        data={
+            "source": "jsonl",
+            "paths": [str(rows)],
+            "max_documents": None,
+            "max_seq_len": 48,
+            "tokenizer": tokenizer,
+        },
+        training={"max_steps": 2, "eval_every": 2, "eval_batches": 1},
+        logging={"progress": "none", "tensorboard": False, "plot": False},
+    )
+    return train(config_module.load(raw)).run_dir
+
+
 def test_a_template_that_ends_turns_with_its_own_token_makes_it_an_end_of_answer(
     tmp_path: Path, tokenizer: PreTrainedTokenizerFast, chatml_tokenizer: PreTrainedTokenizerFast
 ) -> None:
@@ -525,20 +543,8 @@ def test_a_template_that_ends_turns_with_its_own_token_makes_it_an_end_of_answer
     chatml.save_pretrained(tmp_path / "tokenizer")
 
     rows = [row for row in arithmetic_rows(40) if "messages" in row]
-    raw = tiny_raw_config(
-        tmp_path,
-        task="sft",
-        data={
-            "source": "jsonl",
-            "paths": [str(write_jsonl(tmp_path / "chat.jsonl", rows))],
-            "max_documents": None,
-            "max_seq_len": 48,
-            "tokenizer": {"path": str(tmp_path / "tokenizer")},
-        },
-        training={"max_steps": 2, "eval_every": 2, "eval_batches": 1},
-        logging={"progress": "none", "tensorboard": False, "plot": False},
-    )
-    run_dir = train(config_module.load(raw)).run_dir
+    path = write_jsonl(tmp_path / "chat.jsonl", rows)
+    run_dir = short_sft_run(tmp_path, path, {"path": str(tmp_path / "tokenizer")})
     best = run_dir / "checkpoints" / "best"
     ends = [chatml.eos_token_id, im_end]
     assert GenerationConfig.from_pretrained(best).eos_token_id == ends
@@ -549,20 +555,7 @@ def test_a_template_that_ends_turns_with_its_own_token_makes_it_an_end_of_answer
 
 def test_eval_of_an_sft_run_on_plain_text_says_it_takes_rows(tmp_path: Path) -> None:
     path = write_jsonl(tmp_path / "arithmetic.jsonl", arithmetic_rows(40))
-    raw = tiny_raw_config(
-        tmp_path,
-        task="sft",
-        data={
-            "source": "jsonl",
-            "paths": [str(path)],
-            "max_documents": None,
-            "max_seq_len": 48,
-            "tokenizer": {"vocab_size": 300},
-        },
-        training={"max_steps": 2, "eval_every": 2, "eval_batches": 1},
-        logging={"progress": "none", "tensorboard": False, "plot": False},
-    )
-    run_dir = train(config_module.load(raw)).run_dir
+    run_dir = short_sft_run(tmp_path, path, {"vocab_size": 300})
     text = tmp_path / "notes.txt"
     text.write_text("what is 2+2? 4\n")
     with pytest.raises(DataError, match="notes.txt is plain text, and .* is an sft run"):
