@@ -132,7 +132,7 @@ def check_init_from(cfg: ModelConfig, max_seq_len: int | None = None) -> None:
         raise CheckpointError(f"model.init_from: {str(config_file)!r} is not JSON: {exc}") from None
     if not isinstance(hf, dict):
         raise CheckpointError(f"model.init_from: {str(config_file)!r} is not a JSON object")
-    positions = next((hf[key] for key in _CONTEXT_KEYS if isinstance(hf.get(key), int)), None)
+    positions = context_length(hf)
     if max_seq_len is not None and positions is not None and max_seq_len > positions:
         # gpt2's learned positions end there (an IndexError mid-run); RoPE would run on past
         # what the model was trained for, and its config.json would still say the shorter.
@@ -154,6 +154,11 @@ def check_init_from(cfg: ModelConfig, max_seq_len: int | None = None) -> None:
 
 # The context length under the names transformers' configs give it.
 _CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
+
+
+def context_length(hf: dict) -> int | None:
+    """The positions a model's config.json (as a dict) says it takes; None when it says none."""
+    return next((hf[key] for key in _CONTEXT_KEYS if isinstance(hf.get(key), int)), None)
 
 
 def _could_be_hub_id(value: str) -> bool:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
@@ -43,6 +44,17 @@ class DetokenizerStep:
     stop_reason: str | int | None = None  # the stop string, or the stop / EOS token id
 
 
+def end_token_ids_of(tokenizer: PreTrainedTokenizerBase, named: Any = None) -> tuple[int, ...]:
+    """The tokens that end an answer: the tokenizer's eos, then the ids `named` gives
+    (generation_config's eos_token_id: an id or a list, as Qwen's and Llama 3's instruct models
+    list the end of a chat turn)."""
+    ids = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
+    for token_id in named if isinstance(named, list) else [named]:
+        if isinstance(token_id, int) and token_id >= 0 and token_id not in ids:
+            ids.append(token_id)
+    return tuple(ids)
+
+
 class IncrementalDetokenizer:
     """Turns one sequence's new token ids into text, applying stop strings and stop tokens."""
 
@@ -60,10 +72,9 @@ class IncrementalDetokenizer:
         self._stop_strings = params.stop
         self._include_stop_string = params.include_stop_str_in_output
         stop_ids = set(params.stop_token_ids)
-        if end_token_ids is None:
-            end_token_ids = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
         if not params.ignore_eos:
-            stop_ids.update(end_token_ids)
+            ends = end_token_ids_of(tokenizer) if end_token_ids is None else end_token_ids
+            stop_ids.update(ends)
         self._stop_token_ids = frozenset(stop_ids)
         # Decoding layer: the latest token ids, and how many characters of their decoded text
         # are accounted for (shown, or the prompt's).

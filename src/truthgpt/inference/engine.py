@@ -21,7 +21,7 @@ from transformers import PreTrainedTokenizerBase
 
 from truthgpt.config import InferenceConfig
 from truthgpt.errors import RequestError
-from truthgpt.inference.detokenizer import IncrementalDetokenizer
+from truthgpt.inference.detokenizer import IncrementalDetokenizer, end_token_ids_of
 from truthgpt.inference.kv_cache import BlockManager
 from truthgpt.inference.model_runner import ModelRunner, StepResult
 from truthgpt.inference.request import CompletionOutput, RequestOutput
@@ -133,7 +133,7 @@ class Engine:
             sample_vocab=len(tokenizer),
         )
         if end_token_ids is None:
-            end_token_ids = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
+            end_token_ids = end_token_ids_of(tokenizer)
         self.end_token_ids = frozenset(end_token_ids)
         self.requests: dict[str, _Request] = {}
         self._next_seq_id = 0

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from truthgpt.inference.detokenizer import end_token_ids_of
 from truthgpt.inference.request import CompletionOutput, RequestOutput
 from truthgpt.inference.sampling_params import SamplingParams
 
@@ -43,9 +44,7 @@ def hf_generate(
     arrival = time.monotonic()
     if params.seed is not None:
         torch.manual_seed(params.seed)
-    if end_token_ids is None:
-        end_token_ids = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
-    eos = list(end_token_ids)
+    eos = list(end_token_ids_of(tokenizer) if end_token_ids is None else end_token_ids)
     settings = {
         "max_new_tokens": max_new,
         "do_sample": not params.greedy,

@@ -24,6 +24,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from truthgpt.config import InferenceConfig
 from truthgpt.errors import CheckpointError, ConfigError, RequestError
+from truthgpt.inference.detokenizer import end_token_ids_of
 from truthgpt.inference.request import RequestOutput
 from truthgpt.inference.sampling_params import SamplingParams
 from truthgpt.models import load_model, resolve_model_folder
@@ -49,8 +50,6 @@ def inference_options(
     flags do); any other folder starts from the defaults."""
     if isinstance(options, InferenceConfig):
         return options
-    import json
-
     from truthgpt.config import load, load_for_model
 
     # JSON is YAML: each value reads back as given (a string stays a string).
@@ -90,17 +89,7 @@ def load_for_generation(
             # transformers' generate.
             model = decoder_from_hf_state(decoder_config_from_hf(hf_config), model.state_dict())
     tokenizer = load_tokenizer(folder)
-    return Loaded(model.eval(), tokenizer, end_token_ids(tokenizer, _generation_eos(folder)))
-
-
-def end_token_ids(tokenizer: PreTrainedTokenizerBase, named: Any = None) -> tuple[int, ...]:
-    """The tokenizer's eos, then the ids `named` gives (generation_config's eos_token_id: an
-    id or a list, as Qwen's and Llama 3's instruct models list the end of a chat turn)."""
-    ids = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
-    for token_id in named if isinstance(named, list) else [named]:
-        if isinstance(token_id, int) and token_id >= 0 and token_id not in ids:
-            ids.append(token_id)
-    return tuple(ids)
+    return Loaded(model.eval(), tokenizer, end_token_ids_of(tokenizer, _generation_eos(folder)))
 
 
 def _generation_eos(folder: Path) -> Any:
@@ -162,7 +151,9 @@ class LLM:
             self.model = model.to(device=device, dtype=dtype).eval()
             self.tokenizer = tokenizer
             generation = getattr(model, "generation_config", None)
-            self.end_token_ids = end_token_ids(tokenizer, getattr(generation, "eos_token_id", None))
+            self.end_token_ids = end_token_ids_of(
+                tokenizer, getattr(generation, "eos_token_id", None)
+            )
         else:
             self.model, self.tokenizer, self.end_token_ids = load_for_generation(
                 model, device=device, dtype=dtype
@@ -171,7 +162,7 @@ class LLM:
                 self.model.fuse_for_inference()
             if tokenizer is not None:
                 self.tokenizer = tokenizer
-                self.end_token_ids = end_token_ids(tokenizer)
+                self.end_token_ids = end_token_ids_of(tokenizer)
         self.engine = None
         if isinstance(self.model, Decoder):
             from truthgpt.inference.engine import Engine

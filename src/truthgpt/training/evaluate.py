@@ -74,14 +74,14 @@ def model_folder_config(folder: Path) -> dict[str, Any]:
     """The config that evaluates a model folder as a run would: its own family on the native
     decoder where that fits (else transformers), blocks as long as its context (1,024 at most,
     GPT-2's evaluation length; `--set data.max_seq_len=N` changes it)."""
+    from truthgpt.local_paths import context_length
     from truthgpt.models.hf_io import is_native, read_hf_config
 
     hf = read_hf_config(folder)
     arch = ("gpt2" if hf.get("model_type") == "gpt2" else "llama") if is_native(hf) else "hf"
-    positions = hf.get("max_position_embeddings") or hf.get("n_positions") or 1024
     return {
         "model": {"arch": arch, "init_from": str(folder)},
-        "data": {"max_seq_len": min(int(positions), 1024)},
+        "data": {"max_seq_len": min(context_length(hf) or 1024, 1024)},
     }
 
 
