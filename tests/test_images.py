@@ -12,13 +12,16 @@ from PIL import Image
 from sklearn.datasets import load_digits
 from torch.utils.data import DataLoader
 
+from truthgpt.config import DataConfig
 from truthgpt.data.images import (
     DIGIT_WORDS,
     collate_images,
     digits_dataset,
+    digits_source,
     imagefolder_dataset,
+    imagefolder_source,
 )
-from truthgpt.errors import DataError
+from truthgpt.errors import ConfigError, DataError
 
 
 def _write_folder(folder: Path, images: dict[str, Image.Image], rows: list) -> Path:
@@ -120,6 +123,59 @@ def test_imagefolder_converts_every_mode_to_rgb_in_minus_one_one(tmp_path):
         assert -1.0 <= item["pixel_values"].min() and item["pixel_values"].max() <= 1.0
         with Image.open(tmp_path / "set" / name) as on_disk:
             torch.testing.assert_close(item["pixel_values"], _expected(on_disk))
+
+
+def test_imagefolder_reads_16_bit_grey_at_its_brightness(tmp_path):
+    # PIL's convert("RGB") clips a 16-bit grey image (mode I;16) at 255: every pixel brighter
+    # than 255/65535 came out white. The reference is the same picture saved with 8 bits.
+    wide = np.linspace(0, 65535, 16 * 16).reshape(16, 16).astype(np.uint16)
+    narrow = Image.fromarray((wide // 257).astype(np.uint8), "L")
+    images = {"wide.png": Image.fromarray(wide), "narrow.png": narrow}
+    rows = [{"file_name": name, "text": name} for name in images]
+    dataset = imagefolder_dataset(_write_folder(tmp_path / "set", images, rows), size=16)
+    with Image.open(tmp_path / "set" / "wide.png") as on_disk:
+        assert on_disk.mode.startswith("I")  # really read as 16 bits
+    torch.testing.assert_close(dataset[0]["pixel_values"], _expected(narrow), rtol=0, atol=0)
+    # Floating-point pixels have no fixed range to map: refused, naming the file and its mode.
+    Image.fromarray(np.ones((8, 8), dtype=np.float32)).save(tmp_path / "set" / "float.tif")
+    _write_folder(tmp_path / "set", {}, [{"file_name": "float.tif", "text": "x"}])
+    with pytest.raises(DataError, match=r":1: image '.*float\.tif' has floating-point pixels"):
+        imagefolder_dataset(tmp_path / "set", size=8)
+
+
+def test_imagefolder_refuses_images_without_a_row(tmp_path):
+    # An image with no caption row was silently left out of training (datasets' imagefolder
+    # refuses it). Other files, hidden ones and a folder with its own metadata.jsonl are not
+    # images of this set.
+    images = {"a.png": _stripes(8, 8), "b.png": _stripes(8, 8), "c.jpg": _stripes(8, 8)}
+    folder = _write_folder(tmp_path / "set", images, [{"file_name": "a.png", "text": "a"}])
+    (folder / "notes.txt").write_text("not an image")
+    _stripes(8, 8).save(folder / ".hidden.png")
+    _write_folder(folder / "val", {"v.png": _stripes(8, 8)}, [{"file_name": "v.png", "text": "v"}])
+    with pytest.raises(
+        DataError,
+        match=r"metadata\.jsonl: 2 image file\(s\) in .*set have no row "
+        r"\(b\.png, c\.jpg\)",
+    ):
+        imagefolder_dataset(folder, size=8)
+    _write_folder(folder, {}, [{"file_name": n, "text": ""} for n in images])
+    assert len(imagefolder_dataset(folder, size=8)) == 3
+
+
+def test_a_single_image_with_a_val_share_names_the_config_key(tmp_path):
+    one = _write_folder(
+        tmp_path / "one", {"a.png": _stripes(8, 8)}, [{"file_name": "a.png", "text": "a"}]
+    )
+    data = DataConfig(source="imagefolder", paths=[str(one)], val_fraction=0.25)
+    with pytest.raises(ConfigError, match=r"data\.val_fraction: .* 1 image.*data\.val_fraction: 0"):
+        imagefolder_source(data, 8, 3, 0)
+    train, val = imagefolder_source(data.model_copy(update={"val_fraction": 0.0}), 8, 3, 0)
+    assert len(train) == 1 and val is None
+
+
+def test_digits_for_a_unet_of_other_channels_name_the_unet_key():
+    with pytest.raises(ConfigError, match=r"diffusion_training\.unet\.in_channels: .* got 2"):
+        digits_source(DataConfig(source="digits"), 16, 2, 0)
 
 
 def test_imagefolder_resizes_shorter_side_then_center_crops(tmp_path):

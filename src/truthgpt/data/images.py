@@ -31,6 +31,9 @@ from truthgpt.registry import IMAGE_SOURCES
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 SPLITS = ("train", "val", "all")
 METADATA_FILE = "metadata.jsonl"
+# PIL's grey modes of more than 8 bits: I;16* (16-bit PNG and TIFF files) and I (32-bit integers,
+# the mode older Pillows opened 16-bit PNGs in); both are read as 0..65535 (Pillow issue #3011).
+WIDE_GREY_MODES = ("I", "I;16", "I;16L", "I;16B", "I;16N")
 
 
 def digit_caption(label: int) -> str:
@@ -166,6 +169,11 @@ class ImageFolderDataset(Dataset):
 def _load_rgb(path: Path, metadata: Path, line: int) -> Image.Image:
     try:
         with Image.open(path) as image:
+            if image.mode in WIDE_GREY_MODES:
+                # convert("RGB") clips 16-bit grey at 255, so all but the darkest pixels came
+                # out white; map 0..65535 onto 0..255 instead (255 x 257 = 65535).
+                grey = np.asarray(image).astype(np.int64) // 257
+                return Image.fromarray(grey.clip(0, 255).astype(np.uint8), "L").convert("RGB")
             # RGBA and P images are flattened to RGB; the alpha channel is dropped.
             return image.convert("RGB")
     except FileNotFoundError:
@@ -265,6 +273,15 @@ def imagefolder_dataset(
         raise DataError(f"{metadata} lists no image: add a row per image with file_name and text")
     for path, _, line in rows:
         _verify_image(path, metadata, line)
+    unlisted = sorted(_image_files(folder) - {path for path, _, _ in rows})
+    if unlisted:
+        names = [str(path.relative_to(folder)) for path in unlisted]
+        shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+        raise DataError(
+            f"{metadata}: {len(names)} image file(s) in {folder} have no row ({shown}), so they "
+            f'would not be trained on: add a row for each ({{"file_name": {names[0]!r}, '
+            '"text": ""} for no caption), or move them out of the folder'
+        )
 
     if split != "all":
         order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed)).tolist()
@@ -278,14 +295,38 @@ def imagefolder_dataset(
     return ImageFolderDataset(rows, metadata, size, center_crop, random_flip)
 
 
+def _image_files(folder: Path) -> set[Path]:
+    """The image files under `folder` (by the extensions PIL opens), resolved as `_inside`
+    resolves rows. Not counted: hidden files, linked folders (a link may loop) and folders with
+    a metadata.jsonl of their own (another set, such as a val folder inside)."""
+    Image.init()
+    extensions = {ext for ext, kind in Image.registered_extensions().items() if kind in Image.OPEN}
+    found = set()
+    for path in folder.iterdir():
+        if path.name.startswith("."):
+            continue
+        if path.is_dir():
+            if not path.is_symlink() and not (path / METADATA_FILE).is_file():
+                found |= _image_files(path)
+        elif path.suffix.lower() in extensions:
+            found.add(path.resolve())
+    return found
+
+
 def _verify_image(path: Path, metadata: Path, line: int) -> None:
     if not path.is_file():
         raise DataError(f"{metadata}:{line}: image {str(path)!r} does not exist")
     try:
         with Image.open(path) as image:
+            mode = image.mode
             image.verify()  # reads the header and checks the file's structure, decodes nothing
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
         raise DataError(f"{metadata}:{line}: cannot read image {str(path)!r} ({exc})") from None
+    if mode == "F":
+        raise DataError(
+            f"{metadata}:{line}: image {str(path)!r} has floating-point pixels (PIL mode F), "
+            "whose range is not known; save it as an 8- or 16-bit image"
+        )
 
 
 def collate_images(items: list[dict[str, Any]]) -> dict[str, Any]:
@@ -319,6 +360,11 @@ def digits_source(
 ) -> ImageSplits:
     """The bundled digits, split by `data.val_fraction` (digits are never cropped or flipped:
     a mirrored 7 is no digit)."""
+    if channels not in (1, 3):
+        raise ConfigError(
+            "diffusion_training.unet.in_channels: the digits are grey images, 1 channel (or 3, "
+            f"the grey repeated); got {channels}"
+        )
     val = (
         digits_dataset(size, "val", data.val_fraction, seed, channels)
         if data.val_fraction > 0
@@ -362,4 +408,10 @@ def imagefolder_source(
         return imagefolder_dataset(data.paths[0], **crop), None
     split = dict(val_fraction=data.val_fraction, seed=seed)
     train = imagefolder_dataset(data.paths[0], **crop, split="train", **split)
+    if len(train) < 2:  # the split keeps every image on the train side: val would be empty
+        raise ConfigError(
+            f"data.val_fraction: {data.val_fraction} holds out a share of {data.paths[0]}, which "
+            f"has {len(train)} image; set data.val_fraction: 0 (no validation), give "
+            "data.val_paths, or add images"
+        )
     return train, imagefolder_dataset(data.paths[0], size, split="val", **split)
