@@ -407,6 +407,11 @@ def test_denoising_loss_targets_and_min_snr_weights() -> None:
             {"diffusion_training": {"noise_schedule": {"prediction_type": "epsilon"}}},
             ["noise_schedule.prediction_type: set by diffusion_training.prediction_type"],
         ),
+        # 0 steps trained on to the first batch, then failed in torch.randint with a traceback.
+        (
+            {"diffusion_training": {"noise_schedule": {"num_train_timesteps": 0}}},
+            ["diffusion_training.noise_schedule.num_train_timesteps: 0 ", "at least 1"],
+        ),
         (
             {"diffusion_training": {"unet": {"block_out_channels": [32]}}},
             ["diffusion_training.unet.block_out_channels", "unet.down_block_types"],
@@ -438,6 +443,40 @@ def test_a_run_that_fails_at_data_preparation_leaves_no_run_folder(tmp_path: Pat
     assert (config.run_dir / "notes.txt").read_text() == "mine"
 
 
+def test_uncaptioned_images_train_and_draw_unconditional_samples(tmp_path: Path) -> None:
+    # Every caption empty (an unconditional set): the sample grid had no prompt to draw and
+    # the run died of a ZeroDivisionError at its first samples, before saving last/.
+    folder = tmp_path / "plain"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    rows = [json.dumps({"file_name": f"{i}.png", "text": ""}) for i in range(4)]
+    (folder / "metadata.jsonl").write_text("\n".join(rows) + "\n")
+    unet = digits_raw_config(tmp_path)["diffusion_training"]["unet"]
+    raw = digits_raw_config(
+        tmp_path,
+        data={"source": "imagefolder", "paths": [str(folder)], "val_fraction": 0.0},
+        diffusion_training={
+            "resolution": 8,
+            "unet": {**unet, "in_channels": 3, "block_out_channels": [8, 16], "norm_num_groups": 4},
+            "text_encoder": {"hidden_size": 16, "intermediate_size": 32, "num_attention_heads": 2},
+            "samples": {"every": 2, "prompts": [], "steps": 1},
+        },
+        training={"max_steps": 2, "batch_size": 2, "log_every": 1},
+        checkpoint={"save_every": 2},
+        logging={"tensorboard": False},
+    )
+    result = train(load(raw))
+    assert (result.run_dir / "checkpoints" / "last").is_dir()
+    with Image.open(result.run_dir / "samples" / "step_000002.png") as grid:
+        cells = np.asarray(grid.convert("RGB")).reshape(3, 8, 3, 8, 3).swapaxes(1, 2)
+    # Eight unconditional images (seeds 0..7), each its own: the ninth cell stays black.
+    drawn = cells.reshape(9, -1)[:8]
+    assert len({cell.tobytes() for cell in drawn}) == 8
+    assert not cells[2, 2].any()
+
+
 def test_sample_grid_leaves_empty_cells_black() -> None:
     from truthgpt.training.diffusion_task import image_grid
 
@@ -457,6 +496,12 @@ def test_a_bad_unet_config_is_a_config_error(tmp_path: Path) -> None:
     unet = {**digits_raw_config(tmp_path)["diffusion_training"]["unet"], "act_fn": "no_such_act"}
     config = load(digits_raw_config(tmp_path, diffusion_training={"unet": unet}))
     with pytest.raises(ConfigError, match="diffusion_training.unet"):
+        build_task(config).build_data(None, lambda message: None)
+    # transformers' config checks raise huggingface_hub's StrictDataclassError (no ValueError):
+    # it was a traceback.
+    text = {"hidden_size": 30, "num_attention_heads": 4}
+    config = load(digits_raw_config(tmp_path, diffusion_training={"text_encoder": text}))
+    with pytest.raises(ConfigError, match=r"^diffusion_training.text_encoder: The hidden size"):
         build_task(config).build_data(None, lambda message: None)
 
 

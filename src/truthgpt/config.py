@@ -616,7 +616,9 @@ class SamplesConfig(Section):
         0, ge=0, description="optimizer steps between sample grids (and at the end); 0: off"
     )
     prompts: list[str] = Field(
-        default_factory=list, description="prompts to draw; empty: up to 8 captions of the data"
+        default_factory=list,
+        description="prompts to draw; empty: up to 8 captions of the data (8 unconditional "
+        "images when every caption is empty)",
     )
     seed: int = Field(0, description="prompt i is drawn with seed + i")
     steps: int = Field(25, ge=1, description="denoising steps per sample")
@@ -955,6 +957,12 @@ def from_scratch_problems(train: DiffusionTrainingConfig) -> list[str]:
                 problems.append(
                     unknown_key_problem(["diffusion_training", name, key], sorted(known))
                 )
+    timesteps = {**DEFAULT_NOISE_SCHEDULE, **train.noise_schedule}["num_train_timesteps"]
+    if type(timesteps) is not int or timesteps < 1:
+        problems.append(
+            f"diffusion_training.noise_schedule.num_train_timesteps: {timesteps!r} noise levels; "
+            "give a whole number, at least 1 (1000 is usual)"
+        )
     unet = {**DEFAULT_UNET, **train.unet}
     down = unet["down_block_types"]
     for key in ("block_out_channels", "up_block_types"):

@@ -30,6 +30,7 @@ from diffusers import (
     UNet2DConditionModel,
 )
 from diffusers.loaders import StableDiffusionLoraLoaderMixin
+from huggingface_hub.errors import StrictDataclassError
 from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, PreTrainedTokenizerBase
 
@@ -203,8 +204,10 @@ def build_from_scratch(config: Config, resolution: int) -> DiffusionModel:
             **text_fields,
         )
         text_encoder = CLIPTextModel(text_config)
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"diffusion_training.text_encoder: {exc}") from None
+    except (TypeError, ValueError, StrictDataclassError) as exc:
+        # transformers' config checks wrap their ValueError in huggingface_hub's error.
+        cause = exc.__cause__ if isinstance(exc, StrictDataclassError) and exc.__cause__ else exc
+        raise ConfigError(f"diffusion_training.text_encoder: {cause}") from None
     unet_fields = {**DEFAULT_UNET, **train.unet}
     unet_fields.setdefault("sample_size", resolution)
     unet_fields.setdefault("cross_attention_dim", text_config.hidden_size)

@@ -281,7 +281,10 @@ class ImageGenerationTask:
     def samples(self, model: nn.Module, step: int) -> dict[str, Image.Image]:
         """One grid of the sample prompts, each drawn from its fixed seed."""
         cfg = self.train_cfg.samples
+        # Without prompts: the data's captions, or for a set without any (an unconditional
+        # one) as many unconditional images, each from its own seed.
         prompts = cfg.prompts or [c for c in self.captions if c][:MAX_DEFAULT_PROMPTS]
+        prompts = prompts or [""] * MAX_DEFAULT_PROMPTS
         was_training = model.training
         model.eval()
         pipe = model.pipeline()
