@@ -16,6 +16,7 @@ import pytest
 import torch
 from diffusers import (
     AutoencoderKL,
+    DPMSolverSinglestepScheduler,
     FlowMatchEulerDiscreteScheduler,
     PNDMScheduler,
     StableDiffusionPipeline,
@@ -162,6 +163,42 @@ def test_every_scheduler_generates(tmp_path: Path, sd_pipe, name: str) -> None:
     pixels = _pixels(result.images[0])
     assert pixels.shape == (32, 32, 3) and pixels.std() > 0
     assert result.metadata["scheduler"] == name
+
+
+class _Records(logging.Handler):
+    """What diffusers logs (its loggers all pass through "diffusers") while in use."""
+
+    def __enter__(self) -> list[str]:
+        self.messages: list[str] = []
+        logging.getLogger("diffusers").addHandler(self)
+        return self.messages
+
+    def __exit__(self, *exc) -> None:
+        logging.getLogger("diffusers").removeHandler(self)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def test_dpm_sde_draws_as_diffusers_does_without_its_lower_order_notice(
+    tmp_path: Path, sd_dir: Path, sd_pipe
+) -> None:
+    # diffusers switches the single-step solver to lower_order_final itself, and said so on
+    # every image: " `last_sigmas_type='zero'` is not supported ... Changing scheduler
+    # {self.config} ..." (an unformatted template). Same picture, no notice.
+    with _Records() as messages:
+        ours = _run(_cfg(tmp_path, scheduler="dpm++_sde", steps=3), pipe=sd_pipe)
+    assert messages == []
+    pipe = StableDiffusionPipeline.from_pretrained(sd_dir, local_files_only=True)
+    pipe.scheduler = DPMSolverSinglestepScheduler.from_config(
+        pipe.scheduler.config, algorithm_type="sde-dpmsolver++"
+    )
+    pipe.set_progress_bar_config(disable=True)
+    reference = pipe(
+        "a red lighthouse", negative_prompt="blurry", num_inference_steps=3, guidance_scale=5.0,
+        generator=[torch.Generator("cpu").manual_seed(7)],
+    ).images[0]  # fmt: skip
+    assert np.array_equal(_pixels(ours.images[0]), _pixels(reference))
 
 
 def test_scheduler_swap_keeps_the_noise_schedule(sd_pipe) -> None:
@@ -393,6 +430,23 @@ def test_speed_mode_keeps_lora(tmp_path: Path, sd_dir: Path, lora_dir: Path) -> 
     plain = _run(_cfg(tmp_path, sd_dir, loras=[f"{lora_dir}:0.8"]))
     assert "speed: fused QKV skipped, LoRA adapters are loaded" in logs
     assert np.abs(_pixels(fast.images[0]) - _pixels(plain.images[0])).max() <= 2
+
+
+def test_a_lora_of_another_model_is_a_one_line_error_and_diffusers_adds_nothing(
+    tmp_path: Path, sd_dir: Path, lora_dir: Path, if_dir: Path
+) -> None:
+    # A LoRA that fits printed diffusers' "No LoRA keys associated to CLIPTextModel found ...
+    # open an issue" on every image; one for another model printed its error twice, with a
+    # line per weight of the state dict (19 lines for this tiny UNet, thousands for SDXL).
+    with _Records() as messages:
+        _run(_cfg(tmp_path, sd_dir, loras=[str(lora_dir)]))
+        with pytest.raises(CheckpointError) as info:
+            _run(_cfg(tmp_path, if_dir, loras=[f"{lora_dir}:0.5"], scheduler=None))
+    assert messages == []
+    message = str(info.value)
+    assert "\n" not in message, message
+    assert f"diffusion.loras[0]: {str(lora_dir)!r} does not fit this pipeline's unet: " in message
+    assert "weight(s) have other shapes (e.g. " in message and "[4, 64] in the adapter" in message
 
 
 def test_lora_spec_parsing_and_missing_folder(tmp_path: Path, sd_dir: Path) -> None:

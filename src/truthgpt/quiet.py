@@ -23,6 +23,13 @@ IF_CLIP_NOTICE = "Expected types for text_encoder: (<class 'transformers.models.
 PEFT_CHECKPOINTING_NOTICE = r"`is_gradient_checkpointing` is deprecated"
 # numpy 2 on the tensors diffusers' schedulers hand to np.array (diffusers' to fix, harmless).
 NUMPY_COPY_NOTICE = r"__array__ implementation doesn't accept a copy keyword"
+# diffusers' load_lora_weights on an adapter of the UNet alone (ours, and most others): "No LoRA
+# keys associated to CLIPTextModel found ... open an issue"; and its log of a failed load, whose
+# exception the caller reports anyway.
+LORA_LOAD_NOTICES = {
+    "diffusers.loaders.lora_base": "No LoRA keys associated to",
+    "diffusers.loaders.peft": "was unsuccessful with the following error",
+}
 
 
 class _DropContaining(logging.Filter):
@@ -76,6 +83,22 @@ def no_load_save_bars() -> Iterator[None]:
     finally:
         for enable in restore:
             enable()
+
+
+@contextlib.contextmanager
+def no_lora_load_notices() -> Iterator[None]:
+    """Drop diffusers' text-encoder and failed-load notices of `load_lora_weights`; restored
+    after (other messages of those loggers pass)."""
+    added = []
+    for name, text in LORA_LOAD_NOTICES.items():
+        drop = _DropContaining(text)
+        logging.getLogger(name).addFilter(drop)
+        added.append((logging.getLogger(name), drop))
+    try:
+        yield
+    finally:
+        for logger, drop in added:
+            logger.removeFilter(drop)
 
 
 @contextlib.contextmanager

@@ -26,6 +26,7 @@ from truthgpt.diffusion.pipeline import (
     denoiser_of,
     load_pipeline,
     lora_folder,
+    lora_load_problem,
     resolve_dtype,
     run_sampling_defaults,
 )
@@ -33,7 +34,7 @@ from truthgpt.diffusion.schedulers import set_scheduler
 from truthgpt.diffusion.speed import compile_denoiser, prepare_for_speed
 from truthgpt.errors import CheckpointError, ConfigError
 from truthgpt.guard import check_output, mark
-from truthgpt.quiet import no_numpy_copy_notices
+from truthgpt.quiet import no_lora_load_notices, no_numpy_copy_notices
 
 
 @dataclass
@@ -199,10 +200,11 @@ def _load_loras(pipe, specs: list[str]) -> None:
         except CheckpointError as exc:
             raise CheckpointError(f"diffusion.loras[{i}]: {exc}") from None
         try:
-            pipe.load_lora_weights(folder, adapter_name=name)
+            with no_lora_load_notices():
+                pipe.load_lora_weights(folder, adapter_name=name)
         except (OSError, ValueError, KeyError, RuntimeError) as exc:
-            where = f"diffusion.loras[{i}]"
-            raise CheckpointError(f"{where}: could not load {folder!r}: {exc}") from exc
+            problem = lora_load_problem(pipe, exc)
+            raise CheckpointError(f"diffusion.loras[{i}]: {folder!r} {problem}") from exc
         names.append(name)
         weights.append(weight)
     pipe.set_adapters(names, adapter_weights=weights)

@@ -18,7 +18,7 @@ from diffusers import AutoPipelineForText2Image, DiffusionPipeline
 
 from truthgpt.errors import CheckpointError, ConfigError
 from truthgpt.guard import LORA_WEIGHTS, SHARDED_DIR, is_run_folder
-from truthgpt.quiet import no_load_save_bars, no_numpy_copy_notices
+from truthgpt.quiet import no_load_save_bars, no_lora_load_notices, no_numpy_copy_notices
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -70,9 +70,11 @@ def load_pipeline(
             return load_pipeline(folder, dtype)
         pipe = load_pipeline(base, dtype)
         try:
-            pipe.load_lora_weights(str(folder))
+            with no_lora_load_notices():
+                pipe.load_lora_weights(str(folder))
         except (OSError, ValueError, KeyError, RuntimeError) as exc:
-            raise CheckpointError(f"{folder}: could not load the LoRA adapter: {exc}") from exc
+            problem = lora_load_problem(pipe, exc)
+            raise CheckpointError(f"{folder}: its LoRA adapter {problem}") from exc
         return pipe
     if path.exists():
         if not path.is_dir():
@@ -122,6 +124,29 @@ def load_pipeline(
             ) from exc
         raise CheckpointError(f"{source}: could not load the diffusers pipeline: {exc}") from exc
     return pipe
+
+
+# torch's line per weight of a state dict that does not fit the model.
+_SIZE_MISMATCH = re.compile(
+    r"size mismatch for (\S+): copying a param with shape torch\.Size\((\[[^\]]*\])\) from "
+    r"checkpoint, the shape in current model is torch\.Size\((\[[^\]]*\])\)"
+)
+
+
+def lora_load_problem(pipe: DiffusionPipeline, exc: BaseException) -> str:
+    """What went wrong loading an adapter onto `pipe`, in one line that follows its folder's
+    name. torch lists every weight whose shape does not fit (thousands of lines for a LoRA of
+    SD 1.5 put on SDXL): the count and the first say it."""
+    text = str(exc)
+    mismatches = _SIZE_MISMATCH.findall(text)
+    if not mismatches:
+        return f"could not be loaded: {' '.join(text.split())}"
+    name, theirs, ours = mismatches[0]
+    return (
+        f"does not fit this pipeline's {denoiser_of(pipe)[0]}: {len(mismatches)} weight(s) have "
+        f"other shapes (e.g. {name}: {theirs} in the adapter, {ours} here); a LoRA loads onto "
+        "the model it was trained for (or one of its family and size)"
+    )
 
 
 def run_pipeline(run: Path) -> tuple[Path, Path | None]:

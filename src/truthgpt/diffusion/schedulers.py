@@ -53,10 +53,15 @@ SCHEDULERS: dict[str, tuple[type[SchedulerMixin], dict[str, Any]]] = {
         {"algorithm_type": "sde-dpmsolver++", "solver_order": 2, "use_karras_sigmas": True},
     ),
     # The stochastic single-step DPM-Solver++ (Lu et al. 2022); DPMSolverSDEScheduler would need
-    # the extra torchsde package for the same sampler family.
+    # the extra torchsde package for the same sampler family. lower_order_final: diffusers turns
+    # it on itself at every set_timesteps (its final sigma is zero), with a warning each time.
     "dpm++_sde": (
         DPMSolverSinglestepScheduler,
-        {"algorithm_type": "sde-dpmsolver++", "use_karras_sigmas": False},
+        {
+            "algorithm_type": "sde-dpmsolver++",
+            "use_karras_sigmas": False,
+            "lower_order_final": True,
+        },
     ),
     "unipc": (UniPCMultistepScheduler, {"use_karras_sigmas": False}),
     # Meant for LCM-distilled weights or an LCM LoRA; on other models it runs but draws poorly.
