@@ -477,6 +477,19 @@ def test_uncaptioned_images_train_and_draw_unconditional_samples(tmp_path: Path)
     assert not cells[2, 2].any()
 
 
+def test_a_run_folder_inside_the_image_folder_is_refused_leaving_nothing(
+    tmp_path: Path, image_folder: Path
+) -> None:
+    # The refusal said "nothing was written" after the run folder's lock had created
+    # output_dir (an empty runs/) inside the user's picture folder.
+    data = {"source": "imagefolder", "paths": [str(image_folder)]}
+    raw = digits_raw_config(tmp_path, data=data) | {"output_dir": str(image_folder / "runs")}
+    before = sorted(image_folder.iterdir())
+    with pytest.raises(TruthGPTError, match="nothing was written"):
+        train(load(raw))
+    assert sorted(image_folder.iterdir()) == before
+
+
 def test_sample_grid_leaves_empty_cells_black() -> None:
     from truthgpt.training.diffusion_task import image_grid
 

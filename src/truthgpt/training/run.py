@@ -13,6 +13,7 @@ from truthgpt.config import IMAGE_TASKS, Config
 from truthgpt.data import PreparedData
 from truthgpt.data.prepare import check_enough_to_train
 from truthgpt.errors import ConfigError
+from truthgpt.guard import check_output
 from truthgpt.hardware import apply_threads, resolve_device, resolve_precision
 from truthgpt.local_paths import path_problems
 from truthgpt.models.flex_attention import check_flex_training
@@ -31,6 +32,7 @@ from truthgpt.training.optim import check_optimizer_runs
 from truthgpt.training.rng import seed_everything
 from truthgpt.training.run_folder import (
     prepare_run_dir,
+    read_paths,
     remove_new_run_folder,
     take_run_folder,
 )
@@ -81,6 +83,10 @@ def check_before_building(config: Config, device: torch.device) -> None:
     problems = path_problems(config)
     if problems:
         raise problems[0]
+    # The run folder's lock creates its parent: a run folder inside what the run reads (an
+    # image folder) is refused before that, so "nothing was written" holds. prepare_run_dir
+    # applies the rest of the guard's rules.
+    check_output(config.run_dir, "run", overwrite=True, sources=read_paths(config))
     if config.training.packed_attention == "flex":
         check_flex_training(device)
     check_optimizer_runs(config.optim, device)
