@@ -565,6 +565,25 @@ def test_image_cli_writes_pngs_and_reports_memory(tmp_path: Path, sd_dir: Path) 
         assert bad_size.exit_code == 1 and "WIDTHxHEIGHT" in bad_size.output, bad_size.output
 
 
+def test_image_cli_keeps_a_prompt_beyond_the_basic_plane(tmp_path: Path, sd_dir: Path) -> None:
+    # Flags went to the config as JSON, which writes an emoji as a surrogate pair that PyYAML
+    # reads as two lone surrogates: the tokenizer raised a TypeError traceback.
+    from typer.testing import CliRunner
+
+    from truthgpt.cli import app
+    from truthgpt.config import override_value, parse_override
+
+    prompt, negative = "a 🐱 on a 猫 rug", "no 🌧"
+    args = ["image", str(sd_dir), "--prompt", prompt, "--negative-prompt", negative]
+    args += ["--steps", "1", "--memory", "none", "--out", str(tmp_path / "imgs")]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    with Image.open(next((tmp_path / "imgs").glob("*.png"))) as png:
+        assert (png.text["prompt"], png.text["negative_prompt"]) == (prompt, negative)
+    for value in (prompt, "\x85 \u2028", "1e-3", "null", "", 0.9, True, None, ["a:0.8", "b"]):
+        assert parse_override(f"diffusion.x={override_value(value)}")[1] == value
+
+
 def test_image_command_is_quiet(tmp_path: Path, sd_dir: Path) -> None:
     # A fresh process: transformers shows its torchvision notices once per process. The dtype
     # is the default (auto), which is fp32 on a CPU without a note.

@@ -457,7 +457,7 @@ def image(
     set_: SetOption = None,
 ) -> None:
     """Draw images with a diffusers pipeline under a memory level; writes PNGs with metadata."""
-    from truthgpt.config import load
+    from truthgpt.config import load, override_value
 
     given = {
         "model": model,
@@ -477,7 +477,9 @@ def image(
     try:
         if size is not None:
             given["width"], given["height"] = _parse_size(size)
-        overrides = [f"diffusion.{k}={_yaml_value(v)}" for k, v in given.items() if v is not None]
+        overrides = [
+            f"diffusion.{k}={override_value(v)}" for k, v in given.items() if v is not None
+        ]
         resolved = load(config, overrides + list(set_ or []))
         from truthgpt.diffusion.generate import generate_images
         from truthgpt.hardware import apply_threads
@@ -499,13 +501,6 @@ def image(
     else:  # no device allocator to ask: what the process holds in host memory
         used = f"host RSS {stats.host_rss_gib:.2f} GiB"
     typer.echo(f"memory level {result.memory_level}: {used}, {stats.latency_s:.2f} s")
-
-
-def _yaml_value(value: object) -> str:
-    """An override value that YAML reads back as the same thing (strings stay strings)."""
-    import json
-
-    return json.dumps(value)
 
 
 if __name__ == "__main__":

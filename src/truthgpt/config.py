@@ -8,6 +8,7 @@ wording is config_errors.py's).
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Literal
 
@@ -1043,15 +1044,20 @@ def flag_overrides(
     """Command-line flags as overrides, and the flag each key came from, for `load(flags=)`:
     {"inference.top_p": 0.9} -> (["inference.top_p=0.9"], {"inference.top_p": "--top-p"}).
     None values were not given; a key that a `later` override (--set) replaces keeps its name."""
-    import json
-
     given = {key: value for key, value in given.items() if value is not None}
     replaced = {item.partition("=")[0].strip() for item in later}
     flags = {
         key: "--" + key.rsplit(".", 1)[-1].replace("_", "-") for key in given if key not in replaced
     }
-    # JSON is YAML: a string stays a string ("1e-3" too), a number a number.
-    return [f"{key}={json.dumps(value)}" for key, value in given.items()], flags
+    return [f"{key}={override_value(value)}" for key, value in given.items()], flags
+
+
+def override_value(value: Any) -> str:
+    """`value` as the text of a `key=value` override that parse_override reads back as the same
+    value: a string stays a string ("1e-3", "null" too), a number a number. YAML's own writer,
+    not JSON: PyYAML reads JSON's surrogate pair for an emoji as two lone surrogates."""
+    text = yaml.safe_dump(value, default_flow_style=True, width=math.inf, allow_unicode=False)
+    return text.removesuffix("...\n").strip()  # a lone scalar is written as a document
 
 
 def _set_path(raw: dict[str, Any], key_path: list[str], value: Any) -> None:
