@@ -265,6 +265,22 @@ def test_a_pixel_space_model_draws_any_size(tmp_path: Path, if_dir: Path) -> Non
     assert _run(cfg).images[0].size == (12, 10)
 
 
+def test_a_size_that_does_not_fit_in_memory_is_a_one_line_error(
+    tmp_path: Path, if_dir: Path
+) -> None:
+    # The allocator's RuntimeError (torch.OutOfMemoryError on a GPU) was a traceback. 2^23
+    # pixels a side is 256 TiB of noise: more than any address space, so no machine tries it.
+    side = 2**23
+    cfg = _cfg(tmp_path, if_dir, width=side, height=side, scheduler=None, steps=1)
+    with pytest.raises(ConfigError) as info:
+        _run(cfg)
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith(f"diffusion: out of memory on cpu drawing 1 image(s) at {side}x")
+    assert "256.0 TiB" in message and "--size" in message and "--batch" in message
+    assert not (tmp_path / "images").exists()
+
+
 def test_config_scheduler_names_are_the_mapped_ones() -> None:
     assert list(SCHEDULER_NAMES) == list(SCHEDULERS)
 

@@ -21,7 +21,13 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from truthgpt.config import DiffusionConfig
-from truthgpt.diffusion.memory import MemoryMonitor, MemoryStats, apply_memory_level, choose_level
+from truthgpt.diffusion.memory import (
+    LEVELS,
+    MemoryMonitor,
+    MemoryStats,
+    apply_memory_level,
+    choose_level,
+)
 from truthgpt.diffusion.pipeline import (
     denoiser_of,
     load_pipeline,
@@ -136,7 +142,12 @@ def generate_images(
     # noise is the same on every machine, so a seed draws the same picture on CPU and GPU.
     generators = [torch.Generator("cpu").manual_seed(seed + i) for i in range(cfg.batch)]
     with MemoryMonitor(device) as monitor:
-        images = pipe(**call, generator=generators).images
+        try:
+            images = pipe(**call, generator=generators).images
+        except RuntimeError as exc:  # torch.OutOfMemoryError is one too
+            if not _out_of_memory(exc):
+                raise
+            raise ConfigError(_out_of_memory_message(exc, cfg, device, level)) from None
     stats = monitor.stats
     assert stats is not None  # set by MemoryMonitor.__exit__
 
@@ -171,6 +182,38 @@ def generate_images(
         f"{peak} (memory {level})"
     )
     return ImageResult(images, paths, grid_path, metadata, stats, level, reason)
+
+
+# What torch says it could not get: "Tried to allocate 2.00 GiB" (CUDA), "you tried to allocate
+# 160000000000 bytes" (the CPU allocator).
+_TRIED = re.compile(r"[Tt]ried to allocate (\d+) bytes|[Tt]ried to allocate ([\d.]+ [KMGT]iB)")
+
+
+def _out_of_memory(exc: RuntimeError) -> bool:
+    return isinstance(exc, torch.OutOfMemoryError) or "can't allocate memory" in str(exc)
+
+
+def _out_of_memory_message(
+    exc: RuntimeError, cfg: DiffusionConfig, device: torch.device, level: str
+) -> str:
+    """One line instead of the allocator's traceback: what was drawn, what torch could not get,
+    and what would need less."""
+    size = f"{cfg.width}x{cfg.height}" if cfg.width and cfg.height else "the model's size"
+    found = _TRIED.search(str(exc))
+    tried = ""
+    if found and found.group(1):
+        count = int(found.group(1))
+        unit, scale = ("TiB", 1024**4) if count >= 1024**4 else ("GiB", 1024**3)
+        tried = f" (an allocation of {count / scale:.1f} {unit} failed)"
+    elif found:
+        tried = f" (an allocation of {found.group(2)} failed)"
+    # On a GPU the next level keeps less there; on a CPU the levels change little.
+    after = LEVELS[LEVELS.index(level) + 1 :] if device.type == "cuda" else ()
+    lower = f", or a memory level that keeps less on the GPU (--memory {after[0]})" if after else ""
+    return (
+        f"diffusion: out of memory on {device.type} drawing {cfg.batch} image(s) at {size} "
+        f"with memory level {level}{tried}; try a smaller --size or --batch{lower}"
+    )
 
 
 def _checked_size(pipe, cfg: DiffusionConfig) -> tuple[int | None, int | None]:
