@@ -490,6 +490,29 @@ def test_a_run_folder_inside_the_image_folder_is_refused_leaving_nothing(
     assert sorted(image_folder.iterdir()) == before
 
 
+def test_gradient_checkpointing_of_the_text_encoder_is_on_without_a_deprecation(
+    tmp_path: Path,
+) -> None:
+    # transformers 5 warned on every such run: "`gradient_checkpointing_enable` is deprecated
+    # and will be removed in v6".
+    import warnings
+
+    from truthgpt.training.diffusion_model import build_from_scratch, prepare_for_training
+
+    raw = digits_raw_config(
+        tmp_path,
+        training={"gradient_checkpointing": True},
+        diffusion_training={"train_text_encoder": True},
+    )
+    config = load(raw)
+    model = build_from_scratch(config, 16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        prepare_for_training(model, config)
+    for part in (model.text_encoder, model.unet):
+        assert any(getattr(module, "gradient_checkpointing", False) for module in part.modules())
+
+
 def test_sample_grid_leaves_empty_cells_black() -> None:
     from truthgpt.training.diffusion_task import image_grid
 

@@ -312,3 +312,15 @@ def build_gpt2(cfg: ModelConfig, vocab_size: int) -> Decoder:
 def build_hf(cfg: ModelConfig, vocab_size: int) -> nn.Module:
     """Any transformers AutoModelForCausalLM, from model.init_from or model.hf_config."""
     return _build_hf(cfg, vocab_size)
+
+
+def checkpoint_hf_activations(model: nn.Module) -> None:
+    """Recompute a transformers model's activations in backward (non-reentrant checkpoints).
+    transformers 5 renamed gradient_checkpointing_enable, which now warns on every call (gone
+    in v6); earlier versions have only that name."""
+    options = {"use_reentrant": False}
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs=options)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)

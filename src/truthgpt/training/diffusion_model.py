@@ -44,6 +44,7 @@ from truthgpt.config import (
 )
 from truthgpt.errors import CheckpointError, ConfigError
 from truthgpt.guard import LORA_WEIGHTS
+from truthgpt.models.build import checkpoint_hf_activations
 from truthgpt.models.lora import check_targets
 from truthgpt.quiet import no_load_save_bars
 
@@ -348,9 +349,7 @@ def prepare_for_training(model: DiffusionModel, config: Config) -> DiffusionMode
     if config.training.gradient_checkpointing:
         model.unet.enable_gradient_checkpointing()
         if train.train_text_encoder:
-            model.text_encoder.gradient_checkpointing_enable(
-                gradient_checkpointing_kwargs={"use_reentrant": False}
-            )
+            checkpoint_hf_activations(model.text_encoder)
     return model
 
 

@@ -29,6 +29,7 @@ from truthgpt.data.packing import IGNORE_INDEX
 from truthgpt.data.prepare import PreparedData, prepare_causal_lm_data, prepare_sft_data
 from truthgpt.errors import ConfigError
 from truthgpt.models import load_model, save_model
+from truthgpt.models.build import checkpoint_hf_activations
 from truthgpt.models.export import write_generation_defaults
 from truthgpt.registry import ARCHS, TASKS
 
@@ -247,7 +248,7 @@ def set_gradient_checkpointing(model: nn.Module) -> None:
     if hasattr(base, "set_gradient_checkpointing"):  # our Decoder
         base.set_gradient_checkpointing(True)
     else:  # transformers
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        checkpoint_hf_activations(base)
         if _is_peft(model) or not any(
             p.requires_grad for p in base.get_input_embeddings().parameters()
         ):
