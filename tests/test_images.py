@@ -155,7 +155,7 @@ def test_imagefolder_refuses_images_without_a_row(tmp_path):
     with pytest.raises(
         DataError,
         match=r"metadata\.jsonl: 2 image file\(s\) in .*set have no row "
-        r"\(b\.png, c\.jpg\)",
+        r'\(b\.png, c\.jpg\).*\{"file_name": "b\.png", "text": ""\} for no caption',
     ):
         imagefolder_dataset(folder, size=8)
     _write_folder(folder, {}, [{"file_name": n, "text": ""} for n in images])

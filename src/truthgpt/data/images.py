@@ -279,7 +279,7 @@ def imagefolder_dataset(
         shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
         raise DataError(
             f"{metadata}: {len(names)} image file(s) in {folder} have no row ({shown}), so they "
-            f'would not be trained on: add a row for each ({{"file_name": {names[0]!r}, '
+            f'would not be trained on: add a row for each ({{"file_name": {json.dumps(names[0])}, '
             '"text": ""} for no caption), or move them out of the folder'
         )
 
