@@ -326,6 +326,21 @@ def test_png_metadata_and_grid(tmp_path: Path, sd_pipe) -> None:
     assert empty.max() == 0
 
 
+def test_an_image_stopped_mid_write_leaves_no_partial_png(
+    tmp_path: Path, sd_pipe, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from truthgpt import atomic
+
+    def ctrl_c(path: Path) -> None:  # between the PNG's bytes and their rename into place
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(atomic, "fsync", ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        _run(_cfg(tmp_path, seed=3), pipe=sd_pipe)
+    left = sorted(p.name for p in (tmp_path / "images").iterdir())
+    assert not [name for name in left if name.endswith(".png") or name.startswith(".tmp-")], left
+
+
 # ---------------------------------------------------------------------------------------------
 # Memory levels and the monitor
 

@@ -109,14 +109,19 @@ def fsync(path: Path) -> None:
 
 def atomic_write_text(path: Path, text: str) -> Path:
     """Write a text file through a fsynced temporary sibling and one rename."""
+    return atomic_write_file(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def atomic_write_file(path: Path, write: Callable[[Path], None]) -> Path:
+    """`write(tmp)` fills a temporary sibling of `path` (its name does not end in path's
+    suffix: name the format to writers that guess it), which is fsynced and renamed into place:
+    a kill mid-write leaves the old file or none, never half of one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".tmp-{path.name}-{os.getpid()}"
     try:
-        with open(tmp, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
+        write(tmp)
+        fsync(tmp)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
+from truthgpt.atomic import atomic_write_file
 from truthgpt.config import DiffusionConfig
 from truthgpt.diffusion.memory import (
     LEVELS,
@@ -263,13 +264,19 @@ def _write_pngs(
     paths = []
     for i, image in enumerate(images):
         path = _free_path(out_dir, f"{stem}-{i}")
-        image.save(path, pnginfo=_png_info(dict(metadata, seed=str(seed + i))))
+        _write_png(image, path, dict(metadata, seed=str(seed + i)))
         paths.append(path)
     grid_path = None
     if len(images) > 1:
         grid_path = _free_path(out_dir, f"{stem}-grid")
-        _grid(images).save(grid_path, pnginfo=_png_info(metadata))
+        _write_png(_grid(images), grid_path, metadata)
     return paths, grid_path
+
+
+def _write_png(image: Image.Image, path: Path, metadata: dict[str, str]) -> None:
+    """Whole or not at all: a kill or a full disk mid-write leaves no truncated PNG."""
+    info = _png_info(metadata)
+    atomic_write_file(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=info))
 
 
 def _png_info(metadata: dict[str, str]) -> PngInfo:
