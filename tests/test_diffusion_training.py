@@ -6,6 +6,7 @@ against diffusers' scheduler, and config errors."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -311,6 +312,18 @@ def test_lora_finetune_resumes_exactly_and_diffusers_loads_the_adapter(
         return np.asarray(generate_images(cfg, log=lambda m: None, progress=False).images[0])
 
     assert np.array_equal(draw(tiny_sd, [f"{full.run_dir}:1"]), draw(full.run_dir, []))
+    # `image RUN --lora OTHER` keeps the run's own adapter on beside OTHER (set_adapters turned
+    # it off); `--lora RUN` on the run itself would apply it twice, and is refused.
+    other = shutil.copytree(last, tmp_path / "style-lora")
+    pipe = load_pipeline(full.run_dir, torch.float32)
+    cfg = DiffusionConfig(
+        model=str(full.run_dir), loras=[f"{other}:0.5"], prompt="a red square", steps=2,
+        width=32, height=32, memory="none", dtype="fp32", output_dir=str(tmp_path / "both"),
+    )  # fmt: skip
+    generate_images(cfg, pipe=pipe, log=lambda m: None, progress=False)
+    assert pipe.get_active_adapters() == ["default_0", "lora0_style_lora"]
+    with pytest.raises(ConfigError, match=r"loras\[0\].*adapter of the run being drawn from"):
+        draw(full.run_dir, [f"{full.run_dir}:0.5"])
 
 
 def test_full_finetune_with_the_text_encoder_saves_a_stable_diffusion_pipeline(

@@ -40,7 +40,7 @@ from truthgpt.diffusion.pipeline import (
 from truthgpt.diffusion.schedulers import set_scheduler
 from truthgpt.diffusion.speed import compile_denoiser, prepare_for_speed
 from truthgpt.errors import CheckpointError, ConfigError
-from truthgpt.guard import check_output, mark
+from truthgpt.guard import check_output, is_run_folder, mark
 from truthgpt.quiet import no_lora_load_notices, no_numpy_copy_notices
 
 
@@ -105,7 +105,7 @@ def generate_images(
     if cfg.scheduler:
         set_scheduler(pipe, cfg.scheduler)
     if cfg.loras:
-        _load_loras(pipe, cfg.loras)
+        _load_loras(pipe, cfg.loras, _own_adapter(cfg.model))
     if cfg.speed:
         prepare_for_speed(pipe, log)
 
@@ -230,10 +230,24 @@ def _checked_size(pipe, cfg: DiffusionConfig) -> tuple[int | None, int | None]:
     return cfg.width, cfg.height
 
 
-def _load_loras(pipe, specs: list[str]) -> None:
+def _own_adapter(model: str | None) -> Path | None:
+    """The adapter folder that loading `model` put on its pipeline: a LoRA run's; else None."""
+    if not model or not is_run_folder(Path(model)):
+        return None
+    try:
+        return lora_folder(Path(model)).resolve()
+    except CheckpointError:  # a run of a whole pipeline
+        return None
+
+
+def _load_loras(pipe, specs: list[str], own: Path | None = None) -> None:
+    """Put the `--lora DIR[:weight]` adapters on `pipe`, beside any it came with (a LoRA run's
+    own, at full weight), which the given ones must not repeat."""
     if not hasattr(pipe, "load_lora_weights"):
         raise ConfigError(f"diffusion.loras: {type(pipe).__name__} does not take LoRA adapters")
-    names, weights = [], []
+    # set_adapters turns off every adapter it is not given: name the pipeline's own too.
+    names = list(pipe.get_active_adapters())
+    weights = [1.0] * len(names)
     for i, spec in enumerate(specs):
         folder, weight = parse_lora(spec)
         if not Path(folder).exists():
@@ -243,6 +257,12 @@ def _load_loras(pipe, specs: list[str]) -> None:
             folder = str(lora_folder(Path(folder)))  # a LoRA run: its checkpoint's adapter
         except CheckpointError as exc:
             raise CheckpointError(f"diffusion.loras[{i}]: {exc}") from None
+        if own is not None and Path(folder).resolve() == own:
+            raise ConfigError(
+                f"diffusion.loras[{i}]: {spec!r} is the adapter of the run being drawn from, "
+                "which is already on at weight 1; to draw it at another weight, draw from its "
+                "base pipeline (model.init_from) with --lora RUN:WEIGHT"
+            )
         try:
             with no_lora_load_notices():
                 pipe.load_lora_weights(folder, adapter_name=name)
