@@ -204,6 +204,7 @@ def test_empty_file_is_an_error_not_a_default_run(tmp_path: Path) -> None:
         empty.write_text(text)
         message = error_of_path(empty)
         assert str(empty) in message and "empty" in message
+        assert "quickstart.yaml" in message and "digits-diffusion.yaml" in message
 
 
 def test_a_key_given_twice_is_an_error_not_the_last_one_silently(tmp_path: Path) -> None:

@@ -1016,7 +1016,8 @@ def _read_yaml(path: Path) -> dict[str, Any]:
         # An empty file would otherwise validate to every default: a 1000-step run nobody asked for.
         raise ConfigError(
             f"{path}: the config file is empty; give at least the keys you mean to set "
-            "(configs/quickstart.yaml is a complete example)"
+            "(configs/ holds complete examples: quickstart.yaml for a language model, "
+            "digits-diffusion.yaml for images)"
         )
     if not isinstance(raw, dict):
         raise ConfigError(
