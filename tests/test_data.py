@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import multiprocessing
 from pathlib import Path
 
 import numpy as np
@@ -403,8 +404,15 @@ def test_epoch_batches_fill_a_batch_from_a_small_dataset() -> None:
 def test_epoch_batches_with_workers_and_ranks_match() -> None:
     dataset = index_dataset(20)
     single = take(EpochBatches(dataset, batch_size=2, seed=1), 12)
+    before = set(multiprocessing.active_children())
     with_workers = EpochBatches(dataset, batch_size=2, seed=1, num_workers=2, pin_memory=False)
     assert take(with_workers, 12) == single
+    workers = set(multiprocessing.active_children()) - before
+    assert len(workers) == 2
+    # Dropped mid-epoch, its workers stop then and there: held in a reference cycle, its
+    # DataLoader waited for the garbage collector, whose teardown then took 5 s per worker.
+    del with_workers
+    assert not any(worker.is_alive() for worker in workers)
 
     ranks = [EpochBatches(dataset, batch_size=2, seed=1, rank=r, world_size=2) for r in (0, 1)]
     per_rank = [take(batches, 5) for batches in ranks]

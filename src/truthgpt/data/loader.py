@@ -10,6 +10,7 @@ grouped by length, "bucketing") and `collate` (how to pad a batch, usually `pad_
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -141,18 +142,13 @@ class EpochBatches:
             for k in range(self.batches_per_epoch)
         ]
 
-    def _batch_indices(self, epoch: int, batch_index: int) -> Iterator[list[int]]:
-        while True:
-            yield from self.epoch_batches(epoch)[batch_index:]
-            epoch, batch_index = epoch + 1, 0
-
     def _start(self) -> Iterator[dict[str, torch.Tensor]]:
         # One DataLoader over an endless batch sampler that starts at the current position:
         # workers keep prefetching across epoch boundaries, and position is counted in
         # __next__ from what was handed out, not from what the workers have already read.
         loader = DataLoader(
             self.dataset,
-            batch_sampler=self._batch_indices(self.epoch, self.batch_index),
+            batch_sampler=_batch_indices(weakref.ref(self), self.epoch, self.batch_index),
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             collate_fn=self.collate_fn,
@@ -201,6 +197,18 @@ class EpochBatches:
             )
         self.epoch, self.batch_index = epoch, batch_index
         self._batches = None  # drops the old DataLoader; the next __next__ starts a new one
+
+
+def _batch_indices(
+    owner: weakref.ref[EpochBatches], epoch: int, batch_index: int
+) -> Iterator[list[int]]:
+    # The sampler holds its EpochBatches weakly: a strong reference closes a cycle (batches ->
+    # iterator -> loader -> sampler -> batches) that only the garbage collector frees, at a
+    # random later moment and in an order that drops the workers' queues first, so the
+    # iterator's shutdown then waited 5 s to join each of its workers.
+    while True:
+        yield from owner().epoch_batches(epoch)[batch_index:]
+        epoch, batch_index = epoch + 1, 0
 
 
 def val_batches(
