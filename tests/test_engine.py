@@ -162,6 +162,34 @@ def test_prefix_cache_hits_give_the_same_tokens(tokenizer, tmp_path):
         assert rest[str(index)][0] == _hf_greedy(reference, prompt)
 
 
+def test_a_block_computed_twice_keeps_the_prefix_chain(tokenizer, tmp_path):
+    # Two greedy samples write the same output blocks: the second's stay unnamed (the first's
+    # hold that content). The block after one was named as if it began a prompt, so a prompt
+    # starting with that block's tokens reused keys computed at positions 8-11 after other
+    # tokens: logprobs off by 1e-2 and, on a real model, other tokens.
+    reference, ours = _models("llama", tokenizer, tmp_path)
+    prompt = _prompts([7], seed=13)[0]
+    engine = _engine(ours, tokenizer)
+    done = _run(
+        engine, [prompt], SamplingParams(temperature=0, n=2, max_tokens=20, ignore_eos=True)
+    )
+    assert done["0"][0] == done["0"][1]
+    text = prompt + done["0"][0]
+    params = SamplingParams(temperature=0, max_tokens=1, logprobs=3, ignore_eos=True)
+    for start in range(8, 24, 4):  # each output block after the first
+        probe = text[start : start + 4] + [17, 18]
+        engine.add_request("probe", probe, params, detokenize=False)
+        final = None
+        while engine.has_unfinished_requests():
+            final = engine.step()[-1]
+        assert final.num_cached_tokens == 0, f"block at {start} was found as a first block"
+        expected = _hf_prompt_logprobs(reference, probe + [0], len(tokenizer))[-1]
+        (entry,) = final.outputs[0].logprobs
+        torch.testing.assert_close(
+            torch.tensor([lp for _, lp in entry["top"]]), expected.topk(3).values, atol=2e-4, rtol=0
+        )
+
+
 def test_chunked_prefill_matches_a_whole_prefill(tokenizer, tmp_path):
     reference, ours = _models("gpt2", tokenizer, tmp_path)
     prompts = _prompts([60, 3, 41], seed=4)
