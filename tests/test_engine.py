@@ -190,6 +190,29 @@ def test_a_block_computed_twice_keeps_the_prefix_chain(tokenizer, tmp_path):
         )
 
 
+def test_prefix_cache_stats_count_each_prompt_once(tokenizer, tmp_path):
+    # A prompt that waits for blocks is looked up again every step, and a preempted one again
+    # on its way back; each lookup used to count, so /metrics' hit rate leaned towards whoever
+    # waited longest, and a preempted request reported its own recomputed blocks as cached
+    # prompt tokens (32 of a 30-token prompt here).
+    _, ours = _models("llama", tokenizer, tmp_path)
+    engine = _engine(ours, tokenizer, num_blocks=20)
+    first = _prompts([72], seed=14)[0]  # with 4 new tokens, 19 of the pool's 19 blocks
+    prompts = [first, first[:36] + [7, 7, 7, 7], _prompts([30], seed=15)[0]]
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    engine.add_request("0", prompts[0], params, detokenize=False)
+    engine.step()
+    for index in (1, 2):
+        engine.add_request(str(index), prompts[index], params, detokenize=False)
+    cached = {}
+    while engine.has_unfinished_requests():
+        for output in engine.step():
+            cached[output.request_id] = output.num_cached_tokens
+    assert cached == {"0": 0, "1": 36, "2": 0}
+    stats = engine.stats()
+    assert (stats.prefix_hit_tokens, stats.prefix_queried_tokens) == (36, 72 + 40 + 30)
+
+
 def test_chunked_prefill_matches_a_whole_prefill(tokenizer, tmp_path):
     reference, ours = _models("gpt2", tokenizer, tmp_path)
     prompts = _prompts([60, 3, 41], seed=4)

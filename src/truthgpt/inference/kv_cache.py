@@ -75,7 +75,6 @@ class BlockManager:
             return [], None
         size = self.block_size
         usable = (len(token_ids) - 1) // size  # whole blocks strictly before the last token
-        self.stats.queried_tokens += len(token_ids)
         blocks: list[int] = []
         parent = matched = None
         for index in range(usable):
@@ -88,8 +87,15 @@ class BlockManager:
             matched = parent
         for block in blocks:
             self._take(block)
-        self.stats.hit_tokens += len(blocks) * size
         return blocks, matched
+
+    def record_lookup(self, num_tokens: int, hit_tokens: int) -> None:
+        """Count one prompt's lookup in the stats, once it is admitted: a prompt that waits for
+        blocks is looked up again every step, and counting each would weigh the hit rate
+        towards whoever waits longest."""
+        if self.enable_prefix_caching:
+            self.stats.queried_tokens += num_tokens
+            self.stats.hit_tokens += hit_tokens
 
     def register_full_blocks(
         self,

@@ -120,7 +120,6 @@ class Scheduler:
                 seq.block_table = cached
                 seq.num_computed_tokens = len(cached) * self.blocks.block_size
                 seq.num_named_blocks = len(cached)
-                seq.num_cached_tokens = seq.num_computed_tokens
             remaining = seq.num_tokens - seq.num_computed_tokens
             count = min(remaining, budget) if self.chunked_prefill else remaining
             count = self._cap_logit_rows(seq, count)
@@ -130,6 +129,10 @@ class Scheduler:
                 seq.block_table, seq.num_computed_tokens, seq.num_named_blocks = [], 0, 0
                 break
             self.waiting.popleft()
+            if not seq.num_preemptions:  # what the prompt found; a recompute finds its own blocks
+                seq.num_cached_tokens = seq.num_computed_tokens
+                if not seq.needs_prompt_logprobs:
+                    self.blocks.record_lookup(seq.num_tokens, seq.num_cached_tokens)
             seq.status = Status.RUNNING
             self.running.append(seq)
             scheduled.append(seq)
