@@ -222,6 +222,68 @@ def test_chunked_prefill_matches_a_whole_prefill(tokenizer, tmp_path):
         assert done[str(index)][0] == _hf_greedy(reference, prompt)
 
 
+def test_staggered_load_with_aborts_and_preemption_equals_each_request_alone(tokenizer, tmp_path):
+    """A trimmed random stress run: arrivals while others decode, prompts that share prefixes,
+    equal and prefix-of-another prompts, a follow-up turn over an answer, greedy n=2, seeded
+    samples, penalties, aborts; a pool small enough to preempt. Each finished request equals
+    itself alone, each aborted one is a prefix of that, and every block is free at the end."""
+    import dataclasses
+    import random
+
+    reference, ours = _models("llama", tokenizer, tmp_path)
+    rng = random.Random(0)
+    base = _prompts([40], seed=16)[0]
+    prompts = [base[:30], base, base[:30], base[:9], *_prompts([1, 3, 57, 22, 13], seed=17)]
+    requests = []  # (id, prompt, params, arrival step, tokens after which it is aborted)
+    for index, prompt in enumerate(prompts):
+        if index % 3 == 0:
+            params = SamplingParams(temperature=0, max_tokens=rng.choice([1, 9, 24]), n=2)
+        else:
+            params = SamplingParams(
+                temperature=0.9,
+                top_k=rng.choice([0, 20]),
+                seed=index,
+                max_tokens=rng.choice([5, 16]),
+                repetition_penalty=rng.choice([1.0, 1.2]),
+                ignore_eos=True,
+            )
+        arrival = rng.randrange(0, 30)
+        abort = rng.randrange(1, 12) if index % 4 == 3 else None
+        if abort is not None:
+            params = dataclasses.replace(params, max_tokens=40, ignore_eos=True)
+        requests.append((str(index), prompt, params, arrival, abort))
+    engine = _engine(ours, tokenizer, num_blocks=28, max_num_batched_tokens=16, max_num_seqs=6)
+    done, step, aborts = {}, 0, {r[0]: r[4] for r in requests if r[4] is not None}
+    while engine.has_unfinished_requests() or any(r[3] >= step for r in requests):
+        for request_id, prompt, params, arrival, _ in requests:
+            if arrival == step:
+                engine.add_request(request_id, prompt, params, detokenize=False)
+        for output in engine.step():
+            if output.finished:
+                done[output.request_id] = output
+            elif len(output.outputs[0].token_ids) >= aborts.get(output.request_id, 10**9):
+                done[output.request_id] = engine.abort(output.request_id)
+            if output.finished and output.request_id == "0":  # a follow-up turn over its answer
+                turn = prompts[0] + output.outputs[0].token_ids + [5, 6]
+                greedy = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+                requests.append(("turn", turn, greedy, step + 1, None))
+        step += 1
+        assert step < 2_000, "requests never finished"
+    assert engine.scheduler.num_preemptions > 0 and engine.blocks.stats.hit_tokens > 0
+    assert engine.blocks.num_used_blocks == 0 and not any(engine.blocks.ref_counts)
+    aborted = [o for o in done.values() if o.outputs[0].finish_reason == "abort"]
+    assert len(aborted) == len(aborts) == 2
+    alone = _engine(ours, tokenizer, prefix_caching=False)
+    for request_id, prompt, params, _, _ in requests:
+        expected = _run(alone, [prompt], params)["0"]
+        got = [sample.token_ids for sample in done[request_id].outputs]
+        if done[request_id].outputs[0].finish_reason == "abort":
+            assert all(ids == full[: len(ids)] for ids, full in zip(got, expected)), request_id
+        else:
+            assert got == expected, request_id
+    assert done["turn"].outputs[0].token_ids == _hf_greedy(reference, requests[-1][1], 8)
+
+
 def test_seeded_sampling_is_the_same_alone_and_in_a_batch(tokenizer, tmp_path):
     _, ours = _models("llama", tokenizer, tmp_path)
     params = SamplingParams(temperature=1.0, top_p=0.9, top_k=40, seed=7, max_tokens=10)
