@@ -776,6 +776,33 @@ def test_a_client_leaving_a_plain_request_frees_its_sequence(faulty_server):
         wait_until_idle(url, timeout_s=1.0)
 
 
+def test_a_client_leaving_while_its_request_waits_ends_it_before_it_runs(folder):
+    # One sequence at a time: the second request waits behind a 4 s stream. Its client gives up
+    # at 0.3 s; it used to stay queued, then be prefilled and run for nobody (and count as in
+    # flight meanwhile, towards the 429), since the server looked for the client only after
+    # the first token.
+    running = start_server(folder, inference={"max_num_seqs": 1})
+    url = running.url
+    try:
+        with wrapped_step(running, slow_steps(0.02)), httpx.Client(timeout=30) as client:
+            with client.stream("POST", url + COMPLETIONS, json=LONG_STREAM) as first:
+                events = sse_events(first)  # kept: dropping it would close the stream
+                next(events)
+                for stream in (False, True):
+                    with pytest.raises(httpx.TimeoutException):
+                        body = {**LONG_STREAM, "prompt": "b", "stream": stream}
+                        httpx.post(url + COMPLETIONS, json=body, timeout=0.3)
+                deadline = time.monotonic() + 1.0
+                while metric_values(url)["truthgpt_requests_in_flight"] != 1:
+                    assert time.monotonic() < deadline, "the queued requests are still in flight"
+                    time.sleep(0.02)
+                assert metric_values(url)["truthgpt_queue_depth"] == 0
+        wait_until_idle(url)
+        assert metric_values(url)["truthgpt_generation_tokens_total"] < 2 * 200
+    finally:
+        running.stop()
+
+
 # -- SIGTERM on the real command ------------------------------------------------------------------
 
 

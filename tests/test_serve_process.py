@@ -85,6 +85,22 @@ def test_a_frozen_engine_process_fails_health_until_it_moves(server):
     wait_until_idle(url)
 
 
+def test_metrics_show_the_engine_process_while_it_is_busy(server):
+    # The child sent stats only 0.25 s after its last message, and it sends outputs every step:
+    # while busy, /metrics froze at the stats of the step that woke it (often the idle engine's:
+    # 0 running, 0 blocks used) until it went idle again.
+    url = server.url
+    with httpx.Client(timeout=60) as client:
+        with client.stream("POST", url + COMPLETIONS, json={**LONG, "stream": True}) as stream:
+            lines = stream.iter_lines()
+            next(lines)
+            wait_for(lambda: metric_values(url)["truthgpt_running_sequences"] == 1, 5)
+            used = metric_values(url)["truthgpt_kv_blocks_used"]
+            # A block every 16 tokens: the count grows while the request runs.
+            wait_for(lambda: metric_values(url)["truthgpt_kv_blocks_used"] > used, 5)
+    wait_until_idle(url)
+
+
 def test_a_killed_engine_process_fails_its_requests_and_is_replaced(server):
     url, engine = server.url, server.state.engine
     restarts = engine.restarts

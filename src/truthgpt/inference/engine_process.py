@@ -321,7 +321,7 @@ class _ChildLink:
         self.conn = conn
         self.loop = EngineLoop(engine, self.publish, tick=self.tick)
         self.announced: set[str] = set()  # requests whose prompt ids were sent
-        self.last_sent = 0.0
+        self.last_stats = 0.0  # when stats last went out (every message is a heartbeat)
         self.was_busy = False
 
     def read_commands(self) -> None:
@@ -349,11 +349,7 @@ class _ChildLink:
                 wire.append((request_id, _picklable(item)))
             else:
                 wire.append((request_id, self._compact(item)))
-        now = time.monotonic()
-        stats = None
-        if now - self.last_sent >= _STATS_EVERY_S:
-            stats = (self.engine.stats(), self.loop.errors)
-        self._send(("out", wire, stats), now)
+        self._send(("out", wire, self._stats_due()))
 
     def _compact(self, output: RequestOutput) -> tuple:
         prompt_ids = None
@@ -395,18 +391,27 @@ class _ChildLink:
     def tick(self) -> None:
         """Stats and a heartbeat while idle, and once more when the engine goes idle, so
         /metrics shows the freed blocks."""
-        now = time.monotonic()
         busy = self.engine.has_unfinished_requests()
-        if now - self.last_sent >= _STATS_EVERY_S or (self.was_busy and not busy):
-            self._send(("stats", (self.engine.stats(), self.loop.errors)), now)
+        stats = self._stats_due(now=self.was_busy and not busy)
+        if stats is not None:
+            self._send(("stats", stats))
         self.was_busy = busy
 
-    def _send(self, message: tuple, now: float) -> None:
+    def _stats_due(self, now: bool = False) -> tuple | None:
+        """The stats, when those last sent are _STATS_EVERY_S old (or `now`), else None. Timed
+        from the last stats, not the last message: a busy engine sends outputs every step, and
+        /metrics then froze at the stats of the step that woke it."""
+        at = time.monotonic()
+        if not now and at - self.last_stats < _STATS_EVERY_S:
+            return None
+        self.last_stats = at
+        return (self.engine.stats(), self.loop.errors)
+
+    def _send(self, message: tuple) -> None:
         try:
             self.conn.send(message)
         except (OSError, ValueError):  # the server is gone
             self.loop.stop.set()
-        self.last_sent = now
 
 
 def _picklable(exc: BaseException) -> BaseException:

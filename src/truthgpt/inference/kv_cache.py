@@ -66,17 +66,17 @@ class BlockManager:
 
     # -- prefix cache -------------------------------------------------------------------------
 
-    def match_prefix(self, token_ids: list[int]) -> list[int]:
+    def match_prefix(self, token_ids: list[int]) -> tuple[list[int], int | None]:
         """Blocks holding the longest cached prefix of token_ids (whole blocks only), each with
-        one more reference. At least one token is always left to compute, since the model has
-        to run on the last prompt token to give the first new one."""
+        one more reference, and the chained hash of the last (None when none). At least one
+        token is always left to compute, since the model has to run on the last prompt token
+        to give the first new one."""
         if not self.enable_prefix_caching:
-            return []
+            return [], None
         size = self.block_size
         usable = (len(token_ids) - 1) // size  # whole blocks strictly before the last token
-        self.stats.queried_tokens += len(token_ids)
         blocks: list[int] = []
-        parent = None
+        parent = matched = None
         for index in range(usable):
             tokens = tuple(token_ids[index * size : (index + 1) * size])
             parent = block_hash(parent, tokens)
@@ -84,22 +84,36 @@ class BlockManager:
             if block is None or self.tokens_of[block] != tokens:
                 break
             blocks.append(block)
+            matched = parent
         for block in blocks:
             self._take(block)
-        self.stats.hit_tokens += len(blocks) * size
-        return blocks
+        return blocks, matched
+
+    def record_lookup(self, num_tokens: int, hit_tokens: int) -> None:
+        """Count one prompt's lookup in the stats, once it is admitted: a prompt that waits for
+        blocks is looked up again every step, and counting each would weigh the hit rate
+        towards whoever waits longest."""
+        if self.enable_prefix_caching:
+            self.stats.queried_tokens += num_tokens
+            self.stats.hit_tokens += hit_tokens
 
     def register_full_blocks(
-        self, block_table: list[int], token_ids: list[int], num_known: int, start: int
-    ) -> int:
+        self,
+        block_table: list[int],
+        token_ids: list[int],
+        num_known: int,
+        start: int,
+        parent: int | None,
+    ) -> tuple[int, int | None]:
         """Name every full block among the first `num_known` tokens of a sequence, from block
         index `start` on (those tokens will be in the pool by the end of this step); returns the
-        next index to name. Content that a cached block already holds stays unnamed."""
+        next index to name and the chained hash of the block before it. `parent`: the chained
+        hash of block `start - 1` (None at 0). Content that a cached block already holds stays
+        unnamed, which is why the chain is carried here and not read back from the block."""
         size = self.block_size
         full = min(num_known // size, len(block_table))
         if not self.enable_prefix_caching or full <= start:
-            return start
-        parent = self.hash_of.get(block_table[start - 1]) if start else None
+            return start, parent
         for index in range(start, full):
             block = block_table[index]
             tokens = tuple(token_ids[index * size : (index + 1) * size])
@@ -113,7 +127,7 @@ class BlockManager:
                 self.block_of[parent] = block
                 self.hash_of[block] = parent
                 self.tokens_of[block] = tokens
-        return full
+        return full, parent
 
     def reset_prefix_cache(self) -> None:
         """Forget every cached block (after an engine error, their contents are not trusted)."""

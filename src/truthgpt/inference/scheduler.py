@@ -112,13 +112,14 @@ class Scheduler:
                 break  # memory is short: admitting more would only preempt again
             seq = self.waiting[0]
             if not seq.block_table:
-                cached = (
-                    [] if seq.needs_prompt_logprobs else self.blocks.match_prefix(seq.token_ids)
+                cached, seq.prefix_hash = (
+                    ([], None)
+                    if seq.needs_prompt_logprobs
+                    else self.blocks.match_prefix(seq.token_ids)
                 )
                 seq.block_table = cached
                 seq.num_computed_tokens = len(cached) * self.blocks.block_size
                 seq.num_named_blocks = len(cached)
-                seq.num_cached_tokens = seq.num_computed_tokens
             remaining = seq.num_tokens - seq.num_computed_tokens
             count = min(remaining, budget) if self.chunked_prefill else remaining
             count = self._cap_logit_rows(seq, count)
@@ -128,6 +129,10 @@ class Scheduler:
                 seq.block_table, seq.num_computed_tokens, seq.num_named_blocks = [], 0, 0
                 break
             self.waiting.popleft()
+            if not seq.num_preemptions:  # what the prompt found; a recompute finds its own blocks
+                seq.num_cached_tokens = seq.num_computed_tokens
+                if not seq.needs_prompt_logprobs:
+                    self.blocks.record_lookup(seq.num_tokens, seq.num_cached_tokens)
             seq.status = Status.RUNNING
             self.running.append(seq)
             scheduled.append(seq)
@@ -152,8 +157,12 @@ class Scheduler:
         admitted later in this same step (the other samples of an n > 1 request, equal
         prompts) reuses them: the forward writes every token's K/V before any attention reads,
         layer by layer, so a block filled in this step is readable within it."""
-        seq.num_named_blocks = self.blocks.register_full_blocks(
-            seq.block_table, seq.token_ids, seq.num_computed_tokens + count, seq.num_named_blocks
+        seq.num_named_blocks, seq.prefix_hash = self.blocks.register_full_blocks(
+            seq.block_table,
+            seq.token_ids,
+            seq.num_computed_tokens + count,
+            seq.num_named_blocks,
+            seq.prefix_hash,
         )
 
     def _grow(self, seq: Sequence, count: int) -> bool:

@@ -37,7 +37,8 @@ class Sequence:
     block_table: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0  # tokens whose K/V are in the pool (or will be after the step)
     num_named_blocks: int = 0  # leading blocks already registered in the prefix cache
-    num_cached_tokens: int = 0  # prompt tokens found in the prefix cache at the last admission
+    prefix_hash: int | None = None  # chained hash of those blocks (kv_cache.block_hash)
+    num_cached_tokens: int = 0  # prompt tokens found in the prefix cache when first admitted
     num_preemptions: int = 0
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     stop_reason: str | int | None = None

@@ -12,7 +12,7 @@ import asyncio
 import functools
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -113,10 +113,14 @@ async def respond(
     _admit(state, prompt_tokens)
     run = _Run(state, ids, params, reply, echo, score_only)
     try:
-        first = await run.first()
+        # A client that leaves while its request waits for a sequence ends it before it runs.
+        present, first = await _unless_client_leaves(request, run.first())
     except BaseException:
         run.close()
         raise
+    if not present:
+        run.close()
+        return Response(status_code=499)
     if body.stream:
         return StreamingResponse(
             _stream(run, first, include_usage, continuous_usage, cache_key),
@@ -124,7 +128,8 @@ async def respond(
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
     try:
-        if not await _drain_unless_client_leaves(request, run, first):
+        present, _ = await _unless_client_leaves(request, run.drain(first))
+        if not present:
             return Response(status_code=499)  # nobody is listening; the sequences are freed
     finally:
         run.close()
@@ -134,20 +139,20 @@ async def respond(
     return JSONResponse(response)
 
 
-async def _drain_unless_client_leaves(request: Request, run: _Run, first) -> bool:
-    """Run a plain (non-streamed) request to its end; False if the client disconnected first,
-    which stops it at once rather than at max_tokens or the timeout."""
-    drain = asyncio.ensure_future(run.drain(first))
+async def _unless_client_leaves(request: Request, work: Awaitable) -> tuple[bool, Any]:
+    """(True, what `work` returns, or its error raised), or (False, None) if the client
+    disconnected first, which cancels it: the caller closes the run, which stops it at once
+    rather than at max_tokens or the timeout."""
+    task = asyncio.ensure_future(work)
     try:
         while True:
-            done, _ = await asyncio.wait({drain}, timeout=0.25)
+            done, _ = await asyncio.wait({task}, timeout=0.25)
             if done:
-                drain.result()  # the request's own error, if it ended in one
-                return True
+                return True, task.result()
             if await request.is_disconnected():
-                return False
+                return False, None
     finally:
-        drain.cancel()
+        task.cancel()
 
 
 def _cache_key(state, endpoint: str, ids, params: SamplingParams, shape: dict) -> str | None:
