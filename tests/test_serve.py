@@ -451,6 +451,8 @@ def test_an_error_in_a_batch_of_prompts_names_the_prompt(client, server):
 def test_metrics_and_health(server):
     health = httpx.get(f"{server.url}/health")
     assert health.status_code == 200 and health.json()["status"] == "ok"
+    body = {"model": server.model_id, "prompt": "def ", "max_tokens": 2, "temperature": 0}
+    assert httpx.post(f"{server.url}/v1/completions", json=body, timeout=60).status_code == 200
     text = httpx.get(f"{server.url}/metrics").text
     for name in (
         "truthgpt_requests_total",
@@ -466,6 +468,17 @@ def test_metrics_and_health(server):
     ):
         assert name in text, name
     assert 'truthgpt_requests_total{endpoint="/v1/completions",status="200"}' in text
+
+
+def test_metrics_export_the_engine_s_preemptions() -> None:
+    from dataclasses import fields
+
+    from truthgpt.inference.engine import EngineStats
+    from truthgpt.serving.metrics import Metrics
+
+    stats = EngineStats(**{field.name: 0 for field in fields(EngineStats)} | {"preemptions": 7})
+    text = Metrics().render(stats, in_flight=0, restarts=0).decode()
+    assert "\ntruthgpt_preemptions 7.0\n" in text
 
 
 def test_api_key_guards_every_endpoint_but_health(folder):

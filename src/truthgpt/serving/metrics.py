@@ -47,6 +47,11 @@ class Metrics:
         self.prefix_hit_rate = Gauge(
             "truthgpt_prefix_cache_hit_rate", "prompt tokens found in the prefix cache", registry=r
         )
+        self.preemptions = Gauge(
+            "truthgpt_preemptions",
+            "sequences preempted (blocks freed, recomputed later) since the engine started",
+            registry=r,
+        )
         self.engine_restarts = Gauge(
             "truthgpt_engine_restarts", "times the engine loop was restarted", registry=r
         )
@@ -58,5 +63,6 @@ class Metrics:
         self.blocks_used.set(stats.used_blocks)
         self.blocks_free.set(stats.free_blocks)
         self.prefix_hit_rate.set(stats.prefix_hit_rate)
+        self.preemptions.set(stats.preemptions)
         self.engine_restarts.set(restarts)
         return generate_latest(self.registry)
