@@ -99,3 +99,17 @@ def digits_raw_config(tmp_path: Path, **sections: dict) -> dict:
 @pytest.fixture
 def tiny_config(tmp_path: Path) -> dict:
     return tiny_raw_config(tmp_path)
+
+
+@pytest.fixture(scope="session")
+def triton_interpreter(request: pytest.FixtureRequest) -> dict[str, tuple[bool, str]]:
+    """{test module: (passed, output)} of the Triton interpreter checks of every test module
+    of this session that asks, run in one subprocess (tests/triton_interpreter.py)."""
+    from triton_interpreter import run_checks
+
+    asking = {
+        item.module.__name__
+        for item in request.session.items
+        if "triton_interpreter" in getattr(item, "fixturenames", ())
+    }
+    return run_checks(sorted(asking))
