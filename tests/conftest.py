@@ -31,7 +31,9 @@ def tiny_raw_config(tmp_path: Path, **sections: dict) -> dict:
         },
         "data": {
             "source": "python-stdlib",
-            "max_documents": 40,
+            # 47k tokens, 30 steps of 8 x 32 many times over; 40 documents (568k tokens) made
+            # training the tokenizer and encoding a second of every run
+            "max_documents": 12,
             "max_seq_len": 32,
             "val_fraction": 0.1,
             "tokenizer": {"vocab_size": 300, "train_max_chars": 300_000},
@@ -97,3 +99,17 @@ def digits_raw_config(tmp_path: Path, **sections: dict) -> dict:
 @pytest.fixture
 def tiny_config(tmp_path: Path) -> dict:
     return tiny_raw_config(tmp_path)
+
+
+@pytest.fixture(scope="session")
+def triton_interpreter(request: pytest.FixtureRequest) -> dict[str, tuple[bool, str]]:
+    """{test module: (passed, output)} of the Triton interpreter checks of every test module
+    of this session that asks, run in one subprocess (tests/triton_interpreter.py)."""
+    from triton_interpreter import run_checks
+
+    asking = {
+        item.module.__name__
+        for item in request.session.items
+        if "triton_interpreter" in getattr(item, "fixturenames", ())
+    }
+    return run_checks(sorted(asking))

@@ -1,13 +1,10 @@
 """Fused decode-layer kernels against the eager PyTorch code they replace, and the whole engine
-on them against `transformers`: Triton interpreter on CPU (a subprocess, as in
-test_paged_kernels.py), and compiled on CUDA (`pytest -m gpu`)."""
+on them against `transformers`: Triton interpreter on CPU (in tests/triton_interpreter.py's
+subprocess), and compiled on CUDA (`pytest -m gpu`)."""
 
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
@@ -157,18 +154,18 @@ CHECKS = {
 }
 
 
+INTERPRETER_CHECKS = list(CHECKS)
+
+
+def run_in_interpreter(name: str) -> None:
+    with torch.no_grad():
+        CHECKS[name]("cpu", torch.float32)
+
+
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
-def test_fused_kernels_in_triton_interpreter() -> None:
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    result = subprocess.run(
-        [sys.executable, __file__, *CHECKS],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-        cwd=os.path.dirname(__file__),
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
+def test_fused_kernels_in_triton_interpreter(triton_interpreter) -> None:
+    passed, output = triton_interpreter[__name__]
+    assert passed, output
 
 
 needs_gpu = pytest.mark.skipif(
@@ -190,14 +187,3 @@ def test_fused_kernels_on_cuda(check: str, dtype: torch.dtype) -> None:
 @needs_gpu
 def test_fused_engine_on_cuda_matches_transformers() -> None:
     check_engine_matches_transformers("cuda", torch.float32)
-
-
-if __name__ == "__main__":  # the interpreter run: python test_fused_kernels.py CHECK [CHECK...]
-    torch.set_num_threads(1)
-    if not paged_kernels.triton_available(torch.device("cpu")):
-        sys.exit("TRITON_INTERPRET=1 must be set (and triton installed) for the CPU run")
-    for name in sys.argv[1:]:
-        started = time.perf_counter()
-        with torch.no_grad():
-            CHECKS[name]("cpu", torch.float32)
-        print(f"{name}: ok in {time.perf_counter() - started:.1f} s")

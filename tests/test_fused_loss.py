@@ -2,7 +2,7 @@
 weights: the same loss and the same gradient for every parameter, with ignored labels, tied
 and untied heads, chunks that do not divide the rows; and a run trained with it follows the
 plain run's losses. Its Triton cross-entropy kernel against the PyTorch steps it replaces: in
-the interpreter on CPU (a subprocess, as in test_paged_kernels.py) and on CUDA (`-m gpu`)."""
+the interpreter on CPU (tests/triton_interpreter.py's subprocess) and on CUDA (`-m gpu`)."""
 
 from __future__ import annotations
 
@@ -183,18 +183,17 @@ def test_benchmark_runs_on_cpu() -> None:
     assert len(losses) == 1  # plain and chunked: the same loss
 
 
+INTERPRETER_CHECKS = list(KERNEL_CHECKS)
+
+
+def run_in_interpreter(name: str) -> None:
+    KERNEL_CHECKS[name]("cpu")
+
+
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
-def test_loss_kernel_in_triton_interpreter() -> None:
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    result = subprocess.run(
-        [sys.executable, __file__, *KERNEL_CHECKS],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=os.path.dirname(__file__),
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
+def test_loss_kernel_in_triton_interpreter(triton_interpreter) -> None:
+    passed, output = triton_interpreter[__name__]
+    assert passed, output
 
 
 @pytest.mark.gpu
@@ -224,12 +223,3 @@ def test_fused_loss_on_cuda_in_bf16_follows_the_plain_loss_at_gpt2_vocabulary() 
     for got, want in zip(torch.autograd.grad(loss, (hidden, weight)), expected, strict=True):
         # Both round their bf16 products differently; the error is that of bf16, ~0.4%.
         assert ((got - want).norm() / want.norm()).item() < 1e-2
-
-
-if __name__ == "__main__":  # the interpreter run: python test_fused_loss.py CHECK [CHECK...]
-    torch.set_num_threads(1)
-    if not loss_kernel_available(torch.device("cpu")):
-        sys.exit("TRITON_INTERPRET=1 must be set (and triton installed) for the CPU run")
-    for name in sys.argv[1:]:
-        KERNEL_CHECKS[name]("cpu")
-        print(f"{name}: ok")

@@ -1,16 +1,13 @@
 """Paged KV kernels against plain PyTorch attention: Triton interpreter on CPU, and on CUDA.
 
-The interpreter must be switched on before triton is imported, so the CPU checks run this file
-as a script in a subprocess with TRITON_INTERPRET=1; the pytest process itself never sets it.
+The interpreter must be switched on before triton is imported, so the CPU checks run in a
+subprocess with TRITON_INTERPRET=1 (tests/triton_interpreter.py); the pytest process never sets it.
 """
 
 from __future__ import annotations
 
 import math
 import os
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
@@ -279,18 +276,14 @@ CHECKS = {
 INTERPRETER_CHECKS = ["store_kv", "decode", "decode_reuses_buffers", "prefill"]
 
 
+def run_in_interpreter(name: str) -> None:
+    CHECKS[name]("cpu", torch.float32, 1e-4)
+
+
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
-def test_kernels_in_triton_interpreter() -> None:
-    # One subprocess for all checks: importing torch and triton is a good part of the cost.
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    result = subprocess.run(
-        [sys.executable, __file__, *INTERPRETER_CHECKS],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
+def test_kernels_in_triton_interpreter(triton_interpreter) -> None:
+    passed, output = triton_interpreter[__name__]
+    assert passed, output
 
 
 def test_triton_needs_cuda_or_the_interpreter() -> None:
@@ -391,13 +384,3 @@ def test_decode_replays_in_a_cuda_graph() -> None:
         graph.replay()
         want = reference_decode(static_q, k_cache, v_cache, static_tables, static_lens, 0.125)
         assert_close(out, want, GPU_TOLERANCE[dtype], f"graph replay {seed}")
-
-
-if __name__ == "__main__":  # the interpreter run: python test_paged_kernels.py CHECK [CHECK...]
-    torch.set_num_threads(1)  # pytest may run beside it on a 2-core machine
-    if not paged_kernels.triton_available(torch.device("cpu")):
-        sys.exit("TRITON_INTERPRET=1 must be set (and triton installed) for the CPU run")
-    for name in sys.argv[1:]:
-        started = time.perf_counter()
-        CHECKS[name]("cpu", torch.float32, 1e-4)
-        print(f"{name}: ok in {time.perf_counter() - started:.1f} s")
